@@ -1,0 +1,231 @@
+//! The ingest service: Facebook webhook intake, health checks and metrics.
+//!
+//! A delivery is answered 200 only once every event in it is on a durable queue (publisher
+//! confirms); when the broker is away it is answered 503 within the publish timeout, so
+//! Facebook retries it later. Nothing here touches storage: ingest stays fast and thin.
+//!
+//! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use fbsync_shared::broker::{Outgoing, PublishError, Publisher, Topology};
+use fbsync_shared::config::Settings;
+use fbsync_shared::event::{EventMessage, split_delivery};
+use fbsync_shared::now_ms;
+use fbsync_shared::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
+use fbsync_shared::telemetry::{DELIVERIES, EVENTS_PUBLISHED, PUBLISH_CONFIRM_SECONDS};
+use lapin::types::{AMQPValue, FieldTable};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the handlers share.
+pub struct IngestState {
+    /// Verifies delivery signatures.
+    pub app_secret: SecretString,
+    /// Answers the subscription handshake.
+    pub verify_token: SecretString,
+    /// Where events are published.
+    pub topology: Topology,
+    /// The confirming publisher (reconnects by itself).
+    pub publisher: Publisher,
+    /// Longest wait for a delivery's confirms before answering 503.
+    pub publish_timeout: Duration,
+    /// Renders /metrics.
+    pub metrics: PrometheusHandle,
+}
+
+impl IngestState {
+    /// State from settings; the caller has checked [`Settings::problems_for`] already.
+    pub fn from_settings(
+        settings: &Settings,
+        publisher: Publisher,
+        metrics: PrometheusHandle,
+    ) -> anyhow::Result<Self> {
+        let missing = |name: &str| anyhow::anyhow!("{name} is not set");
+        Ok(Self {
+            app_secret: settings
+                .facebook
+                .app_secret
+                .clone()
+                .ok_or_else(|| missing("FACEBOOK_APP_SECRET"))?,
+            verify_token: settings
+                .facebook
+                .verify_token
+                .clone()
+                .ok_or_else(|| missing("FACEBOOK_VERIFY_TOKEN"))?,
+            topology: Topology::new(&settings.broker.queue_prefix),
+            publisher,
+            publish_timeout: settings.ingest.publish_timeout,
+            metrics,
+        })
+    }
+}
+
+/// The HTTP routes of ingest.
+pub fn router(state: Arc<IngestState>, body_limit_bytes: usize) -> Router {
+    Router::new()
+        .route(
+            "/facebook/webhook",
+            get(verify_subscription).post(receive_delivery),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` fires, then finishes the requests in flight and returns.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<IngestState>,
+    body_limit_bytes: usize,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(state, body_limit_bytes);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// GET /facebook/webhook: the subscription handshake.
+async fn verify_subscription(
+    State(state): State<Arc<IngestState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let mode_ok = params.get("hub.mode").map(String::as_str) == Some("subscribe");
+    let token_ok = params.get("hub.verify_token").is_some_and(|token| {
+        token
+            .as_bytes()
+            .ct_eq(state.verify_token.expose_secret().as_bytes())
+            .into()
+    });
+    match (mode_ok && token_ok, params.get("hub.challenge")) {
+        (true, Some(challenge)) => (StatusCode::OK, challenge.clone()).into_response(),
+        _ => (StatusCode::FORBIDDEN, "verification failed").into_response(),
+    }
+}
+
+/// POST /facebook/webhook: verify, split, publish with confirms, answer.
+async fn receive_delivery(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = rejection.status();
+            let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_request"
+            };
+            return answer(outcome, status, "body could not be read");
+        }
+    };
+    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Err(e) = verify_signature(
+        &state.app_secret,
+        header_str(SHA256_HEADER),
+        header_str(SHA1_HEADER),
+        &body,
+    ) {
+        tracing::warn!(reason = %e, "webhook delivery refused");
+        return answer(
+            "bad_signature",
+            StatusCode::UNAUTHORIZED,
+            "invalid signature",
+        );
+    }
+    let events = match split_delivery(&body, now_ms()) {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(reason = %e, "webhook delivery is not a page delivery");
+            return answer("bad_request", StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let outgoing: Vec<Outgoing> = events
+        .iter()
+        .map(|event| to_outgoing(&state.topology, event))
+        .collect();
+    let started = Instant::now();
+    match state
+        .publisher
+        .publish_all(&outgoing, state.publish_timeout)
+        .await
+    {
+        Ok(()) => {
+            metrics::histogram!(PUBLISH_CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
+            for event in &events {
+                metrics::counter!(EVENTS_PUBLISHED, "kind" => event.kind.as_str()).increment(1);
+            }
+            answer("accepted", StatusCode::OK, "EVENT_RECEIVED")
+        }
+        Err(e) => {
+            if !matches!(e, PublishError::Unavailable) {
+                tracing::warn!(error = %e, events = events.len(), "delivery not confirmed; answering 503");
+            }
+            answer(
+                "unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "try again later",
+            )
+        }
+    }
+}
+
+/// The queue message of one event.
+pub fn to_outgoing(topology: &Topology, event: &EventMessage) -> Outgoing {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "page_id".into(),
+        AMQPValue::LongString(event.page_id.as_str().into()),
+    );
+    headers.insert(
+        "kind".into(),
+        AMQPValue::LongString(event.kind.as_str().into()),
+    );
+    Outgoing {
+        exchange: topology.events_exchange(),
+        routing_key: event.kind.job_kind().as_str().to_string(),
+        body: serde_json::to_vec(event).expect("an event message always serialises"),
+        message_id: event.event_id.clone(),
+        headers,
+    }
+}
+
+fn answer(outcome: &'static str, status: StatusCode, text: &str) -> Response {
+    metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
+    (status, text.to_string()).into_response()
+}
+
+/// GET /readyz: 200 while the broker connection is up.
+async fn ready(State(state): State<Arc<IngestState>>) -> Response {
+    if state.publisher.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable").into_response()
+    }
+}
+
+/// GET /metrics: Prometheus text format.
+async fn render_metrics(State(state): State<Arc<IngestState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

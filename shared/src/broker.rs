@@ -1,0 +1,416 @@
+//! RabbitMQ: the queue topology every role declares, and a confirming publisher that survives
+//! broker outages.
+//!
+//! Topology for prefix `P` (declared idempotently by every role at start):
+//! - `P.events`: direct exchange; routing key = [`JobKind::as_str`].
+//! - `P.conversation`, `P.page_change`: durable quorum queues bound to it by their kind.
+//! - `P.dead`: fanout exchange and durable queue that hold dead letters, whether the worker
+//!   dead-lettered them on purpose (with its reason in headers) or the broker did after the
+//!   delivery limit (with `x-death`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::JobKind;
+
+/// Deliveries of one message before the broker gives up and dead-letters it. Workers
+/// dead-letter poison on purpose long before this; the limit is for crash loops (a message that
+/// kills the worker that holds it).
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Names of one deployment's exchanges and queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Prefix of every name, so deployments and tests share one broker.
+    pub prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn queue(&self, kind: JobKind) -> String {
+        format!("{}.{}", self.prefix, kind.as_str())
+    }
+
+    /// The dead-letter exchange and queue share this name.
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// Declares everything; safe to run any number of times, from any role.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        // The dead queue is a classic queue: operators list it by getting and requeueing
+        // messages, which a quorum queue would count against a delivery limit.
+        channel
+            .queue_declare(
+                self.dead().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.dead().into(),
+                self.dead().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for kind in JobKind::ALL {
+            let mut args = FieldTable::default();
+            // Quorum queues replicate and fsync: a confirm means the message is on disk.
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            // Crash loops end in the DLQ instead of spinning forever.
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dead().into()),
+            );
+            // The broker keeps a dead letter until the DLQ has confirmed it (no loss in between);
+            // this strategy requires reject-publish overflow.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            channel
+                .queue_declare(
+                    self.queue(kind).into(),
+                    QueueDeclareOptions::durable(),
+                    args,
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    self.queue(kind).into(),
+                    self.events_exchange().into(),
+                    kind.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a connection; the broker password is only in the URL, which is never logged.
+pub async fn connect(amqp_url: &SecretString, name: &str) -> lapin::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(amqp_url.expose_secret(), properties).await
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Exchange to publish to.
+    pub exchange: String,
+    /// Routing key (the job kind for events).
+    pub routing_key: String,
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// AMQP message id (the event id), for tracing duplicates across stages.
+    pub message_id: String,
+    /// Extra headers (dead-letter reasons, page id).
+    pub headers: FieldTable,
+}
+
+/// Why a publish did not get its confirms.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker is not connected")]
+    Unavailable,
+    #[error("the broker did not confirm in time")]
+    Timeout,
+    #[error("the broker refused the message")]
+    Nacked,
+    #[error("the message could not be routed to a queue")]
+    Unroutable,
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Publishes with confirms over a connection it keeps alive: when the broker goes away it
+/// reconnects in the background, and publishes fail fast with [`PublishError::Unavailable`]
+/// until it is back.
+#[derive(Clone)]
+pub struct Publisher {
+    /// The live confirm-mode channel, when there is one.
+    channel: Arc<Mutex<Option<Channel>>>,
+    /// Wakes the connection keeper when a publish found the channel broken.
+    broken: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Starts the connection keeper; returns at once, connected or not.
+    pub fn start(
+        amqp_url: SecretString,
+        topology: Topology,
+        name: String,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let publisher = Self {
+            channel: Arc::new(Mutex::new(None)),
+            broken: Arc::new(Notify::new()),
+        };
+        let keeper = publisher.clone();
+        tokio::spawn(async move {
+            keeper
+                .keep_connected(amqp_url, topology, name, shutdown)
+                .await
+        });
+        publisher
+    }
+
+    /// Waits until the publisher is connected, up to `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.is_ready() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.is_ready()
+    }
+
+    /// True when a confirm channel is open.
+    pub fn is_ready(&self) -> bool {
+        self.current().is_some_and(|c| c.status().connected())
+    }
+
+    fn current(&self) -> Option<Channel> {
+        self.channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn mark_broken(&self) {
+        self.channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.broken.notify_one();
+    }
+
+    /// Publishes every message persistent and waits for all their confirms (all in flight at
+    /// once) within `timeout`. Ok means the broker has every one of them on disk.
+    pub async fn publish_all(
+        &self,
+        messages: &[Outgoing],
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let channel = self
+            .current()
+            .filter(|c| c.status().connected())
+            .ok_or(PublishError::Unavailable)?;
+        let outcome = tokio::time::timeout(timeout, publish_confirmed(&channel, messages)).await;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(PublishError::Nacked)) => Err(PublishError::Nacked),
+            Ok(Err(PublishError::Unroutable)) => Err(PublishError::Unroutable),
+            Ok(Err(e)) => {
+                self.mark_broken();
+                Err(e)
+            }
+            Err(_) => {
+                // A broker that cannot confirm within seconds is as good as gone; reconnecting
+                // is cheap and gets a healthy channel if it is merely a stuck connection.
+                self.mark_broken();
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+
+    async fn keep_connected(
+        self,
+        amqp_url: SecretString,
+        topology: Topology,
+        name: String,
+        shutdown: CancellationToken,
+    ) {
+        let mut delay = Duration::from_millis(50);
+        let mut outage_logged = false;
+        while !shutdown.is_cancelled() {
+            match open_confirm_channel(&amqp_url, &topology, &name).await {
+                Ok((connection, channel)) => {
+                    if outage_logged {
+                        tracing::info!("broker connection restored");
+                    }
+                    delay = Duration::from_millis(50);
+                    *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
+                    // Watch until a publish reports the channel broken, the connection drops,
+                    // or we are asked to stop.
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = self.broken.notified() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                                if !connection.status().connected() || !channel.status().connected() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    self.channel
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    if shutdown.is_cancelled() {
+                        let _ = connection.close(200, "shutdown".into()).await;
+                        return;
+                    }
+                    tracing::warn!("broker connection lost; reconnecting");
+                    outage_logged = true;
+                    // Close in the background: a dead peer may take a while to answer.
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            connection.close(320, "reconnecting".into()),
+                        )
+                        .await;
+                    });
+                }
+                Err(e) => {
+                    if !outage_logged {
+                        tracing::warn!(error = %e, "broker unreachable; retrying");
+                        outage_logged = true;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Connects, declares the topology and opens a channel in confirm mode.
+pub async fn open_confirm_channel(
+    amqp_url: &SecretString,
+    topology: &Topology,
+    name: &str,
+) -> lapin::Result<(Connection, Channel)> {
+    let connection = tokio::time::timeout(Duration::from_secs(3), connect(amqp_url, name))
+        .await
+        .map_err(|_| {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })??;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
+/// Publishes all messages on `channel` (in confirm mode) and waits for every confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    messages: &[Outgoing],
+) -> Result<(), PublishError> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for message in messages {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(truncate(&message.message_id, 255)))
+            .with_headers(message.headers.clone());
+        let confirm = channel
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &message.body,
+                properties,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirmation in join_all(confirms).await {
+        match confirmation? {
+            lapin::Confirmation::Ack(None) => {}
+            lapin::Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable),
+            lapin::Confirmation::Nack(_) => return Err(PublishError::Nacked),
+            lapin::Confirmation::NotRequested => return Err(PublishError::Nacked),
+        }
+    }
+    Ok(())
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

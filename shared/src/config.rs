@@ -1,0 +1,384 @@
+//! Typed configuration, read from the environment and an optional `.env` file.
+//!
+//! Every setting has one home here. Values are parsed once, at start; a role asks
+//! [`Settings::problems_for`] what it is missing and refuses to start with one clear line per
+//! problem. Secrets are held in [`SecretString`] so they cannot end up in a `Debug` print or log.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// The roles a process can take; each needs a different part of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Worker,
+    Scheduler,
+    /// Ops commands that touch the database only (pages add/list/remove).
+    Registry,
+    /// Ops commands that touch the broker only (dlq).
+    BrokerOps,
+}
+
+/// Configuration problems, one human-readable line each.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Everything fbsync reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Facebook app, webhook and Graph API settings.
+    pub facebook: FacebookSettings,
+    /// Where the broker is and how this deployment's names are prefixed.
+    pub broker: BrokerSettings,
+    /// The HTTP service's address and request limits.
+    pub ingest: IngestSettings,
+    /// The object store (Spaces/S3 or a local directory) and its rate limits.
+    pub storage: StorageSettings,
+    /// Where tokens, pages and staged events live.
+    pub database_url: SecretString,
+    /// Key for page tokens at rest (AES-256-GCM); required by roles that read or write tokens.
+    pub token_encryption_key: Option<SecretString>,
+    /// Retry policy for transient failures in workers.
+    pub retry: RetrySettings,
+    /// Worker tuning: prefetch, flush cadence, metrics address.
+    pub worker: WorkerSettings,
+    /// Cron expression for the daily poll (kept for the scheduler).
+    pub poll_schedule: String,
+    /// JSON log lines when true (LOG_FORMAT=json).
+    pub json_logs: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct FacebookSettings {
+    /// App id, used by the OAuth flow.
+    pub app_id: Option<String>,
+    /// Signs every webhook delivery; ingest cannot accept anything without it.
+    pub app_secret: Option<SecretString>,
+    /// Echoed by Facebook in the subscription handshake.
+    pub verify_token: Option<SecretString>,
+    /// OAuth redirect address.
+    pub redirect_uri: Option<String>,
+    /// The public address of the webhook, for subscriptions.
+    pub webhook_address: Option<String>,
+    /// Base of every Graph API call, version included; tests point it at a fake server.
+    pub graph_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// AMQP URL; holds the broker password, so it is a secret.
+    pub amqp_url: SecretString,
+    /// Prefix of every exchange and queue, so deployments and tests share one broker.
+    pub queue_prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Where the HTTP service listens.
+    pub addr: SocketAddr,
+    /// Largest webhook body accepted (413 beyond).
+    pub body_limit_bytes: usize,
+    /// How long a delivery may wait for its publisher confirms before answering 503. Facebook
+    /// gives up after about 5 s, so this stays well below that.
+    pub publish_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    /// S3-compatible endpoint; without it objects go under `data_dir`.
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    pub region: String,
+    pub access_key: Option<SecretString>,
+    pub secret_key: Option<SecretString>,
+    /// Root of the local object store (and of the default SQLite file).
+    pub data_dir: PathBuf,
+    /// PUTs allowed to one object per 300 s (0 = unlimited).
+    pub object_puts_per_5min: u32,
+    /// Writes (PUT/POST/COPY/DELETE/LIST) per second to the bucket, shared by this process.
+    pub writes_per_sec: u32,
+    /// Operations of any kind per second to the bucket, shared by this process.
+    pub ops_per_sec: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetrySettings {
+    /// Attempts of a transient operation before the job is dead-lettered.
+    pub max_attempts: u32,
+    /// First backoff delay; later ones double, with jitter.
+    pub base_delay: Duration,
+    /// Longest single backoff delay.
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Unacked messages a worker holds at once per queue.
+    pub prefetch: u16,
+    /// How often the flusher looks for due conversations when it has nothing to do.
+    pub flush_interval: Duration,
+    /// Conversations one flusher claims at once.
+    pub flush_batch: u32,
+    /// How long a claim on a conversation lasts before another worker may take it over.
+    pub lease: Duration,
+    /// Where the worker serves /metrics and /healthz (none when unset).
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Reads `.env` (when present, without overriding the real environment), then the
+    /// environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env is normal; a malformed one is worth a warning, not a refusal.
+        if let Err(e) = dotenvy::dotenv()
+            && !e.not_found()
+        {
+            eprintln!("warning: .env could not be read: {e}");
+        }
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Parses settings from a map of variables (the environment, or a test's own).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut reader = VarReader {
+            vars,
+            problems: Vec::new(),
+        };
+        let data_dir = PathBuf::from(reader.string_or("DATA_DIR", "./data"));
+        let default_db = format!("sqlite://{}/fbsync.db", data_dir.display());
+        let settings = Settings {
+            facebook: FacebookSettings {
+                app_id: reader.optional("FACEBOOK_APP_ID"),
+                app_secret: reader.secret("FACEBOOK_APP_SECRET"),
+                verify_token: reader.secret("FACEBOOK_VERIFY_TOKEN"),
+                redirect_uri: reader.optional("FACEBOOK_REDIRECT_URI"),
+                webhook_address: reader.optional("FACEBOOK_WEBHOOK_ADDRESS"),
+                graph_url: reader
+                    .string_or("FACEBOOK_GRAPH_URL", "https://graph.facebook.com/v25.0")
+                    .trim_end_matches('/')
+                    .to_string(),
+            },
+            broker: BrokerSettings {
+                amqp_url: reader
+                    .secret("AMQP_URL")
+                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+                queue_prefix: reader.string_or("QUEUE_PREFIX", "fbsync"),
+            },
+            ingest: IngestSettings {
+                addr: reader.parsed_or("INGEST_ADDR", "0.0.0.0:5000".parse().expect("valid")),
+                body_limit_bytes: reader.parsed_or("INGEST_BODY_LIMIT_BYTES", 1024 * 1024),
+                publish_timeout: Duration::from_millis(
+                    reader.parsed_or("INGEST_PUBLISH_TIMEOUT_MS", 3_000),
+                ),
+            },
+            storage: StorageSettings {
+                endpoint: reader.optional("SPACES_ENDPOINT"),
+                bucket: reader.optional("SPACES_BUCKET"),
+                region: reader.string_or("SPACES_REGION", "nyc3"),
+                access_key: reader.secret("SPACES_API_KEY"),
+                secret_key: reader.secret("SPACES_API_SECRET"),
+                data_dir,
+                object_puts_per_5min: reader.parsed_or("SPACES_OBJECT_PUTS_PER_5MIN", 5),
+                writes_per_sec: reader.parsed_or("SPACES_WRITES_PER_SEC", 150),
+                ops_per_sec: reader.parsed_or("SPACES_OPS_PER_SEC", 240),
+            },
+            database_url: reader
+                .secret("DATABASE_URL")
+                .unwrap_or_else(|| default_db.into()),
+            token_encryption_key: reader.secret("TOKEN_ENCRYPTION_KEY"),
+            retry: RetrySettings {
+                max_attempts: reader.parsed_or("WORKER_MAX_ATTEMPTS", 8),
+                base_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_BASE_MS", 200)),
+                max_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_MAX_MS", 30_000)),
+            },
+            worker: WorkerSettings {
+                prefetch: reader.parsed_or("WORKER_PREFETCH", 256),
+                flush_interval: Duration::from_millis(
+                    reader.parsed_or("WORKER_FLUSH_INTERVAL_MS", 200),
+                ),
+                flush_batch: reader.parsed_or("WORKER_FLUSH_BATCH", 32),
+                lease: Duration::from_millis(reader.parsed_or("WORKER_LEASE_MS", 60_000)),
+                metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
+            },
+            poll_schedule: reader.string_or("POLL_SCHEDULE", "0 0 3 * * *"),
+            json_logs: reader.optional("LOG_FORMAT").as_deref() == Some("json"),
+        };
+        if settings.retry.max_attempts == 0 {
+            reader
+                .problems
+                .push("WORKER_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if reader.problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError(reader.problems))
+        }
+    }
+
+    /// What this configuration lacks for `role`, one line per problem (empty when ready).
+    pub fn problems_for(&self, role: Role) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut require = |present: bool, name: &str, why: &str| {
+            if !present {
+                problems.push(format!("{name} is not set: {why}"));
+            }
+        };
+        let needs_tokens = matches!(role, Role::Worker | Role::Registry | Role::Scheduler);
+        if role == Role::Ingest {
+            require(
+                self.facebook.app_secret.is_some(),
+                "FACEBOOK_APP_SECRET",
+                "ingest needs it to verify webhook signatures",
+            );
+            require(
+                self.facebook.verify_token.is_some(),
+                "FACEBOOK_VERIFY_TOKEN",
+                "ingest needs it for the subscription handshake",
+            );
+        }
+        if needs_tokens {
+            require(
+                self.token_encryption_key.is_some(),
+                "TOKEN_ENCRYPTION_KEY",
+                "page tokens are encrypted at rest (32 bytes, base64; `openssl rand -base64 32`)",
+            );
+        }
+        if role == Role::Worker && self.storage.endpoint.is_some() {
+            require(
+                self.storage.bucket.is_some(),
+                "SPACES_BUCKET",
+                "SPACES_ENDPOINT is set",
+            );
+            require(
+                self.storage.access_key.is_some(),
+                "SPACES_API_KEY",
+                "SPACES_ENDPOINT is set",
+            );
+            require(
+                self.storage.secret_key.is_some(),
+                "SPACES_API_SECRET",
+                "SPACES_ENDPOINT is set",
+            );
+        }
+        if needs_tokens
+            && let Some(key) = &self.token_encryption_key
+            && let Err(e) = crate::crypto::TokenCipher::from_base64(key)
+        {
+            problems.push(format!("TOKEN_ENCRYPTION_KEY is malformed: {e}"));
+        }
+        let url = self.database_url.expose_secret();
+        if needs_tokens && !(url.starts_with("sqlite:") || url.starts_with("postgres")) {
+            problems.push("DATABASE_URL must start with sqlite: or postgres://".into());
+        }
+        if !self.broker.amqp_url.expose_secret().starts_with("amqp") {
+            problems.push("AMQP_URL must start with amqp:// or amqps://".into());
+        }
+        problems
+    }
+}
+
+/// Reads variables and collects every parse problem instead of stopping at the first.
+struct VarReader<'a> {
+    vars: &'a HashMap<String, String>,
+    problems: Vec<String>,
+}
+
+impl VarReader<'_> {
+    /// A non-empty value, trimmed.
+    fn optional(&self, name: &str) -> Option<String> {
+        self.vars
+            .get(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn secret(&self, name: &str) -> Option<SecretString> {
+        self.optional(name).map(SecretString::from)
+    }
+
+    fn string_or(&self, name: &str, default: &str) -> String {
+        self.optional(name).unwrap_or_else(|| default.to_string())
+    }
+
+    fn optional_parsed<T: FromStr>(&mut self, name: &str) -> Option<T> {
+        let raw = self.optional(name)?;
+        match raw.parse() {
+            Ok(value) => Some(value),
+            Err(_) => {
+                self.problems
+                    .push(format!("{name}={raw:?} is not a valid value"));
+                None
+            }
+        }
+    }
+
+    fn parsed_or<T: FromStr>(&mut self, name: &str, default: T) -> T {
+        self.optional_parsed(name).unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let settings = Settings::from_map(&vars(&[])).expect("defaults parse");
+        assert_eq!(settings.broker.queue_prefix, "fbsync");
+        assert_eq!(settings.ingest.addr.port(), 5000);
+        assert_eq!(settings.storage.object_puts_per_5min, 5);
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            "sqlite://./data/fbsync.db"
+        );
+        assert_eq!(
+            settings.facebook.graph_url,
+            "https://graph.facebook.com/v25.0"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let err = Settings::from_map(&vars(&[
+            ("INGEST_ADDR", "nowhere"),
+            ("WORKER_PREFETCH", "-1"),
+        ]))
+        .expect_err("bad values");
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.0[0].contains("INGEST_ADDR"));
+    }
+
+    #[test]
+    fn ingest_needs_its_secrets() {
+        let settings = Settings::from_map(&vars(&[])).expect("defaults parse");
+        let problems = settings.problems_for(Role::Ingest);
+        assert_eq!(problems.len(), 2);
+        assert!(problems[0].starts_with("FACEBOOK_APP_SECRET"));
+    }
+
+    #[test]
+    fn worker_rejects_a_malformed_key() {
+        let settings =
+            Settings::from_map(&vars(&[("TOKEN_ENCRYPTION_KEY", "c2hvcnQ=")])).expect("parses");
+        let problems = settings.problems_for(Role::Worker);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("TOKEN_ENCRYPTION_KEY is malformed")),
+            "{problems:?}"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The object store behind one small interface: Spaces/S3 through aws-sdk-s3, or a local
+//! directory with the same keys (the embedded default).
+//!
+//! Keys follow the seed's layout (see [`conversation_key`] and [`page_data_key`]). The SDK's
+//! own retries are off: every attempt counts against Spaces' budgets, so retrying is the
+//! caller's decision (see `retry`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ObjectCannedAcl;
+use bytes::Bytes;
+use secrecy::ExposeSecret;
+
+use crate::config::StorageSettings;
+use crate::telemetry::STORAGE_SECONDS;
+
+/// Key of a conversation file.
+pub fn conversation_key(user_uuid: &str, page_id: &str, user_psid: &str) -> String {
+    format!("users/{user_uuid}/facebook_messenger/{page_id}/conversations/{user_psid}.json")
+}
+
+/// Key of a Page's metadata file.
+pub fn page_data_key(user_uuid: &str, page_id: &str) -> String {
+    format!("users/{user_uuid}/facebook_messenger/{page_id}/page_data.json")
+}
+
+/// How a store request failed; decides retry and backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// 503 SlowDown: the store's rate limit; back off.
+    #[error("the store asked us to slow down (503 SlowDown)")]
+    SlowDown,
+    /// 5xx, timeouts, connection failures: worth retrying.
+    #[error("transient store failure: {0}")]
+    Transient(String),
+    /// Anything else (access denied, no such bucket, a local disk error): retrying soon will
+    /// not help, but staged data is kept and retried later.
+    #[error("store failure: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, StoreError::Permanent(_))
+    }
+}
+
+/// Reads and writes whole JSON objects.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// The object's bytes, or `None` when it does not exist.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Writes the object (private, application/json).
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
+    /// Where objects go, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Opens the store the settings name: S3 when SPACES_ENDPOINT is set, else the local directory.
+pub fn open_store(settings: &StorageSettings) -> Result<Box<dyn ObjectStore>, String> {
+    match &settings.endpoint {
+        Some(endpoint) => Ok(Box::new(S3Store::new(settings, endpoint)?)),
+        None => Ok(Box::new(LocalStore {
+            root: settings.data_dir.clone(),
+        })),
+    }
+}
+
+/// Spaces or any S3-compatible store.
+pub struct S3Store {
+    /// The SDK client (path-style, checksums only when required, no SDK retries).
+    client: aws_sdk_s3::Client,
+    /// The bucket every key lives in.
+    bucket: String,
+    /// For logs (no credentials).
+    endpoint: String,
+}
+
+impl S3Store {
+    pub fn new(settings: &StorageSettings, endpoint: &str) -> Result<Self, String> {
+        let bucket = settings.bucket.clone().ok_or("SPACES_BUCKET is not set")?;
+        let (Some(key), Some(secret)) = (&settings.access_key, &settings.secret_key) else {
+            return Err(
+                "SPACES_API_KEY and SPACES_API_SECRET are required with SPACES_ENDPOINT".into(),
+            );
+        };
+        let credentials = Credentials::new(
+            key.expose_secret(),
+            secret.expose_secret(),
+            None,
+            None,
+            "fbsync-settings",
+        );
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(30))
+            .build();
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .endpoint_url(endpoint)
+            .credentials_provider(credentials)
+            // Spaces and most S3-compatible servers want bucket names in the path.
+            .force_path_style(true)
+            // Spaces rejects the SDK's default CRC32 checksums.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // Every attempt counts against the store's budgets: retries are ours to decide.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts)
+            .build();
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(config),
+            bucket,
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    /// The SDK client, for tests and tools that create buckets.
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+}
+
+/// Classifies an SDK error by its kind and S3 error code (after [`classify_status`]).
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+    error: &SdkError<E, R>,
+) -> StoreError {
+    let code = error.code().unwrap_or_default();
+    let message = format!("{} {}", code, error.message().unwrap_or_default())
+        .trim()
+        .to_string();
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Transient(format!("{error:?}").chars().take(300).collect())
+        }
+        _ if code == "SlowDown" => StoreError::SlowDown,
+        _ if code == "InternalError" || code == "ServiceUnavailable" || code.is_empty() => {
+            StoreError::Transient(if message.is_empty() {
+                "no error code".into()
+            } else {
+                message
+            })
+        }
+        _ => StoreError::Permanent(message),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let started = Instant::now();
+        let outcome = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        metrics::histogram!(STORAGE_SECONDS, "operation" => "get")
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(object) => {
+                let body =
+                    object.body.collect().await.map_err(|e| {
+                        StoreError::Transient(format!("reading the object body: {e}"))
+                    })?;
+                Ok(Some(body.into_bytes()))
+            }
+            Err(SdkError::ServiceError(service)) if service.err().is_no_such_key() => Ok(None),
+            Err(error) => Err(classify_status(&error).unwrap_or_else(|| classify(&error))),
+        }
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let outcome = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .content_type("application/json")
+            .acl(ObjectCannedAcl::Private)
+            .send()
+            .await;
+        metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
+            .record(started.elapsed().as_secs_f64());
+        outcome
+            .map(|_| ())
+            .map_err(|error| classify_status(&error).unwrap_or_else(|| classify(&error)))
+    }
+
+    fn describe(&self) -> String {
+        format!("S3 bucket {} at {}", self.bucket, self.endpoint)
+    }
+}
+
+/// SlowDown or 5xx read from the HTTP status, whatever the body said.
+fn classify_status<E>(
+    error: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Option<StoreError> {
+    let status = error.raw_response()?.status().as_u16();
+    match status {
+        503 => Some(StoreError::SlowDown),
+        500..=599 => Some(StoreError::Transient(format!("HTTP {status}"))),
+        _ => None,
+    }
+}
+
+/// Objects as files under a directory (the embedded default: no cloud account needed).
+pub struct LocalStore {
+    /// Every key is a path below this directory.
+    pub root: PathBuf,
+}
+
+impl LocalStore {
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        if key
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(StoreError::Permanent(format!(
+                "refusing unsafe key {key:?}"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        match tokio::fs::read(self.path(key)?).await {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Transient(e.to_string())),
+        }
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| StoreError::Transient(e.to_string()))?;
+        }
+        // Write aside, then rename: readers never see half a file.
+        let temp = path.with_extension(format!("json.{}.tmp", uuid::Uuid::new_v4().simple()));
+        tokio::fs::write(&temp, &body)
+            .await
+            .map_err(|e| StoreError::Transient(e.to_string()))?;
+        tokio::fs::rename(&temp, &path)
+            .await
+            .map_err(|e| StoreError::Transient(e.to_string()))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("local directory {}", self.root.display())
+    }
+}

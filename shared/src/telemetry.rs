@@ -1,0 +1,72 @@
+//! Logs (tracing, JSON lines with LOG_FORMAT=json) and the Prometheus metrics recorder.
+//!
+//! Metric names live here, once, so ingest, workers and tests agree on them.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Webhook deliveries answered, by `outcome` (accepted, bad_signature, bad_request, too_large,
+/// unavailable).
+pub const DELIVERIES: &str = "fbsync_webhook_deliveries_total";
+/// Events published to the broker with a confirm, by `kind`.
+pub const EVENTS_PUBLISHED: &str = "fbsync_events_published_total";
+/// Seconds from first publish to the last confirm of a delivery.
+pub const PUBLISH_CONFIRM_SECONDS: &str = "fbsync_publish_confirm_seconds";
+/// Events staged in the database, by `kind`.
+pub const EVENTS_STAGED: &str = "fbsync_events_staged_total";
+/// Conversation flushes, by `outcome` (written, unchanged, failed).
+pub const FLUSHES: &str = "fbsync_flushes_total";
+/// Objects written to the store, by `object` (conversation, page_data).
+pub const OBJECT_WRITES: &str = "fbsync_object_writes_total";
+/// Retries of transient failures, by `operation`.
+pub const RETRIES: &str = "fbsync_retries_total";
+/// Messages dead-lettered, by `reason`.
+pub const DEAD_LETTERED: &str = "fbsync_dead_lettered_total";
+/// Staged events not yet in the store.
+pub const STAGED_BACKLOG: &str = "fbsync_staged_backlog";
+/// Age in seconds of the oldest staged event.
+pub const STAGED_OLDEST_SECONDS: &str = "fbsync_staged_oldest_seconds";
+/// Messages waiting in the dead-letter queue.
+pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
+/// Seconds per object-store request, by `operation`.
+pub const STORAGE_SECONDS: &str = "fbsync_storage_request_seconds";
+/// Seconds per Graph API request.
+pub const GRAPH_SECONDS: &str = "fbsync_graph_request_seconds";
+
+/// Starts logging. Safe to call more than once (later calls do nothing).
+pub fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,lapin=warn,aws_config=warn,aws_smithy_runtime=warn,sqlx=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The process-wide metrics recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency_buckets = [
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&latency_buckets)
+                .expect("bucket list is not empty");
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (a test harness): render an empty one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}

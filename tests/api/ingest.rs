@@ -1,0 +1,414 @@
+//! Ingest: the handshake, signatures, splitting, limits, broker outages and load.
+
+use std::time::Duration;
+
+use fbsync_shared::event::{EventKind, JobKind};
+use fbsync_shared::signature::{sign_sha1, sign_sha256};
+
+use crate::helpers::{
+    AMQP_URL, APP_SECRET, FbsyncProcess, TcpProxy, VERIFY_TOKEN, delete_topology, fbsync_command,
+    fixture, fixture_names, spawn_ingest, unique_prefix,
+};
+
+#[tokio::test]
+async fn handshake_answers_the_challenge_only_for_the_right_token() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let get = |query: String| {
+        let client = ingest.client.clone();
+        let url = ingest.url(&format!("/facebook/webhook?{query}"));
+        async move { client.get(url).send().await.expect("answer") }
+    };
+    let ok = get(format!(
+        "hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444"
+    ))
+    .await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.expect("body"), "1158201444");
+
+    let wrong_token = get("hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1".into()).await;
+    assert_eq!(wrong_token.status(), 403);
+    let wrong_mode = get(format!(
+        "hub.mode=unsubscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1"
+    ))
+    .await;
+    assert_eq!(wrong_mode.status(), 403);
+    let no_challenge = get(format!(
+        "hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}"
+    ))
+    .await;
+    assert_eq!(no_challenge.status(), 403);
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn sha256_and_sha1_signed_deliveries_are_published() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let body = fixture("message.json");
+    assert_eq!(ingest.post_signed(&body).await.status(), 200);
+
+    let sha1_only = ingest
+        .client
+        .post(ingest.url("/facebook/webhook"))
+        .header("x-hub-signature", sign_sha1(APP_SECRET, &body))
+        .body(body.clone())
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(sha1_only.status(), 200);
+
+    let events = ingest.drain(JobKind::Conversation).await;
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event_id == "mid:mid.1468152703527:6600c706f15a292027")
+    );
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_and_nothing_is_published() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let body = fixture("message.json");
+    let post = |signature: Option<String>, body: Vec<u8>| {
+        let mut request = ingest
+            .client
+            .post(ingest.url("/facebook/webhook"))
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        async move { request.send().await.expect("answer").status() }
+    };
+    let mut tampered = body.clone();
+    let last = tampered.len() - 3;
+    tampered[last] = b'9';
+    assert_eq!(
+        post(Some(sign_sha256(APP_SECRET, &body)), tampered).await,
+        401,
+        "tampered body"
+    );
+    assert_eq!(
+        post(Some(sign_sha256("wrong-secret", &body)), body.clone()).await,
+        401,
+        "wrong secret"
+    );
+    assert_eq!(post(None, body.clone()).await, 401, "no signature");
+    assert_eq!(
+        post(Some("sha256=nothex".into()), body.clone()).await,
+        401,
+        "malformed"
+    );
+    assert!(ingest.drain(JobKind::Conversation).await.is_empty());
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn escaped_unicode_verifies_on_the_raw_bytes_and_is_kept_as_sent() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let body = br#"{"object":"page","entry":[{"id":"42","time":1,"messaging":[{"sender":{"id":"7"},"recipient":{"id":"42"},"timestamp":3,"message":{"mid":"m_\u00e4","text":"gr\u00fc\u00dfe \ud83d\ude00"}}]}]}"#;
+    assert_eq!(ingest.post_signed(body).await.status(), 200);
+    let events = ingest.drain(JobKind::Conversation).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_id, "mid:m_ä");
+    assert!(
+        events[0]
+            .event
+            .get()
+            .contains(r"gr\u00fc\u00dfe \ud83d\ude00"),
+        "{}",
+        events[0].event.get()
+    );
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_gives_exactly_one_message_per_event() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let body = br#"{"object":"page","entry":[
+      {"id":"100","time":1,"messaging":[
+        {"sender":{"id":"u1"},"recipient":{"id":"100"},"timestamp":10,"message":{"mid":"m_1","text":"a"}},
+        {"sender":{"id":"100"},"recipient":{"id":"u1"},"timestamp":11,"message":{"mid":"m_2","is_echo":true,"text":"b"}},
+        {"sender":{"id":"u1"},"recipient":{"id":"100"},"timestamp":12,"read":{"watermark":11}}]},
+      {"id":"200","time":1,
+       "standby":[{"sender":{"id":"u2"},"recipient":{"id":"200"},"timestamp":13,"message":{"mid":"m_3","text":"c"}}],
+       "changes":[{"field":"name","value":"New name"},{"field":"category","value":"Shop"}]}]}"#;
+    assert_eq!(ingest.post_signed(body).await.status(), 200);
+
+    let mut conversation: Vec<_> = ingest
+        .drain(JobKind::Conversation)
+        .await
+        .into_iter()
+        .map(|e| (e.page_id, e.kind, e.event_id, e.user_psid, e.standby))
+        .collect();
+    conversation.sort_by(|a, b| a.2.cmp(&b.2));
+    let expected = vec![
+        (
+            "100".to_string(),
+            EventKind::Message,
+            "mid:m_1".to_string(),
+            Some("u1".to_string()),
+            false,
+        ),
+        (
+            "100".to_string(),
+            EventKind::Echo,
+            "mid:m_2".to_string(),
+            Some("u1".to_string()),
+            false,
+        ),
+        (
+            "200".to_string(),
+            EventKind::Message,
+            "mid:m_3".to_string(),
+            Some("u2".to_string()),
+            true,
+        ),
+        (
+            "100".to_string(),
+            EventKind::Read,
+            "read:11".to_string(),
+            Some("u1".to_string()),
+            false,
+        ),
+    ];
+    assert_eq!(conversation, expected);
+    let changes = ingest.drain(JobKind::PageChange).await;
+    assert_eq!(changes.len(), 2);
+    assert!(
+        changes
+            .iter()
+            .all(|e| e.page_id == "200" && e.kind == EventKind::PageChange)
+    );
+    assert_ne!(changes[0].event_id, changes[1].event_id);
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn every_fixture_is_accepted() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let names = fixture_names();
+    assert!(names.len() >= 7, "fixtures missing: {names:?}");
+    for name in &names {
+        let response = ingest.post_signed(&fixture(name)).await;
+        assert_eq!(response.status(), 200, "{name}");
+    }
+    let conversation = ingest.drain(JobKind::Conversation).await;
+    let changes = ingest.drain(JobKind::PageChange).await;
+    assert_eq!(conversation.len() + changes.len(), names.len());
+    assert_eq!(changes.len(), 1);
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_bodies_are_refused() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let huge = vec![b' '; 1024 * 1024 + 1];
+    assert_eq!(ingest.post_signed(&huge).await.status(), 413);
+    assert_eq!(ingest.post_signed(b"not json").await.status(), 400);
+    assert_eq!(
+        ingest
+            .post_signed(br#"{"object":"instagram","entry":[]}"#)
+            .await
+            .status(),
+        400
+    );
+    assert!(ingest.drain(JobKind::Conversation).await.is_empty());
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn broker_outage_gives_503_then_200_without_restart() {
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let ingest = spawn_ingest(&proxy.amqp_url()).await;
+    let body = fixture("message.json");
+    assert_eq!(ingest.post_signed(&body).await.status(), 200);
+
+    proxy.cut();
+    let started = std::time::Instant::now();
+    let during = ingest.post_signed(&fixture("echo.json")).await;
+    assert_eq!(during.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "503 took {:?}",
+        started.elapsed()
+    );
+    let ready = ingest
+        .client
+        .get(ingest.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+
+    proxy.restore();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = ingest
+            .post_signed(&fixture("read.json"))
+            .await
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "ingest did not recover after the broker came back"
+    );
+    let ids: Vec<String> = ingest
+        .drain(JobKind::Conversation)
+        .await
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert!(ids.contains(&"mid:mid.1468152703527:6600c706f15a292027".to_string()));
+    assert!(ids.contains(&"read:1468152706921".to_string()));
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_deliveries_give_a_thousand_messages() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let body = format!(
+            r#"{{"object":"page","entry":[{{"id":"9","time":1,"messaging":[{{"sender":{{"id":"u{}"}},"recipient":{{"id":"9"}},"timestamp":{i},"message":{{"mid":"m_{i}","text":"n"}}}}]}}]}}"#,
+            i % 10
+        );
+        let client = ingest.client.clone();
+        let url = ingest.url("/facebook/webhook");
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .header(
+                    "x-hub-signature-256",
+                    sign_sha256(APP_SECRET, body.as_bytes()),
+                )
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    let mut ids: Vec<String> = ingest
+        .drain(JobKind::Conversation)
+        .await
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000);
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let ingest = spawn_ingest(AMQP_URL).await;
+    assert_eq!(
+        ingest.post_signed(&fixture("message.json")).await.status(),
+        200
+    );
+    let get = |path: &str| ingest.client.get(ingest.url(path)).send();
+    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
+    assert_eq!(get("/readyz").await.expect("readyz").status(), 200);
+    let metrics = get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("fbsync_webhook_deliveries_total{outcome=\"accepted\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fbsync_events_published_total{kind=\"message\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fbsync_publish_confirm_seconds_bucket"),
+        "{metrics}"
+    );
+    ingest.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_binary_serves_logs_json_and_exits_cleanly_on_sigterm() {
+    let prefix = unique_prefix();
+    let mut process = FbsyncProcess::spawn(
+        &["ingest"],
+        &[
+            ("FACEBOOK_APP_SECRET", APP_SECRET),
+            ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+            ("QUEUE_PREFIX", &prefix),
+            ("INGEST_ADDR", "127.0.0.1:0"),
+            ("LOG_FORMAT", "json"),
+        ],
+    );
+    let listening = process
+        .wait_for_log("ingest listening", Duration::from_secs(20))
+        .await;
+    let addr = listening["fields"]["addr"]
+        .as_str()
+        .expect("addr")
+        .to_string();
+    let client = reqwest::Client::new();
+    let body = fixture("message.json");
+    let mut status = 0;
+    for _ in 0..50 {
+        let response = client
+            .post(format!("http://{addr}/facebook/webhook"))
+            .header("x-hub-signature-256", sign_sha256(APP_SECRET, &body))
+            .body(body.clone())
+            .send()
+            .await
+            .expect("answer");
+        status = response.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    process.terminate();
+    let exit = tokio::time::timeout(Duration::from_secs(10), process.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("status");
+    assert!(exit.success(), "{exit:?}");
+    delete_topology(&prefix).await;
+}
+
+#[tokio::test]
+async fn missing_configuration_is_one_clear_line_per_problem() {
+    let output = fbsync_command(&["ingest"], &[("INGEST_ADDR", "nowhere:x")])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("INGEST_ADDR=\"nowhere:x\" is not a valid value"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let output = fbsync_command(&["ingest"], &[])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("FACEBOOK_APP_SECRET is not set"));
+    assert!(lines[1].contains("FACEBOOK_VERIFY_TOKEN is not set"));
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests against the real RabbitMQ (and, from the worker on, PostgreSQL, SQLite
+//! files and an S3-compatible server). Each test has its own queue prefix, so they run in
+//! parallel against one broker.
+
+mod helpers;
+mod ingest;
