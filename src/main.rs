@@ -12,6 +12,8 @@ use fbsync_shared::config::{Role, Settings};
 use fbsync_shared::telemetry;
 use tokio_util::sync::CancellationToken;
 
+mod pages;
+
 #[derive(Parser)]
 #[command(
     name = "fbsync",
@@ -25,8 +27,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run ingest and a worker in one process, for a single machine.
+    Up,
     /// Run the HTTP service: webhook intake, /healthz, /readyz, /metrics.
     Ingest,
+    /// Run a worker: stage events, flush conversations, refresh Page metadata.
+    Worker,
+    /// Manage the Page registry.
+    #[command(subcommand)]
+    Pages(PagesCommand),
+}
+
+#[derive(Subcommand)]
+enum PagesCommand {
+    /// Register a Page (or replace its owner and token) without the OAuth flow.
+    Add {
+        /// The Facebook Page id (digits).
+        #[arg(long)]
+        page_id: String,
+        /// The owner's user UUID: objects go under users/<uuid>/.
+        #[arg(long)]
+        user_uuid: String,
+        /// The Page access token (stored encrypted). Prefer FBSYNC_PAGE_TOKEN over the command
+        /// line, which other users of the machine can see.
+        #[arg(long, env = "FBSYNC_PAGE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// List registered Pages: status, staged backlog, last flush, last error (never a token).
+    List {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a Page from the registry (its stored objects stay).
+    Remove {
+        #[arg(long)]
+        page_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,7 +79,10 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
+            Command::Up => run_up(settings).await,
             Command::Ingest => run_ingest(settings).await,
+            Command::Worker => run_worker(settings).await,
+            Command::Pages(command) => pages::run(settings, command).await,
         }
     });
     match outcome {
@@ -110,6 +150,49 @@ async fn run_ingest(settings: Settings) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     let shutdown = shutdown_on_signal();
+    serve_ingest(&settings, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_worker(settings: Settings) -> anyhow::Result<ExitCode> {
+    if let Err(code) = check(&settings, &[Role::Worker]) {
+        return Ok(code);
+    }
+    let shutdown = shutdown_on_signal();
+    let worker = fbsync_worker::Worker::open(&settings, &shutdown).await?;
+    if let Some(addr) = settings.worker.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on WORKER_METRICS_ADDR={addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
+        tokio::spawn(fbsync_worker::serve_metrics(
+            listener,
+            telemetry::metrics_handle(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!("worker started");
+    worker.run(shutdown).await;
+    tracing::info!("worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ingest and a worker in one process (the scheduler joins them once it exists).
+async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
+    if let Err(code) = check(&settings, &[Role::Ingest, Role::Worker]) {
+        return Ok(code);
+    }
+    let shutdown = shutdown_on_signal();
+    let worker = fbsync_worker::Worker::open(&settings, &shutdown).await?;
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    serve_ingest(&settings, shutdown.clone()).await?;
+    shutdown.cancel();
+    worker_task.await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Serves ingest on INGEST_ADDR until `shutdown`.
+async fn serve_ingest(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = telemetry::metrics_handle();
     let publisher = Publisher::start(
         settings.broker.amqp_url.clone(),
@@ -117,8 +200,16 @@ async fn run_ingest(settings: Settings) -> anyhow::Result<ExitCode> {
         "fbsync-ingest".into(),
         shutdown.clone(),
     );
+    // Start answering once the broker is there (or after a grace period, answering 503 until
+    // it is), so a fresh start does not turn Facebook's first deliveries away.
+    if !publisher
+        .wait_ready(std::time::Duration::from_secs(10))
+        .await
+    {
+        tracing::warn!("the broker is not reachable yet; deliveries are answered 503 until it is");
+    }
     let state = Arc::new(fbsync_ingest::IngestState::from_settings(
-        &settings, publisher, metrics,
+        settings, publisher, metrics,
     )?);
     let listener = tokio::net::TcpListener::bind(settings.ingest.addr)
         .await
@@ -127,5 +218,5 @@ async fn run_ingest(settings: Settings) -> anyhow::Result<ExitCode> {
         })?;
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
     fbsync_ingest::run(listener, state, settings.ingest.body_limit_bytes, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -99,8 +99,10 @@ pub struct StorageSettings {
     pub secret_key: Option<SecretString>,
     /// Root of the local object store (and of the default SQLite file).
     pub data_dir: PathBuf,
-    /// PUTs allowed to one object per 300 s (0 = unlimited).
+    /// PUTs allowed to one object per window (0 = unlimited).
     pub object_puts_per_5min: u32,
+    /// The per-object window in seconds (300 on Spaces; shorter only for tests).
+    pub object_put_window_secs: u32,
     /// Writes (PUT/POST/COPY/DELETE/LIST) per second to the bucket, shared by this process.
     pub writes_per_sec: u32,
     /// Operations of any kind per second to the bucket, shared by this process.
@@ -185,6 +187,7 @@ impl Settings {
                 secret_key: reader.secret("SPACES_API_SECRET"),
                 data_dir,
                 object_puts_per_5min: reader.parsed_or("SPACES_OBJECT_PUTS_PER_5MIN", 5),
+                object_put_window_secs: reader.parsed_or("SPACES_OBJECT_PUT_WINDOW_SECS", 300),
                 writes_per_sec: reader.parsed_or("SPACES_WRITES_PER_SEC", 150),
                 ops_per_sec: reader.parsed_or("SPACES_OPS_PER_SEC", 240),
             },

@@ -519,6 +519,75 @@ impl Database {
         Ok(())
     }
 
+    /// Gives a claim back without counting a failure: the conversation waits for its budget.
+    pub async fn defer_flush(
+        &self,
+        claim: &Claim,
+        owner: &str,
+        due_at: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE conversations SET due_at_ms = $3, lease_owner = NULL, lease_until_ms = 0
+             WHERE page_id = $1 AND user_psid = $2 AND lease_owner = $4",
+        )
+        .bind(&claim.key.page_id)
+        .bind(&claim.key.user_psid)
+        .bind(due_at)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Reserves one PUT of `object_key` under its per-object budget, shared by every worker:
+    /// `Ok(None)` when reserved (and recorded), `Ok(Some(at))` when the budget allows the next
+    /// PUT only at `at`. A compare-and-swap on the recorded times, so two workers cannot both
+    /// take the last slot.
+    pub async fn reserve_object_put(
+        &self,
+        object_key: &str,
+        budget: &crate::budget::PutBudget,
+        now: i64,
+    ) -> Result<Option<i64>, DbError> {
+        sqlx::query(
+            "INSERT INTO object_puts (object_key) VALUES ($1) ON CONFLICT (object_key) DO NOTHING",
+        )
+        .bind(object_key)
+        .execute(&self.pool)
+        .await?;
+        loop {
+            let current: String =
+                sqlx::query("SELECT recent_puts FROM object_puts WHERE object_key = $1")
+                    .bind(object_key)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .get(0);
+            let mut recent: Vec<i64> = current.split(',').filter_map(|t| t.parse().ok()).collect();
+            let next = budget.next_put_at(&recent, now);
+            if next > now {
+                return Ok(Some(next));
+            }
+            recent.push(now);
+            let keep = recent
+                .len()
+                .saturating_sub(budget.puts_per_window.max(1) as usize);
+            let updated = recent[keep..]
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let done = sqlx::query("UPDATE object_puts SET recent_puts = $2 WHERE object_key = $1 AND recent_puts = $3")
+                .bind(object_key)
+                .bind(updated)
+                .bind(&current)
+                .execute(&self.pool)
+                .await?;
+            if done.rows_affected() == 1 {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Takes `writes` writes and `ops` operations from the bucket's budget of the 100 ms window
     /// that holds `now`; false (nothing taken) when that window is full.
     pub async fn take_bucket_budget(

@@ -2,10 +2,13 @@
 //! queue topology and publisher, the database, the object store, token encryption and telemetry.
 
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod event;
+pub mod graph;
+pub mod retry;
 pub mod signature;
 pub mod store;
 pub mod telemetry;

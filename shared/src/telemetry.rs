@@ -20,6 +20,8 @@ pub const EVENTS_STAGED: &str = "fbsync_events_staged_total";
 pub const FLUSHES: &str = "fbsync_flushes_total";
 /// Objects written to the store, by `object` (conversation, page_data).
 pub const OBJECT_WRITES: &str = "fbsync_object_writes_total";
+/// Seconds from ingest accepting an event to its object being written.
+pub const VISIBILITY_SECONDS: &str = "fbsync_visibility_seconds";
 /// Retries of transient failures, by `operation`.
 pub const RETRIES: &str = "fbsync_retries_total";
 /// Messages dead-lettered, by `reason`.

@@ -295,6 +295,33 @@ impl FbsyncProcess {
         }
     }
 
+    /// Waits for a JSON log line whose text contains `needle`; returns the line.
+    pub async fn wait_for_log_containing(
+        &mut self,
+        needle: &str,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no log containing {needle:?} within {limit:?}"))
+                .unwrap_or_else(|| panic!("fbsync exited before logging {needle:?}"));
+            if line.contains(needle) {
+                return serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+            }
+        }
+    }
+
+    /// Counts the log lines received so far (not yet read) that contain `needle`.
+    pub fn count_logs_containing(&mut self, needle: &str) -> usize {
+        let mut count = 0;
+        while let Ok(line) = self.lines.try_recv() {
+            count += usize::from(line.contains(needle));
+        }
+        count
+    }
+
     pub fn terminate(&self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")

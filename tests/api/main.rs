@@ -2,5 +2,10 @@
 //! files and an S3-compatible server). Each test has its own queue prefix, so they run in
 //! parallel against one broker.
 
+mod fake_graph;
 mod helpers;
 mod ingest;
+mod pipeline;
+mod spaces_limits;
+mod test_support;
+mod worker;

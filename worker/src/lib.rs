@@ -1,1 +1,165 @@
-//! placeholder
+//! The worker role: consume events, stage them durably, flush conversations into the object
+//! store within its budgets, refresh Page metadata, and dead-letter poison.
+//!
+//! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
+//! flushers coordinate through lease rows in the database.
+
+pub mod consume;
+pub mod dead_letter;
+pub mod flush;
+pub mod merge;
+pub mod page_data;
+pub mod stage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fbsync_shared::broker::{Publisher, Topology};
+use fbsync_shared::budget::PutBudget;
+use fbsync_shared::config::Settings;
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::db::Database;
+use fbsync_shared::event::JobKind;
+use fbsync_shared::graph::GraphClient;
+use fbsync_shared::now_ms;
+use fbsync_shared::store::{ObjectStore, open_store};
+use fbsync_shared::telemetry::{STAGED_BACKLOG, STAGED_OLDEST_SECONDS};
+use tokio_util::sync::CancellationToken;
+
+use crate::consume::{ConsumerContext, consume_forever};
+use crate::flush::Flusher;
+use crate::page_data::PageDataJob;
+use crate::stage::Stager;
+
+/// The parts of a worker, opened from settings.
+pub struct Worker {
+    /// Consumers' shared state.
+    pub consumers: Arc<ConsumerContext>,
+    /// The conversation flusher.
+    pub flusher: Arc<Flusher>,
+    /// For backlog gauges.
+    pub db: Database,
+    /// How long the flusher rests when nothing is due.
+    pub flush_interval: Duration,
+}
+
+impl Worker {
+    /// Opens the database (running migrations), the store and the dead-letter publisher.
+    pub async fn open(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        let key = settings
+            .token_encryption_key
+            .as_ref()
+            .context("TOKEN_ENCRYPTION_KEY is not set")?;
+        let cipher = TokenCipher::from_base64(key).context("TOKEN_ENCRYPTION_KEY is malformed")?;
+        let db = Database::connect(&settings.database_url).await?;
+        let store: Arc<dyn ObjectStore> =
+            Arc::from(open_store(&settings.storage).map_err(anyhow::Error::msg)?);
+        tracing::info!(store = %store.describe(), "object store");
+        let topology = Topology::new(&settings.broker.queue_prefix);
+        let dead_letters = Publisher::start(
+            settings.broker.amqp_url.clone(),
+            topology.clone(),
+            "fbsync-worker-dead-letters".into(),
+            shutdown.clone(),
+        );
+        let page_data = PageDataJob {
+            db: db.clone(),
+            store: store.clone(),
+            cipher,
+            graph: GraphClient::new(&settings.facebook.graph_url),
+            retry: settings.retry.clone(),
+            put_budget: PutBudget::from_settings(&settings.storage),
+        };
+        let consumers = Arc::new(ConsumerContext {
+            amqp_url: settings.broker.amqp_url.clone(),
+            topology,
+            prefetch: settings.worker.prefetch,
+            dead_letters,
+            stager: Stager::new(db.clone()),
+            page_data,
+        });
+        let flusher = Arc::new(Flusher::new(settings, db.clone(), store));
+        Ok(Self {
+            consumers,
+            flusher,
+            db,
+            flush_interval: settings.worker.flush_interval,
+        })
+    }
+
+    /// Runs consumers, the flusher and the gauges until `shutdown`; then stops consuming,
+    /// finishes what it holds, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for kind in JobKind::ALL {
+            tasks.spawn(consume_forever(
+                self.consumers.clone(),
+                kind,
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(flush_forever(
+            self.flusher.clone(),
+            self.flush_interval,
+            shutdown.clone(),
+        ));
+        tasks.spawn(report_backlog(self.db.clone(), shutdown.clone()));
+        while tasks.join_next().await.is_some() {}
+        self.db.close().await;
+    }
+}
+
+/// Flushes until shutdown; rests `interval` whenever nothing was due.
+async fn flush_forever(flusher: Arc<Flusher>, interval: Duration, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let rest = match flusher.flush_due().await {
+            Ok(report) => report.claimed == 0 || report.claimed == report.deferred,
+            Err(e) => {
+                tracing::warn!(error = %e, "flusher could not reach the database");
+                true
+            }
+        };
+        if rest {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// Publishes the staged backlog gauges every few seconds.
+async fn report_backlog(db: Database, shutdown: CancellationToken) {
+    loop {
+        if let Ok(backlog) = db.backlog().await {
+            metrics::gauge!(STAGED_BACKLOG).set(backlog.events as f64);
+            let oldest = backlog
+                .oldest_received_ms
+                .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
+            metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Serves `/metrics` and `/healthz` for a worker process until `shutdown`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -49,3 +49,10 @@ CREATE TABLE IF NOT EXISTS bucket_budget (
     writes     BIGINT NOT NULL,
     ops        BIGINT NOT NULL
 );
+
+-- Recent PUT times of objects written outside the conversation flush (page_data.json), so their
+-- per-object budget holds across workers.
+CREATE TABLE IF NOT EXISTS object_puts (
+    object_key   TEXT PRIMARY KEY,
+    recent_puts  TEXT NOT NULL DEFAULT ''
+);

@@ -1,0 +1,117 @@
+//! Spaces' request budgets, computed the same way everywhere.
+//!
+//! Per object: at most `puts_per_window` PUTs in any sliding window (5 per 300 s on Spaces).
+//! Each PUT is recorded before it is sent; a safety margin covers the time between recording
+//! and the request reaching the store. Per bucket: writes and operations per second, taken from
+//! 100 ms windows in the database so every worker shares one budget (see
+//! `Database::take_bucket_budget`), at 90% of the configured rate so that any sliding second
+//! stays under it.
+
+use crate::config::StorageSettings;
+
+/// The per-object PUT budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutBudget {
+    /// PUTs allowed per window; 0 means no limit.
+    pub puts_per_window: u32,
+    /// The window, in ms (300,000 on Spaces).
+    pub window_ms: i64,
+    /// Extra wait beyond the window, for requests still in flight when recorded.
+    pub margin_ms: i64,
+}
+
+/// The bucket budget per 100 ms window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketBudget {
+    /// Writes per 100 ms window; 0 means no limit.
+    pub writes_per_window: i64,
+    /// Operations of any kind per 100 ms window; 0 means no limit.
+    pub ops_per_window: i64,
+}
+
+impl PutBudget {
+    pub fn from_settings(settings: &StorageSettings) -> Self {
+        let window_ms = i64::from(settings.object_put_window_secs) * 1000;
+        // The margin covers a request recorded now but reaching the store later; a hundredth of
+        // the window, at most 3 s.
+        Self {
+            puts_per_window: settings.object_puts_per_5min,
+            window_ms,
+            margin_ms: (window_ms / 100).min(3_000),
+        }
+    }
+
+    /// When the next PUT may be sent, given the recorded PUT times (any order).
+    pub fn next_put_at(&self, recent: &[i64], now: i64) -> i64 {
+        let limit = self.puts_per_window as usize;
+        if limit == 0 || recent.len() < limit {
+            return now;
+        }
+        let mut sorted = recent.to_vec();
+        sorted.sort_unstable();
+        // The PUT that must leave the window before another may enter it.
+        let blocking = sorted[sorted.len() - limit];
+        (blocking + self.window_ms + self.margin_ms).max(now)
+    }
+}
+
+impl BucketBudget {
+    pub fn from_settings(settings: &StorageSettings) -> Self {
+        let per_window = |per_sec: u32| -> i64 {
+            if per_sec == 0 {
+                0
+            } else {
+                (i64::from(per_sec) * 9 / 100).max(1)
+            }
+        };
+        Self {
+            writes_per_window: per_window(settings.writes_per_sec),
+            ops_per_window: per_window(settings.ops_per_sec),
+        }
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.writes_per_window == 0 && self.ops_per_window == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_puts_then_wait_for_the_oldest_to_leave_the_window() {
+        let budget = PutBudget {
+            puts_per_window: 5,
+            window_ms: 300_000,
+            margin_ms: 3_000,
+        };
+        assert_eq!(budget.next_put_at(&[1, 2, 3, 4], 10), 10);
+        assert_eq!(budget.next_put_at(&[5, 1, 2, 3, 4], 10), 1 + 303_000);
+        assert_eq!(
+            budget.next_put_at(&[1, 2, 3, 4, 5, 400_000], 400_001),
+            400_001
+        );
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let budget = PutBudget {
+            puts_per_window: 0,
+            window_ms: 300_000,
+            margin_ms: 0,
+        };
+        assert_eq!(budget.next_put_at(&[1, 2, 3, 4, 5, 6], 7), 7);
+    }
+
+    #[test]
+    fn bucket_windows_stay_under_the_rate() {
+        let settings = crate::config::Settings::from_map(&Default::default())
+            .expect("defaults")
+            .storage;
+        let budget = BucketBudget::from_settings(&settings);
+        // Any sliding second overlaps at most 11 windows of 100 ms.
+        assert!(budget.writes_per_window * 11 <= 150);
+        assert!(budget.ops_per_window * 11 <= 240);
+    }
+}

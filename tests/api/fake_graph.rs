@@ -1,0 +1,363 @@
+//! A fake Facebook Graph API on 127.0.0.1:0, answering in the documented shapes:
+//! - `GET /{page_id}?fields=...`: the Page's metadata, a page access token included on purpose
+//!   (the app must never store it; `fields` is not used to trim the answer);
+//! - `GET /{page_id}/conversations`: an empty, last page.
+//!
+//! A version prefix (`/v25.0/{page_id}`) is accepted too. The token is read from
+//! `Authorization: Bearer` (or `access_token=`); without one the answer is error 104, for a Page
+//! never set error 100. Tests script failures per Page, consumed in order before normal answers,
+//! and read back every call that was made.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+/// `created_time` of every fake Page, in Graph's format.
+pub const CREATED_TIME: &str = "2022-07-12T19:11:07+0000";
+
+/// An answer the fake gives instead of the normal one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// A rate-limit error: `code` is one of 4, 17, 32, 613, 80006 (4 and 17 come with HTTP 403,
+    /// the others with 400), with `X-Business-Use-Case-Usage` saying access comes back in
+    /// `regain_minutes`.
+    RateLimited { code: u32, regain_minutes: u32 },
+    /// HTTP 400, code 190, subcode 463: the token expired.
+    TokenExpired,
+    /// HTTP 500, code 2, `is_transient`.
+    ServerError,
+}
+
+/// One request the fake received.
+#[derive(Debug, Clone)]
+pub struct GraphCall {
+    /// The Page the path names.
+    pub page_id: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The bearer token (or `access_token` parameter), if any.
+    pub token: Option<String>,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// The running fake; it stops when dropped.
+pub struct FakeGraph {
+    /// Where it listens.
+    addr: SocketAddr,
+    /// Pages, scripted failures and calls, shared with the handler.
+    state: Arc<Mutex<GraphState>>,
+    /// The accept loop.
+    server: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct GraphState {
+    /// Each known Page's metadata object, as answered.
+    pages: HashMap<String, Value>,
+    /// Failures still to answer, per Page, in order.
+    failures: HashMap<String, VecDeque<Failure>>,
+    /// Every request, in arrival order.
+    calls: Vec<GraphCall>,
+}
+
+/// The page access token the fake hands out for `page_id`; it must never be stored.
+pub fn page_token(page_id: &str) -> String {
+    format!("EAAG-page-token-{page_id}-must-never-be-stored")
+}
+
+/// A Page's full metadata object, as Graph answers it (token included).
+fn page_object(page_id: &str, name: &str) -> Value {
+    json!({
+        "id": page_id,
+        "name": name,
+        "category": "Clothing Store",
+        "about": "Handmade clothes, shipped daily.",
+        "website": "https://shop.example.com",
+        "link": format!("https://www.facebook.com/{page_id}"),
+        "picture": {"data": {
+            "height": 50,
+            "is_silhouette": false,
+            "url": format!("https://scontent.example.com/{page_id}/picture.jpg"),
+            "width": 50
+        }},
+        "fan_count": 1234,
+        "verification_status": "not_verified",
+        "location": {
+            "city": "Berlin",
+            "country": "Germany",
+            "latitude": 52.52,
+            "longitude": 13.405,
+            "street": "Beispielstraße 1",
+            "zip": "10115"
+        },
+        "phone": "+49 30 1234567",
+        "email": "shop@example.com",
+        "created_time": CREATED_TIME,
+        "access_token": page_token(page_id),
+    })
+}
+
+impl FakeGraph {
+    /// Starts the fake on 127.0.0.1:0 with no Pages.
+    pub async fn start() -> Self {
+        let state: Arc<Mutex<GraphState>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let app = axum::Router::new()
+            .fallback(answer)
+            .with_state(state.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    /// The base URL for FACEBOOK_GRAPH_URL: `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates the Page, or renames it (its other fields stay).
+    pub fn set_page(&self, page_id: &str, name: &str) {
+        let mut state = self.state();
+        match state.pages.get_mut(page_id) {
+            Some(page) => page["name"] = json!(name),
+            None => {
+                state
+                    .pages
+                    .insert(page_id.into(), page_object(page_id, name));
+            }
+        }
+    }
+
+    /// Sets one field of a Page already set (e.g. `fan_count`).
+    pub fn set_page_field(&self, page_id: &str, field: &str, value: Value) {
+        let mut state = self.state();
+        let page = state
+            .pages
+            .get_mut(page_id)
+            .unwrap_or_else(|| panic!("page {page_id} was never set"));
+        page[field] = value;
+    }
+
+    /// The Page's metadata object as the fake answers it, token included.
+    pub fn page(&self, page_id: &str) -> Option<Value> {
+        self.state().pages.get(page_id).cloned()
+    }
+
+    /// Queues a failure for the Page's next request (any endpoint).
+    pub fn push_failure(&self, page_id: &str, failure: Failure) {
+        let mut state = self.state();
+        state
+            .failures
+            .entry(page_id.into())
+            .or_default()
+            .push_back(failure);
+    }
+
+    /// Failures queued for the Page and not answered yet.
+    pub fn pending_failures(&self, page_id: &str) -> usize {
+        self.state().failures.get(page_id).map_or(0, VecDeque::len)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn calls(&self) -> Vec<GraphCall> {
+        self.state().calls.clone()
+    }
+
+    /// When each request for the Page arrived, in order.
+    pub fn calls_for(&self, page_id: &str) -> Vec<Instant> {
+        let state = self.state();
+        let calls = state.calls.iter().filter(|c| c.page_id == page_id);
+        calls.map(|c| c.at).collect()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GraphState> {
+        self.state.lock().expect("fake graph lock")
+    }
+}
+
+impl Drop for FakeGraph {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A Graph error answer.
+fn graph_error(status: StatusCode, error: Value) -> Response {
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn failure_answer(page_id: &str, failure: &Failure) -> Response {
+    match failure {
+        Failure::RateLimited {
+            code,
+            regain_minutes,
+        } => {
+            let message = match code {
+                4 => "(#4) Application request limit reached".to_string(),
+                17 => "(#17) User request limit reached".to_string(),
+                32 => "(#32) Page request limit reached".to_string(),
+                613 => "(#613) Calls to this api have exceeded the rate limit.".to_string(),
+                80006 => "(#80006) There have been too many messenger api calls to this Page \
+                          account. Wait a while and try again."
+                    .to_string(),
+                other => format!("(#{other}) Rate limit reached"),
+            };
+            let status = if matches!(code, 4 | 17) {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            let usage = json!({ page_id: [{
+                "type": "pages",
+                "call_count": 100,
+                "total_cputime": 10,
+                "total_time": 10,
+                "estimated_time_to_regain_access": regain_minutes,
+            }]});
+            let error = json!({
+                "message": message,
+                "type": "OAuthException",
+                "code": code,
+                "fbtrace_id": "x",
+            });
+            let mut response = graph_error(status, error);
+            let usage = usage
+                .to_string()
+                .parse()
+                .expect("JSON is a valid header value");
+            response
+                .headers_mut()
+                .insert("x-business-use-case-usage", usage);
+            response
+        }
+        Failure::TokenExpired => graph_error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "message": "Error validating access token: Session has expired on Tuesday, \
+                            12-Jul-22 12:00:00 PDT. The current time is Wednesday, \
+                            13-Jul-22 09:00:00 PDT.",
+                "type": "OAuthException",
+                "code": 190,
+                "error_subcode": 463,
+                "fbtrace_id": "x",
+            }),
+        ),
+        Failure::ServerError => graph_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({
+                "message": "An unexpected error has occurred. Please retry your request later.",
+                "type": "OAuthException",
+                "is_transient": true,
+                "code": 2,
+                "fbtrace_id": "x",
+            }),
+        ),
+    }
+}
+
+/// The token from `Authorization: Bearer`, else from the `access_token` parameter.
+fn token_of(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let parameter = || {
+        query?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+    };
+    bearer.or_else(parameter).map(String::from)
+}
+
+async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let token = token_of(request.headers(), request.uri().query());
+    let mut segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let versioned = segments.first().is_some_and(|first| {
+        first.len() > 1
+            && first.starts_with('v')
+            && first[1..].chars().all(|c| c.is_ascii_digit() || c == '.')
+    });
+    if versioned {
+        segments.remove(0);
+    }
+    let page_id = segments.first().copied().unwrap_or_default().to_string();
+
+    let mut state = state.lock().expect("fake graph lock");
+    state.calls.push(GraphCall {
+        page_id: page_id.clone(),
+        path: path.clone(),
+        token: token.clone(),
+        at: Instant::now(),
+    });
+    if token.is_none() {
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "message": "An access token is required to request this resource.",
+                "type": "OAuthException",
+                "code": 104,
+                "fbtrace_id": "x",
+            }),
+        );
+    }
+    if let Some(failure) = state
+        .failures
+        .get_mut(&page_id)
+        .and_then(VecDeque::pop_front)
+    {
+        return failure_answer(&page_id, &failure);
+    }
+    let unsupported = || {
+        graph_error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "message": format!(
+                    "Unsupported {} request. Object with ID '{page_id}' does not exist, cannot be \
+                     loaded due to missing permissions, or does not support this operation. \
+                     Please read the Graph API documentation at \
+                     https://developers.facebook.com/docs/graph-api",
+                    request.method().as_str().to_lowercase()
+                ),
+                "type": "GraphMethodException",
+                "code": 100,
+                "error_subcode": 33,
+                "fbtrace_id": "x",
+            }),
+        )
+    };
+    let Some(page) = state.pages.get(&page_id) else {
+        return unsupported();
+    };
+    if request.method() != axum::http::Method::GET {
+        return unsupported();
+    }
+    match segments.as_slice() {
+        [_] => Json(page.clone()).into_response(),
+        [_, "conversations"] => Json(json!({
+            "data": [],
+            "paging": {"cursors": {"before": "a", "after": "b"}}
+        }))
+        .into_response(),
+        _ => unsupported(),
+    }
+}

@@ -1,0 +1,498 @@
+//! DigitalOcean Spaces' limits in front of the S3-compatible test server: a reverse proxy that
+//! forwards path-style requests (`PUT /bucket/key`) to the real server and answers
+//! `503 SlowDown` beyond Spaces' budgets, as Spaces does:
+//! - per object: N PUT or COPY requests within a sliding window (5 per 300 s);
+//! - per bucket: W writes (PUT, POST, COPY, DELETE, and LIST = GET on the bucket root) and O
+//!   requests of any kind within a sliding second (150 and 240).
+//!
+//! Refused requests do not use up any budget; they are counted as throttled. The proxy can also
+//! play a storage outage (`set_down`). Bodies are buffered, not streamed.
+//!
+//! Also here: an S3 client configured like the app's, and helpers that create a bucket, read an
+//! object and list keys.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::task::JoinHandle;
+
+/// The S3-compatible server the tests use (moto by default).
+pub fn s3_endpoint() -> String {
+    std::env::var("FBSYNC_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5055".into())
+}
+
+/// A bucket name no other test uses.
+pub fn unique_bucket() -> String {
+    format!("fbsync-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Spaces' budgets; the defaults are DigitalOcean's.
+#[derive(Debug, Clone)]
+pub struct SpacesLimits {
+    /// PUT or COPY requests accepted per object within `object_window`.
+    pub object_puts: usize,
+    /// The sliding window of the per-object budget.
+    pub object_window: Duration,
+    /// Write requests (PUT, POST, COPY, DELETE, LIST) accepted per bucket per sliding second.
+    pub bucket_writes_per_second: usize,
+    /// Requests of any kind accepted per bucket per sliding second.
+    pub bucket_operations_per_second: usize,
+}
+
+impl Default for SpacesLimits {
+    fn default() -> Self {
+        Self {
+            object_puts: 5,
+            object_window: Duration::from_secs(300),
+            bucket_writes_per_second: 150,
+            bucket_operations_per_second: 240,
+        }
+    }
+}
+
+/// Which budget a refused request was over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    ObjectPuts,
+    BucketWrites,
+    BucketOperations,
+}
+
+/// One request answered `503 SlowDown`.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// The budget it was over.
+    pub limit: Limit,
+    /// The request's method.
+    pub method: Method,
+    /// The request's path, `/bucket/key`.
+    pub path: String,
+    /// When it was refused.
+    pub at: Instant,
+}
+
+/// The running proxy; it stops when dropped.
+pub struct SpacesLimitLayer {
+    /// Where the proxy listens.
+    addr: SocketAddr,
+    /// What the request handlers share with the test.
+    state: Arc<LayerState>,
+    /// The accept loop.
+    server: JoinHandle<()>,
+}
+
+struct LayerState {
+    /// Base URL of the real server, without a trailing slash.
+    upstream: String,
+    /// The budgets enforced.
+    limits: SpacesLimits,
+    /// The client that forwards requests.
+    client: reqwest::Client,
+    /// When set, every request is answered 503 ServiceUnavailable and nothing is forwarded.
+    down: AtomicBool,
+    /// Windows and counters, updated together.
+    counters: Mutex<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Accepted PUT/COPY times per `bucket/key`, within the object window.
+    object_puts: HashMap<String, VecDeque<Instant>>,
+    /// Accepted write times per bucket, within the last second.
+    bucket_writes: HashMap<String, VecDeque<Instant>>,
+    /// Accepted request times per bucket, within the last second.
+    bucket_operations: HashMap<String, VecDeque<Instant>>,
+    /// PUT/COPY requests forwarded per `bucket/key`, ever.
+    puts: HashMap<String, u64>,
+    /// Requests forwarded to the real server.
+    forwarded: u64,
+    /// Requests answered 503 SlowDown.
+    violations: Vec<Violation>,
+    /// Requests answered 503 ServiceUnavailable while down.
+    refused_while_down: u64,
+}
+
+/// What a request does, as far as the budgets care.
+struct Target {
+    /// The bucket, unless the request is for the service (`GET /`).
+    bucket: Option<String>,
+    /// `bucket/key` for an object PUT or COPY.
+    object_put: Option<String>,
+    /// PUT, POST, COPY, DELETE, or LIST.
+    write: bool,
+}
+
+impl Target {
+    fn of(method: &Method, path: &str) -> Self {
+        let path = percent_decode(path.trim_start_matches('/'));
+        let (bucket, key) = match path.split_once('/') {
+            Some((bucket, key)) => (bucket.to_string(), key.to_string()),
+            None => (path.clone(), String::new()),
+        };
+        if bucket.is_empty() {
+            return Self {
+                bucket: None,
+                object_put: None,
+                write: false,
+            };
+        }
+        let list = *method == Method::GET && key.is_empty();
+        let write = list || [Method::PUT, Method::POST, Method::DELETE].contains(method);
+        let object_put =
+            (*method == Method::PUT && !key.is_empty()).then(|| format!("{bucket}/{key}"));
+        Self {
+            bucket: Some(bucket),
+            object_put,
+            write,
+        }
+    }
+}
+
+/// Drops the times that left the window; true when the window still has room.
+fn has_room(window: &mut VecDeque<Instant>, length: Duration, budget: usize, now: Instant) -> bool {
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= length)
+    {
+        window.pop_front();
+    }
+    window.len() < budget
+}
+
+impl Counters {
+    /// Takes the request into every window it belongs to, or says which budget it is over.
+    fn admit(&mut self, limits: &SpacesLimits, target: &Target, now: Instant) -> Result<(), Limit> {
+        let second = Duration::from_secs(1);
+        if let Some(object) = &target.object_put {
+            let window = self.object_puts.entry(object.clone()).or_default();
+            if !has_room(window, limits.object_window, limits.object_puts, now) {
+                return Err(Limit::ObjectPuts);
+            }
+        }
+        if let Some(bucket) = &target.bucket {
+            let writes = self.bucket_writes.entry(bucket.clone()).or_default();
+            if target.write && !has_room(writes, second, limits.bucket_writes_per_second, now) {
+                return Err(Limit::BucketWrites);
+            }
+            let operations = self.bucket_operations.entry(bucket.clone()).or_default();
+            if !has_room(operations, second, limits.bucket_operations_per_second, now) {
+                return Err(Limit::BucketOperations);
+            }
+        }
+        if let Some(object) = &target.object_put {
+            self.object_puts
+                .entry(object.clone())
+                .or_default()
+                .push_back(now);
+            *self.puts.entry(object.clone()).or_default() += 1;
+        }
+        if let Some(bucket) = &target.bucket {
+            if target.write {
+                self.bucket_writes
+                    .entry(bucket.clone())
+                    .or_default()
+                    .push_back(now);
+            }
+            self.bucket_operations
+                .entry(bucket.clone())
+                .or_default()
+                .push_back(now);
+        }
+        self.forwarded += 1;
+        Ok(())
+    }
+}
+
+impl SpacesLimitLayer {
+    /// Starts the proxy on 127.0.0.1:0 in front of `upstream` (e.g. [`s3_endpoint`]).
+    pub async fn start(upstream: &str, limits: SpacesLimits) -> Self {
+        let state = Arc::new(LayerState {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            limits,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("a plain HTTP client always builds"),
+            down: AtomicBool::new(false),
+            counters: Mutex::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    /// The endpoint the app should use as SPACES_ENDPOINT: `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests answered 503 SlowDown.
+    pub fn throttled(&self) -> u64 {
+        self.counters().violations.len() as u64
+    }
+
+    /// Every request answered 503 SlowDown, and why.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.counters().violations.clone()
+    }
+
+    /// Requests forwarded to the real server (whatever it answered).
+    pub fn forwarded(&self) -> u64 {
+        self.counters().forwarded
+    }
+
+    /// PUT/COPY requests forwarded to objects whose `bucket/key` ends with `key_suffix`.
+    pub fn puts_for(&self, key_suffix: &str) -> u64 {
+        self.counters()
+            .puts
+            .iter()
+            .filter(|(object, _)| object.ends_with(key_suffix))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    /// While down, every request is answered 503 ServiceUnavailable and nothing is forwarded.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Requests answered 503 ServiceUnavailable while down.
+    pub fn refused_while_down(&self) -> u64 {
+        self.counters().refused_while_down
+    }
+
+    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.state.counters.lock().expect("counters lock")
+    }
+}
+
+impl Drop for SpacesLimitLayer {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Headers that belong to one connection, not to the request or answer.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = headers.clone();
+    for name in HOP_BY_HOP {
+        kept.remove(name);
+    }
+    kept
+}
+
+/// An S3 error answer.
+fn s3_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    (status, [(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Response {
+    if state.down.load(Ordering::SeqCst) {
+        state
+            .counters
+            .lock()
+            .expect("counters lock")
+            .refused_while_down += 1;
+        return s3_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "Service is unable to handle request.",
+        );
+    }
+    let (parts, body) = request.into_parts();
+    let target = Target::of(&parts.method, parts.uri.path());
+    let refused = {
+        let mut counters = state.counters.lock().expect("counters lock");
+        let now = Instant::now();
+        match counters.admit(&state.limits, &target, now) {
+            Ok(()) => false,
+            Err(limit) => {
+                let path = parts.uri.path().to_string();
+                let method = parts.method.clone();
+                counters.violations.push(Violation {
+                    limit,
+                    method,
+                    path,
+                    at: now,
+                });
+                true
+            }
+        }
+    };
+    if refused {
+        return s3_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            "Please reduce your request rate.",
+        );
+    }
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    // The Host header goes along unchanged, so signatures stay valid.
+    let sent = state
+        .client
+        .request(parts.method, format!("{}{path_and_query}", state.upstream))
+        .headers(end_to_end(&parts.headers))
+        .body(body)
+        .send()
+        .await;
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(e) => return (StatusCode::BAD_GATEWAY, format!("upstream: {e}")).into_response(),
+    };
+    let status = answer.status();
+    let headers = end_to_end(answer.headers());
+    match answer.bytes().await {
+        Ok(bytes) => {
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("upstream body: {e}")).into_response(),
+    }
+}
+
+/// Decodes `%XX` escapes (object keys arrive URL-encoded).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// An S3 client for `endpoint` configured like the app's: path-style, us-east-1, "test"/"test",
+/// checksums only when required, no retries (so a 503 is seen as it is).
+pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(30))
+        .build();
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("test", "test", None, None, "fbsync-tests"))
+        .force_path_style(true)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .timeout_config(timeouts)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// Creates `bucket` (an existing one of ours is fine).
+pub async fn create_bucket(endpoint: &str, bucket: &str) {
+    let created = s3_client(endpoint)
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await;
+    if let Err(e) = created {
+        let owned = e
+            .as_service_error()
+            .is_some_and(|e| e.is_bucket_already_owned_by_you());
+        assert!(owned, "create bucket {bucket}: {e:?}");
+    }
+}
+
+/// The object's bytes, or None when there is no such key.
+pub async fn read_object(endpoint: &str, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    let answer = s3_client(endpoint)
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await;
+    match answer {
+        Ok(object) => {
+            let bytes = object.body.collect().await.expect("object body");
+            Some(bytes.into_bytes().to_vec())
+        }
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => None,
+        Err(e) => panic!("get {bucket}/{key}: {e:?}"),
+    }
+}
+
+/// Every key under `prefix`, in S3's (lexicographic) order.
+pub async fn list_keys(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
+    let client = s3_client(endpoint);
+    let mut keys = Vec::new();
+    let mut continuation: Option<String> = None;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_continuation_token(continuation.take())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("list {bucket}/{prefix}: {e:?}"));
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from)),
+        );
+        match page.next_continuation_token() {
+            Some(token) if page.is_truncated() == Some(true) => continuation = Some(token.into()),
+            _ => return keys,
+        }
+    }
+}

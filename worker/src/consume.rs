@@ -1,0 +1,246 @@
+//! The AMQP side of the worker: consume a queue, hand messages to staging or page-change jobs,
+//! dead-letter poison with its reason, ack only when the work is durable.
+//!
+//! A consumer session ends when the broker goes away; the loop reconnects with backoff, and
+//! whatever was unacked is redelivered (harmless: staging is idempotent). On shutdown it cancels
+//! the consumer, finishes what it holds and closes the channel, which returns the rest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbsync_shared::broker::{Publisher, Topology, connect};
+use fbsync_shared::event::{EventMessage, JobKind};
+use fbsync_shared::telemetry::DEAD_LETTERED;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use secrecy::SecretString;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::page_data::PageDataJob;
+use crate::stage::{Decision, QueuedMessage, Stager};
+
+/// Most conversation messages staged in one transaction.
+const STAGE_BATCH: usize = 200;
+
+/// What the consumers share.
+pub struct ConsumerContext {
+    /// Broker URL (a secret: it holds the password).
+    pub amqp_url: SecretString,
+    /// Queue names.
+    pub topology: Topology,
+    /// Unacked messages per consumer.
+    pub prefetch: u16,
+    /// Publishes dead letters with confirms.
+    pub dead_letters: Publisher,
+    /// Conversation staging.
+    pub stager: Stager,
+    /// Page-change jobs.
+    pub page_data: PageDataJob,
+}
+
+/// Consumes `kind` until shutdown, reconnecting whenever the broker goes away.
+pub async fn consume_forever(
+    context: Arc<ConsumerContext>,
+    kind: JobKind,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match consume_session(&context, kind, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(queue = kind.as_str(), error = %e, "consumer stopped; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn consume_session(
+    context: &Arc<ConsumerContext>,
+    kind: JobKind,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = connect(
+        &context.amqp_url,
+        &format!("fbsync-worker-{}", kind.as_str()),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    context.topology.declare(&channel).await?;
+    channel
+        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("fbsync-{}-{}", kind.as_str(), uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            context.topology.queue(kind).into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %context.topology.queue(kind), "consuming");
+    let mut jobs = JoinSet::new();
+    let result = loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        let delivery = match first {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+        };
+        match kind {
+            JobKind::Conversation => {
+                let mut batch = vec![delivery];
+                // Take whatever else is already here, without waiting for more.
+                while batch.len() < STAGE_BATCH {
+                    match tokio::time::timeout(Duration::from_millis(2), consumer.next()).await {
+                        Ok(Some(Ok(delivery))) => batch.push(delivery),
+                        _ => break,
+                    }
+                }
+                handle_conversation_batch(context, batch, shutdown).await;
+            }
+            JobKind::PageChange => {
+                let context = context.clone();
+                jobs.spawn(async move { handle_page_change(&context, delivery).await });
+                while jobs.try_join_next().is_some() {}
+            }
+        }
+    };
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    // Finish what we hold: each job acks or dead-letters its own message.
+    while jobs.join_next().await.is_some() {}
+    let _ = connection.close(200, "worker stopping".into()).await;
+    result
+}
+
+/// Stages a batch, dead-letters its poison, then acks. When the database stays unavailable the
+/// batch is handed back to the broker (nack with requeue) and redelivered later.
+async fn handle_conversation_batch(
+    context: &ConsumerContext,
+    batch: Vec<Delivery>,
+    shutdown: &CancellationToken,
+) {
+    let messages: Vec<QueuedMessage> = batch
+        .iter()
+        .map(|delivery| QueuedMessage {
+            body: delivery.data.clone(),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0;
+    let decisions = loop {
+        attempts += 1;
+        match context.stager.stage_batch(&messages).await {
+            Ok(decisions) => break decisions,
+            Err(e) if attempts < 8 && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, attempts, "staging failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "staging failed; returning the batch to the queue");
+                for delivery in &batch {
+                    let _ = delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+                return;
+            }
+        }
+    };
+    for (delivery, decision) in batch.iter().zip(decisions) {
+        match decision {
+            Decision::Staged => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Decision::DeadLetter(info) => dead_letter(context, delivery, info).await,
+        }
+    }
+}
+
+async fn handle_page_change(context: &ConsumerContext, delivery: Delivery) {
+    let now = fbsync_shared::now_ms();
+    let event: EventMessage = match serde_json::from_slice(&delivery.data) {
+        Ok(event) => event,
+        Err(e) => {
+            let info = DeadLetterInfo::new(
+                DeadReason::Malformed,
+                format!("not an event message: {e}"),
+                1,
+                JobKind::PageChange.as_str(),
+                now,
+                now,
+            );
+            return dead_letter(context, &delivery, info).await;
+        }
+    };
+    match context.page_data.refresh(&event.page_id).await {
+        Ok(outcome) => {
+            tracing::debug!(page_id = %event.page_id, ?outcome, "page metadata refreshed");
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(info) => dead_letter(context, &delivery, info).await,
+    }
+}
+
+/// Publishes the dead-letter copy with a confirm, then acks the original. If the copy cannot be
+/// confirmed, the original is returned to its queue instead: nothing is lost either way.
+async fn dead_letter(context: &ConsumerContext, delivery: &Delivery, info: DeadLetterInfo) {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let outgoing = info.to_outgoing(
+        &context.topology,
+        &delivery.data,
+        &message_id,
+        delivery.properties.headers().as_ref(),
+    );
+    match context
+        .dead_letters
+        .publish_all(&[outgoing], Duration::from_secs(5))
+        .await
+    {
+        Ok(()) => {
+            metrics::counter!(DEAD_LETTERED, "reason" => info.reason.clone()).increment(1);
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dead letter not confirmed; returning the message to its queue");
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Dead letters: poison work parked in `<prefix>.dead` with its original body and why.
+//!
+//! The worker dead-letters on purpose (malformed event, unknown Page, token error, attempts
+//! exhausted) by publishing a copy with the headers below and acking the original only after the
+//! copy is confirmed. The broker dead-letters on its own after the delivery limit; those
+//! messages carry `x-death` instead, and [`DeadLetterInfo::from_headers`] reads both.
+
+use fbsync_shared::broker::{Outgoing, Topology};
+use lapin::types::{AMQPValue, FieldTable};
+
+pub const REASON: &str = "x-fbsync-reason";
+pub const ERROR: &str = "x-fbsync-error";
+pub const ATTEMPTS: &str = "x-fbsync-attempts";
+pub const ROUTING_KEY: &str = "x-fbsync-routing-key";
+pub const FIRST_FAILURE_MS: &str = "x-fbsync-first-failure-ms";
+pub const LAST_FAILURE_MS: &str = "x-fbsync-last-failure-ms";
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Not an event message, or an event that names no conversation.
+    Malformed,
+    /// The Page is not registered.
+    UnknownPage,
+    /// The Graph API refused the Page's token (190); the Page needs re-authorisation.
+    TokenError,
+    /// A transient failure that did not clear within the retry policy.
+    AttemptsExhausted,
+    /// The Graph API refused the request for another reason.
+    GraphError,
+    /// The broker's delivery limit (the message crashed or stalled its workers).
+    DeliveryLimit,
+}
+
+impl DeadReason {
+    pub const ALL: [DeadReason; 6] = [
+        DeadReason::Malformed,
+        DeadReason::UnknownPage,
+        DeadReason::TokenError,
+        DeadReason::AttemptsExhausted,
+        DeadReason::GraphError,
+        DeadReason::DeliveryLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Malformed => "malformed",
+            DeadReason::UnknownPage => "unknown_page",
+            DeadReason::TokenError => "token_error",
+            DeadReason::AttemptsExhausted => "attempts_exhausted",
+            DeadReason::GraphError => "graph_error",
+            DeadReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == text)
+    }
+}
+
+/// Everything a dead letter says about its failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    pub reason: String,
+    /// The last error, without secrets.
+    pub error: String,
+    pub attempts: i64,
+    /// Where the message came from; replay publishes it there again.
+    pub routing_key: String,
+    pub first_failure_ms: i64,
+    pub last_failure_ms: i64,
+}
+
+impl DeadLetterInfo {
+    pub fn new(
+        reason: DeadReason,
+        error: impl Into<String>,
+        attempts: u32,
+        routing_key: &str,
+        first_failure_ms: i64,
+        last_failure_ms: i64,
+    ) -> Self {
+        Self {
+            reason: reason.as_str().to_string(),
+            error: error.into(),
+            attempts: i64::from(attempts),
+            routing_key: routing_key.to_string(),
+            first_failure_ms,
+            last_failure_ms,
+        }
+    }
+
+    /// Reads our headers, or the broker's `x-death` for its own dead letters.
+    pub fn from_headers(headers: Option<&FieldTable>, fallback_routing_key: &str) -> Self {
+        let table = headers.map(|h| h.inner().clone()).unwrap_or_default();
+        let text = |name: &str| match table.get(name) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+            _ => None,
+        };
+        let number = |name: &str| match table.get(name) {
+            Some(AMQPValue::LongLongInt(n)) => Some(*n),
+            Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::Timestamp(n)) => i64::try_from(*n).ok(),
+            _ => None,
+        };
+        if let Some(reason) = text(REASON) {
+            return Self {
+                reason,
+                error: text(ERROR).unwrap_or_default(),
+                attempts: number(ATTEMPTS).unwrap_or(1),
+                routing_key: text(ROUTING_KEY).unwrap_or_else(|| fallback_routing_key.to_string()),
+                first_failure_ms: number(FIRST_FAILURE_MS).unwrap_or(0),
+                last_failure_ms: number(LAST_FAILURE_MS).unwrap_or(0),
+            };
+        }
+        // A broker dead letter: x-death is an array of tables, newest first.
+        let death = match table.get("x-death") {
+            Some(AMQPValue::FieldArray(deaths)) => {
+                deaths.as_slice().first().and_then(|d| match d {
+                    AMQPValue::FieldTable(t) => Some(t.inner().clone()),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }
+        .unwrap_or_default();
+        let death_text = |name: &str| match death.get(name) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        };
+        let routing_key = match death.get("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(|k| match k {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            }),
+            _ => None,
+        };
+        let time_ms = match death.get("time") {
+            Some(AMQPValue::Timestamp(seconds)) => i64::try_from(*seconds).unwrap_or(0) * 1000,
+            _ => 0,
+        };
+        let attempts = match death.get("count") {
+            Some(AMQPValue::LongLongInt(n)) => *n,
+            _ => 1,
+        };
+        Self {
+            reason: DeadReason::DeliveryLimit.as_str().to_string(),
+            error: death_text("reason")
+                .map(|r| format!("broker dead-lettered it: {r}"))
+                .unwrap_or_default(),
+            attempts,
+            routing_key: routing_key.unwrap_or_else(|| fallback_routing_key.to_string()),
+            first_failure_ms: time_ms,
+            last_failure_ms: time_ms,
+        }
+    }
+
+    /// The headers that carry this information.
+    pub fn to_headers(&self, original: Option<&FieldTable>) -> FieldTable {
+        let mut headers = original.cloned().unwrap_or_default();
+        let text = |value: &str| AMQPValue::LongString(value.into());
+        headers.insert(REASON.into(), text(&self.reason));
+        headers.insert(ERROR.into(), text(&truncate_chars(&self.error, 1000)));
+        headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(self.attempts));
+        headers.insert(ROUTING_KEY.into(), text(&self.routing_key));
+        headers.insert(
+            FIRST_FAILURE_MS.into(),
+            AMQPValue::LongLongInt(self.first_failure_ms),
+        );
+        headers.insert(
+            LAST_FAILURE_MS.into(),
+            AMQPValue::LongLongInt(self.last_failure_ms),
+        );
+        headers
+    }
+
+    /// The dead-letter copy of a message with body `body`.
+    pub fn to_outgoing(
+        &self,
+        topology: &Topology,
+        body: &[u8],
+        message_id: &str,
+        original: Option<&FieldTable>,
+    ) -> Outgoing {
+        Outgoing {
+            exchange: topology.dead(),
+            routing_key: self.routing_key.clone(),
+            body: body.to_vec(),
+            message_id: message_id.to_string(),
+            headers: self.to_headers(original),
+        }
+    }
+}
+
+fn truncate_chars(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip() {
+        let info = DeadLetterInfo::new(
+            DeadReason::UnknownPage,
+            "page 1 is not registered",
+            1,
+            "conversation",
+            10,
+            20,
+        );
+        let headers = info.to_headers(None);
+        assert_eq!(DeadLetterInfo::from_headers(Some(&headers), "x"), info);
+    }
+
+    #[test]
+    fn reasons_parse_back() {
+        for reason in DeadReason::ALL {
+            assert_eq!(DeadReason::parse(reason.as_str()), Some(reason));
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Staging: conversation events from the queue into the database, then acked.
+//!
+//! [`Stager::stage_batch`] is one unit of work: it decides for each message (stage it, or
+//! dead-letter it as malformed or for an unknown Page), stages the good ones in one
+//! transaction, and reports which deliveries may be acked. Duplicates vanish in the insert.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use fbsync_shared::db::{ConversationKey, Database, DbError, NewStagedEvent};
+use fbsync_shared::event::{EventMessage, EventSource, JobKind};
+use fbsync_shared::now_ms;
+use fbsync_shared::telemetry::EVENTS_STAGED;
+
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+
+/// One message taken from the conversation queue.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// The body as published.
+    pub body: Vec<u8>,
+    /// The AMQP message id (the event id), for the dead-letter copy.
+    pub message_id: String,
+}
+
+/// What to do with one message of a batch.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Staged (or already staged): ack.
+    Staged,
+    /// Park it in the DLQ with this information, then ack.
+    DeadLetter(DeadLetterInfo),
+}
+
+/// Stages conversation events.
+pub struct Stager {
+    /// Where events are staged and Pages are registered.
+    db: Database,
+    /// Pages already reported as unknown, so a flood of their events logs once per Page.
+    unknown_reported: Mutex<HashSet<String>>,
+}
+
+impl Stager {
+    pub fn new(db: Database) -> Self {
+        Self {
+            db,
+            unknown_reported: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Decides and stages a batch; returns one decision per message, in order. An error means
+    /// nothing was staged and the whole batch should be retried.
+    pub async fn stage_batch(&self, batch: &[QueuedMessage]) -> Result<Vec<Decision>, DbError> {
+        let now = now_ms();
+        let mut decisions = Vec::with_capacity(batch.len());
+        let mut to_stage = Vec::new();
+        let mut registered: HashMap<String, bool> = HashMap::new();
+        for message in batch {
+            let event: EventMessage = match serde_json::from_slice(&message.body) {
+                Ok(event) => event,
+                Err(e) => {
+                    decisions.push(dead(
+                        DeadReason::Malformed,
+                        format!("not an event message: {e}"),
+                        now,
+                    ));
+                    continue;
+                }
+            };
+            let Some(user_psid) = event.user_psid.clone().filter(|psid| !psid.is_empty()) else {
+                decisions.push(dead(
+                    DeadReason::Malformed,
+                    "the event names no conversation partner",
+                    now,
+                ));
+                continue;
+            };
+            let known = match registered.get(&event.page_id) {
+                Some(known) => *known,
+                None => {
+                    let known = self.db.page_owner(&event.page_id).await?.is_some();
+                    registered.insert(event.page_id.clone(), known);
+                    known
+                }
+            };
+            if !known {
+                self.report_unknown(&event.page_id);
+                decisions.push(dead(
+                    DeadReason::UnknownPage,
+                    format!("page {} is not registered", event.page_id),
+                    now,
+                ));
+                continue;
+            }
+            metrics::counter!(EVENTS_STAGED, "kind" => event.kind.as_str()).increment(1);
+            to_stage.push(NewStagedEvent {
+                key: ConversationKey {
+                    page_id: event.page_id,
+                    user_psid,
+                },
+                event_id: event.event_id,
+                source: match event.source {
+                    EventSource::Webhook => "webhook".into(),
+                    EventSource::Poll => "poll".into(),
+                },
+                timestamp_ms: event.timestamp_ms,
+                received_at_ms: event.received_at_ms,
+                body: event.event.get().to_string(),
+            });
+            decisions.push(Decision::Staged);
+        }
+        if !to_stage.is_empty() {
+            self.db.stage_events(&to_stage, now).await?;
+        }
+        Ok(decisions)
+    }
+
+    fn report_unknown(&self, page_id: &str) {
+        let mut reported = self
+            .unknown_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if reported.insert(page_id.to_string()) {
+            tracing::warn!(
+                page_id,
+                "events for a Page that is not registered go to the dead-letter queue; register it with `fbsync pages add` and replay them"
+            );
+        }
+    }
+}
+
+fn dead(reason: DeadReason, error: impl Into<String>, now: i64) -> Decision {
+    Decision::DeadLetter(DeadLetterInfo::new(
+        reason,
+        error,
+        1,
+        JobKind::Conversation.as_str(),
+        now,
+        now,
+    ))
+}
