@@ -12,6 +12,7 @@ use fbsync_shared::config::{Role, Settings};
 use fbsync_shared::telemetry;
 use tokio_util::sync::CancellationToken;
 
+mod dlq;
 mod pages;
 
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
     /// Manage the Page registry.
     #[command(subcommand)]
     Pages(PagesCommand),
+    /// Inspect, replay and purge the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Subcommand)]
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             Command::Ingest => run_ingest(settings).await,
             Command::Worker => run_worker(settings).await,
             Command::Pages(command) => pages::run(settings, command).await,
+            Command::Dlq(command) => dlq::run(settings, command).await,
         }
     });
     match outcome {

@@ -2,6 +2,7 @@
 //! files and an S3-compatible server). Each test has its own queue prefix, so they run in
 //! parallel against one broker.
 
+mod dlq;
 mod fake_graph;
 mod helpers;
 mod ingest;

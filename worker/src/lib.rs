@@ -6,6 +6,7 @@
 
 pub mod consume;
 pub mod dead_letter;
+pub mod dlq;
 pub mod flush;
 pub mod merge;
 pub mod page_data;
@@ -24,7 +25,7 @@ use fbsync_shared::event::JobKind;
 use fbsync_shared::graph::GraphClient;
 use fbsync_shared::now_ms;
 use fbsync_shared::store::{ObjectStore, open_store};
-use fbsync_shared::telemetry::{STAGED_BACKLOG, STAGED_OLDEST_SECONDS};
+use fbsync_shared::telemetry::{DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::{ConsumerContext, consume_forever};
@@ -104,7 +105,11 @@ impl Worker {
             self.flush_interval,
             shutdown.clone(),
         ));
-        tasks.spawn(report_backlog(self.db.clone(), shutdown.clone()));
+        tasks.spawn(report_backlog(
+            self.db.clone(),
+            self.consumers.clone(),
+            shutdown.clone(),
+        ));
         while tasks.join_next().await.is_some() {}
         self.db.close().await;
     }
@@ -129,8 +134,14 @@ async fn flush_forever(flusher: Arc<Flusher>, interval: Duration, shutdown: Canc
     }
 }
 
-/// Publishes the staged backlog gauges every few seconds.
-async fn report_backlog(db: Database, shutdown: CancellationToken) {
+/// Publishes the staged backlog and DLQ depth gauges every few seconds.
+async fn report_backlog(
+    db: Database,
+    consumers: Arc<ConsumerContext>,
+    shutdown: CancellationToken,
+) {
+    // One connection for the gauge, reopened after a broker outage.
+    let mut broker: Option<(lapin::Connection, lapin::Channel)> = None;
     loop {
         if let Ok(backlog) = db.backlog().await {
             metrics::gauge!(STAGED_BACKLOG).set(backlog.events as f64);
@@ -139,10 +150,26 @@ async fn report_backlog(db: Database, shutdown: CancellationToken) {
                 .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
         }
+        if broker.is_none()
+            && let Ok(connection) =
+                fbsync_shared::broker::connect(&consumers.amqp_url, "fbsync-worker-gauges").await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            broker = Some((connection, channel));
+        }
+        if let Some((_, channel)) = &broker {
+            match dlq::dlq_depth(channel, &consumers.topology).await {
+                Ok(depth) => metrics::gauge!(DLQ_DEPTH).set(f64::from(depth)),
+                Err(_) => broker = None,
+            }
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+    if let Some((connection, _)) = broker {
+        let _ = connection.close(200, "worker stopping".into()).await;
     }
 }
 

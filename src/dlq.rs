@@ -1,0 +1,218 @@
+//! `fbsync dlq list | replay | purge`: inspect the dead-letter queue and act on it.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use fbsync_shared::broker::Topology;
+use fbsync_shared::config::{Role, Settings};
+use fbsync_shared::event::JobKind;
+use fbsync_shared::now_ms;
+use fbsync_worker::dlq::{DlqFilter, DlqSession, parse_age};
+
+use crate::{check, refuse};
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters: kind, page, reason, attempts, age.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to the queue they came from (once the cause is fixed).
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Say what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Say what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct FilterArgs {
+    /// Only this job kind: conversation or page_change.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only this Page.
+    #[arg(long)]
+    page_id: Option<String>,
+    /// Only this reason: malformed, unknown_page, token_error, attempts_exhausted, graph_error,
+    /// delivery_limit.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only letters that failed at most this long ago (30s, 10m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many letters.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl FilterArgs {
+    fn parse(self) -> Result<DlqFilter, Vec<String>> {
+        let mut problems = Vec::new();
+        let kind = self.kind.as_deref().and_then(|name| {
+            let kind = JobKind::parse(name);
+            if kind.is_none() {
+                problems.push(format!(
+                    "--kind {name:?} is not a job kind (conversation, page_change)"
+                ));
+            }
+            kind
+        });
+        if let Some(reason) = &self.reason
+            && fbsync_worker::dead_letter::DeadReason::parse(reason).is_none()
+        {
+            problems.push(format!(
+                "--reason {reason:?} is not a reason (malformed, unknown_page, token_error, attempts_exhausted, graph_error, delivery_limit)"
+            ));
+        }
+        let since = self
+            .since
+            .as_deref()
+            .and_then(|text| match parse_age(text) {
+                Ok(age) => Some(age),
+                Err(e) => {
+                    problems.push(format!("--since {e}"));
+                    None
+                }
+            });
+        if problems.is_empty() {
+            Ok(DlqFilter {
+                kind,
+                page_id: self.page_id,
+                reason: self.reason,
+                since,
+                limit: self.limit,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+pub async fn run(settings: Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    if let Err(code) = check(&settings, &[Role::BrokerOps]) {
+        return Ok(code);
+    }
+    let topology = Topology::new(&settings.broker.queue_prefix);
+    let url = &settings.broker.amqp_url;
+    let (filter, action) = match command {
+        DlqCommand::List { filter, json } => (filter, Action::List { json }),
+        DlqCommand::Replay { filter, dry_run } => (filter, Action::Replay { dry_run }),
+        DlqCommand::Purge { filter, dry_run } => (filter, Action::Purge { dry_run }),
+    };
+    let filter = match filter.parse() {
+        Ok(filter) => filter,
+        Err(problems) => return Ok(refuse(&problems)),
+    };
+    let session = DlqSession::open(url, &topology, &filter)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot read the dead-letter queue {}: {e}", topology.dead())
+        })?;
+    let now = now_ms();
+    match action {
+        Action::List { json } => {
+            if json {
+                for letter in &session.matched {
+                    println!("{}", letter.to_json(now));
+                }
+            } else {
+                print_table(&session, now);
+            }
+            session.release().await?;
+        }
+        Action::Replay { dry_run: true } => {
+            println!(
+                "would replay {} of {} dead letters",
+                session.matched.len(),
+                session.total()
+            );
+            session.release().await?;
+        }
+        Action::Replay { dry_run: false } => {
+            let interactive = std::io::stderr().is_terminal();
+            let replayed = session
+                .replay(|done, total| {
+                    if interactive {
+                        eprint!("\rreplaying {done}/{total}");
+                        let _ = std::io::stderr().flush();
+                    }
+                })
+                .await?;
+            if interactive {
+                eprintln!();
+            }
+            println!("replayed {replayed}");
+        }
+        Action::Purge { dry_run: true } => {
+            println!(
+                "would purge {} of {} dead letters",
+                session.matched.len(),
+                session.total()
+            );
+            session.release().await?;
+        }
+        Action::Purge { dry_run: false } => {
+            let purged = session.purge().await?;
+            println!("purged {purged}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+enum Action {
+    List { json: bool },
+    Replay { dry_run: bool },
+    Purge { dry_run: bool },
+}
+
+fn print_table(session: &DlqSession, now: i64) {
+    if session.matched.is_empty() {
+        println!("no dead letters match ({} in the queue)", session.total());
+        return;
+    }
+    println!(
+        "{:<12} {:<20} {:<19} {:>8} {:>8}  ERROR",
+        "KIND", "PAGE", "REASON", "ATTEMPTS", "AGE"
+    );
+    for letter in &session.matched {
+        let error: String = letter.info.error.chars().take(80).collect();
+        println!(
+            "{:<12} {:<20} {:<19} {:>8} {:>8}  {}",
+            letter.kind(),
+            letter.page_id().unwrap_or("-"),
+            letter.info.reason,
+            letter.info.attempts,
+            format_age(letter.age_secs(now)),
+            error
+        );
+    }
+    println!(
+        "{} of {} dead letters",
+        session.matched.len(),
+        session.total()
+    );
+}
+
+fn format_age(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
