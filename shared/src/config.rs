@@ -103,6 +103,9 @@ pub struct StorageSettings {
     pub object_puts_per_5min: u32,
     /// The per-object window in seconds (300 on Spaces; shorter only for tests).
     pub object_put_window_secs: u32,
+    /// Send If-Match / If-None-Match on writes, so overlapping writers can never lose an update.
+    /// Turn off only for a store that rejects conditional writes.
+    pub conditional_writes: bool,
     /// Writes (PUT/POST/COPY/DELETE/LIST) per second to the bucket, shared by this process.
     pub writes_per_sec: u32,
     /// Operations of any kind per second to the bucket, shared by this process.
@@ -188,6 +191,7 @@ impl Settings {
                 data_dir,
                 object_puts_per_5min: reader.parsed_or("SPACES_OBJECT_PUTS_PER_5MIN", 5),
                 object_put_window_secs: reader.parsed_or("SPACES_OBJECT_PUT_WINDOW_SECS", 300),
+                conditional_writes: reader.parsed_or("SPACES_CONDITIONAL_WRITES", true),
                 writes_per_sec: reader.parsed_or("SPACES_WRITES_PER_SEC", 150),
                 ops_per_sec: reader.parsed_or("SPACES_OPS_PER_SEC", 240),
             },

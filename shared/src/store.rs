@@ -31,9 +31,39 @@ pub fn page_data_key(user_uuid: &str, page_id: &str) -> String {
     format!("users/{user_uuid}/facebook_messenger/{page_id}/page_data.json")
 }
 
+/// An object as read: its bytes and the version a conditional write must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub body: Bytes,
+    /// The ETag (S3) or content hash (local directory).
+    pub version: String,
+}
+
+/// What a write requires of the object's current state, so a read-modify-write never
+/// overwrites someone else's write (a lost update) even if two writers ever overlap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteCondition {
+    /// The object must not exist yet (`If-None-Match: *`).
+    Absent,
+    /// The object must still be at this version (`If-Match`).
+    Matches(String),
+}
+
+impl WriteCondition {
+    /// The condition that holds for what was just read.
+    pub fn after_read(read: Option<&StoredObject>) -> Self {
+        read.map_or(WriteCondition::Absent, |object| {
+            WriteCondition::Matches(object.version.clone())
+        })
+    }
+}
+
 /// How a store request failed; decides retry and backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The object changed since it was read (412 or 409): read again and redo the merge.
+    #[error("the object changed since it was read")]
+    Conflict,
     /// 503 SlowDown: the store's rate limit; back off.
     #[error("the store asked us to slow down (503 SlowDown)")]
     SlowDown,
@@ -55,10 +85,15 @@ impl StoreError {
 /// Reads and writes whole JSON objects.
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
-    /// The object's bytes, or `None` when it does not exist.
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
-    /// Writes the object (private, application/json).
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
+    /// The object, or `None` when it does not exist.
+    async fn get(&self, key: &str) -> Result<Option<StoredObject>, StoreError>;
+    /// Writes the object (private, application/json) if `condition` holds.
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: &WriteCondition,
+    ) -> Result<(), StoreError>;
     /// Where objects go, for logs.
     fn describe(&self) -> String;
 }
@@ -81,6 +116,8 @@ pub struct S3Store {
     bucket: String,
     /// For logs (no credentials).
     endpoint: String,
+    /// Whether writes carry their [`WriteCondition`].
+    conditional_writes: bool,
 }
 
 impl S3Store {
@@ -120,6 +157,7 @@ impl S3Store {
             client: aws_sdk_s3::Client::from_conf(config),
             bucket,
             endpoint: endpoint.to_string(),
+            conditional_writes: settings.conditional_writes,
         })
     }
 
@@ -155,7 +193,7 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
 
 #[async_trait]
 impl ObjectStore for S3Store {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
         let started = Instant::now();
         let outcome = self
             .client
@@ -168,29 +206,42 @@ impl ObjectStore for S3Store {
             .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(object) => {
+                let version = object.e_tag().unwrap_or_default().to_string();
                 let body =
                     object.body.collect().await.map_err(|e| {
                         StoreError::Transient(format!("reading the object body: {e}"))
                     })?;
-                Ok(Some(body.into_bytes()))
+                Ok(Some(StoredObject {
+                    body: body.into_bytes(),
+                    version,
+                }))
             }
             Err(SdkError::ServiceError(service)) if service.err().is_no_such_key() => Ok(None),
             Err(error) => Err(classify_status(&error).unwrap_or_else(|| classify(&error))),
         }
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: &WriteCondition,
+    ) -> Result<(), StoreError> {
         let started = Instant::now();
-        let outcome = self
+        let request = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .body(ByteStream::from(body))
             .content_type("application/json")
-            .acl(ObjectCannedAcl::Private)
-            .send()
-            .await;
+            .acl(ObjectCannedAcl::Private);
+        let request = match condition {
+            _ if !self.conditional_writes => request,
+            WriteCondition::Absent => request.if_none_match("*"),
+            WriteCondition::Matches(etag) => request.if_match(etag),
+        };
+        let outcome = request.send().await;
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
         outcome
@@ -209,10 +260,17 @@ fn classify_status<E>(
 ) -> Option<StoreError> {
     let status = error.raw_response()?.status().as_u16();
     match status {
+        412 | 409 => Some(StoreError::Conflict),
         503 => Some(StoreError::SlowDown),
         500..=599 => Some(StoreError::Transient(format!("HTTP {status}"))),
         _ => None,
     }
+}
+
+/// The local store's version of an object: a hash of its bytes.
+fn content_version(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Objects as files under a directory (the embedded default: no cloud account needed).
@@ -237,16 +295,30 @@ impl LocalStore {
 
 #[async_trait]
 impl ObjectStore for LocalStore {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
         match tokio::fs::read(self.path(key)?).await {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Ok(bytes) => Ok(Some(StoredObject {
+                version: content_version(&bytes),
+                body: Bytes::from(bytes),
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::Transient(e.to_string())),
         }
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        condition: &WriteCondition,
+    ) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        // One machine, one writer per conversation (the lease): checking the condition just
+        // before the rename is enough to catch an overlapping writer.
+        let current = self.get(key).await?;
+        if WriteCondition::after_read(current.as_ref()) != *condition {
+            return Err(StoreError::Conflict);
+        }
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent)
                 .await

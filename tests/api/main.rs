@@ -8,5 +8,6 @@ mod helpers;
 mod ingest;
 mod pipeline;
 mod spaces_limits;
+mod store;
 mod test_support;
 mod worker;

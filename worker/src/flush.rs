@@ -15,7 +15,7 @@ use fbsync_shared::db::{Claim, Database, DbError, StagedEvent};
 use fbsync_shared::event::EventSource;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::delay_after_failures;
-use fbsync_shared::store::{ObjectStore, StoreError, conversation_key};
+use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, conversation_key};
 use fbsync_shared::telemetry::{FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
 
@@ -172,7 +172,9 @@ impl Flusher {
                 },
             })
             .collect();
-        let merged = match merge_events(&key.page_id, stored.as_deref(), &incoming) {
+        let condition = WriteCondition::after_read(stored.as_ref());
+        let stored_body = stored.as_ref().map(|object| object.body.as_ref());
+        let merged = match merge_events(&key.page_id, stored_body, &incoming) {
             Ok(merged) => merged,
             Err(e) => {
                 tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be merged; staged events kept");
@@ -196,7 +198,11 @@ impl Flusher {
                 self.put_budget.puts_per_window as usize,
             )
             .await?;
-        if let Err(e) = self.store.put(&object_key, merged.body.into()).await {
+        if let Err(e) = self
+            .store
+            .put(&object_key, merged.body.into(), &condition)
+            .await
+        {
             return self.failed(&claim, &e.to_string(), &e).await;
         }
         let written_at = now_ms();

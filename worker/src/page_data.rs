@@ -16,7 +16,7 @@ use fbsync_shared::event::JobKind;
 use fbsync_shared::graph::{GraphClient, GraphError};
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, retry};
-use fbsync_shared::store::{ObjectStore, StoreError, page_data_key};
+use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, page_data_key};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
@@ -153,9 +153,11 @@ impl PageDataJob {
         key: &str,
         body: Bytes,
     ) -> Result<PageDataOutcome, WriteError> {
-        if self.store.get(key).await?.as_deref() == Some(body.as_ref()) {
+        let current = self.store.get(key).await?;
+        if current.as_ref().is_some_and(|object| object.body == body) {
             return Ok(PageDataOutcome::Unchanged);
         }
+        let condition = WriteCondition::after_read(current.as_ref());
         let now = now_ms();
         let reserved = self
             .db
@@ -167,7 +169,7 @@ impl PageDataJob {
                 (at - now).max(0) as u64,
             )));
         }
-        self.store.put(key, body).await?;
+        self.store.put(key, body, &condition).await?;
         Ok(PageDataOutcome::Written)
     }
 }
