@@ -5,7 +5,7 @@
 //! and the request reaching the store. Per bucket: writes and operations per second, taken from
 //! 100 ms windows in the database so every worker shares one budget (see
 //! `Database::take_bucket_budget`), at 90% of the configured rate so that any sliding second
-//! stays under it.
+//! stays under it (longer windows when the rates are too small for 100 ms ones).
 
 use crate::config::StorageSettings;
 
@@ -20,12 +20,14 @@ pub struct PutBudget {
     pub margin_ms: i64,
 }
 
-/// The bucket budget per 100 ms window.
+/// The bucket budget, per fixed window of `window_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketBudget {
-    /// Writes per 100 ms window; 0 means no limit.
+    /// Length of one budget window (100 ms for Spaces' default rates; longer for small rates).
+    pub window_ms: i64,
+    /// Writes per window; 0 means no limit.
     pub writes_per_window: i64,
-    /// Operations of any kind per 100 ms window; 0 means no limit.
+    /// Operations of any kind per window; 0 means no limit.
     pub ops_per_window: i64,
 }
 
@@ -56,18 +58,54 @@ impl PutBudget {
 }
 
 impl BucketBudget {
+    /// Window lengths tried, shortest (smoothest) first.
+    const WINDOWS_MS: [i64; 6] = [100, 200, 250, 500, 1000, 2000];
+
     pub fn from_settings(settings: &StorageSettings) -> Self {
-        let per_window = |per_sec: u32| -> i64 {
-            if per_sec == 0 {
-                0
-            } else {
-                (i64::from(per_sec) * 9 / 100).max(1)
+        Self::for_rates(
+            i64::from(settings.writes_per_sec),
+            i64::from(settings.ops_per_sec),
+        )
+    }
+
+    /// Chooses the window that lets the most requests through while any sliding second, which
+    /// overlaps at most `ceil(1000 / window) + 1` windows, stays within both rates.
+    pub fn for_rates(writes_per_sec: i64, ops_per_sec: i64) -> Self {
+        let capacity = |rate: i64, window_ms: i64| -> i64 {
+            if rate == 0 {
+                return 0;
             }
+            let overlapping = (1000 + window_ms - 1) / window_ms + 1;
+            rate / overlapping
         };
-        Self {
-            writes_per_window: per_window(settings.writes_per_sec),
-            ops_per_window: per_window(settings.ops_per_sec),
+        let mut best = Self {
+            window_ms: 1000,
+            writes_per_window: writes_per_sec.min(1),
+            ops_per_window: ops_per_sec.min(1),
+        };
+        let mut best_rate = 0;
+        for window_ms in Self::WINDOWS_MS {
+            let (writes, ops) = (
+                capacity(writes_per_sec, window_ms),
+                capacity(ops_per_sec, window_ms),
+            );
+            let fits = (writes_per_sec == 0 || writes >= 1) && (ops_per_sec == 0 || ops >= 1);
+            let limiting = [(writes_per_sec, writes), (ops_per_sec, ops)]
+                .iter()
+                .filter(|(rate, _)| *rate > 0)
+                .map(|(_, per_window)| per_window * 1000 / window_ms)
+                .min()
+                .unwrap_or(i64::MAX);
+            if fits && limiting > best_rate {
+                best_rate = limiting;
+                best = Self {
+                    window_ms,
+                    writes_per_window: writes,
+                    ops_per_window: ops,
+                };
+            }
         }
+        best
     }
 
     pub fn is_unlimited(&self) -> bool {

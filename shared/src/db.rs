@@ -202,7 +202,8 @@ impl Database {
             "INSERT INTO pages (page_id, user_uuid, token_sealed, status, created_at_ms)
              VALUES ($1, $2, $3, 'active', $4)
              ON CONFLICT (page_id) DO UPDATE SET user_uuid = excluded.user_uuid,
-                 token_sealed = excluded.token_sealed, status = 'active'",
+                 token_sealed = excluded.token_sealed, status = 'active',
+                 last_error = NULL, last_error_ms = NULL",
         )
         .bind(page_id)
         .bind(user_uuid)
@@ -588,17 +589,16 @@ impl Database {
         }
     }
 
-    /// Takes `writes` writes and `ops` operations from the bucket's budget of the 100 ms window
-    /// that holds `now`; false (nothing taken) when that window is full.
+    /// Takes `writes` writes and `ops` operations from the bucket's budget window that holds
+    /// `now`; false (nothing taken) when that window is full.
     pub async fn take_bucket_budget(
         &self,
         now: i64,
         writes: i64,
         ops: i64,
-        max_writes: i64,
-        max_ops: i64,
+        budget: &crate::budget::BucketBudget,
     ) -> Result<bool, DbError> {
-        let window = now - now.rem_euclid(100);
+        let window = now - now.rem_euclid(budget.window_ms);
         let row = sqlx::query(
             "INSERT INTO bucket_budget (window_ms, writes, ops) VALUES ($1, $2, $3)
              ON CONFLICT (window_ms) DO UPDATE SET writes = bucket_budget.writes + excluded.writes,
@@ -609,11 +609,11 @@ impl Database {
         .bind(window)
         .bind(writes)
         .bind(ops)
-        .bind(max_writes)
-        .bind(max_ops)
+        .bind(if budget.writes_per_window == 0 { i64::MAX / 2 } else { budget.writes_per_window })
+        .bind(if budget.ops_per_window == 0 { i64::MAX / 2 } else { budget.ops_per_window })
         .fetch_optional(&self.pool)
         .await?;
-        if window % 10_000 == 0 {
+        if window % (budget.window_ms * 100) == 0 {
             // Old windows are useless; trimming now and then keeps the table tiny.
             sqlx::query("DELETE FROM bucket_budget WHERE window_ms < $1")
                 .bind(window - 10_000)

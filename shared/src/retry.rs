@@ -10,6 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RetrySettings;
 use crate::telemetry::RETRIES;
@@ -47,20 +48,23 @@ pub fn delay_after_failures(settings: &RetrySettings, failures: u32) -> Duration
         .unwrap_or(settings.max_delay)
 }
 
-/// The outcome of [`retry`]: the last error and how many attempts were made.
+/// Why [`retry`] stopped without a value.
 #[derive(Debug)]
-pub struct Exhausted<E> {
-    pub error: E,
-    pub attempts: u32,
+pub enum RetryError<E> {
+    /// The last error was permanent, or the policy ran out of attempts.
+    Failed { error: E, attempts: u32 },
+    /// Shutdown began while waiting for the next attempt: give the work back.
+    Cancelled,
 }
 
-/// Runs `attempt` until it succeeds, fails permanently, or the policy gives up. `operation`
-/// names it in metrics and logs.
+/// Runs `attempt` until it succeeds, fails permanently, the policy gives up, or `shutdown`
+/// fires during a wait. `operation` names it in metrics and logs.
 pub async fn retry<T, E, F, Fut>(
     settings: &RetrySettings,
     operation: &'static str,
+    shutdown: &CancellationToken,
     mut attempt: F,
-) -> Result<T, Exhausted<E>>
+) -> Result<T, RetryError<E>>
 where
     E: RetryClass + std::fmt::Display,
     F: FnMut() -> Fut,
@@ -74,16 +78,19 @@ where
             Ok(value) => return Ok(value),
             Err(error) if error.is_transient() => {
                 let Some(policy_delay) = delays.next() else {
-                    return Err(Exhausted { error, attempts });
+                    return Err(RetryError::Failed { error, attempts });
                 };
                 let delay = error
                     .retry_after()
                     .map_or(policy_delay, |asked| asked.max(policy_delay));
                 metrics::counter!(RETRIES, "operation" => operation).increment(1);
                 tracing::debug!(operation, attempts, delay_ms = delay.as_millis() as u64, %error, "retrying");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(RetryError::Cancelled),
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
-            Err(error) => return Err(Exhausted { error, attempts }),
+            Err(error) => return Err(RetryError::Failed { error, attempts }),
         }
     }
 }
@@ -121,47 +128,41 @@ mod tests {
         }
     }
 
+    fn flaky(transient: bool, after: Option<Duration>) -> Flaky {
+        Flaky { transient, after }
+    }
+
     #[tokio::test]
     async fn transient_failures_are_retried_until_the_attempts_run_out() {
         let mut calls = 0;
-        let outcome: Result<(), _> = retry(&settings(4), "test", || {
+        let outcome: Result<(), _> = retry(&settings(4), "test", &CancellationToken::new(), || {
             calls += 1;
-            async {
-                Err(Flaky {
-                    transient: true,
-                    after: None,
-                })
-            }
+            async { Err(flaky(true, None)) }
         })
         .await;
-        assert_eq!(outcome.expect_err("gives up").attempts, 4);
+        assert!(matches!(
+            outcome,
+            Err(RetryError::Failed { attempts: 4, .. })
+        ));
         assert_eq!(calls, 4);
     }
 
     #[tokio::test]
     async fn permanent_failures_stop_at_once_and_success_returns() {
-        let outcome: Result<(), _> = retry(&settings(4), "test", || async {
-            Err(Flaky {
-                transient: false,
-                after: None,
-            })
+        let never = CancellationToken::new();
+        let outcome: Result<(), _> = retry(&settings(4), "test", &never, || async {
+            Err(flaky(false, None))
         })
         .await;
-        assert_eq!(outcome.expect_err("stops").attempts, 1);
+        assert!(matches!(
+            outcome,
+            Err(RetryError::Failed { attempts: 1, .. })
+        ));
         let mut calls = 0;
-        let value = retry(&settings(4), "test", || {
+        let value = retry(&settings(4), "test", &never, || {
             calls += 1;
             let fail = calls < 3;
-            async move {
-                if fail {
-                    Err(Flaky {
-                        transient: true,
-                        after: None,
-                    })
-                } else {
-                    Ok(7)
-                }
-            }
+            async move { if fail { Err(flaky(true, None)) } else { Ok(7) } }
         })
         .await
         .expect("succeeds");
@@ -169,16 +170,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_requested_wait_is_honoured() {
+    async fn a_requested_wait_is_honoured_and_shutdown_cuts_it_short() {
         let started = std::time::Instant::now();
-        let _: Result<(), _> = retry(&settings(2), "test", || async {
-            Err(Flaky {
-                transient: true,
-                after: Some(Duration::from_millis(150)),
-            })
+        let _: Result<(), _> = retry(&settings(2), "test", &CancellationToken::new(), || async {
+            Err(flaky(true, Some(Duration::from_millis(150))))
         })
         .await;
         assert!(started.elapsed() >= Duration::from_millis(150));
+
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            trigger.cancel();
+        });
+        let started = std::time::Instant::now();
+        let outcome: Result<(), _> = retry(&settings(2), "test", &shutdown, || async {
+            Err(flaky(true, Some(Duration::from_secs(60))))
+        })
+        .await;
+        assert!(matches!(outcome, Err(RetryError::Cancelled)));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod dlq;
 mod fake_graph;
 mod helpers;
 mod ingest;
+mod page_data;
 mod pipeline;
 mod spaces_limits;
 mod store;

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::page_data::PageDataJob;
+use crate::page_data::{PageDataFailure, PageDataJob};
 use crate::stage::{Decision, QueuedMessage, Stager};
 
 /// Most conversation messages staged in one transaction.
@@ -116,7 +116,8 @@ async fn consume_session(
             }
             JobKind::PageChange => {
                 let context = context.clone();
-                jobs.spawn(async move { handle_page_change(&context, delivery).await });
+                let shutdown = shutdown.clone();
+                jobs.spawn(async move { handle_page_change(&context, delivery, &shutdown).await });
                 while jobs.try_join_next().is_some() {}
             }
         }
@@ -184,7 +185,11 @@ async fn handle_conversation_batch(
     }
 }
 
-async fn handle_page_change(context: &ConsumerContext, delivery: Delivery) {
+async fn handle_page_change(
+    context: &ConsumerContext,
+    delivery: Delivery,
+    shutdown: &CancellationToken,
+) {
     let now = fbsync_shared::now_ms();
     let event: EventMessage = match serde_json::from_slice(&delivery.data) {
         Ok(event) => event,
@@ -200,12 +205,20 @@ async fn handle_page_change(context: &ConsumerContext, delivery: Delivery) {
             return dead_letter(context, &delivery, info).await;
         }
     };
-    match context.page_data.refresh(&event.page_id).await {
+    match context.page_data.refresh(&event.page_id, shutdown).await {
         Ok(outcome) => {
             tracing::debug!(page_id = %event.page_id, ?outcome, "page metadata refreshed");
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        Err(info) => dead_letter(context, &delivery, info).await,
+        Err(PageDataFailure::DeadLetter(info)) => dead_letter(context, &delivery, info).await,
+        Err(PageDataFailure::GiveBack) => {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
     }
 }
 

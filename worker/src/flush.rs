@@ -136,16 +136,14 @@ impl Flusher {
         if !self.bucket_budget.is_unlimited()
             && !self
                 .db
-                .take_bucket_budget(
-                    now,
-                    1,
-                    2,
-                    self.bucket_budget.writes_per_window,
-                    self.bucket_budget.ops_per_window,
-                )
+                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
                 .await?
         {
-            self.db.defer_flush(&claim, &self.owner, now + 100).await?;
+            let next_window =
+                now - now.rem_euclid(self.bucket_budget.window_ms) + self.bucket_budget.window_ms;
+            self.db
+                .defer_flush(&claim, &self.owner, next_window)
+                .await?;
             return Ok(FlushOutcome::Deferred);
         }
         let staged = self.db.staged_events(&key).await?;

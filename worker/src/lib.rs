@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fbsync_shared::broker::{Publisher, Topology};
-use fbsync_shared::budget::PutBudget;
+use fbsync_shared::budget::{BucketBudget, PutBudget};
 use fbsync_shared::config::Settings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::db::Database;
@@ -71,6 +71,7 @@ impl Worker {
             graph: GraphClient::new(&settings.facebook.graph_url),
             retry: settings.retry.clone(),
             put_budget: PutBudget::from_settings(&settings.storage),
+            bucket_budget: BucketBudget::from_settings(&settings.storage),
         };
         let consumers = Arc::new(ConsumerContext {
             amqp_url: settings.broker.amqp_url.clone(),

@@ -1,23 +1,26 @@
 //! Page changes: fetch the Page's metadata from the Graph API and write that one Page's
 //! `page_data.json` (never a token), only when it changed.
 //!
-//! [`PageDataJob::refresh`] is one unit of work. Transient failures (Graph 5xx and rate limits,
-//! store errors and SlowDown) are retried under the retry policy; what cannot succeed comes back
-//! as a [`DeadLetterInfo`] for the caller to park in the DLQ.
+//! [`PageDataJob::refresh`] is one unit of work. Fetch, compare and write are retried together
+//! under the retry policy, so a write that had to wait (a Graph rate limit, a store outage, the
+//! object's or the bucket's budget) never stores metadata fetched before the wait. What cannot
+//! succeed comes back as a dead letter; work interrupted by shutdown is given back.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use fbsync_shared::budget::PutBudget;
+use fbsync_shared::budget::{BucketBudget, PutBudget};
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::db::Database;
 use fbsync_shared::event::JobKind;
 use fbsync_shared::graph::{GraphClient, GraphError};
 use fbsync_shared::now_ms;
-use fbsync_shared::retry::{RetryClass, retry};
+use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, page_data_key};
 use fbsync_shared::telemetry::OBJECT_WRITES;
+use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 
@@ -28,6 +31,15 @@ pub enum PageDataOutcome {
     Unchanged,
 }
 
+/// Why a refresh did not complete.
+#[derive(Debug, Clone)]
+pub enum PageDataFailure {
+    /// Park the job in the DLQ with this information.
+    DeadLetter(DeadLetterInfo),
+    /// Shutdown interrupted a wait: return the job to its queue.
+    GiveBack,
+}
+
 /// Everything a page-change job needs.
 pub struct PageDataJob {
     pub db: Database,
@@ -36,29 +48,40 @@ pub struct PageDataJob {
     pub graph: GraphClient,
     pub retry: RetrySettings,
     pub put_budget: PutBudget,
+    pub bucket_budget: BucketBudget,
 }
 
-/// A store failure, or a PUT that must wait for the object's budget.
+/// One failed attempt.
 #[derive(Debug, thiserror::Error)]
-enum WriteError {
+enum AttemptError {
+    #[error("page {0} is not registered")]
+    UnknownPage(String),
+    #[error("the stored token cannot be read: {0}")]
+    Token(String),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("database: {0}")]
     Db(String),
-    #[error("waiting for the object's PUT budget")]
-    Budget(std::time::Duration),
+    #[error("waiting for the store's request budget")]
+    Budget(Duration),
 }
 
-impl RetryClass for WriteError {
+impl RetryClass for AttemptError {
     fn is_transient(&self) -> bool {
         match self {
-            WriteError::Store(e) => e.is_transient(),
-            WriteError::Db(_) | WriteError::Budget(_) => true,
+            AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
+            AttemptError::Graph(e) => e.is_transient(),
+            AttemptError::Store(e) => e.is_transient(),
+            AttemptError::Db(_) | AttemptError::Budget(_) => true,
         }
     }
-    fn retry_after(&self) -> Option<std::time::Duration> {
+
+    fn retry_after(&self) -> Option<Duration> {
         match self {
-            WriteError::Budget(wait) => Some(*wait),
+            AttemptError::Graph(e) => e.retry_after(),
+            AttemptError::Budget(wait) => Some(*wait),
             _ => None,
         }
     }
@@ -66,110 +89,109 @@ impl RetryClass for WriteError {
 
 impl PageDataJob {
     /// Refreshes `page_data.json` of `page_id`.
-    pub async fn refresh(&self, page_id: &str) -> Result<PageDataOutcome, DeadLetterInfo> {
+    pub async fn refresh(
+        &self,
+        page_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<PageDataOutcome, PageDataFailure> {
         let first_failure = now_ms();
-        let dead = |reason: DeadReason, error: String, attempts: u32| {
-            DeadLetterInfo::new(
-                reason,
-                error,
-                attempts,
-                JobKind::PageChange.as_str(),
-                first_failure,
-                now_ms(),
-            )
+        let outcome = retry(&self.retry, "page_data", shutdown, || {
+            self.refresh_once(page_id)
+        })
+        .await;
+        let (error, attempts) = match outcome {
+            Ok(outcome) => {
+                if outcome == PageDataOutcome::Written {
+                    metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
+                    if let Err(e) = self.db.mark_page_flushed(page_id, now_ms()).await {
+                        tracing::warn!(page_id, error = %e, "could not record the flush time");
+                    }
+                }
+                return Ok(outcome);
+            }
+            Err(RetryError::Cancelled) => return Err(PageDataFailure::GiveBack),
+            Err(RetryError::Failed { error, attempts }) => (error, attempts),
         };
+        let reason = match &error {
+            AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
+            AttemptError::Token(_) => DeadReason::TokenError,
+            AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
+                let note = format!("token rejected (code 190): {error}");
+                if let Err(e) = self
+                    .db
+                    .mark_page_error(page_id, Some("needs_reauth"), &note, now_ms())
+                    .await
+                {
+                    tracing::error!(page_id, error = %e, "could not flag the Page for re-authorisation");
+                }
+                tracing::warn!(
+                    page_id,
+                    "Page token rejected; the Page needs re-authorisation"
+                );
+                DeadReason::TokenError
+            }
+            AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
+            _ => DeadReason::AttemptsExhausted,
+        };
+        let info = DeadLetterInfo::new(
+            reason,
+            error.to_string(),
+            attempts,
+            JobKind::PageChange.as_str(),
+            first_failure,
+            now_ms(),
+        );
+        Err(PageDataFailure::DeadLetter(info))
+    }
+
+    /// One attempt: fetch, compare, write.
+    async fn refresh_once(&self, page_id: &str) -> Result<PageDataOutcome, AttemptError> {
         let owner = self
             .db
             .page_owner(page_id)
             .await
-            .map_err(|e| dead(DeadReason::AttemptsExhausted, e.to_string(), 1))?;
+            .map_err(|e| AttemptError::Db(e.to_string()))?;
         let Some((user_uuid, sealed, _status)) = owner else {
-            return Err(dead(
-                DeadReason::UnknownPage,
-                format!("page {page_id} is not registered"),
-                1,
-            ));
+            return Err(AttemptError::UnknownPage(page_id.to_string()));
         };
         let token = self
             .cipher
             .open(page_id, &sealed)
-            .map_err(|e| dead(DeadReason::TokenError, e.to_string(), 1))?;
-
-        let fetched = retry(&self.retry, "graph_page_metadata", || {
-            self.graph.page_metadata(page_id, &token)
-        })
-        .await;
-        let metadata = match fetched {
-            Ok(metadata) => metadata,
-            Err(exhausted) => {
-                let attempts = exhausted.attempts;
-                return Err(match exhausted.error {
-                    GraphError::TokenInvalid { message } => {
-                        let note = format!("token rejected (190): {message}");
-                        if let Err(e) = self
-                            .db
-                            .mark_page_error(page_id, Some("needs_reauth"), &note, now_ms())
-                            .await
-                        {
-                            tracing::error!(page_id, error = %e, "could not flag the Page for re-authorisation");
-                        }
-                        tracing::warn!(
-                            page_id,
-                            "Page token rejected; the Page needs re-authorisation"
-                        );
-                        dead(DeadReason::TokenError, note, attempts)
-                    }
-                    GraphError::Permanent(message) => {
-                        dead(DeadReason::GraphError, message, attempts)
-                    }
-                    other => dead(DeadReason::AttemptsExhausted, other.to_string(), attempts),
-                });
-            }
-        };
+            .map_err(|e| AttemptError::Token(e.to_string()))?;
+        let metadata = self.graph.page_metadata(page_id, &token).await?;
         let body = Bytes::from(serde_json::to_vec(&metadata).expect("JSON values serialise"));
         let key = page_data_key(&user_uuid, page_id);
-        let written = retry(&self.retry, "page_data_write", || {
-            self.write_if_changed(&key, body.clone())
-        })
-        .await;
-        match written {
-            Ok(outcome) => {
-                if outcome == PageDataOutcome::Written {
-                    metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
-                    let _ = self.db.mark_page_flushed(page_id, now_ms()).await;
-                }
-                Ok(outcome)
-            }
-            Err(exhausted) => Err(dead(
-                DeadReason::AttemptsExhausted,
-                exhausted.error.to_string(),
-                exhausted.attempts,
-            )),
-        }
-    }
 
-    async fn write_if_changed(
-        &self,
-        key: &str,
-        body: Bytes,
-    ) -> Result<PageDataOutcome, WriteError> {
-        let current = self.store.get(key).await?;
+        // A GET and maybe a PUT: one write and two operations of the bucket's budget.
+        let now = now_ms();
+        if !self.bucket_budget.is_unlimited() {
+            let taken = self
+                .db
+                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
+                .await
+                .map_err(|e| AttemptError::Db(e.to_string()))?;
+            if !taken {
+                return Err(AttemptError::Budget(Duration::from_millis(
+                    self.bucket_budget.window_ms as u64,
+                )));
+            }
+        }
+        let current = self.store.get(&key).await?;
         if current.as_ref().is_some_and(|object| object.body == body) {
             return Ok(PageDataOutcome::Unchanged);
         }
         let condition = WriteCondition::after_read(current.as_ref());
-        let now = now_ms();
         let reserved = self
             .db
-            .reserve_object_put(key, &self.put_budget, now)
+            .reserve_object_put(&key, &self.put_budget, now_ms())
             .await
-            .map_err(|e| WriteError::Db(e.to_string()))?;
+            .map_err(|e| AttemptError::Db(e.to_string()))?;
         if let Some(at) = reserved {
-            return Err(WriteError::Budget(std::time::Duration::from_millis(
-                (at - now).max(0) as u64,
+            return Err(AttemptError::Budget(Duration::from_millis(
+                (at - now_ms()).max(0) as u64,
             )));
         }
-        self.store.put(key, body, &condition).await?;
+        self.store.put(&key, body, &condition).await?;
         Ok(PageDataOutcome::Written)
     }
 }
