@@ -296,7 +296,11 @@ impl LocalStore {
 #[async_trait]
 impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
-        match tokio::fs::read(self.path(key)?).await {
+        let started = Instant::now();
+        let read = tokio::fs::read(self.path(key)?).await;
+        metrics::histogram!(STORAGE_SECONDS, "operation" => "get")
+            .record(started.elapsed().as_secs_f64());
+        match read {
             Ok(bytes) => Ok(Some(StoredObject {
                 version: content_version(&bytes),
                 body: Bytes::from(bytes),
@@ -324,6 +328,7 @@ impl ObjectStore for LocalStore {
                 .await
                 .map_err(|e| StoreError::Transient(e.to_string()))?;
         }
+        let started = Instant::now();
         // Write aside, then rename: readers never see half a file.
         let temp = path.with_extension(format!("json.{}.tmp", uuid::Uuid::new_v4().simple()));
         tokio::fs::write(&temp, &body)
@@ -332,6 +337,8 @@ impl ObjectStore for LocalStore {
         tokio::fs::rename(&temp, &path)
             .await
             .map_err(|e| StoreError::Transient(e.to_string()))?;
+        metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 

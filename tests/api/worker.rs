@@ -71,6 +71,28 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pipeline.object(&key).await.expect("stored"), raw);
 
+    let metrics_url = url.replace("/facebook/webhook", "/metrics");
+    let metrics = client
+        .get(&metrics_url)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        "fbsync_events_staged_total{kind=\"echo\"}",
+        "fbsync_flushes_total{outcome=\"written\"}",
+        "fbsync_object_writes_total{object=\"conversation\"}",
+        "fbsync_visibility_seconds_bucket",
+        "fbsync_storage_request_seconds_bucket{operation=\"put\"",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected} missing from /metrics:\n{metrics}"
+        );
+    }
+
     let (code, listing, _) = pipeline.run(&["pages", "list", "--json"]).await;
     assert_eq!(code, 0);
     let page: Value =
