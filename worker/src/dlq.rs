@@ -169,20 +169,10 @@ impl DlqSession {
     }
 
     /// Hands every letter back untouched (list, dry runs).
-    pub async fn release(self) -> anyhow::Result<()> {
-        for letter in self.matched.iter().chain(&self.others) {
-            self.channel
-                .basic_nack(
-                    letter.delivery_tag,
-                    BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-        }
-        self.connection.close(200, "done".into()).await?;
-        Ok(())
+    pub async fn release(mut self) -> anyhow::Result<()> {
+        let matched = std::mem::take(&mut self.matched);
+        self.others.extend(matched);
+        self.release_others().await
     }
 
     /// Deletes the matched letters; hands the others back. Returns how many were deleted.
