@@ -155,6 +155,7 @@ async fn report_backlog(
             && let Ok(connection) =
                 fbsync_shared::broker::connect(&consumers.amqp_url, "fbsync-worker-gauges").await
             && let Ok(channel) = connection.create_channel().await
+            && consumers.topology.declare(&channel).await.is_ok()
         {
             broker = Some((connection, channel));
         }
