@@ -34,12 +34,12 @@ pub struct BucketBudget {
 impl PutBudget {
     pub fn from_settings(settings: &StorageSettings) -> Self {
         let window_ms = i64::from(settings.object_put_window_secs) * 1000;
-        // The margin covers a request recorded now but reaching the store later; a hundredth of
-        // the window, at most 3 s.
+        // The margin covers a request recorded now but reaching the store later (a slow
+        // connection, a busy machine): a hundredth of the window, between 1 and 3 s.
         Self {
             puts_per_window: settings.object_puts_per_5min,
             window_ms,
-            margin_ms: (window_ms / 100).min(3_000),
+            margin_ms: (window_ms / 100).clamp(1_000, 3_000),
         }
     }
 
@@ -69,14 +69,15 @@ impl BucketBudget {
     }
 
     /// Chooses the window that lets the most requests through while any sliding second, which
-    /// overlaps at most `ceil(1000 / window) + 1` windows, stays within both rates.
+    /// overlaps at most `ceil(1000 / window) + 1` windows, stays within 90% of both rates (the
+    /// rest absorbs requests that reach the store a little after their window).
     pub fn for_rates(writes_per_sec: i64, ops_per_sec: i64) -> Self {
         let capacity = |rate: i64, window_ms: i64| -> i64 {
             if rate == 0 {
                 return 0;
             }
             let overlapping = (1000 + window_ms - 1) / window_ms + 1;
-            rate / overlapping
+            (rate * 9 / 10).max(1) / overlapping
         };
         let mut best = Self {
             window_ms: 1000,

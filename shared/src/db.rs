@@ -297,10 +297,15 @@ impl Database {
     /// and bumps the staging generation of each conversation touched. Returns how many rows
     /// were new.
     pub async fn stage_events(&self, events: &[NewStagedEvent], now: i64) -> Result<u64, DbError> {
+        // Every transaction takes its row locks in one order (conversation, then event id), so
+        // two workers staging overlapping batches (duplicates included) wait for each other
+        // instead of deadlocking.
+        let mut ordered: Vec<&NewStagedEvent> = events.iter().collect();
+        ordered.sort_by(|a, b| (&a.key, &a.event_id).cmp(&(&b.key, &b.event_id)));
+        ordered.dedup_by(|a, b| a.key == b.key && a.event_id == b.event_id);
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
-        let mut touched: Vec<&ConversationKey> = Vec::new();
-        for event in events {
+        for event in &ordered {
             let done = sqlx::query(
                 "INSERT INTO staged_events
                    (page_id, user_psid, event_id, source, timestamp_ms, received_at_ms, staged_at_ms, body)
@@ -318,13 +323,10 @@ impl Database {
             .execute(&mut *tx)
             .await?;
             inserted += done.rows_affected();
-            if !touched.contains(&&event.key) {
-                touched.push(&event.key);
-            }
         }
-        // Sorted, so two workers staging the same conversations lock rows in one order.
-        touched.sort();
-        for key in touched {
+        let mut touched: Vec<&ConversationKey> = ordered.iter().map(|event| &event.key).collect();
+        touched.dedup();
+        for key in &touched {
             sqlx::query(
                 "INSERT INTO conversations (page_id, user_psid, staged_gen) VALUES ($1, $2, 1)
                  ON CONFLICT (page_id, user_psid) DO UPDATE SET staged_gen = conversations.staged_gen + 1",
@@ -333,13 +335,19 @@ impl Database {
             .bind(&key.user_psid)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE pages SET last_event_ms = $2 WHERE page_id = $1")
-                .bind(&key.page_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
+        // Outside the transaction: a Page's row is hot, and holding it for a whole batch would
+        // serialise every worker staging for that Page.
+        let mut pages: Vec<&str> = touched.iter().map(|key| key.page_id.as_str()).collect();
+        pages.dedup();
+        for page_id in pages {
+            sqlx::query("UPDATE pages SET last_event_ms = $2 WHERE page_id = $1 AND COALESCE(last_event_ms, 0) < $2")
+                .bind(page_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(inserted)
     }
 
@@ -488,13 +496,8 @@ impl Database {
         .bind(owner)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE pages SET last_flush_ms = $2 WHERE page_id = $1")
-            .bind(&claim.key.page_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
-        Ok(())
+        self.mark_page_flushed(&claim.key.page_id, now).await
     }
 
     /// Ends a failed flush: staged rows stay, the conversation is retried at `retry_at`.
