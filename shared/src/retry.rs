@@ -23,6 +23,11 @@ pub trait RetryClass {
     fn retry_after(&self) -> Option<Duration> {
         None
     }
+    /// Not a failure but a wait for a budget (a rate the store allows): it waits
+    /// [`retry_after`](Self::retry_after) and uses up no attempt.
+    fn is_budget_wait(&self) -> bool {
+        false
+    }
 }
 
 /// The policy's backoff for these settings.
@@ -73,10 +78,17 @@ where
     let mut delays = backoff(settings).build();
     let mut attempts = 0;
     loop {
-        attempts += 1;
         match attempt().await {
             Ok(value) => return Ok(value),
+            Err(error) if error.is_budget_wait() => {
+                let delay = error.retry_after().unwrap_or(settings.base_delay);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(RetryError::Cancelled),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             Err(error) if error.is_transient() => {
+                attempts += 1;
                 let Some(policy_delay) = delays.next() else {
                     return Err(RetryError::Failed { error, attempts });
                 };
@@ -84,13 +96,24 @@ where
                     .retry_after()
                     .map_or(policy_delay, |asked| asked.max(policy_delay));
                 metrics::counter!(RETRIES, "operation" => operation).increment(1);
-                tracing::debug!(operation, attempts, delay_ms = delay.as_millis() as u64, %error, "retrying");
+                tracing::debug!(
+                    operation,
+                    attempts,
+                    delay_ms = delay.as_millis() as u64,
+                    %error,
+                    "retrying"
+                );
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(RetryError::Cancelled),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-            Err(error) => return Err(RetryError::Failed { error, attempts }),
+            Err(error) => {
+                return Err(RetryError::Failed {
+                    error,
+                    attempts: attempts + 1,
+                });
+            }
         }
     }
 }

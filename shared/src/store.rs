@@ -167,26 +167,32 @@ impl S3Store {
     }
 }
 
-/// Classifies an SDK error by its kind and S3 error code (after [`classify_status`]).
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
-    error: &SdkError<E, R>,
+/// Classifies an SDK error by its HTTP status, S3 error code and kind.
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
+    error: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> StoreError {
     let code = error.code().unwrap_or_default();
     let message = format!("{} {}", code, error.message().unwrap_or_default())
         .trim()
         .to_string();
-    match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+    let status = error
+        .raw_response()
+        .map(|response| response.status().as_u16());
+    match (status, code) {
+        (_, "SlowDown") => StoreError::SlowDown,
+        (Some(412 | 409), _) | (_, "PreconditionFailed" | "ConditionalRequestConflict") => {
+            StoreError::Conflict
+        }
+        (Some(status @ 500..=599), _) => StoreError::Transient(format!("HTTP {status} {message}")),
+        (_, "InternalError" | "ServiceUnavailable") => StoreError::Transient(message),
+        _ if matches!(
+            error,
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+        ) =>
+        {
             StoreError::Transient(format!("{error:?}").chars().take(300).collect())
         }
-        _ if code == "SlowDown" => StoreError::SlowDown,
-        _ if code == "InternalError" || code == "ServiceUnavailable" || code.is_empty() => {
-            StoreError::Transient(if message.is_empty() {
-                "no error code".into()
-            } else {
-                message
-            })
-        }
+        (_, "") => StoreError::Transient(format!("no error code (HTTP {status:?})")),
         _ => StoreError::Permanent(message),
     }
 }
@@ -217,7 +223,7 @@ impl ObjectStore for S3Store {
                 }))
             }
             Err(SdkError::ServiceError(service)) if service.err().is_no_such_key() => Ok(None),
-            Err(error) => Err(classify_status(&error).unwrap_or_else(|| classify(&error))),
+            Err(error) => Err(classify(&error)),
         }
     }
 
@@ -244,26 +250,11 @@ impl ObjectStore for S3Store {
         let outcome = request.send().await;
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
-        outcome
-            .map(|_| ())
-            .map_err(|error| classify_status(&error).unwrap_or_else(|| classify(&error)))
+        outcome.map(|_| ()).map_err(|error| classify(&error))
     }
 
     fn describe(&self) -> String {
         format!("S3 bucket {} at {}", self.bucket, self.endpoint)
-    }
-}
-
-/// SlowDown or 5xx read from the HTTP status, whatever the body said.
-fn classify_status<E>(
-    error: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> Option<StoreError> {
-    let status = error.raw_response()?.status().as_u16();
-    match status {
-        412 | 409 => Some(StoreError::Conflict),
-        503 => Some(StoreError::SlowDown),
-        500..=599 => Some(StoreError::Transient(format!("HTTP {status}"))),
-        _ => None,
     }
 }
 

@@ -125,8 +125,7 @@ async fn unknown_page_letters_are_listed_filtered_and_replayed_exactly_once() {
     assert!(stdout.contains("purged 3"), "{stdout}");
     assert!(list(&pipeline, &[]).await.is_empty());
 
-    process.terminate();
-    let _ = process.child.wait().await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 

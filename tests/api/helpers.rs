@@ -248,9 +248,13 @@ pub fn fbsync_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Co
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
-    // An empty working directory: no stray .env is read.
-    let dir = std::env::temp_dir().join(format!("fbsync-test-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    // An empty working directory (one per test process): no stray .env is read.
+    static EMPTY_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = EMPTY_DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fbsync-test-cwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    });
     command.current_dir(dir);
     for (key, value) in env {
         command.env(key, value);
@@ -320,6 +324,16 @@ impl FbsyncProcess {
             count += usize::from(line.contains(needle));
         }
         count
+    }
+
+    /// Sends SIGTERM and asserts a clean exit (status 0) within 20 s.
+    pub async fn stop(&mut self) {
+        self.terminate();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("fbsync did not stop within 20 s of SIGTERM")
+            .expect("exit status");
+        assert!(status.success(), "fbsync exited with {status}");
     }
 
     pub fn terminate(&self) {

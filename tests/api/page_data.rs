@@ -169,15 +169,6 @@ async fn listed_page(pipeline: &Pipeline) -> (Value, String) {
 }
 
 /// Asks the process to stop and checks it exits cleanly.
-async fn stop(mut process: FbsyncProcess) {
-    process.terminate();
-    let status = tokio::time::timeout(Duration::from_secs(15), process.child.wait())
-        .await
-        .expect("fbsync exits")
-        .expect("status");
-    assert!(status.success(), "fbsync exited with {status}");
-}
-
 /// A page change writes the Page's metadata (and no token); the same metadata again writes
 /// nothing; a renamed Page is written again. With `layer` (the store behind the Spaces-limit
 /// layer) the PUTs are counted too.
@@ -280,7 +271,7 @@ async fn page_data_follows_the_page(
             .is_empty(),
         "nothing dead-lettered"
     );
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -347,7 +338,7 @@ async fn graph_rate_limits_and_server_errors_are_waited_out() {
     );
     let (page, _) = listed_page(&pipeline).await;
     assert_eq!(page["status"], "active");
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -359,7 +350,7 @@ async fn an_expired_token_dead_letters_at_once_and_flags_the_page() {
     fake.set_page(PAGE_ID, "Handmade Shop");
     fake.push_failure(PAGE_ID, Failure::TokenExpired);
     let pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
-    let (process, url) = pipeline.up().await;
+    let (mut process, url) = pipeline.up().await;
     let client = reqwest::Client::new();
 
     post_page_change(&client, &url).await;
@@ -393,7 +384,7 @@ async fn an_expired_token_dead_letters_at_once_and_flags_the_page() {
         pipeline.object(&page_data_key(PAGE_ID)).await.is_none(),
         "nothing written"
     );
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -410,7 +401,7 @@ async fn server_errors_beyond_the_attempts_dead_letter_the_job() {
     pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
     pipeline.set("WORKER_MAX_ATTEMPTS", "3");
     pipeline.register_page(PAGE_ID).await;
-    let (process, url) = pipeline.up().await;
+    let (mut process, url) = pipeline.up().await;
     let client = reqwest::Client::new();
 
     post_page_change(&client, &url).await;
@@ -440,7 +431,7 @@ async fn server_errors_beyond_the_attempts_dead_letter_the_job() {
         page["status"], "active",
         "a server error is not a token error"
     );
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -491,7 +482,7 @@ async fn a_delayed_write_never_overwrites_newer_page_data() {
         expected_page_data(&fake, PAGE_ID),
         "page_data.json went back to metadata older than the last page change"
     );
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -521,7 +512,7 @@ async fn a_burst_of_page_changes_stays_within_the_bucket_rates() {
         fake.set_page(page_id, &format!("Shop {page_id}"));
         pipeline.register_page(page_id).await;
     }
-    let (process, url) = pipeline.up().await;
+    let (mut process, url) = pipeline.up().await;
     let entries: Vec<String> = pages
         .iter()
         .map(|page_id| {
@@ -546,7 +537,7 @@ async fn a_burst_of_page_changes_stays_within_the_bucket_rates() {
         "requests over a bucket rate: {:?}",
         layer.violations()
     );
-    stop(process).await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 

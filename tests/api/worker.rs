@@ -102,12 +102,7 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
     assert!(page["last_flush_ms"].as_i64().is_some());
     assert!(!listing.contains(PAGE_TOKEN));
 
-    process.terminate();
-    let status = tokio::time::timeout(Duration::from_secs(15), process.child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
-    assert!(status.success());
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -145,8 +140,7 @@ async fn events_of_an_unregistered_page_are_dead_lettered_once_logged_once() {
     assert!(pipeline.conversation("999", "u1").await.is_none());
     let more_warnings = process.count_logs_containing("not registered");
     assert_eq!(more_warnings, 0, "logged once per Page, not once per event");
-    process.terminate();
-    let _ = process.child.wait().await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -248,16 +242,9 @@ async fn two_workers_store_every_message_exactly_once() {
             "{user}: duplicates in the file"
         );
     }
-    for worker in &workers {
-        worker.terminate();
-    }
     ingest.terminate();
     for mut worker in workers {
-        let status = tokio::time::timeout(Duration::from_secs(15), worker.child.wait())
-            .await
-            .expect("exits")
-            .expect("status");
-        assert!(status.success());
+        worker.stop().await;
     }
     pipeline.cleanup().await;
 }
@@ -332,8 +319,7 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
         layer.violations()
     );
     assert!(layer.forwarded() > 0);
-    process.terminate();
-    let _ = process.child.wait().await;
+    process.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -382,7 +368,6 @@ async fn a_storage_outage_delays_but_loses_nothing() {
             .is_empty(),
         "nothing dead-lettered"
     );
-    process.terminate();
-    let _ = process.child.wait().await;
+    process.stop().await;
     pipeline.cleanup().await;
 }

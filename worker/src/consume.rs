@@ -52,7 +52,13 @@ pub async fn consume_forever(
 ) {
     let mut delay = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        match consume_session(&context, kind, &shutdown).await {
+        let started = tokio::time::Instant::now();
+        let outcome = consume_session(&context, kind, &shutdown).await;
+        if started.elapsed() > Duration::from_secs(10) {
+            // A session that ran for a while was healthy: the next outage starts afresh.
+            delay = Duration::from_millis(100);
+        }
+        match outcome {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(queue = kind.as_str(), error = %e, "consumer stopped; reconnecting");

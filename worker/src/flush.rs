@@ -98,7 +98,7 @@ impl Flusher {
             ..Default::default()
         };
         let outcomes: Vec<Result<FlushOutcome, DbError>> = futures::stream::iter(claims)
-            .map(|claim| self.flush_claimed(claim))
+            .map(|claim| self.flush_or_release(claim))
             .buffer_unordered(self.batch as usize)
             .collect()
             .await;
@@ -113,14 +113,34 @@ impl Flusher {
         Ok(report)
     }
 
-    async fn flush_claimed(&self, mut claim: Claim) -> Result<FlushOutcome, DbError> {
+    /// Flushes a claimed conversation; if the database fails midway, gives the claim back
+    /// (best effort) so the conversation is not locked out for a whole lease.
+    async fn flush_or_release(&self, mut claim: Claim) -> Result<FlushOutcome, DbError> {
+        match self.flush_claimed(&mut claim).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                let retry_at =
+                    now_ms() + i64::try_from(self.retry.base_delay.as_millis()).unwrap_or(1_000);
+                if let Err(release) = self
+                    .db
+                    .fail_flush(&claim, &self.owner, &e.to_string(), retry_at)
+                    .await
+                {
+                    tracing::debug!(error = %release, "could not give the claim back; it expires with its lease");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn flush_claimed(&self, claim: &mut Claim) -> Result<FlushOutcome, DbError> {
         let now = now_ms();
         let key = claim.key.clone();
         let Some((user_uuid, _, _)) = self.db.page_owner(&key.page_id).await? else {
             // Staged before the Page was removed: keep the events, look again later.
             self.db
                 .fail_flush(
-                    &claim,
+                    claim,
                     &self.owner,
                     "the Page is not registered",
                     now + 60_000,
@@ -130,7 +150,7 @@ impl Flusher {
         };
         let next_put = self.put_budget.next_put_at(&claim.recent_puts, now);
         if next_put > now {
-            self.db.defer_flush(&claim, &self.owner, next_put).await?;
+            self.db.defer_flush(claim, &self.owner, next_put).await?;
             return Ok(FlushOutcome::Deferred);
         }
         if !self.bucket_budget.is_unlimited()
@@ -141,23 +161,21 @@ impl Flusher {
         {
             let next_window =
                 now - now.rem_euclid(self.bucket_budget.window_ms) + self.bucket_budget.window_ms;
-            self.db
-                .defer_flush(&claim, &self.owner, next_window)
-                .await?;
+            self.db.defer_flush(claim, &self.owner, next_window).await?;
             return Ok(FlushOutcome::Deferred);
         }
         let staged = self.db.staged_events(&key).await?;
         if staged.is_empty() {
             // Another flush stored them already; only the generation needs marking.
             self.db
-                .finish_flush(&claim, &self.owner, &[], now, now)
+                .finish_flush(claim, &self.owner, &[], now, now)
                 .await?;
             return Ok(FlushOutcome::Unchanged);
         }
         let object_key = conversation_key(&user_uuid, &key.page_id, &key.user_psid);
         let stored = match self.store.get(&object_key).await {
             Ok(stored) => stored,
-            Err(e) => return self.failed(&claim, &e.to_string(), &e).await,
+            Err(e) => return self.failed(claim, &e.to_string(), &e).await,
         };
         let incoming: Vec<IncomingEvent<'_>> = staged
             .iter()
@@ -177,20 +195,20 @@ impl Flusher {
             Err(e) => {
                 tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be merged; staged events kept");
                 let permanent = StoreError::Permanent(e.to_string());
-                return self.failed(&claim, &e.to_string(), &permanent).await;
+                return self.failed(claim, &e.to_string(), &permanent).await;
             }
         };
         let seqs: Vec<i64> = staged.iter().map(|event| event.seq).collect();
         if !merged.changed {
             self.db
-                .finish_flush(&claim, &self.owner, &seqs, now, now)
+                .finish_flush(claim, &self.owner, &seqs, now, now)
                 .await?;
             metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
             return Ok(FlushOutcome::Unchanged);
         }
         self.db
             .record_put_attempt(
-                &mut claim,
+                claim,
                 &self.owner,
                 now_ms(),
                 self.put_budget.puts_per_window as usize,
@@ -201,12 +219,12 @@ impl Flusher {
             .put(&object_key, merged.body.into(), &condition)
             .await
         {
-            return self.failed(&claim, &e.to_string(), &e).await;
+            return self.failed(claim, &e.to_string(), &e).await;
         }
         let written_at = now_ms();
         let due_at = self.put_budget.next_put_at(&claim.recent_puts, written_at);
         self.db
-            .finish_flush(&claim, &self.owner, &seqs, due_at, written_at)
+            .finish_flush(claim, &self.owner, &seqs, due_at, written_at)
             .await?;
         metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);

@@ -85,6 +85,10 @@ impl RetryClass for AttemptError {
             _ => None,
         }
     }
+
+    fn is_budget_wait(&self) -> bool {
+        matches!(self, AttemptError::Budget(_))
+    }
 }
 
 impl PageDataJob {

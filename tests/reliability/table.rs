@@ -1,0 +1,300 @@
+//! One combined scenario, and the table it prints: a burst on two workers (PostgreSQL, an S3
+//! bucket behind a layer that can play a storage outage) while one worker is killed with
+//! SIGKILL, the broker restarts, storage is down for a few seconds and Facebook re-sends some
+//! deliveries; events for a Page that is not registered yet are dead-lettered, then replayed
+//! once it is. Nothing is lost, nothing is duplicated, every dead letter is replayed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::support::{
+    BrokerOutage, Delivery, conversation_burst, dlq_list, dlq_replay, expected_mids, is_running,
+    kill_hard, log_summary, post_burst, queue_depth, queue_report, queue_total, retry_refused,
+    serial, settle_and_tally, spawn_ingest, spawn_worker, stop_cleanly, take_lines, webhook_client,
+};
+
+/// A Page that is registered only after its events were dead-lettered.
+const LATE_PAGE: &str = "778899001122334";
+
+/// What the fault injector did.
+#[derive(Debug, Default)]
+struct Faults {
+    worker_kills: usize,
+    broker_restarts: usize,
+    broker_down: Duration,
+    storage_down: Duration,
+    storage_refused: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reliability_table() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    // Spaces' bucket rates, and no per-object limit (the layer only plays the outage here).
+    let layer = SpacesLimitLayer::start(
+        &s3_endpoint(),
+        SpacesLimits {
+            object_puts: usize::MAX,
+            ..SpacesLimits::default()
+        },
+    )
+    .await;
+    let mut pipeline = Pipeline::new(
+        DbKind::Postgres,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    pipeline.set("WORKER_LEASE_MS", "3000");
+    pipeline.register_page(PAGE_ID).await;
+    let (mut ingest, url) = spawn_ingest(&pipeline).await;
+    let mut victim = spawn_worker(&pipeline).await;
+    let mut survivor = spawn_worker(&pipeline).await;
+
+    // 1,500 messages over 10 conversations of the registered Page, 40 over 2 of a Page that is
+    // not registered yet, mixed; every 10th delivery re-sent at once (a duplicate delivery).
+    let registered = conversation_burst(PAGE_ID, "t", 10, 150);
+    let late = conversation_burst(LATE_PAGE, "l", 2, 20);
+    let mut unique: Vec<Delivery> = Vec::new();
+    let mut late_iter = late.iter();
+    for (i, delivery) in registered.iter().enumerate() {
+        unique.push(delivery.clone());
+        if i % 37 == 0
+            && let Some(late) = late_iter.next()
+        {
+            unique.push(late.clone());
+        }
+    }
+    unique.extend(late_iter.cloned());
+    let mut deliveries = Vec::new();
+    let mut duplicates = 0;
+    for (i, delivery) in unique.iter().enumerate() {
+        deliveries.push(delivery.clone());
+        if i % 10 == 5 {
+            deliveries.push(delivery.clone());
+            duplicates += 1;
+        }
+    }
+    let late_posts = deliveries.iter().filter(|d| d.page_id == LATE_PAGE).count();
+    let deliveries = Arc::new(deliveries);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let client = webhook_client();
+
+    // The faults, one after another as the burst goes on.
+    let chaos = async {
+        let mut faults = Faults::default();
+        let at = |share: usize| deliveries.len() * share / 100;
+        while answered.load(Ordering::SeqCst) < at(20) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        kill_hard(&mut victim).await;
+        faults.worker_kills += 1;
+        while answered.load(Ordering::SeqCst) < at(45) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let outage = BrokerOutage::stop().await;
+        let down = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        outage.start().await;
+        faults.broker_restarts += 1;
+        faults.broker_down = down.elapsed();
+        while answered.load(Ordering::SeqCst) < at(60) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Down for 3 s, and longer (up to 10 s) until a worker has met the outage.
+        layer.set_down(true);
+        let down = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        while layer.refused_while_down() == 0 && down.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        layer.set_down(false);
+        faults.storage_down = down.elapsed();
+        faults.storage_refused = layer.refused_while_down();
+        faults
+    };
+    let (answers, faults) = tokio::join!(
+        post_burst(
+            &client,
+            &url,
+            &deliveries,
+            12,
+            Duration::from_millis(40),
+            &answered
+        ),
+        chaos
+    );
+    let retries = retry_refused(
+        &client,
+        &url,
+        &deliveries,
+        &answers,
+        Duration::from_secs(60),
+    )
+    .await;
+    let refused = answers.iter().filter(|a| a.status != 200).count();
+    let posts = answers.len() + retries.len();
+
+    // The registered Page: everything stored once.
+    let expected_now = expected_mids(registered.iter());
+    let registered_tally =
+        settle_and_tally(&pipeline, &expected_now, Duration::from_secs(90)).await;
+
+    // The late Page: everything dead-lettered, nothing stored; then registered and replayed.
+    let dead_queue = format!("{}.dead", pipeline.prefix);
+    let conversation_queue = format!("{}.conversation", pipeline.prefix);
+    // Until the worker has handled every delivery: the late ones are all in the DLQ.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ((queue_depth(&dead_queue).await as usize) < late_posts
+        || queue_total(&pipeline.prefix, &conversation_queue).await > 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let queues_before_replay = queue_report(&pipeline.prefix).await;
+    for delivery in &late {
+        assert!(
+            pipeline
+                .conversation(&delivery.page_id, &delivery.user)
+                .await
+                .is_none(),
+            "nothing of an unregistered Page is stored"
+        );
+    }
+    let dlq = dlq_list(&pipeline, &["--page-id", LATE_PAGE]).await;
+    let replay = match &dlq {
+        Ok(letters) => {
+            assert!(
+                letters.iter().all(|l| l["reason"] == "unknown_page"
+                    && l["kind"] == "conversation"
+                    && l["page_id"] == LATE_PAGE),
+                "{letters:?}"
+            );
+            pipeline.register_page(LATE_PAGE).await;
+            dlq_replay(&pipeline, &["--page-id", LATE_PAGE]).await
+        }
+        Err(e) => Err(e.clone()),
+    };
+    let dead_lettered = dlq.as_ref().map(Vec::len).ok();
+    let replayed = replay.as_ref().ok().copied();
+    let late_tally = if replay.is_ok() {
+        Some(
+            settle_and_tally(
+                &pipeline,
+                &expected_mids(late.iter()),
+                Duration::from_secs(60),
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    let left = if replay.is_ok() {
+        dlq_list(&pipeline, &["--page-id", LATE_PAGE]).await.ok()
+    } else {
+        None
+    };
+
+    let stored = registered_tally.stored + late_tally.as_ref().map_or(0, |t| t.stored);
+    let lost = registered_tally.lost + late_tally.as_ref().map_or(0, |t| t.lost);
+    let duplicated = registered_tally.duplicated + late_tally.as_ref().map_or(0, |t| t.duplicated);
+    let show =
+        |n: Option<usize>| n.map_or("— (`fbsync dlq` failed)".to_string(), |n| n.to_string());
+    println!();
+    println!(
+        "| reliability: {} deliveries through real `fbsync` processes | count |",
+        unique.len()
+    );
+    println!("|---|---:|");
+    println!("| deliveries sent (distinct events) | {} |", unique.len());
+    println!("| POSTs made (with duplicates and retries) | {posts} |");
+    println!("| fault: worker SIGKILL | {} |", faults.worker_kills);
+    println!(
+        "| fault: broker restart (stop_app … start_app, {:.1} s) | {} |",
+        faults.broker_down.as_secs_f64(),
+        faults.broker_restarts
+    );
+    println!(
+        "| fault: storage outage, seconds ({} requests refused) | {:.1} |",
+        faults.storage_refused,
+        faults.storage_down.as_secs_f64()
+    );
+    println!("| fault: duplicate deliveries re-sent | {duplicates} |");
+    println!("| answered 503, re-sent until 200 | {refused} |");
+    println!("| stored | {stored} |");
+    println!("| lost | {lost} |");
+    println!("| duplicated | {duplicated} |");
+    println!(
+        "| dead-lettered (unknown Page; {late_posts} deliveries of it were posted) | {} |",
+        show(dead_lettered)
+    );
+    println!("| replayed | {} |", show(replayed));
+    println!(
+        "| run time, seconds | {:.1} |",
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+
+    let mut logs = take_lines(&mut survivor);
+    logs.extend(take_lines(&mut ingest));
+    let notable = log_summary(&logs);
+    println!(
+        "queues before the replay (name, ready, unacked, consumers): {queues_before_replay:?}"
+    );
+    println!(
+        "queues at the end: {:?}",
+        queue_report(&pipeline.prefix).await
+    );
+    println!("{} log lines read", logs.len());
+    println!("registered Page: {registered_tally:?}\nlate Page: {late_tally:?}");
+    if let Ok(letters) = &dlq {
+        let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+        for letter in letters {
+            *reasons
+                .entry(letter["reason"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+        println!("dead letters by reason: {reasons:?}");
+    }
+    println!("warnings and errors logged (count, level, message):\n{notable}");
+    assert!(
+        registered_tally.is_exact() && registered_tally.stored == registered.len(),
+        "{registered_tally:?}"
+    );
+    assert_eq!(layer.throttled(), 0, "{:?}", layer.violations());
+    assert!(
+        faults.storage_refused > 0,
+        "the workers met the storage outage"
+    );
+    assert!(
+        is_running(&mut survivor),
+        "the surviving worker rode through every fault"
+    );
+    assert!(is_running(&mut ingest), "ingest rode through every fault");
+    let dead_lettered = dlq.unwrap_or_else(|e| panic!("dlq list: {e}")).len();
+    let replayed = replay.unwrap_or_else(|e| panic!("dlq replay: {e}"));
+    let late_tally = late_tally.expect("replayed");
+    assert!(late_tally.is_exact(), "{late_tally:?}");
+    assert_eq!(
+        left.map(|l| l.len()),
+        Some(0),
+        "the replayed letters left the DLQ"
+    );
+    assert!(
+        dead_lettered >= late_posts,
+        "every late delivery ({late_posts} with the duplicates) was dead-lettered"
+    );
+    assert_eq!(dead_lettered, replayed);
+    assert_eq!(lost, 0);
+    assert_eq!(duplicated, 0);
+    stop_cleanly(&mut survivor, "the surviving worker").await;
+    stop_cleanly(&mut ingest, "ingest").await;
+    pipeline.cleanup().await;
+}

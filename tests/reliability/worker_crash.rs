@@ -1,0 +1,111 @@
+//! A worker killed with SIGKILL in the middle of a burst: whatever it held unacked is
+//! redelivered, whatever it had staged is flushed by the survivor once the dead worker's leases
+//! expire, and every conversation ends up with every message exactly once, sorted.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::support::{
+    conversation_burst, database_url, expected_mids, is_running, kill_hard, live_leases,
+    log_summary, post_burst, serial, settle_and_tally, spawn_ingest, spawn_worker, stop_cleanly,
+    take_lines, webhook_client,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let mut pipeline = Pipeline::new(DbKind::Postgres, StoreKind::S3 { endpoint: None }).await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    // A dead worker's claim on a conversation lasts this long; then the survivor takes over.
+    pipeline.set("WORKER_LEASE_MS", "3000");
+    pipeline.register_page(PAGE_ID).await;
+    let database_url = database_url(&pipeline);
+    let (mut ingest, url) = spawn_ingest(&pipeline).await;
+    let mut victim = spawn_worker(&pipeline).await;
+    let mut survivor = spawn_worker(&pipeline).await;
+
+    // 3,000 messages over 10 conversations, every 10th delivered twice (Facebook does that).
+    let (conversations, per_conversation) = (10, 300);
+    let unique = conversation_burst(PAGE_ID, "k", conversations, per_conversation);
+    let mut deliveries = Vec::with_capacity(unique.len() * 11 / 10);
+    for (i, delivery) in unique.iter().enumerate() {
+        deliveries.push(delivery.clone());
+        if i % 10 == 0 {
+            deliveries.push(delivery.clone());
+        }
+    }
+    let deliveries = Arc::new(deliveries);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let client = webhook_client();
+
+    // The killer: a third into the burst, at a moment when both workers hold a conversation
+    // lease if one comes within 1 s, so the victim dies mid-flush as well as mid-consume.
+    let killer = async {
+        while answered.load(Ordering::SeqCst) < deliveries.len() / 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let look_until = Instant::now() + Duration::from_secs(1);
+        let mut leases = live_leases(&database_url).await;
+        while Instant::now() < look_until {
+            let owners: BTreeSet<&str> = leases.iter().map(|(_, o, _)| o.as_str()).collect();
+            if owners.len() >= 2 {
+                break;
+            }
+            leases = live_leases(&database_url).await;
+        }
+        let at = answered.load(Ordering::SeqCst);
+        kill_hard(&mut victim).await;
+        // Leases still held, unchanged, a second later belong to the dead worker.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let later = live_leases(&database_url).await;
+        let orphaned = leases.iter().filter(|lease| later.contains(lease)).count();
+        (at, orphaned)
+    };
+    let burst_started = Instant::now();
+    let (answers, (killed_at, orphaned)) = tokio::join!(
+        post_burst(&client, &url, &deliveries, 16, Duration::ZERO, &answered),
+        killer
+    );
+    let burst_secs = answers
+        .iter()
+        .map(|a| a.at - burst_started)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
+    assert!(
+        killed_at < deliveries.len(),
+        "the worker was killed in the middle of the burst"
+    );
+    let refused: Vec<_> = answers.iter().filter(|a| a.status != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "ingest does not depend on workers, yet refused {} deliveries: {:?}",
+        refused.len(),
+        refused.iter().take(5).collect::<Vec<_>>()
+    );
+
+    let expected = expected_mids(unique.iter());
+    let tally = settle_and_tally(&pipeline, &expected, Duration::from_secs(90)).await;
+    let survivor_lines = take_lines(&mut survivor);
+    println!(
+        "worker SIGKILL after {killed_at} of {} deliveries; leases it left behind: {orphaned}; \
+         burst {burst_secs:.1} s, settled after {:.1} s: {tally:?}",
+        deliveries.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        tally.is_exact() && tally.stored == conversations * per_conversation,
+        "{tally:?}\nsurvivor warnings and errors:\n{}",
+        log_summary(&survivor_lines)
+    );
+    assert!(is_running(&mut survivor), "the survivor kept running");
+    stop_cleanly(&mut survivor, "the surviving worker").await;
+    stop_cleanly(&mut ingest, "ingest").await;
+    pipeline.cleanup().await;
+}
