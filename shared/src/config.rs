@@ -209,7 +209,7 @@ impl Settings {
                 flush_interval: Duration::from_millis(
                     reader.parsed_or("WORKER_FLUSH_INTERVAL_MS", 200),
                 ),
-                flush_batch: reader.parsed_or("WORKER_FLUSH_BATCH", 32),
+                flush_batch: reader.parsed_or("WORKER_FLUSH_BATCH", 64),
                 lease: Duration::from_millis(reader.parsed_or("WORKER_LEASE_MS", 60_000)),
                 metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
             },

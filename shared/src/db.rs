@@ -283,7 +283,8 @@ impl Database {
 
     /// Records a successful write for a Page.
     pub async fn mark_page_flushed(&self, page_id: &str, now: i64) -> Result<(), DbError> {
-        sqlx::query("UPDATE pages SET last_flush_ms = $2 WHERE page_id = $1")
+        // At most one write a second per Page: the row is shared by all its conversations.
+        sqlx::query("UPDATE pages SET last_flush_ms = $2 WHERE page_id = $1 AND COALESCE(last_flush_ms, 0) < $2 - 1000")
             .bind(page_id)
             .bind(now)
             .execute(&self.pool)
@@ -305,24 +306,34 @@ impl Database {
         ordered.dedup_by(|a, b| a.key == b.key && a.event_id == b.event_id);
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
-        for event in &ordered {
-            let done = sqlx::query(
+        // Many rows per statement: one round trip per 100 events, not one per event.
+        for chunk in ordered.chunks(100) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=8).map(|k| format!("${}", i * 8 + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect();
+            let sql = format!(
                 "INSERT INTO staged_events
                    (page_id, user_psid, event_id, source, timestamp_ms, received_at_ms, staged_at_ms, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 VALUES {}
                  ON CONFLICT (page_id, user_psid, event_id) DO NOTHING",
-            )
-            .bind(&event.key.page_id)
-            .bind(&event.key.user_psid)
-            .bind(&event.event_id)
-            .bind(&event.source)
-            .bind(event.timestamp_ms)
-            .bind(event.received_at_ms)
-            .bind(now)
-            .bind(&event.body)
-            .execute(&mut *tx)
-            .await?;
-            inserted += done.rows_affected();
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for event in chunk {
+                query = query
+                    .bind(&event.key.page_id)
+                    .bind(&event.key.user_psid)
+                    .bind(&event.event_id)
+                    .bind(&event.source)
+                    .bind(event.timestamp_ms)
+                    .bind(event.received_at_ms)
+                    .bind(now)
+                    .bind(&event.body);
+            }
+            inserted += query.execute(&mut *tx).await?.rows_affected();
         }
         let mut touched: Vec<&ConversationKey> = ordered.iter().map(|event| &event.key).collect();
         touched.dedup();
@@ -342,7 +353,7 @@ impl Database {
         let mut pages: Vec<&str> = touched.iter().map(|key| key.page_id.as_str()).collect();
         pages.dedup();
         for page_id in pages {
-            sqlx::query("UPDATE pages SET last_event_ms = $2 WHERE page_id = $1 AND COALESCE(last_event_ms, 0) < $2")
+            sqlx::query("UPDATE pages SET last_event_ms = $2 WHERE page_id = $1 AND COALESCE(last_event_ms, 0) < $2 - 1000")
                 .bind(page_id)
                 .bind(now)
                 .execute(&self.pool)

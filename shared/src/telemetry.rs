@@ -61,9 +61,20 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
             ];
+            // Visibility spans milliseconds (no per-object limit) to minutes (Spaces' window).
+            let visibility_buckets = [
+                0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0,
+                30.0, 60.0, 120.0, 300.0, 600.0,
+            ];
             let builder = PrometheusBuilder::new()
                 .set_buckets(&latency_buckets)
-                .expect("bucket list is not empty");
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(VISIBILITY_SECONDS.into()),
+                        &visibility_buckets,
+                    )
+                })
+                .expect("bucket lists are not empty");
             match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is installed (a test harness): render an empty one.

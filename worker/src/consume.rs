@@ -113,7 +113,8 @@ async fn consume_session(
                 let mut batch = vec![delivery];
                 // Take whatever else is already here, without waiting for more.
                 while batch.len() < STAGE_BATCH {
-                    match tokio::time::timeout(Duration::from_millis(2), consumer.next()).await {
+                    // A short wait gathers a useful batch under load and costs little when idle.
+                    match tokio::time::timeout(Duration::from_millis(10), consumer.next()).await {
                         Ok(Some(Ok(delivery))) => batch.push(delivery),
                         _ => break,
                     }
@@ -181,13 +182,17 @@ async fn handle_conversation_batch(
             }
         }
     };
+    let mut last_staged = None;
     for (delivery, decision) in batch.iter().zip(decisions) {
         match decision {
-            Decision::Staged => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            }
+            Decision::Staged => last_staged = Some(delivery),
             Decision::DeadLetter(info) => dead_letter(context, delivery, info).await,
         }
+    }
+    // One ack for every staged message of the batch: the deliveries of a channel are acked
+    // in order, and the dead-lettered ones were acked (or returned) above.
+    if let Some(delivery) = last_staged {
+        let _ = delivery.ack(BasicAckOptions { multiple: true }).await;
     }
 }
 

@@ -6,8 +6,9 @@
 //! Any failure leaves the staged rows in place and schedules the conversation again with
 //! backoff: a storage outage delays, it never loses or dead-letters.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fbsync_shared::budget::{BucketBudget, PutBudget};
 use fbsync_shared::config::{RetrySettings, Settings};
@@ -62,7 +63,12 @@ pub struct Flusher {
     batch: u32,
     /// Backoff for failed flushes.
     retry: RetrySettings,
+    /// Page owners recently read: Page id -> (user UUID, when read).
+    owners: Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// How long a cached Page owner is trusted.
+const OWNER_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Flusher {
     pub fn new(settings: &Settings, db: Database, store: Arc<dyn ObjectStore>) -> Self {
@@ -75,6 +81,7 @@ impl Flusher {
             lease: settings.worker.lease,
             batch: settings.worker.flush_batch.max(1),
             retry: settings.retry.clone(),
+            owners: Mutex::new(HashMap::new()),
         }
     }
 
@@ -113,6 +120,32 @@ impl Flusher {
         Ok(report)
     }
 
+    /// The owner of a Page, from a cache that forgets after [`OWNER_CACHE_TTL`] (every flush
+    /// needs it, and it almost never changes).
+    async fn page_owner(&self, page_id: &str) -> Result<Option<String>, DbError> {
+        if let Some((owner, at)) = self
+            .owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(page_id)
+            && at.elapsed() < OWNER_CACHE_TTL
+        {
+            return Ok(Some(owner.clone()));
+        }
+        let owner = self
+            .db
+            .page_owner(page_id)
+            .await?
+            .map(|(user_uuid, _, _)| user_uuid);
+        if let Some(owner) = &owner {
+            self.owners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(page_id.to_string(), (owner.clone(), Instant::now()));
+        }
+        Ok(owner)
+    }
+
     /// Flushes a claimed conversation; if the database fails midway, gives the claim back
     /// (best effort) so the conversation is not locked out for a whole lease.
     async fn flush_or_release(&self, mut claim: Claim) -> Result<FlushOutcome, DbError> {
@@ -136,7 +169,7 @@ impl Flusher {
     async fn flush_claimed(&self, claim: &mut Claim) -> Result<FlushOutcome, DbError> {
         let now = now_ms();
         let key = claim.key.clone();
-        let Some((user_uuid, _, _)) = self.db.page_owner(&key.page_id).await? else {
+        let Some(user_uuid) = self.page_owner(&key.page_id).await? else {
             // Staged before the Page was removed: keep the events, look again later.
             self.db
                 .fail_flush(

@@ -1,0 +1,652 @@
+//! Load generator for `fbsync ingest`, and a probe of the broker's own publish limit.
+//!
+//! Webhook mode (the default) posts signed Messenger deliveries to a running ingest, on an
+//! open-loop schedule: delivery `n` is due at `start + n / rate`, fixed in advance, and its
+//! latency is measured from that due time, not from when a free connection got round to it. A
+//! slow answer therefore shows up in the figures instead of quietly lowering the load
+//! (no coordinated omission). `--rate 0` sends as fast as `--concurrency` allows.
+//!
+//! ```sh
+//! cargo build --release --bin fbsync --example loadgen
+//! FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=v QUEUE_PREFIX=bench-1 \
+//!     INGEST_ADDR=127.0.0.1:5600 target/release/fbsync ingest &
+//! # as fast as possible for 10 s, 64 requests in flight
+//! FACEBOOK_APP_SECRET=bench target/release/examples/loadgen \
+//!     --url http://127.0.0.1:5600/facebook/webhook --rate 0 --duration-secs 10
+//! # latency at a fixed 2,000 deliveries/s
+//! FACEBOOK_APP_SECRET=bench target/release/examples/loadgen \
+//!     --url http://127.0.0.1:5600/facebook/webhook --rate 2000 --duration-secs 10
+//! # the broker's own limit: confirmed publishes of one event's message, 128 in flight
+//! target/release/examples/loadgen --raw-publish --concurrency 128 --duration-secs 10
+//! # afterwards: drop what the run left on the broker
+//! target/release/examples/loadgen --delete-topology bench-1
+//! ```
+//!
+//! On one machine the generator competes with ingest and the broker for the same cores (it
+//! costs about as much CPU per delivery as ingest does), so its figures are a floor.
+//!
+//! It prints what was sent, accepted (200) and refused (by status), accepted/s, and three
+//! latency figures in ms (p50/p90/p99/max): `latency` from each delivery's due time to its
+//! answer (the figure that counts), `service` from the actual send to the answer, and `send lag`
+//! from due time to actual send (how far the generator itself fell behind: all workers busy, or
+//! the timer's 1 ms granularity).
+//!
+//! Every message has a unique mid `m_<run id>_<n>` and a timestamp in ms, so later stages can
+//! find this run's messages and measure their visibility delay.
+//!
+//! `--follow-metrics URL` follows the run to the store through the worker's `/metrics` (of
+//! `fbsync up`, or of a worker with WORKER_METRICS_ADDR): it waits until every accepted message
+//! is stored and prints stored/s end to end, conversation writes per stored message, visibility
+//! p50/p99 (accepted by ingest to stored, as histogram bounds) and, with `--worker-pid`, the
+//! worker's peak memory.
+//!
+//! `--raw-publish` leaves HTTP out: it publishes the queue message of one such event straight
+//! to a throwaway topology (quorum queues, prefix `loadgen-raw-<run id>`) with publisher
+//! confirms, using the same publish code as ingest, and deletes that topology afterwards. Its
+//! publishes/s is the ceiling ingest works under. `--delete-topology PREFIX` only deletes a
+//! prefix's queues and exchanges (for cleaning up after a webhook run).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use fbsync_shared::broker::{Outgoing, Topology, open_confirm_channel, publish_confirmed};
+use fbsync_shared::event::{JobKind, split_delivery};
+use fbsync_shared::now_ms;
+use fbsync_shared::signature::{SHA256_HEADER, sign_sha256};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+
+/// Load for `fbsync ingest`, or the broker's own confirmed-publish limit.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    /// Webhook endpoint of the ingest under test.
+    #[arg(long, default_value = "http://127.0.0.1:5000/facebook/webhook")]
+    url: String,
+    /// App secret that signs the deliveries.
+    #[arg(long, env = "FACEBOOK_APP_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Page id of every delivery.
+    #[arg(long, default_value = "100000000000001")]
+    page_id: String,
+    /// Distinct senders (conversations) the messages are spread over.
+    #[arg(long, default_value_t = 50)]
+    conversations: u64,
+    /// Requests (or publishes) in flight at most.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Deliveries (or publishes) per second; 0 sends as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Length of the run; 10 s when neither this nor --count is given.
+    #[arg(long)]
+    duration_secs: Option<f64>,
+    /// Deliveries (or publishes) in all; the run ends at whichever limit comes first.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Messaging events in each delivery.
+    #[arg(long, default_value_t = 1)]
+    events_per_delivery: u64,
+    /// Names this run in mids and queue names; random by default.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Publish straight to the broker with confirms instead of posting to ingest.
+    #[arg(long)]
+    raw_publish: bool,
+    /// With --raw-publish: broker connections (one confirm channel each) to spread over.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Only delete the queues and exchanges of this prefix, then exit.
+    #[arg(long, value_name = "PREFIX")]
+    delete_topology: Option<String>,
+    /// Follow the run to the store: read this /metrics (of `fbsync up`, or of the worker) before
+    /// and after, until every accepted message is stored, and report stored/s, object writes per
+    /// stored message and the visibility delay (accepted by ingest to stored).
+    #[arg(long, value_name = "URL")]
+    follow_metrics: Option<String>,
+    /// With --follow-metrics: report the peak memory (VmHWM) of this process (the worker).
+    #[arg(long)]
+    worker_pid: Option<u32>,
+    /// Broker for --raw-publish and --delete-topology.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(prefix) = &args.delete_topology {
+        let (connection, channel) = open_confirm_channel(
+            &args.amqp_url.clone().into(),
+            &Topology::new(prefix),
+            "loadgen",
+        )
+        .await
+        .context("connecting to the broker")?;
+        delete_topology(&channel, &Topology::new(prefix)).await?;
+        connection.close(200, "done".into()).await?;
+        println!("deleted the queues and exchanges of {prefix}");
+        return Ok(());
+    }
+    let run_id = args.run_id.clone().unwrap_or_else(random_run_id);
+    println!("run id      {run_id}");
+    let before = match &args.follow_metrics {
+        Some(url) => Some(StoreFigures::scrape(url).await?),
+        None => None,
+    };
+    let started = Instant::now();
+    let tally = if args.raw_publish {
+        raw_publish(&args, &run_id).await?
+    } else {
+        webhook_load(&args, &run_id).await?
+    };
+    let expected = tally.accepted * args.events_per_delivery;
+    tally.print(if args.raw_publish {
+        "publishes"
+    } else {
+        "deliveries"
+    });
+    if let (Some(url), Some(before)) = (&args.follow_metrics, before) {
+        follow_to_store(url, &before, expected, started, args.worker_pid).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Following a run to the store
+
+/// What the worker's /metrics says about stored messages.
+#[derive(Debug, Clone, Default)]
+struct StoreFigures {
+    /// Cumulative visibility histogram: (upper bound in s, events).
+    visibility: Vec<(f64, u64)>,
+    /// Events written to conversation objects.
+    stored: u64,
+    /// Conversation objects written.
+    conversation_writes: u64,
+}
+
+impl StoreFigures {
+    async fn scrape(url: &str) -> anyhow::Result<Self> {
+        let text = reqwest::get(url).await?.error_for_status()?.text().await?;
+        let mut figures = Self::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            if let Some(rest) = name.strip_prefix("fbsync_visibility_seconds_bucket{le=\"") {
+                let bound = rest.trim_end_matches("\"}");
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().unwrap_or(0.0)
+                };
+                figures.visibility.push((bound, value as u64));
+            } else if name == "fbsync_visibility_seconds_count" {
+                figures.stored = value as u64;
+            } else if name == "fbsync_object_writes_total{object=\"conversation\"}" {
+                figures.conversation_writes = value as u64;
+            }
+        }
+        Ok(figures)
+    }
+
+    /// The upper bound of the bucket that holds quantile `q` of the events stored since `before`.
+    fn visibility_quantile(&self, before: &StoreFigures, q: f64) -> f64 {
+        let total = self.stored.saturating_sub(before.stored);
+        let wanted = (q * total as f64).ceil() as u64;
+        for (i, (bound, cumulative)) in self.visibility.iter().enumerate() {
+            let earlier = before.visibility.get(i).map_or(0, |(_, c)| *c);
+            if cumulative.saturating_sub(earlier) >= wanted.max(1) {
+                return *bound;
+            }
+        }
+        f64::INFINITY
+    }
+}
+
+/// Waits until `expected` more events are stored (or 30 s pass without progress), then prints
+/// the end-to-end figures.
+async fn follow_to_store(
+    url: &str,
+    before: &StoreFigures,
+    expected: u64,
+    started: Instant,
+    worker_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut last_progress = Instant::now();
+    let mut latest = before.clone();
+    loop {
+        let now = StoreFigures::scrape(url).await?;
+        if now.stored > latest.stored {
+            last_progress = Instant::now();
+        }
+        latest = now;
+        let stored = latest.stored.saturating_sub(before.stored);
+        if stored >= expected || last_progress.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = latest.stored.saturating_sub(before.stored);
+    let writes = latest
+        .conversation_writes
+        .saturating_sub(before.conversation_writes);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "stored      {stored} of {expected} messages in {secs:.2} s ({:.0}/s end to end)",
+        stored as f64 / secs
+    );
+    println!(
+        "writes      {writes} conversation objects ({:.3} per stored message)",
+        writes as f64 / stored.max(1) as f64
+    );
+    println!(
+        "visibility  p50 <= {} s  p99 <= {} s  (accepted by ingest to stored; histogram bounds)",
+        latest.visibility_quantile(before, 0.50),
+        latest.visibility_quantile(before, 0.99)
+    );
+    if std::env::var_os("LOADGEN_SHOW_HISTOGRAM").is_some() {
+        for ((bound, after), (_, earlier)) in latest
+            .visibility
+            .iter()
+            .zip(before.visibility.iter().chain(std::iter::repeat(&(0.0, 0))))
+        {
+            println!("  le {bound}: {}", after - earlier);
+        }
+    }
+    if let Some(pid) = worker_pid {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap_or("VmHWM: unknown");
+        let now = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap_or("VmRSS: unknown");
+        println!(
+            "worker mem  peak {}  now {}",
+            peak.trim_start_matches("VmHWM:").trim(),
+            now.trim_start_matches("VmRSS:").trim()
+        );
+    }
+    Ok(())
+}
+
+fn random_run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook mode
+
+/// Builds the deliveries of one run: delivery `n` holds messages `n * per .. (n + 1) * per`.
+struct Deliveries {
+    run_id: String,
+    page_id: String,
+    conversations: u64,
+    events_per_delivery: u64,
+    secret: String,
+}
+
+impl Deliveries {
+    /// The body of delivery `n` and its `X-Hub-Signature-256`.
+    fn signed(&self, n: u64) -> (Vec<u8>, String) {
+        let timestamp = now_ms();
+        let first = n * self.events_per_delivery;
+        let messaging: Vec<_> = (first..first + self.events_per_delivery)
+            .map(|m| self.message(m, timestamp))
+            .collect();
+        let delivery = serde_json::json!({
+            "object": "page",
+            "entry": [{ "id": self.page_id, "time": timestamp, "messaging": messaging }],
+        });
+        let body = serde_json::to_vec(&delivery).expect("JSON values always serialise");
+        let signature = sign_sha256(&self.secret, &body);
+        (body, signature)
+    }
+
+    /// Messaging event number `m`: a text message from one of the senders to the Page.
+    fn message(&self, m: u64, timestamp: i64) -> serde_json::Value {
+        let sender = format!("9{:015}", m % self.conversations.max(1));
+        serde_json::json!({
+            "sender": { "id": sender },
+            "recipient": { "id": self.page_id },
+            "timestamp": timestamp,
+            "message": {
+                "mid": format!("m_{}_{m}", self.run_id),
+                "text": format!("loadgen message {m} of run {}", self.run_id),
+            },
+        })
+    }
+}
+
+async fn webhook_load(args: &Args, run_id: &str) -> anyhow::Result<Tally> {
+    let secret = args
+        .secret
+        .clone()
+        .context("no --secret and FACEBOOK_APP_SECRET is not set")?;
+    let deliveries = Arc::new(Deliveries {
+        run_id: run_id.to_string(),
+        page_id: args.page_id.clone(),
+        conversations: args.conversations,
+        events_per_delivery: args.events_per_delivery,
+        secret,
+    });
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = Arc::new(reqwest::Url::parse(&args.url).context("--url is not a URL")?);
+    println!(
+        "posting to  {url}, {}, concurrency {}, {} event(s) per delivery",
+        describe_rate(args.rate),
+        args.concurrency,
+        args.events_per_delivery
+    );
+    let schedule = Schedule::new(args);
+    let post = move |n: u64| {
+        let (client, url, deliveries) = (client.clone(), url.clone(), deliveries.clone());
+        async move { post_delivery(&client, &url, &deliveries, n).await }
+    };
+    Ok(drive(schedule, args.concurrency, post).await)
+}
+
+/// Posts delivery `n` and reads the whole answer (so the connection goes back to the pool).
+async fn post_delivery(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    deliveries: &Deliveries,
+    n: u64,
+) -> Outcome {
+    let (body, signature) = deliveries.signed(n);
+    let sent = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(SHA256_HEADER, signature)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            if status == 200 {
+                Outcome::Accepted
+            } else {
+                Outcome::Refused(status)
+            }
+        }
+        Err(_) => Outcome::Failed,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw publish mode
+
+async fn raw_publish(args: &Args, run_id: &str) -> anyhow::Result<Tally> {
+    let topology = Topology::new(format!("loadgen-raw-{run_id}"));
+    let mut links = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let link = open_confirm_channel(&args.amqp_url.clone().into(), &topology, "loadgen")
+            .await
+            .context("connecting to the broker")?;
+        links.push(link);
+    }
+    let message = Arc::new(sample_message(args, run_id, &topology)?);
+    println!(
+        "publishing  to {} ({} quorum queue), {}, concurrency {}, {} connection(s), \
+         body {} bytes",
+        topology.events_exchange(),
+        topology.queue(JobKind::Conversation),
+        describe_rate(args.rate),
+        args.concurrency,
+        links.len(),
+        message.body.len()
+    );
+    let channels: Arc<Vec<lapin::Channel>> =
+        Arc::new(links.iter().map(|(_, channel)| channel.clone()).collect());
+    let publish = move |n: u64| {
+        let (channels, message) = (channels.clone(), message.clone());
+        async move {
+            let channel = &channels[n as usize % channels.len()];
+            match publish_confirmed(channel, std::slice::from_ref(&message)).await {
+                Ok(()) => Outcome::Accepted,
+                Err(_) => Outcome::Failed,
+            }
+        }
+    };
+    let tally = drive(Schedule::new(args), args.concurrency, publish).await;
+    delete_topology(&links[0].1, &topology).await?;
+    for (connection, _) in links {
+        let _ = connection.close(200, "done".into()).await;
+    }
+    Ok(tally)
+}
+
+/// The queue message ingest would publish for one event of this run (same body, same headers).
+fn sample_message(args: &Args, run_id: &str, topology: &Topology) -> anyhow::Result<Outgoing> {
+    let deliveries = Deliveries {
+        run_id: run_id.to_string(),
+        page_id: args.page_id.clone(),
+        conversations: args.conversations,
+        events_per_delivery: 1,
+        secret: String::new(),
+    };
+    let (body, _) = deliveries.signed(0);
+    let events = split_delivery(&body, now_ms())?;
+    let event = events.first().context("the sample delivery has no event")?;
+    Ok(fbsync_ingest::to_outgoing(topology, event))
+}
+
+/// Deletes every queue and exchange of `topology`, messages and all.
+async fn delete_topology(channel: &lapin::Channel, topology: &Topology) -> anyhow::Result<()> {
+    let queues = JobKind::ALL
+        .iter()
+        .map(|kind| topology.queue(*kind))
+        .chain([topology.dead()]);
+    for queue in queues {
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [topology.events_exchange(), topology.dead()] {
+        channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The open-loop driver
+
+/// When each request is due: fixed in advance from the start and the rate.
+struct Schedule {
+    start: Instant,
+    /// Time between two requests; `None` sends each as soon as a worker is free.
+    interval: Option<Duration>,
+    deadline: Option<Instant>,
+    count: Option<u64>,
+    next: AtomicU64,
+}
+
+impl Schedule {
+    fn new(args: &Args) -> Self {
+        let start = Instant::now();
+        let duration = match (args.duration_secs, args.count) {
+            (None, None) => Some(10.0),
+            (duration, _) => duration,
+        };
+        Self {
+            start,
+            interval: (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate)),
+            deadline: duration.map(|secs| start + Duration::from_secs_f64(secs)),
+            count: args.count,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Claims the next request: its number and due time, or `None` once the run is over.
+    fn claim(&self) -> Option<(u64, Instant)> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.count.is_some_and(|count| n >= count) {
+            return None;
+        }
+        let due = match self.interval {
+            Some(interval) => self.start + interval.mul_f64(n as f64),
+            None => Instant::now(),
+        };
+        if self.deadline.is_some_and(|deadline| due >= deadline) {
+            return None;
+        }
+        Some((n, due))
+    }
+}
+
+/// How one request ended.
+enum Outcome {
+    /// 200, or a publish the broker confirmed.
+    Accepted,
+    /// Answered with another status.
+    Refused(u16),
+    /// No answer (connection error, timeout) or a publish not confirmed.
+    Failed,
+}
+
+/// Runs `concurrency` workers that each claim the next due request, wait for its time, send it
+/// and record it; returns their tallies merged.
+async fn drive<F, Fut>(schedule: Schedule, concurrency: usize, attempt: F) -> Tally
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    let schedule = Arc::new(schedule);
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (schedule, attempt) = (schedule.clone(), attempt.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while let Some((n, due)) = schedule.claim() {
+                    if due > Instant::now() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let sent_at = Instant::now();
+                    let outcome = attempt(n).await;
+                    tally.record(outcome, due, sent_at);
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for worker in futures::future::join_all(workers).await {
+        total.merge(worker.expect("a load worker panicked"));
+    }
+    total.elapsed = schedule.start.elapsed();
+    total
+}
+
+/// What a run (or one worker of it) saw.
+#[derive(Default)]
+struct Tally {
+    accepted: u64,
+    refused: BTreeMap<u16, u64>,
+    failed: u64,
+    /// Due time to answer, of accepted requests, in µs.
+    latency_us: Vec<u64>,
+    /// Actual send to answer, of accepted requests, in µs (leaves out the generator's lag).
+    service_us: Vec<u64>,
+    /// Due time to actual send, of every request, in µs: how far the generator fell behind.
+    lag_us: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Tally {
+    fn record(&mut self, outcome: Outcome, due: Instant, sent_at: Instant) {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.lag_us
+            .push(micros(sent_at.saturating_duration_since(due)));
+        match outcome {
+            Outcome::Accepted => {
+                self.accepted += 1;
+                self.latency_us.push(micros(due.elapsed()));
+                self.service_us.push(micros(sent_at.elapsed()));
+            }
+            Outcome::Refused(status) => *self.refused.entry(status).or_default() += 1,
+            Outcome::Failed => self.failed += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.accepted += other.accepted;
+        for (status, n) in other.refused {
+            *self.refused.entry(status).or_default() += n;
+        }
+        self.failed += other.failed;
+        self.latency_us.extend(other.latency_us);
+        self.service_us.extend(other.service_us);
+        self.lag_us.extend(other.lag_us);
+    }
+
+    fn print(mut self, what: &str) {
+        let sent = self.lag_us.len();
+        let secs = self.elapsed.as_secs_f64();
+        let refused: Vec<String> = self
+            .refused
+            .iter()
+            .map(|(status, n)| format!("{status}: {n}"))
+            .collect();
+        println!("elapsed     {secs:.2} s");
+        println!("sent        {sent} {what} ({:.0}/s)", sent as f64 / secs);
+        println!("accepted    {}", self.accepted);
+        println!("refused     {}", none_if_empty(&refused.join(", ")));
+        println!("failed      {} (no answer or not confirmed)", self.failed);
+        println!("accepted/s  {:.0}", self.accepted as f64 / secs);
+        println!("latency ms  {}", percentiles(&mut self.latency_us));
+        println!("service ms  {}", percentiles(&mut self.service_us));
+        println!("send lag ms {}", percentiles(&mut self.lag_us));
+    }
+}
+
+fn none_if_empty(text: &str) -> &str {
+    if text.is_empty() { "none" } else { text }
+}
+
+/// "p50 … p90 … p99 … max …" in ms of a set of µs samples.
+fn percentiles(samples_us: &mut [u64]) -> String {
+    if samples_us.is_empty() {
+        return "no samples".into();
+    }
+    samples_us.sort_unstable();
+    let at = |q: f64| {
+        let rank = (q * samples_us.len() as f64).ceil() as usize;
+        samples_us[rank.clamp(1, samples_us.len()) - 1] as f64 / 1000.0
+    };
+    format!(
+        "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+fn describe_rate(rate: f64) -> String {
+    if rate > 0.0 {
+        format!("{rate}/s open loop")
+    } else {
+        "open throttle".to_string()
+    }
+}
