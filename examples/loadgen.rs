@@ -256,15 +256,6 @@ async fn follow_to_store(
         latest.visibility_quantile(before, 0.50),
         latest.visibility_quantile(before, 0.99)
     );
-    if std::env::var_os("LOADGEN_SHOW_HISTOGRAM").is_some() {
-        for ((bound, after), (_, earlier)) in latest
-            .visibility
-            .iter()
-            .zip(before.visibility.iter().chain(std::iter::repeat(&(0.0, 0))))
-        {
-            println!("  le {bound}: {}", after - earlier);
-        }
-    }
     if let Some(pid) = worker_pid {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let peak = status
