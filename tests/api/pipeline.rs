@@ -239,6 +239,24 @@ pub async fn post_signed(client: &reqwest::Client, url: &str, body: &[u8]) -> u1
         .unwrap_or(0)
 }
 
+/// Posts every body, `concurrency` at a time; returns how many were answered 200.
+pub async fn post_all(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: &[Vec<u8>],
+    concurrency: usize,
+) -> usize {
+    let per_task = bodies.len().div_ceil(concurrency.max(1)).max(1);
+    let tasks = bodies.chunks(per_task).map(|chunk| async move {
+        let mut accepted = 0;
+        for body in chunk {
+            accepted += usize::from(post_signed(client, url, body).await == 200);
+        }
+        accepted
+    });
+    futures::future::join_all(tasks).await.into_iter().sum()
+}
+
 /// A delivery of one text message from `user` to `page` (or, with `echo`, from the page).
 pub fn message_delivery(
     page_id: &str,

@@ -19,9 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -417,25 +414,23 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-/// An S3 client for `endpoint` configured like the app's: path-style, us-east-1, "test"/"test",
-/// checksums only when required, no retries (so a 503 is seen as it is).
+/// An S3 client for `endpoint` configured exactly like the app's (path-style, checksums only
+/// when required, no retries, so a 503 is seen as it is), with the test credentials.
 pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .operation_attempt_timeout(Duration::from_secs(30))
-        .build();
-    let config = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("test", "test", None, None, "fbsync-tests"))
-        .force_path_style(true)
-        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-        .timeout_config(timeouts)
-        .build();
-    aws_sdk_s3::Client::from_conf(config)
+    let vars: std::collections::HashMap<String, String> = [
+        ("SPACES_BUCKET", "unused"),
+        ("SPACES_REGION", "us-east-1"),
+        ("SPACES_API_KEY", "test"),
+        ("SPACES_API_SECRET", "test"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let settings = fbsync_shared::config::Settings::from_map(&vars).expect("test settings");
+    fbsync_shared::store::S3Store::new(&settings.storage, endpoint)
+        .expect("S3 client")
+        .client()
+        .clone()
 }
 
 /// Creates `bucket` (an existing one of ours is fine).

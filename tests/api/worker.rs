@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::helpers::{FbsyncProcess, drain_queue, fixture};
 use crate::pipeline::{
-    DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID, message_delivery, mids,
+    DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID, message_delivery, mids, post_all,
     post_signed, sorted_by_timestamp,
 };
 use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
@@ -210,21 +210,7 @@ async fn two_workers_store_every_message_exactly_once() {
             bodies.push(body);
         }
     }
-    let statuses = futures::future::join_all(bodies.chunks(bodies.len() / 32 + 1).map(|chunk| {
-        let (client, url) = (client.clone(), url.clone());
-        let chunk = chunk.to_vec();
-        async move {
-            let mut ok = 0;
-            for body in chunk {
-                if post_signed(&client, &url, &body).await == 200 {
-                    ok += 1;
-                }
-            }
-            ok
-        }
-    }))
-    .await;
-    assert_eq!(statuses.iter().sum::<usize>(), bodies.len());
+    assert_eq!(post_all(&client, &url, &bodies, 32).await, bodies.len());
 
     for c in 0..conversations {
         let user = format!("user{c}");
@@ -289,18 +275,7 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
             })
         })
         .collect();
-    let accepted = futures::future::join_all(bodies.chunks(50).map(|chunk| {
-        let (client, url, chunk) = (client.clone(), url.clone(), chunk.to_vec());
-        async move {
-            let mut ok = 0;
-            for body in chunk {
-                ok += usize::from(post_signed(&client, &url, &body).await == 200);
-            }
-            ok
-        }
-    }))
-    .await;
-    assert_eq!(accepted.iter().sum::<usize>(), bodies.len());
+    assert_eq!(post_all(&client, &url, &bodies, 40).await, bodies.len());
     for c in 0..conversations {
         let events = pipeline
             .wait_for_conversation(
