@@ -5,7 +5,9 @@
 #   scripts/bench-e2e.sh RATE SECONDS CONVERSATIONS [PUTS_PER_5MIN] [S3_ENDPOINT]
 #
 # RATE deliveries/s (one message each), PUTS_PER_5MIN the per-object budget (0 = none, the
-# default), S3_ENDPOINT an S3-compatible server (default: the local directory store).
+# default, as on MinIO or AWS S3, where the bucket rates are unlimited too; otherwise Spaces'
+# 150 writes/s and 240 operations/s apply), S3_ENDPOINT an S3-compatible server (default: the
+# local directory store).
 # Needs RabbitMQ on 127.0.0.1:5672. Build first:
 #   cargo build --release --bin fbsync --example loadgen
 set -euo pipefail
@@ -19,6 +21,7 @@ export FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=bench QUEUE_PREFIX=bench-
   DATA_DIR=$dir DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$dir/fbsync.db} INGEST_ADDR=127.0.0.1:$port \
   TOKEN_ENCRYPTION_KEY=YmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtMzI= \
   SPACES_OBJECT_PUTS_PER_5MIN=$puts RUST_LOG=warn
+if [ "$puts" = 0 ]; then export SPACES_WRITES_PER_SEC=0 SPACES_OPS_PER_SEC=0; fi
 if [ -n "$s3" ]; then
   bucket=bench-$run
   python3 - "$s3" "$bucket" <<'PY'
