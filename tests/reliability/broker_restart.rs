@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::support::{
     BrokerOutage, conversation_burst, expected_mids, is_running, log_summary, post_burst,
-    retry_refused, serial, settle_and_tally, spawn_ingest, spawn_worker, stop_cleanly, take_lines,
+    retry_refused, serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines,
     wait_for_consuming, webhook_client,
 };
 
@@ -159,7 +159,7 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
         is_running(&mut worker),
         "the worker rode through the outage"
     );
-    stop_cleanly(&mut worker, "the worker").await;
-    stop_cleanly(&mut ingest, "ingest").await;
+    worker.stop().await;
+    ingest.stop().await;
     pipeline.cleanup().await;
 }

@@ -230,16 +230,6 @@ pub fn log_summary(lines: &[String]) -> String {
         .join("\n")
 }
 
-/// SIGTERM, then waits for a clean exit.
-pub async fn stop_cleanly(process: &mut FbsyncProcess, name: &str) {
-    process.terminate();
-    let status = tokio::time::timeout(Duration::from_secs(20), process.child.wait())
-        .await
-        .unwrap_or_else(|_| panic!("{name} did not stop within 20 s of SIGTERM"))
-        .expect("status");
-    assert!(status.success(), "{name} exited with {status:?}");
-}
-
 /// True while the process has not exited.
 pub fn is_running(process: &mut FbsyncProcess) -> bool {
     matches!(process.child.try_wait(), Ok(None))

@@ -15,7 +15,7 @@ use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
 use crate::support::{
     BrokerOutage, Delivery, conversation_burst, dlq_list, dlq_replay, expected_mids, is_running,
     kill_hard, log_summary, post_burst, queue_depth, queue_report, queue_total, retry_refused,
-    serial, settle_and_tally, spawn_ingest, spawn_worker, stop_cleanly, take_lines, webhook_client,
+    serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines, webhook_client,
 };
 
 /// A Page that is registered only after its events were dead-lettered.
@@ -294,7 +294,7 @@ async fn reliability_table() {
     assert_eq!(dead_lettered, replayed);
     assert_eq!(lost, 0);
     assert_eq!(duplicated, 0);
-    stop_cleanly(&mut survivor, "the surviving worker").await;
-    stop_cleanly(&mut ingest, "ingest").await;
+    survivor.stop().await;
+    ingest.stop().await;
     pipeline.cleanup().await;
 }

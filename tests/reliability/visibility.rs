@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind, mids};
 use crate::support::{
     Delivery, conversation_burst, database_url, expected_mids, live_leases, log_summary,
-    post_burst, serial, spawn_ingest, spawn_worker, stop_cleanly, take_lines, webhook_client,
+    post_burst, serial, spawn_ingest, spawn_worker, take_lines, webhook_client,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,8 +48,8 @@ async fn accepted_messages_are_visible_within_seconds_with_the_default_lease() {
             log_summary(&take_lines(&mut worker))
         );
     }
-    stop_cleanly(&mut worker, "the worker").await;
-    stop_cleanly(&mut ingest, "ingest").await;
+    worker.stop().await;
+    ingest.stop().await;
     pipeline.cleanup().await;
 }
 
@@ -133,7 +133,7 @@ async fn dropped_database_connections_delay_no_message_by_a_whole_lease() {
          connections dropped); leases still held: {held:?}; worker warnings:\n{}",
         log_summary(&take_lines(&mut worker))
     );
-    stop_cleanly(&mut worker, "the worker").await;
-    stop_cleanly(&mut ingest, "ingest").await;
+    worker.stop().await;
+    ingest.stop().await;
     pipeline.cleanup().await;
 }

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::support::{
     conversation_burst, database_url, expected_mids, is_running, kill_hard, live_leases,
-    log_summary, post_burst, serial, settle_and_tally, spawn_ingest, spawn_worker, stop_cleanly,
-    take_lines, webhook_client,
+    log_summary, post_burst, serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines,
+    webhook_client,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +105,7 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
         log_summary(&survivor_lines)
     );
     assert!(is_running(&mut survivor), "the survivor kept running");
-    stop_cleanly(&mut survivor, "the surviving worker").await;
-    stop_cleanly(&mut ingest, "ingest").await;
+    survivor.stop().await;
+    ingest.stop().await;
     pipeline.cleanup().await;
 }
