@@ -21,7 +21,7 @@ use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::dead_letter::{DeadLetterInfo, DeadReason, message_id};
 use crate::page_data::{PageDataFailure, PageDataJob};
 use crate::stage::{Decision, QueuedMessage, Stager};
 
@@ -149,12 +149,6 @@ async fn handle_conversation_batch(
         .iter()
         .map(|delivery| QueuedMessage {
             body: delivery.data.clone(),
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
         })
         .collect();
     let mut delay = Duration::from_millis(100);
@@ -236,12 +230,7 @@ async fn handle_page_change(
 /// Publishes the dead-letter copy with a confirm, then acks the original. If the copy cannot be
 /// confirmed, the original is returned to its queue instead: nothing is lost either way.
 async fn dead_letter(context: &ConsumerContext, delivery: &Delivery, info: DeadLetterInfo) {
-    let message_id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.to_string())
-        .unwrap_or_default();
+    let message_id = message_id(&delivery.properties);
     let outgoing = info.to_outgoing(
         &context.topology,
         &delivery.data,

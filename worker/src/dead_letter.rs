@@ -199,6 +199,15 @@ impl DeadLetterInfo {
     }
 }
 
+/// The AMQP message id of a delivery (the event id ingest gave it), or empty.
+pub fn message_id(properties: &lapin::BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+}
+
 fn truncate_chars(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }

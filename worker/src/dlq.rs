@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use secrecy::SecretString;
 
-use crate::dead_letter::DeadLetterInfo;
+use crate::dead_letter::{DeadLetterInfo, message_id};
 
 /// Which dead letters a tool acts on. Every filter that is set must match.
 #[derive(Debug, Clone, Default)]
@@ -138,12 +138,7 @@ impl DlqSession {
                 delivery_tag: delivery.delivery_tag,
                 info: DeadLetterInfo::from_headers(headers.as_ref(), delivery.routing_key.as_str()),
                 event: serde_json::from_slice(&delivery.data).ok(),
-                message_id: delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string())
-                    .unwrap_or_default(),
+                message_id: message_id(&delivery.properties),
                 body: delivery.data,
                 headers,
             };

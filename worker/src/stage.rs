@@ -19,8 +19,6 @@ use crate::dead_letter::{DeadLetterInfo, DeadReason};
 pub struct QueuedMessage {
     /// The body as published.
     pub body: Vec<u8>,
-    /// The AMQP message id (the event id), for the dead-letter copy.
-    pub message_id: String,
 }
 
 /// What to do with one message of a batch.
