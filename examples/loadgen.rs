@@ -54,10 +54,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use fbsync_shared::broker::{Outgoing, Topology, open_confirm_channel, publish_confirmed};
-use fbsync_shared::event::{JobKind, split_delivery};
+use fbsync_shared::facebook::event::{JobKind, split_delivery};
+use fbsync_shared::facebook::signature::{SHA256_HEADER, sign_sha256};
 use fbsync_shared::now_ms;
-use fbsync_shared::signature::{SHA256_HEADER, sign_sha256};
+use fbsync_shared::queue::{Outgoing, Topology, open_confirm_channel, publish_confirmed};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 
 /// Load for `fbsync ingest`, or the broker's own confirmed-publish limit.

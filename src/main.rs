@@ -7,13 +7,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use fbsync_shared::broker::{Publisher, Topology};
-use fbsync_shared::config::{Role, Settings};
+use fbsync_shared::config::{Settings, StoreLocation, WebhookSecrets, all_of};
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::telemetry;
 use tokio_util::sync::CancellationToken;
 
-mod dlq;
-mod pages;
+mod commands;
+
+use commands::{dlq, pages};
 
 #[derive(Parser)]
 #[command(
@@ -107,17 +109,14 @@ fn refuse(problems: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn check(settings: &Settings, roles: &[Role]) -> Result<(), ExitCode> {
-    let mut problems: Vec<String> = roles
-        .iter()
-        .flat_map(|role| settings.problems_for(*role))
-        .collect();
-    problems.dedup();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(refuse(&problems))
-    }
+/// A role's required configuration, or exit status 2 after printing every problem.
+fn required<T>(checked: Result<T, Vec<String>>) -> Result<T, ExitCode> {
+    checked.map_err(|problems| refuse(&problems))
+}
+
+/// What a worker requires: the token cipher and the object store's location.
+fn worker_requirements(settings: &Settings) -> Result<(TokenCipher, StoreLocation), Vec<String>> {
+    all_of(settings.token_cipher(), settings.store_location())
 }
 
 /// Cancels the token on SIGTERM or Ctrl-C.
@@ -151,20 +150,22 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run_ingest(settings: Settings) -> anyhow::Result<ExitCode> {
-    if let Err(code) = check(&settings, &[Role::Ingest]) {
-        return Ok(code);
-    }
+    let secrets = match required(settings.webhook_secrets()) {
+        Ok(secrets) => secrets,
+        Err(code) => return Ok(code),
+    };
     let shutdown = shutdown_on_signal();
-    serve_ingest(&settings, shutdown).await?;
+    serve_ingest(&settings, secrets, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn run_worker(settings: Settings) -> anyhow::Result<ExitCode> {
-    if let Err(code) = check(&settings, &[Role::Worker]) {
-        return Ok(code);
-    }
+    let (cipher, store) = match required(worker_requirements(&settings)) {
+        Ok(required) => required,
+        Err(code) => return Ok(code),
+    };
     let shutdown = shutdown_on_signal();
-    let worker = fbsync_worker::Worker::open(&settings, &shutdown).await?;
+    let worker = fbsync_worker::Worker::open(&settings, cipher, &store, &shutdown).await?;
     if let Some(addr) = settings.worker.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -184,20 +185,26 @@ async fn run_worker(settings: Settings) -> anyhow::Result<ExitCode> {
 
 /// Ingest and a worker in one process (the scheduler joins them once it exists).
 async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
-    if let Err(code) = check(&settings, &[Role::Ingest, Role::Worker]) {
-        return Ok(code);
-    }
+    let checked = all_of(settings.webhook_secrets(), worker_requirements(&settings));
+    let (secrets, (cipher, store)) = match required(checked) {
+        Ok(required) => required,
+        Err(code) => return Ok(code),
+    };
     let shutdown = shutdown_on_signal();
-    let worker = fbsync_worker::Worker::open(&settings, &shutdown).await?;
+    let worker = fbsync_worker::Worker::open(&settings, cipher, &store, &shutdown).await?;
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    serve_ingest(&settings, shutdown.clone()).await?;
+    serve_ingest(&settings, secrets, shutdown.clone()).await?;
     shutdown.cancel();
     worker_task.await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Serves ingest on INGEST_ADDR until `shutdown`.
-async fn serve_ingest(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve_ingest(
+    settings: &Settings,
+    secrets: WebhookSecrets,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = telemetry::metrics_handle();
     let publisher = Publisher::start(
         settings.broker.amqp_url.clone(),
@@ -213,9 +220,9 @@ async fn serve_ingest(settings: &Settings, shutdown: CancellationToken) -> anyho
     {
         tracing::warn!("the broker is not reachable yet; deliveries are answered 503 until it is");
     }
-    let state = Arc::new(fbsync_ingest::IngestState::from_settings(
-        settings, publisher, metrics,
-    )?);
+    let state = Arc::new(fbsync_ingest::IngestState::new(
+        settings, secrets, publisher, metrics,
+    ));
     let listener = tokio::net::TcpListener::bind(settings.ingest.addr)
         .await
         .map_err(|e| {

@@ -17,11 +17,11 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use fbsync_shared::broker::{Outgoing, PublishError, Publisher, Topology};
-use fbsync_shared::config::Settings;
-use fbsync_shared::event::{EventMessage, split_delivery};
+use fbsync_shared::config::{Settings, WebhookSecrets};
+use fbsync_shared::facebook::event::{EventMessage, split_delivery};
+use fbsync_shared::facebook::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
 use fbsync_shared::now_ms;
-use fbsync_shared::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
+use fbsync_shared::queue::{Outgoing, PublishError, Publisher, Topology};
 use fbsync_shared::telemetry::{DELIVERIES, EVENTS_PUBLISHED, PUBLISH_CONFIRM_SECONDS};
 use lapin::types::{AMQPValue, FieldTable};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -47,29 +47,21 @@ pub struct IngestState {
 }
 
 impl IngestState {
-    /// State from settings; the caller has checked [`Settings::problems_for`] already.
-    pub fn from_settings(
+    /// State from settings and the webhook secrets the caller checked at start.
+    pub fn new(
         settings: &Settings,
+        secrets: WebhookSecrets,
         publisher: Publisher,
         metrics: PrometheusHandle,
-    ) -> anyhow::Result<Self> {
-        let missing = |name: &str| anyhow::anyhow!("{name} is not set");
-        Ok(Self {
-            app_secret: settings
-                .facebook
-                .app_secret
-                .clone()
-                .ok_or_else(|| missing("FACEBOOK_APP_SECRET"))?,
-            verify_token: settings
-                .facebook
-                .verify_token
-                .clone()
-                .ok_or_else(|| missing("FACEBOOK_VERIFY_TOKEN"))?,
+    ) -> Self {
+        Self {
+            app_secret: secrets.app_secret,
+            verify_token: secrets.verify_token,
             topology: Topology::new(&settings.broker.queue_prefix),
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
             metrics,
-        })
+        }
     }
 }
 

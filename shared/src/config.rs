@@ -1,8 +1,11 @@
 //! Typed configuration, read from the environment and an optional `.env` file.
 //!
-//! Every setting has one home here. Values are parsed once, at start; a role asks
-//! [`Settings::problems_for`] what it is missing and refuses to start with one clear line per
-//! problem. Secrets are held in [`SecretString`] so they cannot end up in a `Debug` print or log.
+//! Every setting has one home here. Values are parsed once, at start, and every problem is
+//! reported at once, one clear line each. What only some roles require (ingest's webhook
+//! secrets, the token key, the object store's coordinates) is checked by the role at start into
+//! a value of its own with nothing optional left ([`WebhookSecrets`], [`TokenCipher`],
+//! [`StoreLocation`]); [`all_of`] joins their problems so they too are reported at once. Secrets
+//! are held in [`SecretString`] so they cannot end up in a `Debug` print or log.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,17 +15,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-/// The roles a process can take; each needs a different part of the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Ingest,
-    Worker,
-    Scheduler,
-    /// Ops commands that touch the database only (pages add/list/remove).
-    Registry,
-    /// Ops commands that touch the broker only (dlq).
-    BrokerOps,
-}
+use crate::crypto::TokenCipher;
 
 /// Configuration problems, one human-readable line each.
 #[derive(Debug, thiserror::Error)]
@@ -42,30 +35,22 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// Where tokens, pages and staged events live.
     pub database_url: SecretString,
-    /// Key for page tokens at rest (AES-256-GCM); required by roles that read or write tokens.
-    pub token_encryption_key: Option<SecretString>,
+    /// Key for page tokens at rest (AES-256-GCM); see [`Settings::token_key`].
+    token_encryption_key: Option<SecretString>,
     /// Retry policy for transient failures in workers.
     pub retry: RetrySettings,
     /// Worker tuning: prefetch, flush cadence, metrics address.
     pub worker: WorkerSettings,
-    /// Cron expression for the daily poll (kept for the scheduler).
-    pub poll_schedule: String,
     /// JSON log lines when true (LOG_FORMAT=json).
     pub json_logs: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct FacebookSettings {
-    /// App id, used by the OAuth flow.
-    pub app_id: Option<String>,
-    /// Signs every webhook delivery; ingest cannot accept anything without it.
-    pub app_secret: Option<SecretString>,
-    /// Echoed by Facebook in the subscription handshake.
-    pub verify_token: Option<SecretString>,
-    /// OAuth redirect address.
-    pub redirect_uri: Option<String>,
-    /// The public address of the webhook, for subscriptions.
-    pub webhook_address: Option<String>,
+    /// Signs every webhook delivery; see [`Settings::webhook_secrets`].
+    app_secret: Option<SecretString>,
+    /// Echoed by Facebook in the subscription handshake; see [`Settings::webhook_secrets`].
+    verify_token: Option<SecretString>,
     /// Base of every Graph API call, version included; tests point it at a fake server.
     pub graph_url: String,
 }
@@ -91,12 +76,13 @@ pub struct IngestSettings {
 
 #[derive(Debug, Clone)]
 pub struct StorageSettings {
-    /// S3-compatible endpoint; without it objects go under `data_dir`.
-    pub endpoint: Option<String>,
-    pub bucket: Option<String>,
-    pub region: String,
-    pub access_key: Option<SecretString>,
-    pub secret_key: Option<SecretString>,
+    /// S3-compatible endpoint; without it objects go under `data_dir`. See
+    /// [`Settings::store_location`] for the rest of an S3 store's coordinates.
+    endpoint: Option<String>,
+    bucket: Option<String>,
+    region: String,
+    access_key: Option<SecretString>,
+    secret_key: Option<SecretString>,
     /// Root of the local object store (and of the default SQLite file).
     pub data_dir: PathBuf,
     /// PUTs allowed to one object per window (0 = unlimited).
@@ -159,11 +145,8 @@ impl Settings {
         let default_db = format!("sqlite://{}/fbsync.db", data_dir.display());
         let settings = Settings {
             facebook: FacebookSettings {
-                app_id: reader.optional("FACEBOOK_APP_ID"),
                 app_secret: reader.secret("FACEBOOK_APP_SECRET"),
                 verify_token: reader.secret("FACEBOOK_VERIFY_TOKEN"),
-                redirect_uri: reader.optional("FACEBOOK_REDIRECT_URI"),
-                webhook_address: reader.optional("FACEBOOK_WEBHOOK_ADDRESS"),
                 graph_url: reader
                     .string_or("FACEBOOK_GRAPH_URL", "https://graph.facebook.com/v25.0")
                     .trim_end_matches('/')
@@ -213,13 +196,23 @@ impl Settings {
                 lease: Duration::from_millis(reader.parsed_or("WORKER_LEASE_MS", 60_000)),
                 metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
             },
-            poll_schedule: reader.string_or("POLL_SCHEDULE", "0 0 3 * * *"),
             json_logs: reader.optional("LOG_FORMAT").as_deref() == Some("json"),
         };
         if settings.retry.max_attempts == 0 {
             reader
                 .problems
                 .push("WORKER_MAX_ATTEMPTS must be at least 1".into());
+        }
+        let database_url = settings.database_url.expose_secret();
+        if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
+            reader
+                .problems
+                .push("DATABASE_URL must start with sqlite: or postgres://".into());
+        }
+        if !settings.broker.amqp_url.expose_secret().starts_with("amqp") {
+            reader
+                .problems
+                .push("AMQP_URL must start with amqp:// or amqps://".into());
         }
         if reader.problems.is_empty() {
             Ok(settings)
@@ -228,65 +221,113 @@ impl Settings {
         }
     }
 
-    /// What this configuration lacks for `role`, one line per problem (empty when ready).
-    pub fn problems_for(&self, role: Role) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut require = |present: bool, name: &str, why: &str| {
-            if !present {
-                problems.push(format!("{name} is not set: {why}"));
-            }
+    /// Ingest's secrets, or why they are missing.
+    pub fn webhook_secrets(&self) -> Result<WebhookSecrets, Vec<String>> {
+        let app_secret = required(
+            &self.facebook.app_secret,
+            "FACEBOOK_APP_SECRET",
+            "ingest needs it to verify webhook signatures",
+        );
+        let verify_token = required(
+            &self.facebook.verify_token,
+            "FACEBOOK_VERIFY_TOKEN",
+            "ingest needs it for the subscription handshake",
+        );
+        let (app_secret, verify_token) = all_of(app_secret, verify_token)?;
+        Ok(WebhookSecrets {
+            app_secret,
+            verify_token,
+        })
+    }
+
+    /// The cipher that seals Page tokens, from TOKEN_ENCRYPTION_KEY (32 bytes, base64).
+    pub fn token_cipher(&self) -> Result<TokenCipher, Vec<String>> {
+        let key = required(
+            &self.token_encryption_key,
+            "TOKEN_ENCRYPTION_KEY",
+            "page tokens are encrypted at rest (32 bytes, base64; `openssl rand -base64 32`)",
+        )?;
+        match TokenCipher::from_base64(&key) {
+            Ok(cipher) => Ok(cipher),
+            Err(e) => Err(vec![format!("TOKEN_ENCRYPTION_KEY is malformed: {e}")]),
+        }
+    }
+
+    /// Where objects go: the S3-compatible store when SPACES_ENDPOINT is set (its bucket and
+    /// keys then required), else the local directory.
+    pub fn store_location(&self) -> Result<StoreLocation, Vec<String>> {
+        let storage = &self.storage;
+        let Some(endpoint) = &storage.endpoint else {
+            return Ok(StoreLocation::Local(storage.data_dir.clone()));
         };
-        let needs_tokens = matches!(role, Role::Worker | Role::Registry | Role::Scheduler);
-        if role == Role::Ingest {
-            require(
-                self.facebook.app_secret.is_some(),
-                "FACEBOOK_APP_SECRET",
-                "ingest needs it to verify webhook signatures",
-            );
-            require(
-                self.facebook.verify_token.is_some(),
-                "FACEBOOK_VERIFY_TOKEN",
-                "ingest needs it for the subscription handshake",
-            );
-        }
-        if needs_tokens {
-            require(
-                self.token_encryption_key.is_some(),
-                "TOKEN_ENCRYPTION_KEY",
-                "page tokens are encrypted at rest (32 bytes, base64; `openssl rand -base64 32`)",
-            );
-        }
-        if role == Role::Worker && self.storage.endpoint.is_some() {
-            require(
-                self.storage.bucket.is_some(),
-                "SPACES_BUCKET",
-                "SPACES_ENDPOINT is set",
-            );
-            require(
-                self.storage.access_key.is_some(),
-                "SPACES_API_KEY",
-                "SPACES_ENDPOINT is set",
-            );
-            require(
-                self.storage.secret_key.is_some(),
-                "SPACES_API_SECRET",
-                "SPACES_ENDPOINT is set",
-            );
-        }
-        if needs_tokens
-            && let Some(key) = &self.token_encryption_key
-            && let Err(e) = crate::crypto::TokenCipher::from_base64(key)
-        {
-            problems.push(format!("TOKEN_ENCRYPTION_KEY is malformed: {e}"));
-        }
-        let url = self.database_url.expose_secret();
-        if needs_tokens && !(url.starts_with("sqlite:") || url.starts_with("postgres")) {
-            problems.push("DATABASE_URL must start with sqlite: or postgres://".into());
-        }
-        if !self.broker.amqp_url.expose_secret().starts_with("amqp") {
-            problems.push("AMQP_URL must start with amqp:// or amqps://".into());
-        }
-        problems
+        let bucket = required(&storage.bucket, "SPACES_BUCKET", "SPACES_ENDPOINT is set");
+        let access_key = required(
+            &storage.access_key,
+            "SPACES_API_KEY",
+            "SPACES_ENDPOINT is set",
+        );
+        let secret_key = required(
+            &storage.secret_key,
+            "SPACES_API_SECRET",
+            "SPACES_ENDPOINT is set",
+        );
+        let ((bucket, access_key), secret_key) = all_of(all_of(bucket, access_key), secret_key)?;
+        Ok(StoreLocation::S3(S3Target {
+            endpoint: endpoint.clone(),
+            bucket,
+            region: storage.region.clone(),
+            access_key,
+            secret_key,
+            conditional_writes: storage.conditional_writes,
+        }))
+    }
+}
+
+/// Ingest's secrets, both present.
+#[derive(Debug, Clone)]
+pub struct WebhookSecrets {
+    /// Signs every webhook delivery; ingest cannot accept anything without it.
+    pub app_secret: SecretString,
+    /// Echoed by Facebook in the subscription handshake.
+    pub verify_token: SecretString,
+}
+
+/// Where the object store is, with everything it needs present.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// A local directory with the bucket's layout (no SPACES_ENDPOINT).
+    Local(PathBuf),
+    /// Spaces or another S3-compatible store.
+    S3(S3Target),
+}
+
+/// An S3-compatible store's coordinates.
+#[derive(Debug, Clone)]
+pub struct S3Target {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: SecretString,
+    pub secret_key: SecretString,
+    /// Send If-Match / If-None-Match on writes (off only for a store that rejects them).
+    pub conditional_writes: bool,
+}
+
+/// A required value, or the line that says it is missing and why.
+fn required<T: Clone>(value: &Option<T>, name: &str, why: &str) -> Result<T, Vec<String>> {
+    value
+        .clone()
+        .ok_or_else(|| vec![format!("{name} is not set: {why}")])
+}
+
+/// Both values, or the problems of both (so every problem is reported at once).
+pub fn all_of<A, B>(
+    a: Result<A, Vec<String>>,
+    b: Result<B, Vec<String>>,
+) -> Result<(A, B), Vec<String>> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (a, b) => Err(a.err().into_iter().chain(b.err()).flatten().collect()),
     }
 }
 
@@ -371,7 +412,7 @@ mod tests {
     #[test]
     fn ingest_needs_its_secrets() {
         let settings = Settings::from_map(&vars(&[])).expect("defaults parse");
-        let problems = settings.problems_for(Role::Ingest);
+        let problems = settings.webhook_secrets().expect_err("no secrets");
         assert_eq!(problems.len(), 2);
         assert!(problems[0].starts_with("FACEBOOK_APP_SECRET"));
     }
@@ -380,12 +421,25 @@ mod tests {
     fn worker_rejects_a_malformed_key() {
         let settings =
             Settings::from_map(&vars(&[("TOKEN_ENCRYPTION_KEY", "c2hvcnQ=")])).expect("parses");
-        let problems = settings.problems_for(Role::Worker);
+        let problems = settings.token_cipher().expect_err("malformed");
         assert!(
             problems
                 .iter()
                 .any(|p| p.contains("TOKEN_ENCRYPTION_KEY is malformed")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn an_s3_store_needs_its_bucket_and_both_keys_reported_at_once() {
+        let settings = Settings::from_map(&vars(&[("SPACES_ENDPOINT", "http://127.0.0.1:1")]))
+            .expect("parses");
+        let problems = settings.store_location().expect_err("incomplete");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        let local = Settings::from_map(&vars(&[])).expect("parses");
+        assert!(matches!(
+            local.store_location(),
+            Ok(StoreLocation::Local(_))
+        ));
     }
 }

@@ -1,16 +1,19 @@
-//! Everything the fbsync roles share: configuration, the event model, webhook signatures, the
-//! queue topology and publisher, the database, the object store, token encryption and telemetry.
+//! Everything the fbsync roles share, by layer:
+//!
+//! - [`facebook`]: the webhook event model, signatures and the Graph API client.
+//! - [`queue`]: the RabbitMQ topology and the confirming publisher.
+//! - [`storage`]: the database, the object store and Spaces' request budgets.
+//! - [`ids`]: validated Page, user and conversation-partner ids.
+//! - [`config`], [`crypto`], [`retry`], [`telemetry`]: configuration, token encryption, the one
+//!   retry policy, logs and metrics.
 
-pub mod broker;
-pub mod budget;
 pub mod config;
 pub mod crypto;
-pub mod db;
-pub mod event;
-pub mod graph;
+pub mod facebook;
+pub mod ids;
+pub mod queue;
 pub mod retry;
-pub mod signature;
-pub mod store;
+pub mod storage;
 pub mod telemetry;
 
 /// Milliseconds since the Unix epoch: the one time unit of messages, staging rows and budgets.

@@ -39,16 +39,21 @@ pub fn backoff(settings: &RetrySettings) -> ExponentialBuilder {
         .with_jitter()
 }
 
+/// Delays for work that is retried for as long as it takes (reconnecting to the broker): from
+/// `base`, doubling, up to `max`, with jitter.
+pub fn endless_backoff(base: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(base)
+        .with_max_delay(max)
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
 /// The delay before retry number `failures` (1-based) of a long-lived job such as a
 /// conversation flush, which is retried forever but never faster than the policy allows.
 pub fn delay_after_failures(settings: &RetrySettings, failures: u32) -> Duration {
-    let unbounded = ExponentialBuilder::default()
-        .with_min_delay(settings.base_delay)
-        .with_max_delay(settings.max_delay)
-        .without_max_times()
-        .with_jitter();
-    unbounded
-        .build()
+    endless_backoff(settings.base_delay, settings.max_delay)
         .nth(failures.saturating_sub(1) as usize)
         .unwrap_or(settings.max_delay)
 }

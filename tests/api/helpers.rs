@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fbsync_shared::broker::{Publisher, Topology, connect};
 use fbsync_shared::config::Settings;
-use fbsync_shared::event::{EventMessage, JobKind};
-use fbsync_shared::signature::sign_sha256;
+use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::signature::sign_sha256;
+use fbsync_shared::queue::{Publisher, Topology, connect};
 use fbsync_shared::telemetry;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -86,12 +86,9 @@ pub async fn spawn_ingest(amqp_url: &str) -> TestIngest {
         publisher.wait_ready(Duration::from_secs(10)).await,
         "ingest could not reach the broker"
     );
-    let state = fbsync_ingest::IngestState::from_settings(
-        &settings,
-        publisher,
-        telemetry::metrics_handle(),
-    )
-    .expect("state");
+    let secrets = settings.webhook_secrets().expect("webhook secrets");
+    let state =
+        fbsync_ingest::IngestState::new(&settings, secrets, publisher, telemetry::metrics_handle());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(fbsync_ingest::run(

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use fbsync_shared::event::{EventKind, JobKind};
-use fbsync_shared::signature::{sign_sha1, sign_sha256};
+use fbsync_shared::facebook::event::{EventKind, JobKind};
+use fbsync_shared::facebook::signature::{sign_sha1, sign_sha256};
 
 use crate::helpers::{
     AMQP_URL, APP_SECRET, FbsyncProcess, TcpProxy, VERIFY_TOKEN, delete_topology, fbsync_command,

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use fbsync_shared::broker::{Topology, connect};
-use fbsync_shared::event::{EventKind, EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventKind, EventMessage, JobKind};
+use fbsync_shared::queue::{Topology, connect};
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;

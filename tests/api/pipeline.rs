@@ -230,7 +230,7 @@ pub async fn post_signed(client: &reqwest::Client, url: &str, body: &[u8]) -> u1
         .post(url)
         .header(
             "x-hub-signature-256",
-            fbsync_shared::signature::sign_sha256(APP_SECRET, body),
+            fbsync_shared::facebook::signature::sign_sha256(APP_SECRET, body),
         )
         .body(body.to_vec())
         .send()

@@ -418,6 +418,7 @@ fn percent_decode(text: &str) -> String {
 /// when required, no retries, so a 503 is seen as it is), with the test credentials.
 pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
     let vars: std::collections::HashMap<String, String> = [
+        ("SPACES_ENDPOINT", endpoint),
         ("SPACES_BUCKET", "unused"),
         ("SPACES_REGION", "us-east-1"),
         ("SPACES_API_KEY", "test"),
@@ -427,8 +428,10 @@ pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let settings = fbsync_shared::config::Settings::from_map(&vars).expect("test settings");
-    fbsync_shared::store::S3Store::new(&settings.storage, endpoint)
-        .expect("S3 client")
+    let Ok(fbsync_shared::config::StoreLocation::S3(target)) = settings.store_location() else {
+        panic!("test settings name an S3 store");
+    };
+    fbsync_shared::storage::object_store::S3Store::new(&target)
         .client()
         .clone()
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use fbsync_shared::config::Settings;
-use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, open_store};
+use fbsync_shared::storage::object_store::{ObjectStore, StoreError, WriteCondition, open_store};
 
 use crate::spaces_limits::{create_bucket, s3_endpoint, unique_bucket};
 
@@ -21,14 +21,24 @@ async fn s3_store() -> Box<dyn ObjectStore> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    open_store(&Settings::from_map(&vars).expect("settings").storage).expect("S3 store")
+    open_store(
+        &Settings::from_map(&vars)
+            .expect("settings")
+            .store_location()
+            .expect("S3 store"),
+    )
 }
 
 fn local_store() -> Box<dyn ObjectStore> {
     let dir = std::env::temp_dir().join(format!("fbsync-store-{}", uuid::Uuid::new_v4().simple()));
     let vars: HashMap<String, String> =
         [("DATA_DIR".to_string(), dir.display().to_string())].into();
-    open_store(&Settings::from_map(&vars).expect("settings").storage).expect("local store")
+    open_store(
+        &Settings::from_map(&vars)
+            .expect("settings")
+            .store_location()
+            .expect("local store"),
+    )
 }
 
 async fn conditional_writes_refuse_lost_updates(store: Box<dyn ObjectStore>) {

@@ -75,7 +75,7 @@ pub async fn wait_for_broker(limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(connection) =
-            fbsync_shared::broker::connect(&AMQP_URL.into(), "fbsync-reliability-probe").await
+            fbsync_shared::queue::connect(&AMQP_URL.into(), "fbsync-reliability-probe").await
         {
             let _ = connection.close(200, "probe".into()).await;
             return;
@@ -126,7 +126,7 @@ pub async fn queue_total(prefix: &str, queue: &str) -> u64 {
 
 /// Messages ready in `queue` (not counting unacked ones).
 pub async fn queue_depth(queue: &str) -> u32 {
-    let connection = fbsync_shared::broker::connect(&AMQP_URL.into(), "fbsync-reliability-depth")
+    let connection = fbsync_shared::queue::connect(&AMQP_URL.into(), "fbsync-reliability-depth")
         .await
         .expect("broker");
     let channel = connection.create_channel().await.expect("channel");

@@ -8,9 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fbsync_shared::broker::{Publisher, Topology, connect};
-use fbsync_shared::event::{EventMessage, JobKind};
-use fbsync_shared::telemetry::DEAD_LETTERED;
+use fbsync_shared::config::RetrySettings;
+use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::ids::PageId;
+use fbsync_shared::queue::{Publisher, Topology, connect};
+use fbsync_shared::retry::{RetryError, endless_backoff, retry};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -21,7 +23,7 @@ use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason, message_id};
+use crate::dead_letter::{DeadLetterInfo, DeadReason, sender};
 use crate::page_data::{PageDataFailure, PageDataJob};
 use crate::stage::{Decision, QueuedMessage, Stager};
 
@@ -36,6 +38,8 @@ pub struct ConsumerContext {
     pub topology: Topology,
     /// Unacked messages per consumer.
     pub prefetch: u16,
+    /// Backoff for staging when the database fails.
+    pub retry: RetrySettings,
     /// Publishes dead letters with confirms.
     pub dead_letters: Publisher,
     /// Conversation staging.
@@ -50,27 +54,35 @@ pub async fn consume_forever(
     kind: JobKind,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = reconnect_delays();
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
         let outcome = consume_session(&context, kind, &shutdown).await;
         if started.elapsed() > Duration::from_secs(10) {
             // A session that ran for a while was healthy: the next outage starts afresh.
-            delay = Duration::from_millis(100);
+            delays = reconnect_delays();
         }
         match outcome {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(queue = kind.as_str(), error = %e, "consumer stopped; reconnecting");
+                let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
 }
+
+/// Reconnection delays after a consumer session ends: from 100 ms up to 5 s.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    endless_backoff(Duration::from_millis(100), RECONNECT_MAX_DELAY)
+}
+
+/// The longest wait between two reconnection attempts.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 
 async fn consume_session(
     context: &Arc<ConsumerContext>,
@@ -151,36 +163,39 @@ async fn handle_conversation_batch(
             body: delivery.data.clone(),
         })
         .collect();
-    let mut delay = Duration::from_millis(100);
-    let mut attempts = 0;
-    let decisions = loop {
-        attempts += 1;
-        match context.stager.stage_batch(&messages).await {
-            Ok(decisions) => break decisions,
-            Err(e) if attempts < 8 && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %e, attempts, "staging failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "staging failed; returning the batch to the queue");
-                for delivery in &batch {
-                    let _ = delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
+    let staged = retry(&context.retry, "stage", shutdown, || {
+        context.stager.stage_batch(&messages)
+    })
+    .await;
+    let decisions = match staged {
+        Ok(decisions) => decisions,
+        Err(failure) => {
+            match failure {
+                RetryError::Failed { error, attempts } => {
+                    tracing::error!(%error, attempts, "staging failed; returning the batch to the queue");
                 }
-                return;
+                RetryError::Cancelled => {
+                    tracing::info!("shutting down; returning the unstaged batch to the queue");
+                }
             }
+            for delivery in &batch {
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            return;
         }
     };
     let mut last_staged = None;
     for (delivery, decision) in batch.iter().zip(decisions) {
         match decision {
             Decision::Staged => last_staged = Some(delivery),
-            Decision::DeadLetter(info) => dead_letter(context, delivery, info).await,
+            Decision::DeadLetter(info) => {
+                sender::send(&context.dead_letters, &context.topology, delivery, info).await
+            }
         }
     }
     // One ack for every staged message of the batch: the deliveries of a channel are acked
@@ -196,58 +211,33 @@ async fn handle_page_change(
     shutdown: &CancellationToken,
 ) {
     let now = fbsync_shared::now_ms();
-    let event: EventMessage = match serde_json::from_slice(&delivery.data) {
-        Ok(event) => event,
-        Err(e) => {
+    let page_id = match serde_json::from_slice::<EventMessage>(&delivery.data) {
+        Ok(event) => PageId::parse(&event.page_id).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("not an event message: {e}")),
+    };
+    let page_id = match page_id {
+        Ok(page_id) => page_id,
+        Err(error) => {
             let info = DeadLetterInfo::new(
                 DeadReason::Malformed,
-                format!("not an event message: {e}"),
+                error,
                 1,
                 JobKind::PageChange.as_str(),
                 now,
                 now,
             );
-            return dead_letter(context, &delivery, info).await;
+            return sender::send(&context.dead_letters, &context.topology, &delivery, info).await;
         }
     };
-    match context.page_data.refresh(&event.page_id, shutdown).await {
+    match context.page_data.refresh(&page_id, shutdown).await {
         Ok(outcome) => {
-            tracing::debug!(page_id = %event.page_id, ?outcome, "page metadata refreshed");
+            tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        Err(PageDataFailure::DeadLetter(info)) => dead_letter(context, &delivery, info).await,
+        Err(PageDataFailure::DeadLetter(info)) => {
+            sender::send(&context.dead_letters, &context.topology, &delivery, info).await
+        }
         Err(PageDataFailure::GiveBack) => {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-        }
-    }
-}
-
-/// Publishes the dead-letter copy with a confirm, then acks the original. If the copy cannot be
-/// confirmed, the original is returned to its queue instead: nothing is lost either way.
-async fn dead_letter(context: &ConsumerContext, delivery: &Delivery, info: DeadLetterInfo) {
-    let message_id = message_id(&delivery.properties);
-    let outgoing = info.to_outgoing(
-        &context.topology,
-        &delivery.data,
-        &message_id,
-        delivery.properties.headers().as_ref(),
-    );
-    match context
-        .dead_letters
-        .publish_all(&[outgoing], Duration::from_secs(5))
-        .await
-    {
-        Ok(()) => {
-            metrics::counter!(DEAD_LETTERED, "reason" => info.reason.clone()).increment(1);
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "dead letter not confirmed; returning the message to its queue");
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,

@@ -1,22 +1,29 @@
 //! The flusher: moves staged events into their conversation objects, one write per
 //! conversation per flush, within Spaces' budgets.
 //!
-//! For each due conversation: claim its lease, read the object, merge every staged event,
-//! write once if the content changed, then delete exactly the staged rows that are now stored.
-//! Any failure leaves the staged rows in place and schedules the conversation again with
-//! backoff: a storage outage delays, it never loses or dead-letters.
+//! For each due conversation: claim it, read the object, merge every staged event, reserve a
+//! PUT under the object's budget, write once if the content changed, then finish the claim
+//! (which deletes exactly the staged rows that are now stored). The claim
+//! ([`ConversationClaim`]) fences every step after it: a flusher that stalled past its lease
+//! finds the claim gone and sends nothing. Any failure leaves the staged rows in place and
+//! schedules the conversation again with backoff: a storage outage delays, it never loses or
+//! dead-letters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fbsync_shared::budget::{BucketBudget, PutBudget};
 use fbsync_shared::config::{RetrySettings, Settings};
-use fbsync_shared::db::{Claim, Database, DbError, StagedEvent};
-use fbsync_shared::event::EventSource;
+use fbsync_shared::ids::{PageId, UserUuid};
 use fbsync_shared::now_ms;
-use fbsync_shared::retry::delay_after_failures;
-use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, conversation_key};
+use fbsync_shared::retry::{RetryClass, delay_after_failures};
+use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::storage::db::{
+    ClaimError, ConversationClaim, Database, DbError, PutReservation, StagedEvent,
+};
+use fbsync_shared::storage::object_store::{
+    ObjectStore, REQUEST_TIMEOUT, StoreError, WriteCondition, conversation_key,
+};
 use fbsync_shared::telemetry::{FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
 
@@ -33,6 +40,8 @@ pub enum FlushOutcome {
     Deferred,
     /// Reading, merging or writing failed; staged rows kept, retried with backoff.
     Failed,
+    /// The claim was lost to another worker (this one stalled past its lease): nothing sent.
+    Lost,
 }
 
 /// Counts of one [`Flusher::flush_due`] round.
@@ -43,6 +52,7 @@ pub struct FlushReport {
     pub unchanged: usize,
     pub deferred: usize,
     pub failed: usize,
+    pub lost: usize,
 }
 
 /// Flushes due conversations; several flushers (in one or many processes) can run at once.
@@ -59,12 +69,15 @@ pub struct Flusher {
     bucket_budget: BucketBudget,
     /// How long a claim lasts if this process dies mid-flush.
     lease: Duration,
+    /// Lease time a PUT must still have when it is sent: the store's request timeout, or half
+    /// the lease when leases are shorter (tests).
+    put_margin: Duration,
     /// Conversations claimed (and flushed concurrently) per round.
     batch: u32,
     /// Backoff for failed flushes.
     retry: RetrySettings,
     /// Page owners recently read: Page id -> (user UUID, when read).
-    owners: Mutex<HashMap<String, (String, Instant)>>,
+    owners: Mutex<HashMap<PageId, (UserUuid, Instant)>>,
 }
 
 /// How long a cached Page owner is trusted.
@@ -79,6 +92,7 @@ impl Flusher {
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
             lease: settings.worker.lease,
+            put_margin: REQUEST_TIMEOUT.min(settings.worker.lease / 2),
             batch: settings.worker.flush_batch.max(1),
             retry: settings.retry.clone(),
             owners: Mutex::new(HashMap::new()),
@@ -105,7 +119,7 @@ impl Flusher {
             ..Default::default()
         };
         let outcomes: Vec<Result<FlushOutcome, DbError>> = futures::stream::iter(claims)
-            .map(|claim| self.flush_or_release(claim))
+            .map(|claim| self.flush(claim))
             .buffer_unordered(self.batch as usize)
             .collect()
             .await;
@@ -115,14 +129,128 @@ impl Flusher {
                 FlushOutcome::Unchanged => report.unchanged += 1,
                 FlushOutcome::Deferred => report.deferred += 1,
                 FlushOutcome::Failed => report.failed += 1,
+                FlushOutcome::Lost => report.lost += 1,
             }
         }
         Ok(report)
     }
 
+    /// Flushes one claimed conversation. A lost claim is an outcome, not an error: the worker
+    /// that holds the conversation now does the work. When the database fails midway, the
+    /// claim is given back (best effort) so the conversation is not locked out for a whole
+    /// lease.
+    async fn flush(&self, mut claim: ConversationClaim) -> Result<FlushOutcome, DbError> {
+        match self.flush_claimed(&mut claim).await {
+            Ok(outcome) => Ok(outcome),
+            Err(ClaimError::Lost) => {
+                let key = claim.key();
+                tracing::warn!(page_id = %key.page_id, user_psid = %key.user_psid, "claim lost to another worker (this one stalled past its lease); nothing was written");
+                Ok(FlushOutcome::Lost)
+            }
+            Err(ClaimError::Db(error)) => {
+                let retry_at =
+                    now_ms() + i64::try_from(self.retry.base_delay.as_millis()).unwrap_or(1_000);
+                if let Err(release) = claim.fail(&error.to_string(), retry_at).await {
+                    tracing::debug!(error = %release, "could not give the claim back; it expires with its lease");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The story of one flush, from the claim to its end.
+    async fn flush_claimed(
+        &self,
+        claim: &mut ConversationClaim,
+    ) -> Result<FlushOutcome, ClaimError> {
+        let now = now_ms();
+        let key = claim.key().clone();
+        let Some(user_uuid) = self.page_owner(&key.page_id).await? else {
+            // Staged before the Page was removed: keep the events, look again later.
+            claim
+                .fail("the Page is not registered", now + 60_000)
+                .await?;
+            return Ok(FlushOutcome::Failed);
+        };
+        // Nothing is read or written before the object's budget allows a write.
+        let next_put = claim.next_put_at(&self.put_budget, now);
+        if next_put > now {
+            claim.defer(next_put).await?;
+            return Ok(FlushOutcome::Deferred);
+        }
+        if !self.bucket_budget.is_unlimited()
+            && !self
+                .db
+                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
+                .await?
+        {
+            claim.defer(self.bucket_budget.next_window(now)).await?;
+            return Ok(FlushOutcome::Deferred);
+        }
+        let staged = self.db.staged_events(&key).await?;
+        let seqs: Vec<i64> = staged.iter().map(|event| event.seq).collect();
+        if staged.is_empty() {
+            // Another flush stored them already; only the generation needs marking.
+            claim.finish(&[], now, now).await?;
+            return Ok(FlushOutcome::Unchanged);
+        }
+        let object_key = conversation_key(&user_uuid, &key);
+        let stored = match self.store.get(&object_key).await {
+            Ok(stored) => stored,
+            Err(e) => return self.failed(claim, &e).await,
+        };
+        let incoming: Vec<IncomingEvent<'_>> = staged
+            .iter()
+            .map(|event| IncomingEvent {
+                body: &event.body,
+                source: event.source,
+            })
+            .collect();
+        let stored_body = stored.as_ref().map(|object| object.body.as_ref());
+        let merged = match merge_events(key.page_id.as_str(), stored_body, &incoming) {
+            Ok(merged) => merged,
+            Err(e) => {
+                tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be merged; staged events kept");
+                return self
+                    .failed(claim, &StoreError::Permanent(e.to_string()))
+                    .await;
+            }
+        };
+        if !merged.changed {
+            claim.finish(&seqs, now, now).await?;
+            metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
+            return Ok(FlushOutcome::Unchanged);
+        }
+        // The PUT is recorded (and the lease renewed) before it is sent; once the claim is
+        // gone, or about to go, it is not sent at all.
+        if let PutReservation::NotBefore(at) = claim.reserve_put(&self.put_budget, now_ms()).await?
+        {
+            claim.defer(at).await?;
+            return Ok(FlushOutcome::Deferred);
+        }
+        if !claim.held_for(self.put_margin) {
+            return Err(ClaimError::Lost);
+        }
+        let condition = WriteCondition::after_read(stored.as_ref());
+        if let Err(e) = self
+            .store
+            .put(&object_key, merged.body.into(), &condition)
+            .await
+        {
+            return self.failed(claim, &e).await;
+        }
+        let written_at = now_ms();
+        let due_at = claim.next_put_at(&self.put_budget, written_at);
+        claim.finish(&seqs, due_at, written_at).await?;
+        metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
+        metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
+        record_visibility(&staged, written_at);
+        Ok(FlushOutcome::Written)
+    }
+
     /// The owner of a Page, from a cache that forgets after [`OWNER_CACHE_TTL`] (every flush
     /// needs it, and it almost never changes).
-    async fn page_owner(&self, page_id: &str) -> Result<Option<String>, DbError> {
+    async fn page_owner(&self, page_id: &PageId) -> Result<Option<UserUuid>, DbError> {
         if let Some((owner, at)) = self
             .owners
             .lock()
@@ -132,161 +260,35 @@ impl Flusher {
         {
             return Ok(Some(owner.clone()));
         }
-        let owner = self
-            .db
-            .page_owner(page_id)
-            .await?
-            .map(|(user_uuid, _, _)| user_uuid);
+        let owner = self.db.page(page_id).await?.map(|page| page.user_uuid);
         if let Some(owner) = &owner {
             self.owners
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(page_id.to_string(), (owner.clone(), Instant::now()));
+                .insert(page_id.clone(), (owner.clone(), Instant::now()));
         }
         Ok(owner)
-    }
-
-    /// Flushes a claimed conversation; if the database fails midway, gives the claim back
-    /// (best effort) so the conversation is not locked out for a whole lease.
-    async fn flush_or_release(&self, mut claim: Claim) -> Result<FlushOutcome, DbError> {
-        match self.flush_claimed(&mut claim).await {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => {
-                let retry_at =
-                    now_ms() + i64::try_from(self.retry.base_delay.as_millis()).unwrap_or(1_000);
-                if let Err(release) = self
-                    .db
-                    .fail_flush(&claim, &self.owner, &e.to_string(), retry_at)
-                    .await
-                {
-                    tracing::debug!(error = %release, "could not give the claim back; it expires with its lease");
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn flush_claimed(&self, claim: &mut Claim) -> Result<FlushOutcome, DbError> {
-        let now = now_ms();
-        let key = claim.key.clone();
-        let Some(user_uuid) = self.page_owner(&key.page_id).await? else {
-            // Staged before the Page was removed: keep the events, look again later.
-            self.db
-                .fail_flush(
-                    claim,
-                    &self.owner,
-                    "the Page is not registered",
-                    now + 60_000,
-                )
-                .await?;
-            return Ok(FlushOutcome::Failed);
-        };
-        let next_put = self.put_budget.next_put_at(&claim.recent_puts, now);
-        if next_put > now {
-            self.db.defer_flush(claim, &self.owner, next_put).await?;
-            return Ok(FlushOutcome::Deferred);
-        }
-        if !self.bucket_budget.is_unlimited()
-            && !self
-                .db
-                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
-                .await?
-        {
-            let next_window =
-                now - now.rem_euclid(self.bucket_budget.window_ms) + self.bucket_budget.window_ms;
-            self.db.defer_flush(claim, &self.owner, next_window).await?;
-            return Ok(FlushOutcome::Deferred);
-        }
-        let staged = self.db.staged_events(&key).await?;
-        if staged.is_empty() {
-            // Another flush stored them already; only the generation needs marking.
-            self.db
-                .finish_flush(claim, &self.owner, &[], now, now)
-                .await?;
-            return Ok(FlushOutcome::Unchanged);
-        }
-        let object_key = conversation_key(&user_uuid, &key.page_id, &key.user_psid);
-        let stored = match self.store.get(&object_key).await {
-            Ok(stored) => stored,
-            Err(e) => return self.failed(claim, &e.to_string(), &e).await,
-        };
-        let incoming: Vec<IncomingEvent<'_>> = staged
-            .iter()
-            .map(|event| IncomingEvent {
-                body: &event.body,
-                source: if event.source == "poll" {
-                    EventSource::Poll
-                } else {
-                    EventSource::Webhook
-                },
-            })
-            .collect();
-        let condition = WriteCondition::after_read(stored.as_ref());
-        let stored_body = stored.as_ref().map(|object| object.body.as_ref());
-        let merged = match merge_events(&key.page_id, stored_body, &incoming) {
-            Ok(merged) => merged,
-            Err(e) => {
-                tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be merged; staged events kept");
-                let permanent = StoreError::Permanent(e.to_string());
-                return self.failed(claim, &e.to_string(), &permanent).await;
-            }
-        };
-        let seqs: Vec<i64> = staged.iter().map(|event| event.seq).collect();
-        if !merged.changed {
-            self.db
-                .finish_flush(claim, &self.owner, &seqs, now, now)
-                .await?;
-            metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
-            return Ok(FlushOutcome::Unchanged);
-        }
-        self.db
-            .record_put_attempt(
-                claim,
-                &self.owner,
-                now_ms(),
-                self.put_budget.puts_per_window as usize,
-            )
-            .await?;
-        if let Err(e) = self
-            .store
-            .put(&object_key, merged.body.into(), &condition)
-            .await
-        {
-            return self.failed(claim, &e.to_string(), &e).await;
-        }
-        let written_at = now_ms();
-        let due_at = self.put_budget.next_put_at(&claim.recent_puts, written_at);
-        self.db
-            .finish_flush(claim, &self.owner, &seqs, due_at, written_at)
-            .await?;
-        metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
-        metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
-        record_visibility(&staged, written_at);
-        Ok(FlushOutcome::Written)
     }
 
     /// Keeps the staged rows and schedules the conversation again: after the retry policy's
     /// delay, and never before its PUT budget allows.
     async fn failed(
         &self,
-        claim: &Claim,
-        message: &str,
+        claim: &mut ConversationClaim,
         error: &StoreError,
-    ) -> Result<FlushOutcome, DbError> {
+    ) -> Result<FlushOutcome, ClaimError> {
         let now = now_ms();
-        let failures = u32::try_from(claim.failures + 1).unwrap_or(u32::MAX);
+        let failures = u32::try_from(claim.failures() + 1).unwrap_or(u32::MAX);
         let backoff = i64::try_from(delay_after_failures(&self.retry, failures).as_millis())
             .unwrap_or(i64::MAX / 4);
-        let retry_at = (now + backoff).max(self.put_budget.next_put_at(&claim.recent_puts, now));
+        let retry_at = (now + backoff).max(claim.next_put_at(&self.put_budget, now));
         if failures == 1 || failures.is_power_of_two() {
             tracing::warn!(
-                page_id = %claim.key.page_id, user_psid = %claim.key.user_psid, failures,
-                transient = error.is_transient(), error = message, "flush failed; staged events kept, will retry"
+                page_id = %claim.key().page_id, user_psid = %claim.key().user_psid, failures,
+                transient = error.is_transient(), error = %error, "flush failed; staged events kept, will retry"
             );
         }
-        self.db
-            .fail_flush(claim, &self.owner, message, retry_at)
-            .await?;
+        claim.fail(&error.to_string(), retry_at).await?;
         metrics::counter!(FLUSHES, "outcome" => "failed").increment(1);
         Ok(FlushOutcome::Failed)
     }

@@ -6,7 +6,6 @@
 
 pub mod consume;
 pub mod dead_letter;
-pub mod dlq;
 pub mod flush;
 pub mod merge;
 pub mod page_data;
@@ -15,16 +14,15 @@ pub mod stage;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use fbsync_shared::broker::{Publisher, Topology};
-use fbsync_shared::budget::{BucketBudget, PutBudget};
-use fbsync_shared::config::Settings;
+use fbsync_shared::config::{Settings, StoreLocation};
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::db::Database;
-use fbsync_shared::event::JobKind;
-use fbsync_shared::graph::GraphClient;
+use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::now_ms;
-use fbsync_shared::store::{ObjectStore, open_store};
+use fbsync_shared::queue::{Publisher, Topology};
+use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::storage::db::Database;
+use fbsync_shared::storage::object_store::{ObjectStore, open_store};
 use fbsync_shared::telemetry::{DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS};
 use tokio_util::sync::CancellationToken;
 
@@ -47,15 +45,16 @@ pub struct Worker {
 
 impl Worker {
     /// Opens the database (running migrations), the store and the dead-letter publisher.
-    pub async fn open(settings: &Settings, shutdown: &CancellationToken) -> anyhow::Result<Self> {
-        let key = settings
-            .token_encryption_key
-            .as_ref()
-            .context("TOKEN_ENCRYPTION_KEY is not set")?;
-        let cipher = TokenCipher::from_base64(key).context("TOKEN_ENCRYPTION_KEY is malformed")?;
+    /// `cipher` and `store` are what the caller checked at start ([`Settings::token_cipher`],
+    /// [`Settings::store_location`]).
+    pub async fn open(
+        settings: &Settings,
+        cipher: TokenCipher,
+        store: &StoreLocation,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         let db = Database::connect(&settings.database_url).await?;
-        let store: Arc<dyn ObjectStore> =
-            Arc::from(open_store(&settings.storage).map_err(anyhow::Error::msg)?);
+        let store: Arc<dyn ObjectStore> = Arc::from(open_store(store));
         tracing::info!(store = %store.describe(), "object store");
         let topology = Topology::new(&settings.broker.queue_prefix);
         let dead_letters = Publisher::start(
@@ -78,6 +77,7 @@ impl Worker {
             topology,
             prefetch: settings.worker.prefetch,
             dead_letters,
+            retry: settings.retry.clone(),
             stager: Stager::new(db.clone()),
             page_data,
         });
@@ -153,14 +153,14 @@ async fn report_backlog(
         }
         if broker.is_none()
             && let Ok(connection) =
-                fbsync_shared::broker::connect(&consumers.amqp_url, "fbsync-worker-gauges").await
+                fbsync_shared::queue::connect(&consumers.amqp_url, "fbsync-worker-gauges").await
             && let Ok(channel) = connection.create_channel().await
             && consumers.topology.declare(&channel).await.is_ok()
         {
             broker = Some((connection, channel));
         }
         if let Some((_, channel)) = &broker {
-            match dlq::dlq_depth(channel, &consumers.topology).await {
+            match dead_letter::operator_session::dlq_depth(channel, &consumers.topology).await {
                 Ok(depth) => metrics::gauge!(DLQ_DEPTH).set(f64::from(depth)),
                 Err(_) => broker = None,
             }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use fbsync_shared::event::{EventFacts, EventSource};
+use fbsync_shared::facebook::event::{EventFacts, EventSource};
 use serde_json::Value;
 use serde_json::value::RawValue;
 

@@ -10,15 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fbsync_shared::budget::{BucketBudget, PutBudget};
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::db::Database;
-use fbsync_shared::event::JobKind;
-use fbsync_shared::graph::{GraphClient, GraphError};
+use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
-use fbsync_shared::store::{ObjectStore, StoreError, WriteCondition, page_data_key};
+use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::storage::db::{Database, DbError, PageStatus, PutReservation};
+use fbsync_shared::storage::object_store::{
+    ObjectStore, StoreError, WriteCondition, page_data_key,
+};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
@@ -55,15 +58,15 @@ pub struct PageDataJob {
 #[derive(Debug, thiserror::Error)]
 enum AttemptError {
     #[error("page {0} is not registered")]
-    UnknownPage(String),
+    UnknownPage(PageId),
     #[error("the stored token cannot be read: {0}")]
     Token(String),
     #[error(transparent)]
     Graph(#[from] GraphError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {0}")]
-    Db(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("waiting for the store's request budget")]
     Budget(Duration),
 }
@@ -74,7 +77,8 @@ impl RetryClass for AttemptError {
             AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
             AttemptError::Graph(e) => e.is_transient(),
             AttemptError::Store(e) => e.is_transient(),
-            AttemptError::Db(_) | AttemptError::Budget(_) => true,
+            AttemptError::Db(e) => e.is_transient(),
+            AttemptError::Budget(_) => true,
         }
     }
 
@@ -95,7 +99,7 @@ impl PageDataJob {
     /// Refreshes `page_data.json` of `page_id`.
     pub async fn refresh(
         &self,
-        page_id: &str,
+        page_id: &PageId,
         shutdown: &CancellationToken,
     ) -> Result<PageDataOutcome, PageDataFailure> {
         let first_failure = now_ms();
@@ -108,7 +112,7 @@ impl PageDataJob {
                 if outcome == PageDataOutcome::Written {
                     metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
                     if let Err(e) = self.db.mark_page_flushed(page_id, now_ms()).await {
-                        tracing::warn!(page_id, error = %e, "could not record the flush time");
+                        tracing::warn!(%page_id, error = %e, "could not record the flush time");
                     }
                 }
                 return Ok(outcome);
@@ -123,13 +127,13 @@ impl PageDataJob {
                 let note = format!("token rejected (code 190): {error}");
                 if let Err(e) = self
                     .db
-                    .mark_page_error(page_id, Some("needs_reauth"), &note, now_ms())
+                    .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
                     .await
                 {
-                    tracing::error!(page_id, error = %e, "could not flag the Page for re-authorisation");
+                    tracing::error!(%page_id, error = %e, "could not flag the Page for re-authorisation");
                 }
                 tracing::warn!(
-                    page_id,
+                    %page_id,
                     "Page token rejected; the Page needs re-authorisation"
                 );
                 DeadReason::TokenError
@@ -149,22 +153,17 @@ impl PageDataJob {
     }
 
     /// One attempt: fetch, compare, write.
-    async fn refresh_once(&self, page_id: &str) -> Result<PageDataOutcome, AttemptError> {
-        let owner = self
-            .db
-            .page_owner(page_id)
-            .await
-            .map_err(|e| AttemptError::Db(e.to_string()))?;
-        let Some((user_uuid, sealed, _status)) = owner else {
-            return Err(AttemptError::UnknownPage(page_id.to_string()));
+    async fn refresh_once(&self, page_id: &PageId) -> Result<PageDataOutcome, AttemptError> {
+        let Some(page) = self.db.page(page_id).await? else {
+            return Err(AttemptError::UnknownPage(page_id.clone()));
         };
         let token = self
             .cipher
-            .open(page_id, &sealed)
+            .open(page_id.as_str(), &page.token_sealed)
             .map_err(|e| AttemptError::Token(e.to_string()))?;
-        let metadata = self.graph.page_metadata(page_id, &token).await?;
+        let metadata = self.graph.page_metadata(page_id.as_str(), &token).await?;
         let body = Bytes::from(serde_json::to_vec(&metadata).expect("JSON values serialise"));
-        let key = page_data_key(&user_uuid, page_id);
+        let key = page_data_key(&page.user_uuid, page_id);
 
         // A GET and maybe a PUT: one write and two operations of the bucket's budget.
         let now = now_ms();
@@ -172,8 +171,7 @@ impl PageDataJob {
             let taken = self
                 .db
                 .take_bucket_budget(now, 1, 2, &self.bucket_budget)
-                .await
-                .map_err(|e| AttemptError::Db(e.to_string()))?;
+                .await?;
             if !taken {
                 return Err(AttemptError::Budget(Duration::from_millis(
                     self.bucket_budget.window_ms as u64,
@@ -188,9 +186,8 @@ impl PageDataJob {
         let reserved = self
             .db
             .reserve_object_put(&key, &self.put_budget, now_ms())
-            .await
-            .map_err(|e| AttemptError::Db(e.to_string()))?;
-        if let Some(at) = reserved {
+            .await?;
+        if let PutReservation::NotBefore(at) = reserved {
             return Err(AttemptError::Budget(Duration::from_millis(
                 (at - now_ms()).max(0) as u64,
             )));

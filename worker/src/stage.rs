@@ -7,9 +7,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use fbsync_shared::db::{ConversationKey, Database, DbError, NewStagedEvent};
-use fbsync_shared::event::{EventMessage, EventSource, JobKind};
+use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::ids::{ConversationKey, PageId, Psid};
 use fbsync_shared::now_ms;
+use fbsync_shared::storage::db::{Database, DbError, NewStagedEvent};
 use fbsync_shared::telemetry::EVENTS_STAGED;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
@@ -35,7 +36,7 @@ pub struct Stager {
     /// Where events are staged and Pages are registered.
     db: Database,
     /// Pages already reported as unknown, so a flood of their events logs once per Page.
-    unknown_reported: Mutex<HashSet<String>>,
+    unknown_reported: Mutex<HashSet<PageId>>,
 }
 
 impl Stager {
@@ -52,7 +53,7 @@ impl Stager {
         let now = now_ms();
         let mut decisions = Vec::with_capacity(batch.len());
         let mut to_stage = Vec::new();
-        let mut registered: HashMap<String, bool> = HashMap::new();
+        let mut registered: HashMap<PageId, bool> = HashMap::new();
         for message in batch {
             let event: EventMessage = match serde_json::from_slice(&message.body) {
                 Ok(event) => event,
@@ -65,42 +66,35 @@ impl Stager {
                     continue;
                 }
             };
-            let Some(user_psid) = event.user_psid.clone().filter(|psid| !psid.is_empty()) else {
-                decisions.push(dead(
-                    DeadReason::Malformed,
-                    "the event names no conversation partner",
-                    now,
-                ));
-                continue;
+            let key = match conversation_of(&event) {
+                Ok(key) => key,
+                Err(error) => {
+                    decisions.push(dead(DeadReason::Malformed, error, now));
+                    continue;
+                }
             };
-            let known = match registered.get(&event.page_id) {
+            let known = match registered.get(&key.page_id) {
                 Some(known) => *known,
                 None => {
-                    let known = self.db.page_owner(&event.page_id).await?.is_some();
-                    registered.insert(event.page_id.clone(), known);
+                    let known = self.db.page(&key.page_id).await?.is_some();
+                    registered.insert(key.page_id.clone(), known);
                     known
                 }
             };
             if !known {
-                self.report_unknown(&event.page_id);
+                self.report_unknown(&key.page_id);
                 decisions.push(dead(
                     DeadReason::UnknownPage,
-                    format!("page {} is not registered", event.page_id),
+                    format!("page {} is not registered", key.page_id),
                     now,
                 ));
                 continue;
             }
             metrics::counter!(EVENTS_STAGED, "kind" => event.kind.as_str()).increment(1);
             to_stage.push(NewStagedEvent {
-                key: ConversationKey {
-                    page_id: event.page_id,
-                    user_psid,
-                },
+                key,
                 event_id: event.event_id,
-                source: match event.source {
-                    EventSource::Webhook => "webhook".into(),
-                    EventSource::Poll => "poll".into(),
-                },
+                source: event.source,
                 timestamp_ms: event.timestamp_ms,
                 received_at_ms: event.received_at_ms,
                 body: event.event.get().to_string(),
@@ -113,18 +107,29 @@ impl Stager {
         Ok(decisions)
     }
 
-    fn report_unknown(&self, page_id: &str) {
+    fn report_unknown(&self, page_id: &PageId) {
         let mut reported = self
             .unknown_reported
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if reported.insert(page_id.to_string()) {
+        if reported.insert(page_id.clone()) {
             tracing::warn!(
-                page_id,
+                %page_id,
                 "events for a Page that is not registered go to the dead-letter queue; register it with `fbsync pages add` and replay them"
             );
         }
     }
+}
+
+/// The conversation an event belongs to, with both ids validated.
+fn conversation_of(event: &EventMessage) -> Result<ConversationKey, String> {
+    let Some(user_psid) = event.user_psid.as_deref().filter(|psid| !psid.is_empty()) else {
+        return Err("the event names no conversation partner".into());
+    };
+    Ok(ConversationKey {
+        page_id: PageId::parse(&event.page_id).map_err(|e| e.to_string())?,
+        user_psid: Psid::parse(user_psid).map_err(|e| e.to_string())?,
+    })
 }
 
 fn dead(reason: DeadReason, error: impl Into<String>, now: i64) -> Decision {

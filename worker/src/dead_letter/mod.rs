@@ -4,8 +4,14 @@
 //! exhausted) by publishing a copy with the headers below and acking the original only after the
 //! copy is confirmed. The broker dead-letters on its own after the delivery limit; those
 //! messages carry `x-death` instead, and [`DeadLetterInfo::from_headers`] reads both.
+//!
+//! This module is the letter's format; [`sender`] sends letters from the consumers, and
+//! [`operator_session`] is the operator's session on the queue (list, replay, purge).
 
-use fbsync_shared::broker::{Outgoing, Topology};
+pub mod operator_session;
+pub mod sender;
+
+use fbsync_shared::queue::{Outgoing, Topology};
 use lapin::types::{AMQPValue, FieldTable};
 
 pub const REASON: &str = "x-fbsync-reason";
@@ -58,10 +64,16 @@ impl DeadReason {
     }
 }
 
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// Everything a dead letter says about its failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterInfo {
-    pub reason: String,
+    pub reason: DeadReason,
     /// The last error, without secrets.
     pub error: String,
     pub attempts: i64,
@@ -81,7 +93,7 @@ impl DeadLetterInfo {
         last_failure_ms: i64,
     ) -> Self {
         Self {
-            reason: reason.as_str().to_string(),
+            reason,
             error: error.into(),
             attempts: i64::from(attempts),
             routing_key: routing_key.to_string(),
@@ -106,7 +118,8 @@ impl DeadLetterInfo {
             Some(AMQPValue::Timestamp(n)) => i64::try_from(*n).ok(),
             _ => None,
         };
-        if let Some(reason) = text(REASON) {
+        // A reason this version does not know is read as the broker's (from `x-death`).
+        if let Some(reason) = text(REASON).and_then(|text| DeadReason::parse(&text)) {
             return Self {
                 reason,
                 error: text(ERROR).unwrap_or_default(),
@@ -151,7 +164,7 @@ impl DeadLetterInfo {
             _ => 1,
         };
         Self {
-            reason: DeadReason::DeliveryLimit.as_str().to_string(),
+            reason: DeadReason::DeliveryLimit,
             error: death_text("reason")
                 .map(|r| format!("broker dead-lettered it: {r}"))
                 .unwrap_or_default(),
@@ -166,7 +179,7 @@ impl DeadLetterInfo {
     pub fn to_headers(&self, original: Option<&FieldTable>) -> FieldTable {
         let mut headers = original.cloned().unwrap_or_default();
         let text = |value: &str| AMQPValue::LongString(value.into());
-        headers.insert(REASON.into(), text(&self.reason));
+        headers.insert(REASON.into(), text(self.reason.as_str()));
         headers.insert(ERROR.into(), text(&truncate_chars(&self.error, 1000)));
         headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(self.attempts));
         headers.insert(ROUTING_KEY.into(), text(&self.routing_key));

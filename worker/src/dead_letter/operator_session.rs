@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use fbsync_shared::broker::{Outgoing, Topology, connect, publish_confirmed};
-use fbsync_shared::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventMessage, JobKind};
 use fbsync_shared::now_ms;
+use fbsync_shared::queue::{Outgoing, Topology, connect, publish_confirmed};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
@@ -18,16 +18,17 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use secrecy::SecretString;
 
-use crate::dead_letter::{DeadLetterInfo, message_id};
+use fbsync_shared::ids::PageId;
+
+use crate::dead_letter::{DeadLetterInfo, DeadReason, message_id};
 
 /// Which dead letters a tool acts on. Every filter that is set must match.
 #[derive(Debug, Clone, Default)]
 pub struct DlqFilter {
     /// The job kind (the queue the message came from).
     pub kind: Option<JobKind>,
-    pub page_id: Option<String>,
-    /// A reason such as `unknown_page`.
-    pub reason: Option<String>,
+    pub page_id: Option<PageId>,
+    pub reason: Option<DeadReason>,
     /// Only letters whose last failure is at most this old.
     pub since: Option<Duration>,
     /// At most this many letters.
@@ -69,7 +70,7 @@ impl DeadLetter {
         serde_json::json!({
             "kind": self.kind(),
             "page_id": self.page_id(),
-            "reason": self.info.reason,
+            "reason": self.info.reason.as_str(),
             "error": self.info.error,
             "attempts": self.info.attempts,
             "age_secs": self.age_secs(now),
@@ -86,11 +87,10 @@ impl DlqFilter {
         let kind_ok = self.kind.is_none_or(|kind| letter.kind() == kind.as_str());
         let page_ok = self
             .page_id
-            .as_deref()
-            .is_none_or(|page| letter.page_id() == Some(page));
+            .as_ref()
+            .is_none_or(|page| letter.page_id() == Some(page.as_str()));
         let reason_ok = self
             .reason
-            .as_deref()
             .is_none_or(|reason| letter.info.reason == reason);
         let since_ok = self.since.is_none_or(|since| {
             now - letter.info.last_failure_ms

@@ -109,6 +109,16 @@ impl BucketBudget {
         best
     }
 
+    /// Start (ms) of the window that holds `now`.
+    pub fn window_start(&self, now: i64) -> i64 {
+        now - now.rem_euclid(self.window_ms)
+    }
+
+    /// Start (ms) of the window after the one that holds `now`.
+    pub fn next_window(&self, now: i64) -> i64 {
+        self.window_start(now) + self.window_ms
+    }
+
     pub fn is_unlimited(&self) -> bool {
         self.writes_per_window == 0 && self.ops_per_window == 0
     }

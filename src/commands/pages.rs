@@ -2,18 +2,15 @@
 
 use std::process::ExitCode;
 
-use fbsync_shared::config::{Role, Settings};
-use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::db::{Database, PageRow};
+use fbsync_shared::config::Settings;
+use fbsync_shared::ids::{PageId, UserUuid};
 use fbsync_shared::now_ms;
+use fbsync_shared::storage::db::{Database, PageSummary};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::{PagesCommand, check, refuse};
+use crate::{PagesCommand, refuse};
 
 pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<ExitCode> {
-    if let Err(code) = check(&settings, &[Role::Registry]) {
-        return Ok(code);
-    }
     let db = Database::connect(&settings.database_url).await?;
     let code = match command {
         PagesCommand::Add {
@@ -21,34 +18,33 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
             user_uuid,
             token,
         } => {
+            // Only registering a Page seals a token; listing and removing need no key.
             let mut problems = Vec::new();
-            if page_id.is_empty() || !page_id.chars().all(|c| c.is_ascii_digit()) {
-                problems.push(format!(
-                    "--page-id {page_id:?} is not a Facebook Page id (digits only)"
-                ));
-            }
-            if uuid::Uuid::parse_str(&user_uuid).is_err() {
-                problems.push(format!("--user-uuid {user_uuid:?} is not a UUID"));
-            }
+            let cipher = settings
+                .token_cipher()
+                .map_err(|key_problems| problems.extend(key_problems))
+                .ok();
+            let page_id = PageId::parse(&page_id)
+                .map_err(|e| problems.push(format!("--page-id: {e}")))
+                .ok();
+            let user_uuid = UserUuid::parse(&user_uuid)
+                .map_err(|e| problems.push(format!("--user-uuid: {e}")))
+                .ok();
             let token = SecretString::from(token);
             if token.expose_secret().trim().is_empty() {
                 problems.push("--token is empty".to_string());
             }
+            let (Some(cipher), Some(page_id), Some(user_uuid)) = (cipher, page_id, user_uuid)
+            else {
+                return Ok(refuse(&problems));
+            };
             if !problems.is_empty() {
                 return Ok(refuse(&problems));
             }
-            let key = settings
-                .token_encryption_key
-                .as_ref()
-                .expect("checked by Role::Registry");
-            let cipher = TokenCipher::from_base64(key)?;
-            let sealed = cipher.seal(&page_id, &token);
-            db.upsert_page(&page_id, &user_uuid.to_lowercase(), sealed, now_ms())
+            let sealed = cipher.seal(page_id.as_str(), &token);
+            db.upsert_page(&page_id, &user_uuid, sealed, now_ms())
                 .await?;
-            println!(
-                "page {page_id} registered for user {}",
-                user_uuid.to_lowercase()
-            );
+            println!("page {page_id} registered for user {user_uuid}");
             ExitCode::SUCCESS
         }
         PagesCommand::List { json } => {
@@ -63,6 +59,10 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
             ExitCode::SUCCESS
         }
         PagesCommand::Remove { page_id } => {
+            let page_id = match PageId::parse(&page_id) {
+                Ok(page_id) => page_id,
+                Err(e) => return Ok(refuse(&[format!("--page-id: {e}")])),
+            };
             if db.remove_page(&page_id).await? {
                 println!("page {page_id} removed (its stored objects stay)");
                 ExitCode::SUCCESS
@@ -76,11 +76,11 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
     Ok(code)
 }
 
-fn page_json(page: &PageRow) -> serde_json::Value {
+fn page_json(page: &PageSummary) -> serde_json::Value {
     serde_json::json!({
-        "page_id": page.page_id,
-        "user_uuid": page.user_uuid,
-        "status": page.status,
+        "page_id": page.page_id.as_str(),
+        "user_uuid": page.user_uuid.as_str(),
+        "status": page.status.as_str(),
         "staged": page.staged,
         "last_event_ms": page.last_event_ms,
         "last_flush_ms": page.last_flush_ms,
@@ -89,7 +89,7 @@ fn page_json(page: &PageRow) -> serde_json::Value {
     })
 }
 
-fn print_table(pages: &[PageRow]) {
+fn print_table(pages: &[PageSummary]) {
     if pages.is_empty() {
         println!("no Pages registered (add one with `fbsync pages add`)");
         return;

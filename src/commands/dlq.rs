@@ -4,13 +4,15 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use fbsync_shared::broker::Topology;
-use fbsync_shared::config::{Role, Settings};
-use fbsync_shared::event::JobKind;
+use fbsync_shared::config::Settings;
+use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
-use fbsync_worker::dlq::{DlqFilter, DlqSession, parse_age};
+use fbsync_shared::queue::Topology;
+use fbsync_worker::dead_letter::DeadReason;
+use fbsync_worker::dead_letter::operator_session::{DlqFilter, DlqSession, parse_age};
 
-use crate::{check, refuse};
+use crate::refuse;
 
 #[derive(Subcommand)]
 pub enum DlqCommand {
@@ -72,13 +74,27 @@ impl FilterArgs {
             }
             kind
         });
-        if let Some(reason) = &self.reason
-            && fbsync_worker::dead_letter::DeadReason::parse(reason).is_none()
-        {
-            problems.push(format!(
-                "--reason {reason:?} is not a reason (malformed, unknown_page, token_error, attempts_exhausted, graph_error, delivery_limit)"
-            ));
-        }
+        let reason = self.reason.as_deref().and_then(|text| {
+            let reason = DeadReason::parse(text);
+            if reason.is_none() {
+                let known: Vec<&str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+                problems.push(format!(
+                    "--reason {text:?} is not a reason ({})",
+                    known.join(", ")
+                ));
+            }
+            reason
+        });
+        let page_id = self
+            .page_id
+            .as_deref()
+            .and_then(|text| match PageId::parse(text) {
+                Ok(page_id) => Some(page_id),
+                Err(e) => {
+                    problems.push(format!("--page-id: {e}"));
+                    None
+                }
+            });
         let since = self
             .since
             .as_deref()
@@ -92,8 +108,8 @@ impl FilterArgs {
         if problems.is_empty() {
             Ok(DlqFilter {
                 kind,
-                page_id: self.page_id,
-                reason: self.reason,
+                page_id,
+                reason,
                 since,
                 limit: self.limit,
             })
@@ -104,9 +120,6 @@ impl FilterArgs {
 }
 
 pub async fn run(settings: Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    if let Err(code) = check(&settings, &[Role::BrokerOps]) {
-        return Ok(code);
-    }
     let topology = Topology::new(&settings.broker.queue_prefix);
     let url = &settings.broker.amqp_url;
     let (filter, action) = match command {

@@ -1,153 +1,19 @@
-//! RabbitMQ: the queue topology every role declares, and a confirming publisher that survives
-//! broker outages.
-//!
-//! Topology for prefix `P` (declared idempotently by every role at start):
-//! - `P.events`: direct exchange; routing key = [`JobKind::as_str`].
-//! - `P.conversation`, `P.page_change`: durable quorum queues bound to it by their kind.
-//! - `P.dead`: fanout exchange and durable queue that hold dead letters, whether the worker
-//!   dead-lettered them on purpose (with its reason in headers) or the broker did after the
-//!   delivery limit (with `x-death`).
+//! A confirming publisher that survives broker outages: every message persistent, every
+//! publish waits for the broker's confirm, and the connection is kept alive in the background.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use secrecy::{ExposeSecret, SecretString};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use secrecy::SecretString;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::JobKind;
-
-/// Deliveries of one message before the broker gives up and dead-letters it. Workers
-/// dead-letter poison on purpose long before this; the limit is for crash loops (a message that
-/// kills the worker that holds it).
-pub const DELIVERY_LIMIT: i64 = 20;
-
-/// Names of one deployment's exchanges and queues.
-#[derive(Debug, Clone)]
-pub struct Topology {
-    /// Prefix of every name, so deployments and tests share one broker.
-    pub prefix: String,
-}
-
-impl Topology {
-    pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
-    }
-
-    pub fn events_exchange(&self) -> String {
-        format!("{}.events", self.prefix)
-    }
-
-    pub fn queue(&self, kind: JobKind) -> String {
-        format!("{}.{}", self.prefix, kind.as_str())
-    }
-
-    /// The dead-letter exchange and queue share this name.
-    pub fn dead(&self) -> String {
-        format!("{}.dead", self.prefix)
-    }
-
-    /// Declares everything; safe to run any number of times, from any role.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(
-                self.events_exchange().into(),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        // The dead queue is a classic queue: operators list it by getting and requeueing
-        // messages, which a quorum queue would count against a delivery limit.
-        channel
-            .queue_declare(
-                self.dead().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.dead().into(),
-                self.dead().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        for kind in JobKind::ALL {
-            let mut args = FieldTable::default();
-            // Quorum queues replicate and fsync: a confirm means the message is on disk.
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            // Crash loops end in the DLQ instead of spinning forever.
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(DELIVERY_LIMIT),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.dead().into()),
-            );
-            // The broker keeps a dead letter until the DLQ has confirmed it (no loss in between);
-            // this strategy requires reject-publish overflow.
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
-            channel
-                .queue_declare(
-                    self.queue(kind).into(),
-                    QueueDeclareOptions::durable(),
-                    args,
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    self.queue(kind).into(),
-                    self.events_exchange().into(),
-                    kind.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-/// Opens a connection; the broker password is only in the URL, which is never logged.
-pub async fn connect(amqp_url: &SecretString, name: &str) -> lapin::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(amqp_url.expose_secret(), properties).await
-}
+use super::{Topology, connect};
+use crate::retry::{RetryClass, endless_backoff};
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -177,6 +43,16 @@ pub enum PublishError {
     Unroutable,
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+}
+
+impl RetryClass for PublishError {
+    /// A broker that is away or slow comes back; a refusal or an unroutable message does not.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Unavailable | PublishError::Timeout | PublishError::Broker(_)
+        )
+    }
 }
 
 /// Publishes with confirms over a connection it keeps alive: when the broker goes away it
@@ -287,7 +163,7 @@ impl Publisher {
         name: String,
         shutdown: CancellationToken,
     ) {
-        let mut delay = Duration::from_millis(50);
+        let mut delays = reconnect_delays();
         let mut outage_logged = false;
         while !shutdown.is_cancelled() {
             match open_confirm_channel(&amqp_url, &topology, &name).await {
@@ -295,7 +171,7 @@ impl Publisher {
                     if outage_logged {
                         tracing::info!("broker connection restored");
                     }
-                    delay = Duration::from_millis(50);
+                    delays = reconnect_delays();
                     *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
                     // Watch until a publish reports the channel broken, the connection drops,
                     // or we are asked to stop.
@@ -334,15 +210,24 @@ impl Publisher {
                         tracing::warn!(error = %e, "broker unreachable; retrying");
                         outage_logged = true;
                     }
+                    let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }
     }
+}
+
+/// The longest wait between two attempts to reach the broker: short, because ingest answers
+/// 503 until it is back.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Reconnection delays: from 50 ms up to [`RECONNECT_MAX_DELAY`].
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    endless_backoff(Duration::from_millis(50), RECONNECT_MAX_DELAY)
 }
 
 /// Connects, declares the topology and opens a channel in confirm mode.

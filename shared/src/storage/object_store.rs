@@ -18,18 +18,27 @@ use aws_sdk_s3::types::ObjectCannedAcl;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
 
-use crate::config::StorageSettings;
+use crate::config::{S3Target, StoreLocation};
+use crate::ids::{ConversationKey, PageId, UserUuid};
+use crate::retry::RetryClass;
 use crate::telemetry::STORAGE_SECONDS;
 
 /// Key of a conversation file.
-pub fn conversation_key(user_uuid: &str, page_id: &str, user_psid: &str) -> String {
-    format!("users/{user_uuid}/facebook_messenger/{page_id}/conversations/{user_psid}.json")
+pub fn conversation_key(user_uuid: &UserUuid, conversation: &ConversationKey) -> String {
+    format!(
+        "users/{user_uuid}/facebook_messenger/{}/conversations/{}.json",
+        conversation.page_id, conversation.user_psid
+    )
 }
 
 /// Key of a Page's metadata file.
-pub fn page_data_key(user_uuid: &str, page_id: &str) -> String {
+pub fn page_data_key(user_uuid: &UserUuid, page_id: &PageId) -> String {
     format!("users/{user_uuid}/facebook_messenger/{page_id}/page_data.json")
 }
+
+/// The longest one store request may take before it counts as failed. A flusher sends a PUT
+/// only while its claim has at least this long to run.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An object as read: its bytes and the version a conditional write must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,8 +85,8 @@ pub enum StoreError {
     Permanent(String),
 }
 
-impl StoreError {
-    pub fn is_transient(&self) -> bool {
+impl RetryClass for StoreError {
+    fn is_transient(&self) -> bool {
         !matches!(self, StoreError::Permanent(_))
     }
 }
@@ -98,13 +107,11 @@ pub trait ObjectStore: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Opens the store the settings name: S3 when SPACES_ENDPOINT is set, else the local directory.
-pub fn open_store(settings: &StorageSettings) -> Result<Box<dyn ObjectStore>, String> {
-    match &settings.endpoint {
-        Some(endpoint) => Ok(Box::new(S3Store::new(settings, endpoint)?)),
-        None => Ok(Box::new(LocalStore {
-            root: settings.data_dir.clone(),
-        })),
+/// Opens the store at `location`: S3-compatible, or the local directory.
+pub fn open_store(location: &StoreLocation) -> Box<dyn ObjectStore> {
+    match location {
+        StoreLocation::S3(target) => Box::new(S3Store::new(target)),
+        StoreLocation::Local(root) => Box::new(LocalStore { root: root.clone() }),
     }
 }
 
@@ -121,28 +128,22 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    pub fn new(settings: &StorageSettings, endpoint: &str) -> Result<Self, String> {
-        let bucket = settings.bucket.clone().ok_or("SPACES_BUCKET is not set")?;
-        let (Some(key), Some(secret)) = (&settings.access_key, &settings.secret_key) else {
-            return Err(
-                "SPACES_API_KEY and SPACES_API_SECRET are required with SPACES_ENDPOINT".into(),
-            );
-        };
+    pub fn new(target: &S3Target) -> Self {
         let credentials = Credentials::new(
-            key.expose_secret(),
-            secret.expose_secret(),
+            target.access_key.expose_secret(),
+            target.secret_key.expose_secret(),
             None,
             None,
             "fbsync-settings",
         );
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(5))
-            .operation_attempt_timeout(Duration::from_secs(30))
+            .operation_attempt_timeout(REQUEST_TIMEOUT)
             .build();
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
-            .endpoint_url(endpoint)
+            .region(Region::new(target.region.clone()))
+            .endpoint_url(&target.endpoint)
             .credentials_provider(credentials)
             // Spaces and most S3-compatible servers want bucket names in the path.
             .force_path_style(true)
@@ -153,12 +154,12 @@ impl S3Store {
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
             .timeout_config(timeouts)
             .build();
-        Ok(Self {
+        Self {
             client: aws_sdk_s3::Client::from_conf(config),
-            bucket,
-            endpoint: endpoint.to_string(),
-            conditional_writes: settings.conditional_writes,
-        })
+            bucket: target.bucket.clone(),
+            endpoint: target.endpoint.clone(),
+            conditional_writes: target.conditional_writes,
+        }
     }
 
     /// The SDK client, for tests and tools that create buckets.

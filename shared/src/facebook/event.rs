@@ -89,6 +89,27 @@ pub enum EventSource {
     Poll,
 }
 
+impl EventSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Webhook => "webhook",
+            EventSource::Poll => "poll",
+        }
+    }
+}
+
+/// Staged rows hold the source as text.
+impl TryFrom<String> for EventSource {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "webhook" => Ok(EventSource::Webhook),
+            "poll" => Ok(EventSource::Poll),
+            other => Err(format!("unknown event source {other:?}")),
+        }
+    }
+}
+
 /// One queue message: one event of one Page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventMessage {

@@ -1,0 +1,153 @@
+//! Validated domain ids. Each names a part of an object key, so each is checked once, where it
+//! enters the system (a webhook event, the command line, a database row), and can then be used
+//! in a key without escaping: none can hold `/`, `.` or be empty.
+//!
+//! Three distinct types, so a Page id can never be passed where a person's id belongs.
+
+use std::fmt;
+
+/// Why an id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} is not valid: {rule}")]
+pub struct InvalidId {
+    /// Which kind of id.
+    pub what: &'static str,
+    /// The refused text (ids are not secrets).
+    pub value: String,
+    /// What a valid one looks like.
+    pub rule: &'static str,
+}
+
+/// A Facebook Page id: digits only (`entry[].id` of a webhook, `--page-id`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageId(String);
+
+/// The owner's user UUID: objects go under `users/<uuid>/`. Always lower case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserUuid(String);
+
+/// The page-scoped id of the person a conversation is with; names the conversation file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Psid(String);
+
+/// Longest id accepted; Facebook's are about 16 digits.
+const MAX_ID_LEN: usize = 64;
+
+impl PageId {
+    pub fn parse(text: &str) -> Result<Self, InvalidId> {
+        if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(InvalidId {
+                what: "page id",
+                value: text.to_string(),
+                rule: "a Facebook Page id is 1 to 64 digits",
+            });
+        }
+        Ok(Self(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl UserUuid {
+    pub fn parse(text: &str) -> Result<Self, InvalidId> {
+        match uuid::Uuid::parse_str(text) {
+            Ok(uuid) => Ok(Self(uuid.hyphenated().to_string())),
+            Err(_) => Err(InvalidId {
+                what: "user UUID",
+                value: text.to_string(),
+                rule: "a UUID such as 123e4567-e89b-12d3-a456-426614174000",
+            }),
+        }
+    }
+
+    /// A fresh random UUID, for a new user.
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4().hyphenated().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Psid {
+    pub fn parse(text: &str) -> Result<Self, InvalidId> {
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+        if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(allowed) {
+            return Err(InvalidId {
+                what: "conversation partner id",
+                value: text.to_string(),
+                rule: "1 to 64 letters, digits, '_' or '-'",
+            });
+        }
+        Ok(Self(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One conversation: a Page and the person it talks to. Names one object in the bucket and one
+/// row of flush state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationKey {
+    pub page_id: PageId,
+    pub user_psid: Psid,
+}
+
+macro_rules! id_conversions {
+    ($($id:ty),*) => {$(
+        impl fmt::Display for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(&self.0)
+            }
+        }
+
+        /// Rows hold ids as text; a row that no longer parses is reported, not trusted.
+        impl TryFrom<String> for $id {
+            type Error = InvalidId;
+            fn try_from(text: String) -> Result<Self, InvalidId> {
+                Self::parse(&text)
+            }
+        }
+
+        impl std::str::FromStr for $id {
+            type Err = InvalidId;
+            fn from_str(text: &str) -> Result<Self, InvalidId> {
+                Self::parse(text)
+            }
+        }
+    )*};
+}
+
+id_conversions!(PageId, UserUuid, Psid);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_an_object_key_are_refused() {
+        for bad in ["", "../1", "1/2", "12a", " 1"] {
+            assert!(PageId::parse(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["", "..", "a/b", "a.b", "a b"] {
+            assert!(Psid::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(UserUuid::parse("not-a-uuid").is_err());
+        assert_eq!(
+            PageId::parse("510249619162304").map(|p| p.0).ok(),
+            Some("510249619162304".into())
+        );
+        assert_eq!(Psid::parse("u_1-A").map(|p| p.0).ok(), Some("u_1-A".into()));
+    }
+
+    #[test]
+    fn user_uuids_are_kept_in_lower_case() {
+        let upper = UserUuid::parse("123E4567-E89B-12D3-A456-426614174000").expect("uuid");
+        assert_eq!(upper.as_str(), "123e4567-e89b-12d3-a456-426614174000");
+    }
+}

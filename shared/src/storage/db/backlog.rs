@@ -1,0 +1,25 @@
+//! Backlog figures for the gauges: how much is staged and how old the oldest event is.
+
+use super::{Database, DbError};
+
+/// Staged backlog figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Backlog {
+    /// Staged events not yet stored.
+    pub events: i64,
+    /// When the oldest of them was accepted by ingest.
+    pub oldest_received_ms: Option<i64>,
+}
+
+impl Database {
+    /// Staged events not yet stored, and the oldest one's receive time.
+    pub async fn backlog(&self) -> Result<Backlog, DbError> {
+        let backlog = sqlx::query_as::<_, Backlog>(
+            "SELECT COUNT(*) AS events, MIN(received_at_ms) AS oldest_received_ms
+             FROM staged_events",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(backlog)
+    }
+}

@@ -1,0 +1,478 @@
+//! Conversation claims: which worker may read, merge and write a conversation right now.
+//!
+//! A flusher claims a due conversation with one conditional `UPDATE` that only one worker can
+//! win until the lease expires, and that bumps the row's fencing generation (`lease_gen`). The
+//! won claim is a [`ConversationClaim`] value that owns the rest of the flush's lifecycle:
+//! reserve a PUT, renew, finish, defer, fail, release. Every one of those statements is
+//! conditioned on `lease_gen` still being this claim's generation, so a worker that stalled past
+//! its lease (another worker has claimed since) finds its claim gone ([`ClaimError::Lost`]) and
+//! changes nothing: it records no PUT, deletes no staged row, and is told not to send its PUT.
+
+use std::time::{Duration, Instant};
+
+use sqlx::Any;
+use sqlx::any::{AnyArguments, AnyQueryResult};
+use sqlx::query::Query;
+
+use super::put_budget::{PutReservation, RecentPuts};
+use super::{Database, DbError, placeholders};
+use crate::ids::{ConversationKey, PageId, Psid};
+use crate::storage::budget::PutBudget;
+
+/// Why a step of a claim did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another worker claimed the conversation since (this one's lease had expired): this
+    /// flush must stop and send nothing.
+    #[error("the claim on the conversation was lost to another worker")]
+    Lost,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A won claim on one conversation, valid while its generation is the row's.
+#[derive(Debug)]
+pub struct ConversationClaim {
+    /// The database the claim lives in.
+    db: Database,
+    /// Which conversation.
+    key: ConversationKey,
+    /// The fencing generation this claim holds; every step checks it.
+    generation: i64,
+    /// The staging generation seen when claiming; finishing marks it flushed.
+    staged_gen: i64,
+    /// Times of recent PUTs to the conversation's object, as of the claim.
+    recent_puts: RecentPuts,
+    /// Consecutive failed flushes before this one, for the backoff.
+    failures: i64,
+    /// How long a claim lasts from its last renewal.
+    lease: Duration,
+    /// When this process must consider the lease gone, by its own clock (a monotonic clock
+    /// that a stalled process cannot see jump): a PUT is not sent past it.
+    local_deadline: Instant,
+}
+
+/// Milliseconds of a duration, for the database's time columns.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+#[derive(sqlx::FromRow)]
+struct ConversationRow {
+    #[sqlx(try_from = "String")]
+    page_id: PageId,
+    #[sqlx(try_from = "String")]
+    user_psid: Psid,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    lease_gen: i64,
+    staged_gen: i64,
+    recent_puts: String,
+    failures: i64,
+}
+
+impl Database {
+    /// Conversations with events waiting whose budget allows a write now and that nobody holds.
+    pub async fn due_conversations(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<ConversationKey>, DbError> {
+        let rows = sqlx::query_as::<_, ConversationRow>(
+            "SELECT page_id, user_psid FROM conversations
+             WHERE staged_gen > flushed_gen AND due_at_ms <= $1 AND lease_until_ms < $1
+             ORDER BY due_at_ms LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ConversationKey {
+                page_id: row.page_id,
+                user_psid: row.user_psid,
+            })
+            .collect())
+    }
+
+    /// Takes the lease on a conversation, with a new fencing generation; `None` when another
+    /// worker holds it or it is not due.
+    pub async fn claim_conversation(
+        &self,
+        key: &ConversationKey,
+        owner: &str,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Option<ConversationClaim>, DbError> {
+        let local_deadline = Instant::now() + lease;
+        let row = sqlx::query_as::<_, ClaimedRow>(
+            "UPDATE conversations SET lease_owner = $3, lease_until_ms = $4, lease_gen = lease_gen + 1
+             WHERE page_id = $1 AND user_psid = $2 AND lease_until_ms < $5 AND due_at_ms <= $5
+               AND staged_gen > flushed_gen
+             RETURNING lease_gen, staged_gen, recent_puts, failures",
+        )
+        .bind(key.page_id.as_str())
+        .bind(key.user_psid.as_str())
+        .bind(owner)
+        .bind(now + millis(lease))
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| ConversationClaim {
+            db: self.clone(),
+            key: key.clone(),
+            generation: row.lease_gen,
+            staged_gen: row.staged_gen,
+            recent_puts: RecentPuts::decode(&row.recent_puts),
+            failures: row.failures,
+            lease,
+            local_deadline,
+        }))
+    }
+}
+
+impl ConversationClaim {
+    pub fn key(&self) -> &ConversationKey {
+        &self.key
+    }
+
+    /// Consecutive failed flushes before this one.
+    pub fn failures(&self) -> i64 {
+        self.failures
+    }
+
+    /// When the object's PUT budget allows the next PUT.
+    pub fn next_put_at(&self, budget: &PutBudget, now: i64) -> i64 {
+        budget.next_put_at(self.recent_puts.times(), now)
+    }
+
+    /// True while this process may still act on the claim by its own clock, with `margin` to
+    /// spare (the time a request needs to reach the store).
+    pub fn held_for(&self, margin: Duration) -> bool {
+        Instant::now() + margin < self.local_deadline
+    }
+
+    /// Extends the lease from now, for a flush that takes long.
+    pub async fn renew(&mut self, now: i64) -> Result<(), ClaimError> {
+        let recent = self.recent_puts.clone();
+        self.record_and_renew(recent, now).await
+    }
+
+    /// Reserves one PUT under the object's budget and renews the lease, in one statement: the
+    /// PUT is recorded before it is sent, so the budget counts it even if this worker dies
+    /// right after. Nothing is recorded when the budget has no slot yet.
+    pub async fn reserve_put(
+        &mut self,
+        budget: &PutBudget,
+        now: i64,
+    ) -> Result<PutReservation, ClaimError> {
+        let next = self.next_put_at(budget, now);
+        if next > now {
+            return Ok(PutReservation::NotBefore(next));
+        }
+        let mut recent = self.recent_puts.clone();
+        recent.record(now, budget.puts_per_window as usize);
+        self.record_and_renew(recent, now).await?;
+        Ok(PutReservation::Reserved)
+    }
+
+    /// Stores `recent` as the object's PUT times and extends the lease from `now`.
+    async fn record_and_renew(&mut self, recent: RecentPuts, now: i64) -> Result<(), ClaimError> {
+        let local_deadline = Instant::now() + self.lease;
+        let statement = self
+            .statement(
+                "UPDATE conversations SET recent_puts = $4, lease_until_ms = $5
+                 WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            )
+            .bind(recent.encode())
+            .bind(now + millis(self.lease));
+        fenced(statement.execute(&self.db.pool).await)?;
+        self.recent_puts = recent;
+        self.local_deadline = local_deadline;
+        Ok(())
+    }
+
+    /// A statement about this claim's row: `$1`, `$2` name the conversation and `$3` is the
+    /// claim's generation, which the statement must check.
+    fn statement<'q>(&'q self, sql: &'q str) -> Query<'q, Any, AnyArguments<'q>> {
+        sqlx::query(sql)
+            .bind(self.key.page_id.as_str())
+            .bind(self.key.user_psid.as_str())
+            .bind(self.generation)
+    }
+
+    /// Ends a successful flush: marks the claimed staging generation flushed, sets the next
+    /// allowed write time, releases the lease and deletes exactly the rows that are now stored,
+    /// in one transaction that happens only while the claim is held.
+    pub async fn finish(
+        &mut self,
+        stored_seqs: &[i64],
+        due_at: i64,
+        now: i64,
+    ) -> Result<(), ClaimError> {
+        let mut tx = self.db.pool.begin().await.map_err(DbError::from)?;
+        let mark_flushed = self
+            .statement(
+                "UPDATE conversations SET flushed_gen = $4, due_at_ms = $5, lease_owner = NULL,
+                     lease_until_ms = 0, failures = 0, last_error = NULL
+                 WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            )
+            .bind(self.staged_gen)
+            .bind(due_at);
+        // A lost claim returns here; dropping the transaction rolls it back: nothing changes.
+        fenced(mark_flushed.execute(&mut *tx).await)?;
+        for chunk in stored_seqs.chunks(500) {
+            let sql = format!(
+                "DELETE FROM staged_events WHERE seq IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for seq in chunk {
+                query = query.bind(*seq);
+            }
+            query.execute(&mut *tx).await.map_err(DbError::from)?;
+        }
+        tx.commit().await.map_err(DbError::from)?;
+        // The Page's "last flush" figure is for operators; failing to record it loses nothing.
+        if let Err(e) = self.db.mark_page_flushed(&self.key.page_id, now).await {
+            tracing::debug!(page_id = %self.key.page_id, error = %e, "could not record the flush time");
+        }
+        Ok(())
+    }
+
+    /// Gives the claim back without counting a failure: the conversation waits until `due_at`
+    /// (its budget's next slot).
+    pub async fn defer(&mut self, due_at: i64) -> Result<(), ClaimError> {
+        self.give_back(
+            "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0
+             WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            due_at,
+            None,
+        )
+        .await
+    }
+
+    /// Ends a failed flush: staged rows stay, the failure is counted and the conversation is
+    /// retried at `retry_at`.
+    pub async fn fail(&mut self, error: &str, retry_at: i64) -> Result<(), ClaimError> {
+        self.give_back(
+            "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0,
+                 failures = failures + 1, last_error = $5
+             WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            retry_at,
+            Some(error),
+        )
+        .await
+    }
+
+    /// Gives the claim back at once, unchanged (shutdown): another worker may take it now.
+    pub async fn release(&mut self) -> Result<(), ClaimError> {
+        let now = crate::now_ms();
+        self.defer(now).await
+    }
+
+    async fn give_back(
+        &self,
+        sql: &str,
+        due_at: i64,
+        error: Option<&str>,
+    ) -> Result<(), ClaimError> {
+        let mut statement = self.statement(sql).bind(due_at);
+        if let Some(error) = error {
+            statement = statement.bind(error);
+        }
+        fenced(statement.execute(&self.db.pool).await)
+    }
+}
+
+/// The outcome of a fenced statement: [`ClaimError::Lost`] when it matched no row (the claim's
+/// generation is no longer the row's).
+fn fenced(done: Result<AnyQueryResult, sqlx::Error>) -> Result<(), ClaimError> {
+    if done.map_err(DbError::from)?.rows_affected() == 0 {
+        return Err(ClaimError::Lost);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facebook::event::EventSource;
+    use crate::storage::db::NewStagedEvent;
+    use crate::storage::db::test_support::backends;
+
+    fn key(psid: &str) -> ConversationKey {
+        ConversationKey {
+            page_id: PageId::parse("1").expect("page"),
+            user_psid: Psid::parse(psid).expect("psid"),
+        }
+    }
+
+    async fn stage(db: &Database, key: &ConversationKey, event_id: &str, now: i64) {
+        let event = NewStagedEvent {
+            key: key.clone(),
+            event_id: event_id.into(),
+            source: EventSource::Webhook,
+            timestamp_ms: now,
+            received_at_ms: now,
+            body: format!(r#"{{"id":"{event_id}"}}"#),
+        };
+        db.stage_events(&[event], now).await.expect("stage");
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_second_claim_of_a_leased_conversation_gets_nothing() {
+        for (backend, db) in backends().await {
+            let key = key("u1");
+            stage(&db, &key, "e1", 1_000).await;
+            let first = db
+                .claim_conversation(&key, "a", 1_000, LEASE)
+                .await
+                .expect("claim");
+            assert!(first.is_some(), "{backend}: the first claim wins");
+            let second = db
+                .claim_conversation(&key, "b", 1_001, LEASE)
+                .await
+                .expect("claim");
+            assert!(
+                second.is_none(),
+                "{backend}: a leased conversation cannot be claimed"
+            );
+            assert!(
+                db.due_conversations(1_001, 10)
+                    .await
+                    .expect("due")
+                    .is_empty(),
+                "{backend}: a leased conversation is not due"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
+        let budget = PutBudget {
+            puts_per_window: 5,
+            window_ms: 300_000,
+            margin_ms: 1_000,
+        };
+        for (backend, db) in backends().await {
+            let key = key("u2");
+            let mut now = 10_000;
+            for put in 1..=5 {
+                stage(&db, &key, &format!("e{put}"), now).await;
+                let mut claim = db
+                    .claim_conversation(&key, "a", now, LEASE)
+                    .await
+                    .expect("claim")
+                    .expect("due");
+                assert_eq!(
+                    claim.reserve_put(&budget, now).await.expect("reserve"),
+                    PutReservation::Reserved,
+                    "{backend}: PUT {put} fits the budget"
+                );
+                claim.finish(&[], now, now).await.expect("finish");
+                now += 1_000;
+            }
+            stage(&db, &key, "e6", now).await;
+            let mut claim = db
+                .claim_conversation(&key, "b", now, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert_eq!(
+                claim.reserve_put(&budget, now).await.expect("reserve"),
+                PutReservation::NotBefore(10_000 + 300_000 + 1_000),
+                "{backend}: the sixth PUT waits for the first to leave the window"
+            );
+            claim.defer(311_000).await.expect("defer");
+            // The deferral recorded nothing: a new claim sees the same five PUTs.
+            assert!(
+                db.claim_conversation(&key, "c", now, LEASE)
+                    .await
+                    .expect("claim")
+                    .is_none()
+            );
+            let later = db
+                .claim_conversation(&key, "c", 311_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due again when the budget allows");
+            assert_eq!(later.recent_puts.times().len(), 5, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
+        let budget = PutBudget {
+            puts_per_window: 5,
+            window_ms: 300_000,
+            margin_ms: 1_000,
+        };
+        for (backend, db) in backends().await {
+            let key = key("u3");
+            stage(&db, &key, "e1", 1_000).await;
+            let lease = Duration::from_millis(100);
+            let mut stalled = db
+                .claim_conversation(&key, "stalled", 1_000, lease)
+                .await
+                .expect("claim")
+                .expect("due");
+            let seqs: Vec<i64> = db
+                .staged_events(&key)
+                .await
+                .expect("staged")
+                .iter()
+                .map(|event| event.seq)
+                .collect();
+            // The lease runs out; another worker takes the conversation over.
+            let mut successor = db
+                .claim_conversation(&key, "successor", 1_200, LEASE)
+                .await
+                .expect("claim")
+                .expect("an expired lease can be taken over");
+            // The old holder wakes up: every step it tries is refused and changes nothing.
+            assert!(
+                matches!(stalled.renew(1_300).await, Err(ClaimError::Lost)),
+                "{backend}: renew"
+            );
+            assert!(
+                matches!(
+                    stalled.reserve_put(&budget, 1_300).await,
+                    Err(ClaimError::Lost)
+                ),
+                "{backend}: a PUT reservation"
+            );
+            assert!(
+                matches!(
+                    stalled.finish(&seqs, 1_300, 1_300).await,
+                    Err(ClaimError::Lost)
+                ),
+                "{backend}: finishing deletes nothing"
+            );
+            assert_eq!(
+                db.staged_events(&key).await.expect("staged").len(),
+                1,
+                "{backend}: the staged event is still there"
+            );
+            // The successor's claim is intact and saw no PUT recorded by the old holder.
+            assert!(successor.recent_puts.times().is_empty(), "{backend}");
+            assert_eq!(
+                successor
+                    .reserve_put(&budget, 1_400)
+                    .await
+                    .expect("reserve"),
+                PutReservation::Reserved
+            );
+            successor.finish(&seqs, 1_400, 1_400).await.expect("finish");
+            assert!(
+                db.staged_events(&key).await.expect("staged").is_empty(),
+                "{backend}"
+            );
+        }
+    }
+}

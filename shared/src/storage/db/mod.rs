@@ -1,0 +1,244 @@
+//! The database: the Page registry, staged events, conversation claims and the request budgets
+//! shared by every worker.
+//!
+//! One code path serves SQLite (default; WAL and a busy timeout so several processes share the
+//! file) and PostgreSQL (when hosts share it) through sqlx's `Any` driver. Every query is
+//! portable SQL with `$N` parameters; times are milliseconds since the epoch (`i64`); rows are
+//! read by column name into structs.
+//!
+//! One file per concern: [`pages`] (the registry), [`staging`] (events waiting for a write),
+//! [`claims`] (a conversation's lease and the lifecycle of one flush, fenced by generation),
+//! [`put_budget`] (per-object PUT times), [`bucket_windows`] (the bucket's request rate) and
+//! [`backlog`] (figures for the gauges).
+
+pub mod backlog;
+pub mod bucket_windows;
+pub mod claims;
+pub mod pages;
+pub mod put_budget;
+pub mod staging;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::AnyPool;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+
+use crate::retry::RetryClass;
+
+pub use backlog::Backlog;
+pub use claims::{ClaimError, ConversationClaim};
+pub use pages::{PageRecord, PageStatus, PageSummary};
+pub use put_budget::{PutReservation, RecentPuts};
+pub use staging::{NewStagedEvent, StagedEvent};
+
+/// Errors of the database layer. `Query` errors are worth retrying (the database may be
+/// restarting or busy); the others are bad configuration and are reported as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not usable: {0}")]
+    BadUrl(String),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+impl RetryClass for DbError {
+    fn is_transient(&self) -> bool {
+        match self {
+            DbError::BadUrl(_) | DbError::Migration(_) => false,
+            // A row that does not decode is a bug or a hand-edited row: retrying cannot help.
+            DbError::Query(sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)) => false,
+            DbError::Query(_) => true,
+        }
+    }
+}
+
+/// Which SQL dialect is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A pool plus its dialect.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The connection pool.
+    pool: AnyPool,
+    /// Chosen from the URL; decides the migrations.
+    pub backend: Backend,
+}
+
+impl Database {
+    /// Connects (creating the SQLite file and its folder when missing) and runs migrations.
+    pub async fn connect(url: &SecretString) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let url = url.expose_secret();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::BadUrl(
+                "it must start with sqlite: or postgres://".into(),
+            ));
+        };
+        let mut url = url.to_string();
+        if backend == Backend::Sqlite {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let path = path.split('?').next().unwrap_or_default().to_string();
+            if path != ":memory:"
+                && let Some(parent) = Path::new(&path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    DbError::BadUrl(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+            if !url.contains('?') {
+                url.push_str("?mode=rwc");
+            }
+        }
+        let options =
+            AnyConnectOptions::from_str(&url).map_err(|e| DbError::BadUrl(e.to_string()))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers and one writer work at once; the busy timeout makes
+                        // other processes wait for the write lock instead of failing.
+                        sqlx::query("PRAGMA journal_mode=WAL")
+                            .execute(&mut *connection)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout=10000")
+                            .execute(&mut *connection)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous=NORMAL")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        let database = Self { pool, backend };
+        database.migrate().await?;
+        Ok(database)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        match self.backend {
+            Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await?,
+            Backend::Postgres => {
+                sqlx::migrate!("migrations/postgres")
+                    .run(&self.pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the pool (waits for connections to return).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `$first, $first+1, ...` for `count` values: the placeholders of a multi-row statement.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Databases for the layer's own tests: an in-memory SQLite one, and a fresh PostgreSQL
+    //! schema when `FBSYNC_TEST_POSTGRES_URL` (or the local server) is there.
+
+    use super::*;
+
+    /// A private in-memory SQLite database (one connection, so every query sees the same one).
+    pub async fn sqlite() -> Database {
+        sqlx::any::install_default_drivers();
+        let options = AnyConnectOptions::from_str("sqlite::memory:").expect("url");
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .expect("in-memory SQLite");
+        let database = Database {
+            pool,
+            backend: Backend::Sqlite,
+        };
+        database.migrate().await.expect("migrations");
+        database
+    }
+
+    /// A fresh database on the local PostgreSQL server (named `fbsync_unit_<time>_*` and
+    /// dropped by a run an hour later); `None` when no server answers.
+    pub async fn postgres() -> Option<Database> {
+        sqlx::any::install_default_drivers();
+        let admin_url = std::env::var("FBSYNC_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let options = AnyConnectOptions::from_str(&admin_url).ok()?;
+        let admin = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await
+            .ok()?;
+        // Databases of earlier runs (named by their creation time) older than an hour go.
+        let now_secs = crate::now_ms() / 1000;
+        let old: Vec<(String,)> =
+            sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'fbsync_unit_%'")
+                .fetch_all(&admin)
+                .await
+                .ok()?;
+        for (stale,) in old {
+            let created: i64 = stale
+                .split('_')
+                .nth(2)
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            if created < now_secs - 3600 {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await;
+            }
+        }
+        let name = format!("fbsync_unit_{now_secs}_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .ok()?;
+        admin.close().await;
+        let (base, _) = admin_url.rsplit_once('/')?;
+        Database::connect(&SecretString::from(format!("{base}/{name}")))
+            .await
+            .ok()
+    }
+
+    /// Both backends (PostgreSQL only when reachable), each with its name for messages.
+    pub async fn backends() -> Vec<(&'static str, Database)> {
+        let mut all = vec![("sqlite", sqlite().await)];
+        match postgres().await {
+            Some(db) => all.push(("postgres", db)),
+            None if std::env::var_os("CI").is_some() => {
+                panic!("PostgreSQL is not reachable, and CI must test it")
+            }
+            None => eprintln!("PostgreSQL not reachable: testing SQLite only"),
+        }
+        all
+    }
+}

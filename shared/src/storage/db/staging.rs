@@ -1,0 +1,114 @@
+//! Staged events: accepted from the queue, not yet in the store. One row per event identity
+//! and conversation, so duplicates vanish on insert; each conversation's staging generation
+//! says that events are waiting.
+
+use super::{Database, DbError, placeholders};
+use crate::facebook::event::EventSource;
+use crate::ids::ConversationKey;
+
+/// An event to stage.
+#[derive(Debug, Clone)]
+pub struct NewStagedEvent {
+    pub key: ConversationKey,
+    /// The event's identity: equal for every copy of the same event.
+    pub event_id: String,
+    /// A webhook copy wins over a polled reconstruction of the same event.
+    pub source: EventSource,
+    /// Sort key inside the conversation.
+    pub timestamp_ms: i64,
+    /// When ingest accepted it, for the visibility figures.
+    pub received_at_ms: i64,
+    /// The event JSON as received.
+    pub body: String,
+}
+
+/// A staged event read back for a flush.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StagedEvent {
+    /// Row id; the flush deletes exactly the rows it wrote.
+    pub seq: i64,
+    pub event_id: String,
+    #[sqlx(try_from = "String")]
+    pub source: EventSource,
+    pub received_at_ms: i64,
+    pub body: String,
+}
+
+/// Columns bound per staged row.
+const STAGED_COLUMNS: usize = 8;
+
+impl Database {
+    /// Stages events in one transaction: inserts each (an identity already staged is skipped)
+    /// and bumps the staging generation of each conversation touched. Returns how many rows
+    /// were new.
+    pub async fn stage_events(&self, events: &[NewStagedEvent], now: i64) -> Result<u64, DbError> {
+        // Every transaction takes its row locks in one order (conversation, then event id), so
+        // two workers staging overlapping batches (duplicates included) wait for each other
+        // instead of deadlocking.
+        let mut ordered: Vec<&NewStagedEvent> = events.iter().collect();
+        ordered.sort_by(|a, b| (&a.key, &a.event_id).cmp(&(&b.key, &b.event_id)));
+        ordered.dedup_by(|a, b| a.key == b.key && a.event_id == b.event_id);
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        // Many rows per statement: one round trip per 100 events, not one per event.
+        for chunk in ordered.chunks(100) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(i * STAGED_COLUMNS + 1, STAGED_COLUMNS)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO staged_events
+                   (page_id, user_psid, event_id, source, timestamp_ms, received_at_ms, staged_at_ms, body)
+                 VALUES {}
+                 ON CONFLICT (page_id, user_psid, event_id) DO NOTHING",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for event in chunk {
+                query = query
+                    .bind(event.key.page_id.as_str())
+                    .bind(event.key.user_psid.as_str())
+                    .bind(&event.event_id)
+                    .bind(event.source.as_str())
+                    .bind(event.timestamp_ms)
+                    .bind(event.received_at_ms)
+                    .bind(now)
+                    .bind(&event.body);
+            }
+            inserted += query.execute(&mut *tx).await?.rows_affected();
+        }
+        let mut touched: Vec<&ConversationKey> = ordered.iter().map(|event| &event.key).collect();
+        touched.dedup();
+        for key in &touched {
+            sqlx::query(
+                "INSERT INTO conversations (page_id, user_psid, staged_gen) VALUES ($1, $2, 1)
+                 ON CONFLICT (page_id, user_psid) DO UPDATE SET staged_gen = conversations.staged_gen + 1",
+            )
+            .bind(key.page_id.as_str())
+            .bind(key.user_psid.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        // Outside the transaction: a Page's row is hot, and holding it for a whole batch would
+        // serialise every worker staging for that Page.
+        let mut pages: Vec<_> = touched.iter().map(|key| &key.page_id).collect();
+        pages.dedup();
+        for page_id in pages {
+            self.mark_page_event(page_id, now).await?;
+        }
+        Ok(inserted)
+    }
+
+    /// Every staged event of a conversation, oldest row first.
+    pub async fn staged_events(&self, key: &ConversationKey) -> Result<Vec<StagedEvent>, DbError> {
+        let events = sqlx::query_as::<_, StagedEvent>(
+            "SELECT seq, event_id, source, received_at_ms, body FROM staged_events
+             WHERE page_id = $1 AND user_psid = $2 ORDER BY seq",
+        )
+        .bind(key.page_id.as_str())
+        .bind(key.user_psid.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(events)
+    }
+}
