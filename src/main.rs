@@ -65,10 +65,20 @@ enum PagesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a Page from the registry (its stored objects stay).
+    /// Remove a Page from the registry (its stored objects stay; events still staged for it go
+    /// to the dead-letter queue as `page_removed`, to replay once it is added again).
     Remove {
         #[arg(long)]
         page_id: String,
+    },
+    /// Flush conversations again that were set aside because their stored object could not be
+    /// read (not a JSON array), once the object is fixed or deleted.
+    Requeue {
+        #[arg(long)]
+        page_id: String,
+        /// Only this conversation (the person's page-scoped id); all of the Page's otherwise.
+        #[arg(long)]
+        user_psid: Option<String>,
     },
 }
 
@@ -174,6 +184,7 @@ async fn run_worker(settings: Settings) -> anyhow::Result<ExitCode> {
         tokio::spawn(fbsync_worker::serve_metrics(
             listener,
             telemetry::metrics_handle(),
+            worker.health.clone(),
             shutdown.clone(),
         ));
     }
@@ -228,7 +239,17 @@ async fn serve_ingest(
         .map_err(|e| {
             anyhow::anyhow!("cannot listen on INGEST_ADDR={}: {e}", settings.ingest.addr)
         })?;
+    let metrics_addr = settings.ingest.metrics_addr;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on INGEST_METRICS_ADDR={metrics_addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
+    tracing::info!(addr = %metrics_listener.local_addr()?, "ingest metrics listening");
+    tokio::spawn(fbsync_ingest::serve_metrics(
+        metrics_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
     fbsync_ingest::run(listener, state, settings.ingest.body_limit_bytes, shutdown).await?;
     Ok(())
 }

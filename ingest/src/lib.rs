@@ -4,6 +4,12 @@
 //! confirms); when the broker is away it is answered 503 within the publish timeout, so
 //! Facebook retries it later. Nothing here touches storage: ingest stays fast and thin.
 //!
+//! Unauthenticated clients are bounded before the signature can be checked: at most
+//! `INGEST_MAX_IN_FLIGHT` requests are handled at once (503 beyond, at once), a client has
+//! `INGEST_READ_TIMEOUT_MS` to send its headers and then its body (408 or a closed connection
+//! beyond), and a body is read up to `INGEST_BODY_LIMIT_BYTES` (413 beyond). `/metrics` is not
+//! served here but on its own listener ([`serve_metrics`]).
+//!
 //! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.
 
 use std::collections::HashMap;
@@ -12,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,11 +28,15 @@ use fbsync_shared::facebook::signature::{SHA1_HEADER, SHA256_HEADER, verify_sign
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Publisher, Topology};
 use fbsync_shared::telemetry::{DELIVERIES, EVENTS_PUBLISHED, PUBLISH_CONFIRM_SECONDS};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use lapin::types::{AMQPValue, FieldTable};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// What the handlers share.
@@ -42,6 +51,10 @@ pub struct IngestState {
     pub publisher: Publisher,
     /// Longest wait for a delivery's confirms before answering 503.
     pub publish_timeout: Duration,
+    /// Requests handled at once; a request beyond them is answered 503 at once.
+    pub in_flight: Arc<Semaphore>,
+    /// Longest time a client may take to send its headers, and then its body.
+    pub read_timeout: Duration,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
 }
@@ -60,12 +73,14 @@ impl IngestState {
             topology: Topology::new(&settings.broker.queue_prefix),
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
+            in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
+            read_timeout: settings.ingest.read_timeout,
             metrics,
         }
     }
 }
 
-/// The HTTP routes of ingest.
+/// The public HTTP routes of ingest: the webhook, and the health checks load balancers call.
 pub fn router(state: Arc<IngestState>, body_limit_bytes: usize) -> Router {
     Router::new()
         .route(
@@ -74,20 +89,68 @@ pub fn router(state: Arc<IngestState>, body_limit_bytes: usize) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(render_metrics))
         .layer(DefaultBodyLimit::max(body_limit_bytes))
         .with_state(state)
 }
 
-/// Serves until `shutdown` fires, then finishes the requests in flight and returns.
+/// The operators' routes: `/metrics`, with `/healthz` and `/readyz` beside it.
+pub fn metrics_router(state: Arc<IngestState>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+/// Serves the public routes until `shutdown` fires, then finishes the requests in flight and
+/// returns. Each connection has `read_timeout` to send a request's headers.
 pub async fn run(
     listener: TcpListener,
     state: Arc<IngestState>,
     body_limit_bytes: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let header_timeout = state.read_timeout;
     let app = router(state, body_limit_bytes);
-    axum::serve(listener, app)
+    let connections = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// Serves [`metrics_router`] until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
@@ -111,14 +174,20 @@ async fn verify_subscription(
 }
 
 /// POST /facebook/webhook: verify, split, publish with confirms, answer.
-async fn receive_delivery(
-    State(state): State<Arc<IngestState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => {
+async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Request) -> Response {
+    // A slot first: beyond the limit nothing is read at all.
+    let Ok(_slot) = state.in_flight.clone().try_acquire_owned() else {
+        return answer(
+            "overloaded",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight; try again later",
+        );
+    };
+    let headers: HeaderMap = request.headers().clone();
+    let read = tokio::time::timeout(state.read_timeout, Bytes::from_request(request, &())).await;
+    let body = match read {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) => {
             let status = rejection.status();
             let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
                 "too_large"
@@ -126,6 +195,13 @@ async fn receive_delivery(
                 "bad_request"
             };
             return answer(outcome, status, "body could not be read");
+        }
+        Err(_) => {
+            return answer(
+                "too_slow",
+                StatusCode::REQUEST_TIMEOUT,
+                "the body was not sent in time",
+            );
         }
     };
     let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -196,6 +272,7 @@ pub fn to_outgoing(topology: &Topology, event: &EventMessage) -> Outgoing {
         body: serde_json::to_vec(event).expect("an event message always serialises"),
         message_id: event.event_id.clone(),
         headers,
+        expiration: None,
     }
 }
 

@@ -72,6 +72,15 @@ pub struct IngestSettings {
     /// How long a delivery may wait for its publisher confirms before answering 503. Facebook
     /// gives up after about 5 s, so this stays well below that.
     pub publish_timeout: Duration,
+    /// Requests handled at once; beyond it ingest answers 503 at once, so unauthenticated
+    /// clients cannot make it hold unbounded memory (each may hold a body of up to the limit).
+    pub max_in_flight: usize,
+    /// Longest time a client may take to send a request's headers, and then its body: slow
+    /// clients are cut off instead of holding connections and memory.
+    pub read_timeout: Duration,
+    /// Where ingest serves `/metrics` (and `/healthz`, `/readyz`): not on the public webhook
+    /// listener.
+    pub metrics_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +115,10 @@ pub struct RetrySettings {
     pub base_delay: Duration,
     /// Longest single backoff delay.
     pub max_delay: Duration,
+    /// A job that must wait longer than this (a Graph rate limit, an object's PUT budget) is
+    /// parked in a delay queue and acked, not held: RabbitMQ closes a channel that holds a
+    /// message past its consumer timeout (30 minutes by default).
+    pub park_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +177,14 @@ impl Settings {
                 publish_timeout: Duration::from_millis(
                     reader.parsed_or("INGEST_PUBLISH_TIMEOUT_MS", 3_000),
                 ),
+                max_in_flight: reader.parsed_or("INGEST_MAX_IN_FLIGHT", 1024),
+                read_timeout: Duration::from_millis(
+                    reader.parsed_or("INGEST_READ_TIMEOUT_MS", 10_000),
+                ),
+                metrics_addr: reader.parsed_or(
+                    "INGEST_METRICS_ADDR",
+                    SocketAddr::from(([127, 0, 0, 1], 5001)),
+                ),
             },
             storage: StorageSettings {
                 endpoint: reader.optional("SPACES_ENDPOINT"),
@@ -186,6 +207,7 @@ impl Settings {
                 max_attempts: reader.parsed_or("WORKER_MAX_ATTEMPTS", 8),
                 base_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_BASE_MS", 200)),
                 max_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_MAX_MS", 30_000)),
+                park_after: Duration::from_millis(reader.parsed_or("WORKER_PARK_AFTER_MS", 60_000)),
             },
             worker: WorkerSettings {
                 prefetch: reader.parsed_or("WORKER_PREFETCH", 256),

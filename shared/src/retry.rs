@@ -65,12 +65,50 @@ pub enum RetryError<E> {
     Failed { error: E, attempts: u32 },
     /// Shutdown began while waiting for the next attempt: give the work back.
     Cancelled,
+    /// The next attempt is further away than [`RetrySettings::park_after`]: park the job for
+    /// `wait` instead of holding it (a queue message held that long would hit the broker's
+    /// consumer timeout).
+    Park { wait: Duration },
 }
 
 /// Runs `attempt` until it succeeds, fails permanently, the policy gives up, or `shutdown`
 /// fires during a wait. `operation` names it in metrics and logs.
 pub async fn retry<T, E, F, Fut>(
     settings: &RetrySettings,
+    operation: &'static str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Result<T, RetryError<E>>
+where
+    E: RetryClass + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let delays = backoff(settings).build();
+    retry_with_delays(settings, delays, operation, shutdown, attempt).await
+}
+
+/// Like [`retry`], but transient failures are retried for as long as they last (an outage of
+/// the database that staging needs): it returns only on success, a permanent failure, a wait
+/// to park, or shutdown.
+pub async fn retry_while_transient<T, E, F, Fut>(
+    settings: &RetrySettings,
+    operation: &'static str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Result<T, RetryError<E>>
+where
+    E: RetryClass + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let delays = endless_backoff(settings.base_delay, settings.max_delay);
+    retry_with_delays(settings, delays, operation, shutdown, attempt).await
+}
+
+async fn retry_with_delays<T, E, F, Fut>(
+    settings: &RetrySettings,
+    mut delays: impl Iterator<Item = Duration>,
     operation: &'static str,
     shutdown: &CancellationToken,
     mut attempt: F,
@@ -80,13 +118,15 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut delays = backoff(settings).build();
     let mut attempts = 0;
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
             Err(error) if error.is_budget_wait() => {
                 let delay = error.retry_after().unwrap_or(settings.base_delay);
+                if delay > settings.park_after {
+                    return Err(RetryError::Park { wait: delay });
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(RetryError::Cancelled),
                     _ = tokio::time::sleep(delay) => {}
@@ -100,6 +140,9 @@ where
                 let delay = error
                     .retry_after()
                     .map_or(policy_delay, |asked| asked.max(policy_delay));
+                if delay > settings.park_after {
+                    return Err(RetryError::Park { wait: delay });
+                }
                 metrics::counter!(RETRIES, "operation" => operation).increment(1);
                 tracing::debug!(
                     operation,
@@ -153,6 +196,7 @@ mod tests {
             max_attempts,
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
+            park_after: Duration::from_secs(60),
         }
     }
 
@@ -221,12 +265,29 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
+    #[tokio::test]
+    async fn a_wait_longer_than_the_park_threshold_parks_the_job_at_once() {
+        let started = std::time::Instant::now();
+        let mut calls = 0;
+        let outcome: Result<(), _> = retry(&settings(4), "test", &CancellationToken::new(), || {
+            calls += 1;
+            async { Err(flaky(true, Some(Duration::from_secs(30 * 60)))) }
+        })
+        .await;
+        assert!(
+            matches!(outcome, Err(RetryError::Park { wait }) if wait == Duration::from_secs(1800))
+        );
+        assert_eq!(calls, 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
     #[test]
     fn flush_delays_grow_and_stay_bounded() {
         let settings = RetrySettings {
             max_attempts: 3,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
+            park_after: Duration::from_secs(60),
         };
         assert!(delay_after_failures(&settings, 1) <= Duration::from_millis(200));
         assert!(delay_after_failures(&settings, 50) <= Duration::from_secs(4));

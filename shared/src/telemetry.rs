@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Webhook deliveries answered, by `outcome` (accepted, bad_signature, bad_request, too_large,
-/// unavailable).
+/// too_slow, overloaded, unavailable).
 pub const DELIVERIES: &str = "fbsync_webhook_deliveries_total";
 /// Events published to the broker with a confirm, by `kind`.
 pub const EVENTS_PUBLISHED: &str = "fbsync_events_published_total";
@@ -16,7 +16,7 @@ pub const EVENTS_PUBLISHED: &str = "fbsync_events_published_total";
 pub const PUBLISH_CONFIRM_SECONDS: &str = "fbsync_publish_confirm_seconds";
 /// Events staged in the database, by `kind`.
 pub const EVENTS_STAGED: &str = "fbsync_events_staged_total";
-/// Conversation flushes, by `outcome` (written, unchanged, failed).
+/// Conversation flushes, by `outcome` (written, unchanged, failed, set_aside, page_removed).
 pub const FLUSHES: &str = "fbsync_flushes_total";
 /// Objects written to the store, by `object` (conversation, page_data).
 pub const OBJECT_WRITES: &str = "fbsync_object_writes_total";
@@ -30,6 +30,8 @@ pub const DEAD_LETTERED: &str = "fbsync_dead_lettered_total";
 pub const STAGED_BACKLOG: &str = "fbsync_staged_backlog";
 /// Age in seconds of the oldest staged event.
 pub const STAGED_OLDEST_SECONDS: &str = "fbsync_staged_oldest_seconds";
+/// Conversations set aside because their stored object cannot be read.
+pub const CONVERSATIONS_SET_ASIDE: &str = "fbsync_conversations_set_aside";
 /// Messages waiting in the dead-letter queue.
 pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
 /// Seconds per object-store request, by `operation`.

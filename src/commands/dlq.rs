@@ -7,10 +7,9 @@ use clap::{Args, Subcommand};
 use fbsync_shared::config::Settings;
 use fbsync_shared::facebook::event::JobKind;
 use fbsync_shared::ids::PageId;
-use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
 use fbsync_worker::dead_letter::DeadReason;
-use fbsync_worker::dead_letter::operator_session::{DlqFilter, DlqSession, parse_age};
+use fbsync_worker::dead_letter::operator_session::{DeadLetter, DlqFilter, DlqSession, parse_age};
 
 use crate::refuse;
 
@@ -51,7 +50,7 @@ pub struct FilterArgs {
     #[arg(long)]
     page_id: Option<String>,
     /// Only this reason: malformed, unknown_page, token_error, attempts_exhausted, graph_error,
-    /// delivery_limit.
+    /// delivery_limit, page_removed.
     #[arg(long)]
     reason: Option<String>,
     /// Only letters that failed at most this long ago (30s, 10m, 2h, 1d).
@@ -131,35 +130,32 @@ pub async fn run(settings: Settings, command: DlqCommand) -> anyhow::Result<Exit
         Ok(filter) => filter,
         Err(problems) => return Ok(refuse(&problems)),
     };
-    let session = DlqSession::open(url, &topology, &filter)
+    let session = DlqSession::open(url, &topology, filter)
         .await
         .map_err(|e| {
             anyhow::anyhow!("cannot read the dead-letter queue {}: {e}", topology.dead())
         })?;
-    let now = now_ms();
+    let total = session.total();
+    let now = session.now();
     match action {
-        Action::List { json } => {
-            if json {
-                for letter in &session.matched {
-                    println!("{}", letter.to_json(now));
-                }
-            } else {
-                print_table(&session, now);
-            }
-            session.release().await?;
+        Action::List { json: true } => {
+            session
+                .walk(|letter| println!("{}", letter.to_json(now)))
+                .await?;
+        }
+        Action::List { json: false } => {
+            let mut table = LetterTable::default();
+            let matched = session.walk(|letter| table.row(letter, now)).await?;
+            table.finish(matched, total);
         }
         Action::Replay { dry_run: true } => {
-            println!(
-                "would replay {} of {} dead letters",
-                session.matched.len(),
-                session.total()
-            );
-            session.release().await?;
+            let matched = session.walk(|_| {}).await?;
+            println!("would replay {matched} of {total} dead letters");
         }
         Action::Replay { dry_run: false } => {
             let interactive = std::io::stderr().is_terminal();
-            let replayed = session
-                .replay(|done, total| {
+            let report = session
+                .replay(|done, _| {
                     if interactive {
                         eprint!("\rreplaying {done}/{total}");
                         let _ = std::io::stderr().flush();
@@ -169,15 +165,27 @@ pub async fn run(settings: Settings, command: DlqCommand) -> anyhow::Result<Exit
             if interactive {
                 eprintln!();
             }
-            println!("replayed {replayed}");
+            println!("replayed {}", report.replayed);
+            if !report.unroutable.is_empty() {
+                println!(
+                    "{} left in the dead-letter queue: their queue does not exist (ids: {})",
+                    report.unroutable.len(),
+                    report.unroutable.join(", ")
+                );
+            }
+            if report.refused > 0 {
+                println!(
+                    "{} left in the dead-letter queue: the broker refused their copies; try again",
+                    report.refused
+                );
+            }
+            if !report.unroutable.is_empty() || report.refused > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Action::Purge { dry_run: true } => {
-            println!(
-                "would purge {} of {} dead letters",
-                session.matched.len(),
-                session.total()
-            );
-            session.release().await?;
+            let matched = session.walk(|_| {}).await?;
+            println!("would purge {matched} of {total} dead letters");
         }
         Action::Purge { dry_run: false } => {
             let purged = session.purge().await?;
@@ -193,16 +201,22 @@ enum Action {
     Purge { dry_run: bool },
 }
 
-fn print_table(session: &DlqSession, now: i64) {
-    if session.matched.is_empty() {
-        println!("no dead letters match ({} in the queue)", session.total());
-        return;
-    }
-    println!(
-        "{:<12} {:<20} {:<19} {:>8} {:>8}  ERROR",
-        "KIND", "PAGE", "REASON", "ATTEMPTS", "AGE"
-    );
-    for letter in &session.matched {
+/// The `dlq list` table, printed a row at a time as letters are read.
+#[derive(Default)]
+struct LetterTable {
+    /// The header is printed before the first row.
+    started: bool,
+}
+
+impl LetterTable {
+    fn row(&mut self, letter: &DeadLetter, now: i64) {
+        if !self.started {
+            println!(
+                "{:<12} {:<20} {:<19} {:>8} {:>8}  ERROR",
+                "KIND", "PAGE", "REASON", "ATTEMPTS", "AGE"
+            );
+            self.started = true;
+        }
         let error: String = letter.info.error.chars().take(80).collect();
         println!(
             "{:<12} {:<20} {:<19} {:>8} {:>8}  {}",
@@ -214,11 +228,14 @@ fn print_table(session: &DlqSession, now: i64) {
             error
         );
     }
-    println!(
-        "{} of {} dead letters",
-        session.matched.len(),
-        session.total()
-    );
+
+    fn finish(self, matched: usize, total: u32) {
+        if matched == 0 {
+            println!("no dead letters match ({total} in the queue)");
+        } else {
+            println!("{matched} of {total} dead letters");
+        }
+    }
 }
 
 fn format_age(seconds: i64) -> String {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use fbsync_shared::config::Settings;
-use fbsync_shared::ids::{PageId, UserUuid};
+use fbsync_shared::ids::{PageId, Psid, UserUuid};
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::db::{Database, PageSummary};
 use secrecy::{ExposeSecret, SecretString};
@@ -71,6 +71,39 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
                 ExitCode::from(1)
             }
         }
+        PagesCommand::Requeue { page_id, user_psid } => {
+            let mut problems = Vec::new();
+            let page_id = PageId::parse(&page_id)
+                .map_err(|e| problems.push(format!("--page-id: {e}")))
+                .ok();
+            let user_psid = match user_psid.as_deref().map(Psid::parse) {
+                Some(Ok(psid)) => Some(psid),
+                Some(Err(e)) => {
+                    problems.push(format!("--user-psid: {e}"));
+                    None
+                }
+                None => None,
+            };
+            let Some(page_id) = page_id else {
+                return Ok(refuse(&problems));
+            };
+            if !problems.is_empty() {
+                return Ok(refuse(&problems));
+            }
+            let aside = db.set_aside_conversations(Some(&page_id)).await?;
+            let requeued = db.requeue_set_aside(&page_id, user_psid.as_ref()).await?;
+            for conversation in aside
+                .iter()
+                .filter(|c| user_psid.as_ref().is_none_or(|psid| &c.user_psid == psid))
+            {
+                println!(
+                    "requeued {} / {} (was: {})",
+                    conversation.page_id, conversation.user_psid, conversation.set_aside_reason
+                );
+            }
+            println!("{requeued} conversation(s) of page {page_id} requeued");
+            ExitCode::SUCCESS
+        }
     };
     db.close().await;
     Ok(code)
@@ -82,6 +115,7 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "user_uuid": page.user_uuid.as_str(),
         "status": page.status.as_str(),
         "staged": page.staged,
+        "set_aside": page.set_aside,
         "last_event_ms": page.last_event_ms,
         "last_flush_ms": page.last_flush_ms,
         "last_error_ms": page.last_error_ms,
@@ -95,16 +129,17 @@ fn print_table(pages: &[PageSummary]) {
         return;
     }
     println!(
-        "{:<20} {:<36} {:<13} {:>7} {:<20} {:<20} LAST ERROR",
-        "PAGE", "USER", "STATUS", "STAGED", "LAST EVENT", "LAST FLUSH"
+        "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} LAST ERROR",
+        "PAGE", "USER", "STATUS", "STAGED", "SET ASIDE", "LAST EVENT", "LAST FLUSH"
     );
     for page in pages {
         println!(
-            "{:<20} {:<36} {:<13} {:>7} {:<20} {:<20} {}",
+            "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {}",
             page.page_id,
             page.user_uuid,
             page.status,
             page.staged,
+            page.set_aside,
             format_time(page.last_event_ms),
             format_time(page.last_flush_ms),
             page.last_error.as_deref().unwrap_or("-"),

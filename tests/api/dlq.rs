@@ -5,17 +5,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind, message_delivery, mids, post_signed};
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::common::tally::mids;
+use crate::common::webhook::{message_delivery, post_signed};
 
+/// `fbsync dlq list --json FILTERS`, which must succeed.
 async fn list(pipeline: &Pipeline, filters: &[&str]) -> Vec<Value> {
-    let mut args = vec!["dlq", "list", "--json"];
-    args.extend_from_slice(filters);
-    let (code, stdout, stderr) = pipeline.run(&args).await;
-    assert_eq!(code, 0, "{stderr}");
-    stdout
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
+    pipeline
+        .dlq_list(filters)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn wait_for_dead_letters(pipeline: &Pipeline, count: usize) {
@@ -38,7 +37,8 @@ async fn wait_for_dead_letters(pipeline: &Pipeline, count: usize) {
 #[tokio::test]
 async fn unknown_page_letters_are_listed_filtered_and_replayed_exactly_once() {
     let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
     // 20 messages for the unregistered test Page (one of them delivered twice), 3 for another.
     for n in 0..20 {
@@ -99,9 +99,7 @@ async fn unknown_page_letters_are_listed_filtered_and_replayed_exactly_once() {
 
     // Register the Page, replay its letters: every message stored once; the other Page's stay.
     pipeline.register_page(PAGE_ID).await;
-    let (code, stdout, stderr) = pipeline.run(&["dlq", "replay", "--page-id", PAGE_ID]).await;
-    assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("replayed 21"), "{stdout}");
+    assert_eq!(pipeline.dlq_replay(&["--page-id", PAGE_ID]).await, Ok(21));
     let events = pipeline
         .wait_for_conversation(PAGE_ID, "u1", 20, Duration::from_secs(30))
         .await;

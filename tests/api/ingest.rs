@@ -5,14 +5,17 @@ use std::time::Duration;
 use fbsync_shared::facebook::event::{EventKind, JobKind};
 use fbsync_shared::facebook::signature::{sign_sha1, sign_sha256};
 
-use crate::helpers::{
-    AMQP_URL, APP_SECRET, FbsyncProcess, TcpProxy, VERIFY_TOKEN, delete_topology, fbsync_command,
-    fixture, fixture_names, spawn_ingest, unique_prefix,
-};
+use crate::common::broker::{AMQP_URL, TcpProxy, delete_topology, unique_prefix};
+use crate::common::fixtures::{fixture, fixture_names};
+use crate::common::ingest::spawn_ingest_in_process;
+use crate::common::metrics::{sample, scrape};
+use crate::common::pipeline::{DbKind, Pipeline, StoreKind};
+use crate::common::process::{FbsyncProcess, fbsync_command};
+use crate::common::webhook::{APP_SECRET, VERIFY_TOKEN, post_signed};
 
 #[tokio::test]
 async fn handshake_answers_the_challenge_only_for_the_right_token() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let get = |query: String| {
         let client = ingest.client.clone();
         let url = ingest.url(&format!("/facebook/webhook?{query}"));
@@ -42,9 +45,9 @@ async fn handshake_answers_the_challenge_only_for_the_right_token() {
 
 #[tokio::test]
 async fn sha256_and_sha1_signed_deliveries_are_published() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let body = fixture("message.json");
-    assert_eq!(ingest.post_signed(&body).await.status(), 200);
+    assert_eq!(ingest.post_signed(&body).await, 200);
 
     let sha1_only = ingest
         .client
@@ -68,7 +71,7 @@ async fn sha256_and_sha1_signed_deliveries_are_published() {
 
 #[tokio::test]
 async fn bad_signatures_are_refused_and_nothing_is_published() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let body = fixture("message.json");
     let post = |signature: Option<String>, body: Vec<u8>| {
         let mut request = ingest
@@ -105,9 +108,9 @@ async fn bad_signatures_are_refused_and_nothing_is_published() {
 
 #[tokio::test]
 async fn escaped_unicode_verifies_on_the_raw_bytes_and_is_kept_as_sent() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let body = br#"{"object":"page","entry":[{"id":"42","time":1,"messaging":[{"sender":{"id":"7"},"recipient":{"id":"42"},"timestamp":3,"message":{"mid":"m_\u00e4","text":"gr\u00fc\u00dfe \ud83d\ude00"}}]}]}"#;
-    assert_eq!(ingest.post_signed(body).await.status(), 200);
+    assert_eq!(ingest.post_signed(body).await, 200);
     let events = ingest.drain(JobKind::Conversation).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_id, "mid:m_ä");
@@ -124,7 +127,7 @@ async fn escaped_unicode_verifies_on_the_raw_bytes_and_is_kept_as_sent() {
 
 #[tokio::test]
 async fn a_batch_gives_exactly_one_message_per_event() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let body = br#"{"object":"page","entry":[
       {"id":"100","time":1,"messaging":[
         {"sender":{"id":"u1"},"recipient":{"id":"100"},"timestamp":10,"message":{"mid":"m_1","text":"a"}},
@@ -133,7 +136,7 @@ async fn a_batch_gives_exactly_one_message_per_event() {
       {"id":"200","time":1,
        "standby":[{"sender":{"id":"u2"},"recipient":{"id":"200"},"timestamp":13,"message":{"mid":"m_3","text":"c"}}],
        "changes":[{"field":"name","value":"New name"},{"field":"category","value":"Shop"}]}]}"#;
-    assert_eq!(ingest.post_signed(body).await.status(), 200);
+    assert_eq!(ingest.post_signed(body).await, 200);
 
     let mut conversation: Vec<_> = ingest
         .drain(JobKind::Conversation)
@@ -186,12 +189,11 @@ async fn a_batch_gives_exactly_one_message_per_event() {
 
 #[tokio::test]
 async fn every_fixture_is_accepted() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let names = fixture_names();
     assert!(names.len() >= 7, "fixtures missing: {names:?}");
     for name in &names {
-        let response = ingest.post_signed(&fixture(name)).await;
-        assert_eq!(response.status(), 200, "{name}");
+        assert_eq!(ingest.post_signed(&fixture(name)).await, 200, "{name}");
     }
     let conversation = ingest.drain(JobKind::Conversation).await;
     let changes = ingest.drain(JobKind::PageChange).await;
@@ -202,15 +204,14 @@ async fn every_fixture_is_accepted() {
 
 #[tokio::test]
 async fn oversized_and_malformed_bodies_are_refused() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let huge = vec![b' '; 1024 * 1024 + 1];
-    assert_eq!(ingest.post_signed(&huge).await.status(), 413);
-    assert_eq!(ingest.post_signed(b"not json").await.status(), 400);
+    assert_eq!(ingest.post_signed(&huge).await, 413);
+    assert_eq!(ingest.post_signed(b"not json").await, 400);
     assert_eq!(
         ingest
             .post_signed(br#"{"object":"instagram","entry":[]}"#)
-            .await
-            .status(),
+            .await,
         400
     );
     assert!(ingest.drain(JobKind::Conversation).await.is_empty());
@@ -220,14 +221,14 @@ async fn oversized_and_malformed_bodies_are_refused() {
 #[tokio::test]
 async fn broker_outage_gives_503_then_200_without_restart() {
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
-    let ingest = spawn_ingest(&proxy.amqp_url()).await;
+    let ingest = spawn_ingest_in_process(&proxy.amqp_url()).await;
     let body = fixture("message.json");
-    assert_eq!(ingest.post_signed(&body).await.status(), 200);
+    assert_eq!(ingest.post_signed(&body).await, 200);
 
     proxy.cut();
     let started = std::time::Instant::now();
     let during = ingest.post_signed(&fixture("echo.json")).await;
-    assert_eq!(during.status(), 503);
+    assert_eq!(during, 503);
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "503 took {:?}",
@@ -244,11 +245,7 @@ async fn broker_outage_gives_503_then_200_without_restart() {
     proxy.restore();
     let mut status = 0;
     for _ in 0..100 {
-        status = ingest
-            .post_signed(&fixture("read.json"))
-            .await
-            .status()
-            .as_u16();
+        status = ingest.post_signed(&fixture("read.json")).await;
         if status == 200 {
             break;
         }
@@ -271,7 +268,7 @@ async fn broker_outage_gives_503_then_200_without_restart() {
 
 #[tokio::test]
 async fn a_thousand_concurrent_deliveries_give_a_thousand_messages() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
     let mut tasks = Vec::new();
     for i in 0..1000 {
         let body = format!(
@@ -281,17 +278,7 @@ async fn a_thousand_concurrent_deliveries_give_a_thousand_messages() {
         let client = ingest.client.clone();
         let url = ingest.url("/facebook/webhook");
         tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .header(
-                    "x-hub-signature-256",
-                    sign_sha256(APP_SECRET, body.as_bytes()),
-                )
-                .body(body)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
+            post_signed(&client, &url, body.as_bytes()).await
         }));
     }
     for task in tasks {
@@ -309,22 +296,25 @@ async fn a_thousand_concurrent_deliveries_give_a_thousand_messages() {
     ingest.cleanup().await;
 }
 
+/// The real `fbsync ingest` process, so `/metrics` shows what this test did and nothing else:
+/// the in-process tests share one process-wide recorder, a process has its own.
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let ingest = spawn_ingest(AMQP_URL).await;
+    let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let client = reqwest::Client::new();
     assert_eq!(
-        ingest.post_signed(&fixture("message.json")).await.status(),
+        post_signed(&client, &urls.webhook, &fixture("message.json")).await,
         200
     );
-    let get = |path: &str| ingest.client.get(ingest.url(path)).send();
-    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
-    assert_eq!(get("/readyz").await.expect("readyz").status(), 200);
-    let metrics = get("/metrics")
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let get = |url: String| client.get(url).send();
+    for base in [&urls.public, &urls.operator] {
+        let healthz = get(format!("{base}/healthz")).await.expect("healthz");
+        assert_eq!(healthz.status(), 200, "{base}/healthz");
+        let readyz = get(format!("{base}/readyz")).await.expect("readyz");
+        assert_eq!(readyz.status(), 200, "{base}/readyz");
+    }
+    let metrics = scrape(&client, &format!("{}/metrics", urls.operator)).await;
     assert!(
         metrics.contains("fbsync_webhook_deliveries_total{outcome=\"accepted\"}"),
         "{metrics}"
@@ -337,7 +327,20 @@ async fn health_readiness_and_metrics() {
         metrics.contains("fbsync_publish_confirm_seconds_bucket"),
         "{metrics}"
     );
-    ingest.cleanup().await;
+    // This process saw one delivery of one message: the counts are exact.
+    for series in [
+        "fbsync_webhook_deliveries_total{outcome=\"accepted\"}",
+        "fbsync_events_published_total{kind=\"message\"}",
+        "fbsync_publish_confirm_seconds_count",
+    ] {
+        assert_eq!(
+            sample(&metrics, series),
+            Some(1.0),
+            "{series} in:\n{metrics}"
+        );
+    }
+    ingest.stop().await;
+    pipeline.cleanup().await;
 }
 
 #[tokio::test]
@@ -350,6 +353,7 @@ async fn the_binary_serves_logs_json_and_exits_cleanly_on_sigterm() {
             ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
             ("QUEUE_PREFIX", &prefix),
             ("INGEST_ADDR", "127.0.0.1:0"),
+            ("INGEST_METRICS_ADDR", "127.0.0.1:0"),
             ("LOG_FORMAT", "json"),
         ],
     );
@@ -364,26 +368,14 @@ async fn the_binary_serves_logs_json_and_exits_cleanly_on_sigterm() {
     let body = fixture("message.json");
     let mut status = 0;
     for _ in 0..50 {
-        let response = client
-            .post(format!("http://{addr}/facebook/webhook"))
-            .header("x-hub-signature-256", sign_sha256(APP_SECRET, &body))
-            .body(body.clone())
-            .send()
-            .await
-            .expect("answer");
-        status = response.status().as_u16();
+        status = post_signed(&client, &format!("http://{addr}/facebook/webhook"), &body).await;
         if status == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200);
-    process.terminate();
-    let exit = tokio::time::timeout(Duration::from_secs(10), process.child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("status");
-    assert!(exit.success(), "{exit:?}");
+    process.stop_within(Duration::from_secs(10)).await;
     delete_topology(&prefix).await;
 }
 

@@ -12,10 +12,13 @@ use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
-use crate::fake_graph::{CREATED_TIME, Failure, FakeGraph, page_token};
-use crate::helpers::{AMQP_URL, FbsyncProcess, drain_queue, fixture};
-use crate::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
-use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::broker::{AMQP_URL, drain_queue};
+use crate::common::fake_graph::{CREATED_TIME, Failure, FakeGraph, page_token};
+use crate::common::fixtures::fixture;
+use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
+use crate::common::process::FbsyncProcess;
+use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::webhook::post_signed;
 
 /// The default log filter plus the worker's debug lines, which say when a page-change job is
 /// done and what it did ("page metadata refreshed", outcome `Written` or `Unchanged`).
@@ -62,7 +65,7 @@ fn assert_no_token(raw: &[u8], page_id: &str) {
 
 /// Posts the page-change fixture (page [`PAGE_ID`]) to the webhook.
 async fn post_page_change(client: &reqwest::Client, url: &str) {
-    let status = crate::pipeline::post_signed(client, url, &fixture("page_change.json")).await;
+    let status = post_signed(client, url, &fixture("page_change.json")).await;
     assert_eq!(status, 200, "the page change is accepted");
 }
 
@@ -168,7 +171,6 @@ async fn listed_page(pipeline: &Pipeline) -> (Value, String) {
     (page, listing)
 }
 
-/// Asks the process to stop and checks it exits cleanly.
 /// A page change writes the Page's metadata (and no token); the same metadata again writes
 /// nothing; a renamed Page is written again. With `layer` (the store behind the Spaces-limit
 /// layer) the PUTs are counted too.
@@ -181,7 +183,8 @@ async fn page_data_follows_the_page(
     fake.set_page(PAGE_ID, "Handmade Shop");
     let pipeline = pipeline_with_graph(db, store, &fake).await;
     let key = page_data_key(PAGE_ID);
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
 
     // First change: written, the Page's own metadata, no token.
@@ -309,7 +312,8 @@ async fn graph_rate_limits_and_server_errors_are_waited_out() {
         fake.push_failure(PAGE_ID, failure);
     }
     let pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
 
     post_page_change(&client, &url).await;
@@ -350,7 +354,8 @@ async fn an_expired_token_dead_letters_at_once_and_flags_the_page() {
     fake.set_page(PAGE_ID, "Handmade Shop");
     fake.push_failure(PAGE_ID, Failure::TokenExpired);
     let pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
 
     post_page_change(&client, &url).await;
@@ -401,7 +406,8 @@ async fn server_errors_beyond_the_attempts_dead_letter_the_job() {
     pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
     pipeline.set("WORKER_MAX_ATTEMPTS", "3");
     pipeline.register_page(PAGE_ID).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
 
     post_page_change(&client, &url).await;
@@ -452,7 +458,8 @@ async fn a_delayed_write_never_overwrites_newer_page_data() {
     pipeline.set("WORKER_RETRY_MAX_MS", "4000");
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     let key = page_data_key(PAGE_ID);
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
 
     // Job 1 fetches "Old name", then cannot reach the store and backs off.
@@ -512,7 +519,8 @@ async fn a_burst_of_page_changes_stays_within_the_bucket_rates() {
         fake.set_page(page_id, &format!("Shop {page_id}"));
         pipeline.register_page(page_id).await;
     }
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let entries: Vec<String> = pages
         .iter()
         .map(|page_id| {
@@ -523,7 +531,7 @@ async fn a_burst_of_page_changes_stays_within_the_bucket_rates() {
         .collect();
     let body = format!(r#"{{"object":"page","entry":[{}]}}"#, entries.join(","));
     let client = reqwest::Client::new();
-    let status = crate::pipeline::post_signed(&client, &url, body.as_bytes()).await;
+    let status = post_signed(&client, &url, body.as_bytes()).await;
     assert_eq!(status, 200);
     for page_id in &pages {
         let raw =
@@ -555,7 +563,8 @@ async fn a_rate_limit_wait_does_not_hold_up_shutdown() {
         },
     );
     let pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
     post_page_change(&client, &url).await;
     let deadline = tokio::time::Instant::now() + STEP;
@@ -563,11 +572,13 @@ async fn a_rate_limit_wait_does_not_hold_up_shutdown() {
         assert!(tokio::time::Instant::now() < deadline, "no Graph call");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    process.terminate();
-    let exited = tokio::time::timeout(Duration::from_secs(15), process.child.wait()).await;
+    let Some(status) = process.terminate_and_wait(Duration::from_secs(15)).await else {
+        panic!("fbsync still running 15 s after SIGTERM: it is waiting out the rate limit");
+    };
     assert!(
-        exited.is_ok(),
-        "fbsync still running 15 s after SIGTERM: it is waiting out the rate limit"
+        status.success(),
+        "fbsync exited with {status} after SIGTERM: a shutdown during a rate-limit wait must \
+         be clean (status 0)"
     );
     let requeued = drain_queue(&Topology::new(&pipeline.prefix).queue(JobKind::PageChange)).await;
     assert_eq!(requeued.len(), 1, "the job is back on its queue");

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use fbsync_shared::config::Settings;
 use fbsync_shared::storage::object_store::{ObjectStore, StoreError, WriteCondition, open_store};
 
-use crate::spaces_limits::{create_bucket, s3_endpoint, unique_bucket};
+use crate::common::spaces_limits::{create_bucket, s3_endpoint, unique_bucket};
 
 async fn s3_store() -> Box<dyn ObjectStore> {
     let bucket = unique_bucket();

@@ -2,25 +2,37 @@
 //! seed's layout, exactly once, sorted; on every store and database; with several workers;
 //! within Spaces' limits; through a storage outage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use fbsync_shared::telemetry::{EVENTS_STAGED, FLUSHES, OBJECT_WRITES};
 use serde_json::Value;
+use tokio::time::Instant;
 
-use crate::helpers::{FbsyncProcess, drain_queue, fixture};
-use crate::pipeline::{
-    DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID, message_delivery, mids, post_all,
-    post_signed, sorted_by_timestamp,
+use crate::common::broker::drain_queue;
+use crate::common::fixtures::fixture;
+use crate::common::metrics::{sample, scrape, total};
+use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
+use crate::common::process::{FbsyncProcess, log_summary};
+use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::tally::{expected_mids, mids, sorted_by_timestamp};
+use crate::common::webhook::{
+    accepted, conversation_burst, message_delivery, post_burst, post_signed, webhook_client,
 };
-use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
 
 const FIXTURE_USER: &str = "1066835436691078";
 
 /// Every fixture (twice, shuffled) into one conversation; the file holds each event once,
 /// sorted, and a replay changes nothing.
 async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
-    let pipeline = Pipeline::new(db, store).await;
+    let mut pipeline = Pipeline::new(db, store).await;
+    // No per-object PUT budget: the replay below is flushed (and compared) at once, not after
+    // Spaces' five-minute window.
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.register_page(PAGE_ID).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
+    let metrics_url = format!("{}/metrics", ingest.operator);
     let client = reqwest::Client::new();
     let names = [
         "read.json",
@@ -64,22 +76,50 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
         "stored as Facebook sent it"
     );
 
-    // The same deliveries again: nothing changes.
+    // The same deliveries again: once the worker has staged every re-sent event and flushed
+    // them, nothing changed: the same bytes, and no write of the conversation object.
+    let conversation_writes = format!("{OBJECT_WRITES}{{object=\"conversation\"}}");
+    let unchanged_flushes = format!("{FLUSHES}{{outcome=\"unchanged\"}}");
+    let before = scrape(&client, &metrics_url).await;
     for name in names {
         assert_eq!(post_signed(&client, &url, &fixture(name)).await, 200);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resent = names.len() as f64;
+    let staged_before = total(&before, EVENTS_STAGED);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let staged = total(&scrape(&client, &metrics_url).await, EVENTS_STAGED) - staged_before;
+        if staged >= resent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{staged} of the {resent} re-sent events staged within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Staged; now flushed too: nothing staged or queued, and the file settled.
+    let replayed = pipeline
+        .wait_for_conversation(PAGE_ID, FIXTURE_USER, names.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        replayed.len(),
+        names.len(),
+        "the replay added events: {replayed:#?}"
+    );
     assert_eq!(pipeline.object(&key).await.expect("stored"), raw);
+    let metrics = scrape(&client, &metrics_url).await;
+    assert_eq!(
+        sample(&metrics, &conversation_writes),
+        sample(&before, &conversation_writes),
+        "the replay wrote the conversation object again"
+    );
+    assert!(
+        sample(&metrics, &unchanged_flushes).unwrap_or(0.0)
+            > sample(&before, &unchanged_flushes).unwrap_or(0.0),
+        "no flush compared the replay with the file: {unchanged_flushes} did not grow"
+    );
 
-    let metrics_url = url.replace("/facebook/webhook", "/metrics");
-    let metrics = client
-        .get(&metrics_url)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
     for expected in [
         "fbsync_events_staged_total{kind=\"echo\"}",
         "fbsync_flushes_total{outcome=\"written\"}",
@@ -124,21 +164,35 @@ async fn deliveries_reach_the_s3_bucket_on_postgres() {
 #[tokio::test]
 async fn events_of_an_unregistered_page_are_dead_lettered_once_logged_once() {
     let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     let client = reqwest::Client::new();
     for i in 0..5 {
         let body = message_delivery("999", "u1", &format!("m_{i}"), 1000 + i, false);
         assert_eq!(post_signed(&client, &url, &body).await, 200);
     }
+    let not_registered = |line: &str| line.contains("not registered");
     let warning = process
-        .wait_for_log_containing("not registered", Duration::from_secs(20))
+        .wait_for_line(
+            "about the unregistered Page",
+            Duration::from_secs(20),
+            |line| {
+                line["fields"]["message"]
+                    .as_str()
+                    .is_some_and(not_registered)
+            },
+        )
         .await;
     assert_eq!(warning["fields"]["page_id"], "999");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dead = drain_queue(&format!("{}.dead", pipeline.prefix)).await;
     assert_eq!(dead.len(), 5);
     assert!(pipeline.conversation("999", "u1").await.is_none());
-    let more_warnings = process.count_logs_containing("not registered");
+    let more_warnings = process
+        .take_lines()
+        .iter()
+        .filter(|line| not_registered(line))
+        .count();
     assert_eq!(more_warnings, 0, "logged once per Page, not once per event");
     process.stop().await;
     pipeline.cleanup().await;
@@ -180,43 +234,43 @@ async fn two_workers_store_every_message_exactly_once() {
     let mut pipeline = Pipeline::new(DbKind::Postgres, StoreKind::S3 { endpoint: None }).await;
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.register_page(PAGE_ID).await;
-    let mut ingest = pipeline.spawn(&["ingest"]);
-    let line = ingest
-        .wait_for_log("ingest listening", Duration::from_secs(30))
-        .await;
-    let url = format!(
-        "http://{}/facebook/webhook",
-        line["fields"]["addr"].as_str().expect("addr")
-    );
-    let workers: Vec<FbsyncProcess> = (0..2).map(|_| pipeline.spawn(&["worker"])).collect();
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let mut workers = vec![pipeline.spawn_worker().await, pipeline.spawn_worker().await];
 
-    let client = reqwest::Client::new();
+    // Timestamps run backwards for odd conversations (arrival order is not file order); every
+    // 10th round of messages is delivered twice.
     let (conversations, per_conversation) = (10, 500);
-    let mut bodies = Vec::new();
-    for n in 0..per_conversation {
-        for c in 0..conversations {
-            // Timestamps run backwards for odd conversations: arrival order is not file order.
-            let ts = if c % 2 == 0 { 1_000 + n } else { 1_000_000 - n };
-            let body = message_delivery(
-                PAGE_ID,
-                &format!("user{c}"),
-                &format!("m_{c}_{n}"),
-                ts as i64,
-                n % 7 == 0,
-            );
-            if n % 10 == 0 {
-                bodies.push(body.clone());
-            }
-            bodies.push(body);
+    let unique = conversation_burst(PAGE_ID, "w", conversations, per_conversation);
+    let mut deliveries = Vec::new();
+    for (i, delivery) in unique.iter().enumerate() {
+        if (i / conversations) % 10 == 0 {
+            deliveries.push(delivery.clone());
         }
+        deliveries.push(delivery.clone());
     }
-    assert_eq!(post_all(&client, &url, &bodies, 32).await, bodies.len());
+    let deliveries = Arc::new(deliveries);
+    let client = webhook_client();
+    let answers = post_burst(
+        &client,
+        &urls.webhook,
+        &deliveries,
+        32,
+        Duration::ZERO,
+        &Arc::default(),
+    )
+    .await;
+    assert_eq!(accepted(&answers), deliveries.len());
 
-    for c in 0..conversations {
-        let user = format!("user{c}");
+    for ((page_id, user), wanted) in expected_mids(unique.iter()) {
         let events = pipeline
-            .wait_for_conversation(PAGE_ID, &user, per_conversation, Duration::from_secs(120))
+            .wait_for_conversation(&page_id, &user, per_conversation, Duration::from_secs(120))
             .await;
+        assert_eq!(
+            events.len(),
+            per_conversation,
+            "{user}: not exactly the messages delivered; worker warnings:\n{}",
+            warnings(&mut workers)
+        );
         let mut ids = mids(&events);
         assert_eq!(ids.len(), per_conversation, "{user}");
         assert!(sorted_by_timestamp(&events), "{user}");
@@ -227,12 +281,22 @@ async fn two_workers_store_every_message_exactly_once() {
             per_conversation,
             "{user}: duplicates in the file"
         );
+        assert!(
+            ids.iter().eq(wanted.iter()),
+            "{user}: other messages stored"
+        );
     }
-    ingest.terminate();
-    for mut worker in workers {
+    ingest.stop().await;
+    for worker in &mut workers {
         worker.stop().await;
     }
     pipeline.cleanup().await;
+}
+
+/// The warnings and errors the processes logged so far, counted.
+fn warnings(processes: &mut [FbsyncProcess]) -> String {
+    let lines: Vec<String> = processes.iter_mut().flat_map(|p| p.take_lines()).collect();
+    log_summary(&lines)
 }
 
 /// A burst of 2,000 messages on 20 conversations through a layer that answers 503 SlowDown
@@ -259,33 +323,29 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
     pipeline.set("SPACES_WRITES_PER_SEC", "20");
     pipeline.set("SPACES_OPS_PER_SEC", "30");
     pipeline.register_page(PAGE_ID).await;
-    let (mut process, url) = pipeline.up().await;
-    let client = reqwest::Client::new();
+    let (mut process, ingest) = pipeline.up().await;
     let (conversations, per_conversation) = (20, 100);
-    let bodies: Vec<Vec<u8>> = (0..per_conversation)
-        .flat_map(|n| {
-            (0..conversations).map(move |c| {
-                message_delivery(
-                    PAGE_ID,
-                    &format!("u{c}"),
-                    &format!("m_{c}_{n}"),
-                    10 + n as i64,
-                    false,
-                )
-            })
-        })
-        .collect();
-    assert_eq!(post_all(&client, &url, &bodies, 40).await, bodies.len());
-    for c in 0..conversations {
+    let deliveries = Arc::new(conversation_burst(
+        PAGE_ID,
+        "s",
+        conversations,
+        per_conversation,
+    ));
+    let answers = post_burst(
+        &webhook_client(),
+        &ingest.webhook,
+        &deliveries,
+        40,
+        Duration::ZERO,
+        &Arc::default(),
+    )
+    .await;
+    assert_eq!(accepted(&answers), deliveries.len());
+    for (page_id, user) in expected_mids(deliveries.iter()).into_keys() {
         let events = pipeline
-            .wait_for_conversation(
-                PAGE_ID,
-                &format!("u{c}"),
-                per_conversation,
-                Duration::from_secs(90),
-            )
+            .wait_for_conversation(&page_id, &user, per_conversation, Duration::from_secs(90))
             .await;
-        assert_eq!(events.len(), per_conversation);
+        assert_eq!(events.len(), per_conversation, "{user}");
     }
     assert_eq!(
         layer.throttled(),
@@ -312,7 +372,8 @@ async fn a_storage_outage_delays_but_loses_nothing() {
     .await;
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.register_page(PAGE_ID).await;
-    let (mut process, url) = pipeline.up().await;
+    let (mut process, ingest) = pipeline.up().await;
+    let url = ingest.webhook;
     layer.set_down(true);
     let client = reqwest::Client::new();
     for n in 0..200 {

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
-use crate::support::{
-    BrokerOutage, conversation_burst, expected_mids, is_running, log_summary, post_burst,
-    retry_refused, serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines,
-    wait_for_consuming, webhook_client,
-};
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::common::process::log_summary;
+use crate::common::tally::{expected_mids, mids, settle_and_tally};
+use crate::common::webhook::{conversation_burst, post_burst, retry_refused, webhook_client};
+use crate::shared_services::{BrokerOutage, serial};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
@@ -24,9 +23,10 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
     let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.register_page(PAGE_ID).await;
-    let (mut ingest, url) = spawn_ingest(&pipeline).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let url = urls.webhook;
     let ingest_pid = ingest.child.id();
-    let mut worker = spawn_worker(&pipeline).await;
+    let mut worker = pipeline.spawn_worker().await;
 
     let deliveries = Arc::new(conversation_burst(PAGE_ID, "b", 10, 200));
     let answered = Arc::new(AtomicUsize::new(0));
@@ -99,7 +99,7 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
         .filter(|a| a.status == 200 && a.at > restarted)
         .count();
     assert!(accepted_after > 0, "ingest accepted deliveries again");
-    assert!(is_running(&mut ingest), "ingest rode through the outage");
+    assert!(ingest.is_running(), "ingest rode through the outage");
     assert_eq!(ingest.child.id(), ingest_pid);
     let accepted_first_time: BTreeSet<usize> = answers
         .iter()
@@ -113,7 +113,9 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
         .collect();
 
     // The worker reconnects on its own.
-    wait_for_consuming(&mut worker, &pipeline.prefix, Duration::from_secs(30)).await;
+    pipeline
+        .wait_for_consuming(&mut worker, Duration::from_secs(30))
+        .await;
 
     // Every delivery that got a 200 (the first time or on a retry) is stored exactly once.
     let expected = expected_mids(deliveries.iter());
@@ -125,7 +127,7 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
             .conversation(&delivery.page_id, &delivery.user)
             .await
             .unwrap_or_default();
-        if !crate::pipeline::mids(&stored).contains(&delivery.mid) {
+        if !mids(&stored).contains(&delivery.mid) {
             lost_accepted.push(delivery.mid.clone());
         }
     }
@@ -152,13 +154,10 @@ async fn a_broker_restart_mid_burst_loses_no_accepted_delivery() {
     assert!(
         tally.is_exact(),
         "{tally:?}\nworker warnings and errors:\n{}",
-        log_summary(&take_lines(&mut worker))
+        log_summary(&worker.take_lines())
     );
     assert_eq!(tally.stored, deliveries.len());
-    assert!(
-        is_running(&mut worker),
-        "the worker rode through the outage"
-    );
+    assert!(worker.is_running(), "the worker rode through the outage");
     worker.stop().await;
     ingest.stop().await;
     pipeline.cleanup().await;

@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
-use crate::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
-use crate::support::{
-    BrokerOutage, Delivery, conversation_burst, dlq_list, dlq_replay, expected_mids, is_running,
-    kill_hard, log_summary, post_burst, queue_depth, queue_report, queue_total, retry_refused,
-    serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines, webhook_client,
+use crate::common::broker::queue_depth;
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::common::process::log_summary;
+use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::tally::{expected_mids, settle_and_tally};
+use crate::common::webhook::{
+    Delivery, conversation_burst, post_burst, retry_refused, webhook_client,
 };
+use crate::shared_services::{BrokerOutage, queue_report, queue_total, serial};
 
 /// A Page that is registered only after its events were dead-lettered.
 const LATE_PAGE: &str = "778899001122334";
@@ -54,9 +56,10 @@ async fn reliability_table() {
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.set("WORKER_LEASE_MS", "3000");
     pipeline.register_page(PAGE_ID).await;
-    let (mut ingest, url) = spawn_ingest(&pipeline).await;
-    let mut victim = spawn_worker(&pipeline).await;
-    let mut survivor = spawn_worker(&pipeline).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let url = urls.webhook;
+    let mut victim = pipeline.spawn_worker().await;
+    let mut survivor = pipeline.spawn_worker().await;
 
     // 1,500 messages over 10 conversations of the registered Page, 40 over 2 of a Page that is
     // not registered yet, mixed; every 10th delivery re-sent at once (a duplicate delivery).
@@ -94,7 +97,7 @@ async fn reliability_table() {
         while answered.load(Ordering::SeqCst) < at(20) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        kill_hard(&mut victim).await;
+        victim.kill_hard().await;
         faults.worker_kills += 1;
         while answered.load(Ordering::SeqCst) < at(45) {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -168,7 +171,7 @@ async fn reliability_table() {
             "nothing of an unregistered Page is stored"
         );
     }
-    let dlq = dlq_list(&pipeline, &["--page-id", LATE_PAGE]).await;
+    let dlq = pipeline.dlq_list(&["--page-id", LATE_PAGE]).await;
     let replay = match &dlq {
         Ok(letters) => {
             assert!(
@@ -178,7 +181,7 @@ async fn reliability_table() {
                 "{letters:?}"
             );
             pipeline.register_page(LATE_PAGE).await;
-            dlq_replay(&pipeline, &["--page-id", LATE_PAGE]).await
+            pipeline.dlq_replay(&["--page-id", LATE_PAGE]).await
         }
         Err(e) => Err(e.clone()),
     };
@@ -197,7 +200,7 @@ async fn reliability_table() {
         None
     };
     let left = if replay.is_ok() {
-        dlq_list(&pipeline, &["--page-id", LATE_PAGE]).await.ok()
+        pipeline.dlq_list(&["--page-id", LATE_PAGE]).await.ok()
     } else {
         None
     };
@@ -242,8 +245,8 @@ async fn reliability_table() {
     );
     println!();
 
-    let mut logs = take_lines(&mut survivor);
-    logs.extend(take_lines(&mut ingest));
+    let mut logs = survivor.take_lines();
+    logs.extend(ingest.take_lines());
     let notable = log_summary(&logs);
     println!(
         "queues before the replay (name, ready, unacked, consumers): {queues_before_replay:?}"
@@ -274,10 +277,10 @@ async fn reliability_table() {
         "the workers met the storage outage"
     );
     assert!(
-        is_running(&mut survivor),
+        survivor.is_running(),
         "the surviving worker rode through every fault"
     );
-    assert!(is_running(&mut ingest), "ingest rode through every fault");
+    assert!(ingest.is_running(), "ingest rode through every fault");
     let dead_lettered = dlq.unwrap_or_else(|e| panic!("dlq list: {e}")).len();
     let replayed = replay.unwrap_or_else(|e| panic!("dlq replay: {e}"));
     let late_tally = late_tally.expect("replayed");

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
-use crate::support::{
-    conversation_burst, database_url, expected_mids, is_running, kill_hard, live_leases,
-    log_summary, post_burst, serial, settle_and_tally, spawn_ingest, spawn_worker, take_lines,
-    webhook_client,
-};
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::common::process::log_summary;
+use crate::common::tally::{expected_mids, settle_and_tally};
+use crate::common::webhook::{conversation_burst, post_burst, webhook_client};
+use crate::shared_services::{live_leases, serial};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
@@ -25,10 +24,11 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
     // A dead worker's claim on a conversation lasts this long; then the survivor takes over.
     pipeline.set("WORKER_LEASE_MS", "3000");
     pipeline.register_page(PAGE_ID).await;
-    let database_url = database_url(&pipeline);
-    let (mut ingest, url) = spawn_ingest(&pipeline).await;
-    let mut victim = spawn_worker(&pipeline).await;
-    let mut survivor = spawn_worker(&pipeline).await;
+    let database_url = pipeline.database_url();
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let url = urls.webhook;
+    let mut victim = pipeline.spawn_worker().await;
+    let mut survivor = pipeline.spawn_worker().await;
 
     // 3,000 messages over 10 conversations, every 10th delivered twice (Facebook does that).
     let (conversations, per_conversation) = (10, 300);
@@ -60,7 +60,7 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
             leases = live_leases(&database_url).await;
         }
         let at = answered.load(Ordering::SeqCst);
-        kill_hard(&mut victim).await;
+        victim.kill_hard().await;
         // Leases still held, unchanged, a second later belong to the dead worker.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let later = live_leases(&database_url).await;
@@ -92,7 +92,7 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
 
     let expected = expected_mids(unique.iter());
     let tally = settle_and_tally(&pipeline, &expected, Duration::from_secs(90)).await;
-    let survivor_lines = take_lines(&mut survivor);
+    let survivor_lines = survivor.take_lines();
     println!(
         "worker SIGKILL after {killed_at} of {} deliveries; leases it left behind: {orphaned}; \
          burst {burst_secs:.1} s, settled after {:.1} s: {tally:?}",
@@ -104,7 +104,7 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
         "{tally:?}\nsurvivor warnings and errors:\n{}",
         log_summary(&survivor_lines)
     );
-    assert!(is_running(&mut survivor), "the survivor kept running");
+    assert!(survivor.is_running(), "the survivor kept running");
     survivor.stop().await;
     ingest.stop().await;
     pipeline.cleanup().await;

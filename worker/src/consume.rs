@@ -11,8 +11,8 @@ use std::time::Duration;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::facebook::event::{EventMessage, JobKind};
 use fbsync_shared::ids::PageId;
-use fbsync_shared::queue::{Publisher, Topology, connect};
-use fbsync_shared::retry::{RetryError, endless_backoff, retry};
+use fbsync_shared::queue::{Topology, connect};
+use fbsync_shared::retry::{RetryError, endless_backoff, retry_while_transient};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -23,8 +23,11 @@ use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason, sender};
+use crate::dead_letter::sender::DeadLetterSender;
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::health::Health;
 use crate::page_data::{PageDataFailure, PageDataJob};
+use crate::park::Parker;
 use crate::stage::{Decision, QueuedMessage, Stager};
 
 /// Most conversation messages staged in one transaction.
@@ -40,8 +43,12 @@ pub struct ConsumerContext {
     pub prefetch: u16,
     /// Backoff for staging when the database fails.
     pub retry: RetrySettings,
+    /// Whether the database and the store are up; consumers wait while they are not.
+    pub health: Arc<Health>,
+    /// Parks jobs that must wait long.
+    pub parker: Parker,
     /// Publishes dead letters with confirms.
-    pub dead_letters: Publisher,
+    pub dead_letters: Arc<DeadLetterSender>,
     /// Conversation staging.
     pub stager: Stager,
     /// Page-change jobs.
@@ -111,6 +118,11 @@ async fn consume_session(
     tracing::info!(queue = %context.topology.queue(kind), "consuming");
     let mut jobs = JoinSet::new();
     let result = loop {
+        // While the database or the store is down, take nothing new: what is prefetched stays
+        // unacked with the broker (not redelivered, so not counted against its limit).
+        if !context.health.wait_until_ready(shutdown).await {
+            break Ok(());
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             next = consumer.next() => next,
@@ -150,8 +162,9 @@ async fn consume_session(
     result
 }
 
-/// Stages a batch, dead-letters its poison, then acks. When the database stays unavailable the
-/// batch is handed back to the broker (nack with requeue) and redelivered later.
+/// Stages a batch, dead-letters its poison, then acks. While the database is unavailable the
+/// batch is held and staging retried for as long as the outage lasts (the consumers take
+/// nothing new meanwhile); only shutdown or a permanent failure hands it back to the broker.
 async fn handle_conversation_batch(
     context: &ConsumerContext,
     batch: Vec<Delivery>,
@@ -163,8 +176,10 @@ async fn handle_conversation_batch(
             body: delivery.data.clone(),
         })
         .collect();
-    let staged = retry(&context.retry, "stage", shutdown, || {
-        context.stager.stage_batch(&messages)
+    let staged = retry_while_transient(&context.retry, "stage", shutdown, || async {
+        let staged = context.stager.stage_batch(&messages).await;
+        context.health.set_database_up(staged.is_ok());
+        staged
     })
     .await;
     let decisions = match staged {
@@ -174,7 +189,7 @@ async fn handle_conversation_batch(
                 RetryError::Failed { error, attempts } => {
                     tracing::error!(%error, attempts, "staging failed; returning the batch to the queue");
                 }
-                RetryError::Cancelled => {
+                RetryError::Cancelled | RetryError::Park { .. } => {
                     tracing::info!("shutting down; returning the unstaged batch to the queue");
                 }
             }
@@ -193,9 +208,7 @@ async fn handle_conversation_batch(
     for (delivery, decision) in batch.iter().zip(decisions) {
         match decision {
             Decision::Staged => last_staged = Some(delivery),
-            Decision::DeadLetter(info) => {
-                sender::send(&context.dead_letters, &context.topology, delivery, info).await
-            }
+            Decision::DeadLetter(info) => context.dead_letters.send(delivery, info, shutdown).await,
         }
     }
     // One ack for every staged message of the batch: the deliveries of a channel are acked
@@ -226,7 +239,7 @@ async fn handle_page_change(
                 now,
                 now,
             );
-            return sender::send(&context.dead_letters, &context.topology, &delivery, info).await;
+            return context.dead_letters.send(&delivery, info, shutdown).await;
         }
     };
     match context.page_data.refresh(&page_id, shutdown).await {
@@ -235,7 +248,13 @@ async fn handle_page_change(
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
         Err(PageDataFailure::DeadLetter(info)) => {
-            sender::send(&context.dead_letters, &context.topology, &delivery, info).await
+            context.dead_letters.send(&delivery, info, shutdown).await
+        }
+        Err(PageDataFailure::Park(wait)) => {
+            context
+                .parker
+                .park(&delivery, JobKind::PageChange, wait, shutdown)
+                .await
         }
         Err(PageDataFailure::GiveBack) => {
             let _ = delivery

@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fbsync_shared::config::{RetrySettings, Settings};
-use fbsync_shared::ids::{PageId, UserUuid};
+use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage, JobKind};
+use fbsync_shared::ids::{ConversationKey, PageId, UserUuid};
 use fbsync_shared::now_ms;
+use fbsync_shared::queue::Outgoing;
 use fbsync_shared::retry::{RetryClass, delay_after_failures};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::{
@@ -24,9 +26,13 @@ use fbsync_shared::storage::db::{
 use fbsync_shared::storage::object_store::{
     ObjectStore, REQUEST_TIMEOUT, StoreError, WriteCondition, conversation_key,
 };
-use fbsync_shared::telemetry::{FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
+use fbsync_shared::telemetry::{DEAD_LETTERED, FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
+use serde_json::value::RawValue;
 
+use crate::dead_letter::sender::DeadLetterSender;
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::health::Health;
 use crate::merge::{IncomingEvent, merge_events};
 
 /// What happened to one claimed conversation.
@@ -42,6 +48,10 @@ pub enum FlushOutcome {
     Failed,
     /// The claim was lost to another worker (this one stalled past its lease): nothing sent.
     Lost,
+    /// The stored object cannot be read: the conversation is set aside, its events kept.
+    SetAside,
+    /// The Page was removed: its staged events went to the dead-letter queue.
+    PageRemoved,
 }
 
 /// Counts of one [`Flusher::flush_due`] round.
@@ -53,6 +63,8 @@ pub struct FlushReport {
     pub deferred: usize,
     pub failed: usize,
     pub lost: usize,
+    pub set_aside: usize,
+    pub page_removed: usize,
 }
 
 /// Flushes due conversations; several flushers (in one or many processes) can run at once.
@@ -76,18 +88,36 @@ pub struct Flusher {
     batch: u32,
     /// Backoff for failed flushes.
     retry: RetrySettings,
+    /// Where the events of a removed Page go.
+    dead_letters: Arc<DeadLetterSender>,
+    /// Told whether the store answers, so consumers pause while it does not.
+    health: Arc<Health>,
     /// Page owners recently read: Page id -> (user UUID, when read).
     owners: Mutex<HashMap<PageId, (UserUuid, Instant)>>,
 }
+
+/// How long the events of a removed Page wait before dead-lettering them is tried again.
+const REMOVED_PAGE_RETRY_MS: i64 = 10_000;
+
+/// Budget windows a reserved PUT waits for a slot of the bucket's rate before it is deferred.
+const BUCKET_SLOT_WINDOWS: usize = 20;
 
 /// How long a cached Page owner is trusted.
 const OWNER_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Flusher {
-    pub fn new(settings: &Settings, db: Database, store: Arc<dyn ObjectStore>) -> Self {
+    pub fn new(
+        settings: &Settings,
+        db: Database,
+        store: Arc<dyn ObjectStore>,
+        dead_letters: Arc<DeadLetterSender>,
+        health: Arc<Health>,
+    ) -> Self {
         Self {
             db,
             store,
+            dead_letters,
+            health,
             owner: format!("flusher-{}", uuid::Uuid::new_v4().simple()),
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
@@ -130,6 +160,8 @@ impl Flusher {
                 FlushOutcome::Deferred => report.deferred += 1,
                 FlushOutcome::Failed => report.failed += 1,
                 FlushOutcome::Lost => report.lost += 1,
+                FlushOutcome::SetAside => report.set_aside += 1,
+                FlushOutcome::PageRemoved => report.page_removed += 1,
             }
         }
         Ok(report)
@@ -166,25 +198,12 @@ impl Flusher {
         let now = now_ms();
         let key = claim.key().clone();
         let Some(user_uuid) = self.page_owner(&key.page_id).await? else {
-            // Staged before the Page was removed: keep the events, look again later.
-            claim
-                .fail("the Page is not registered", now + 60_000)
-                .await?;
-            return Ok(FlushOutcome::Failed);
+            return self.dead_letter_removed_page(claim).await;
         };
         // Nothing is read or written before the object's budget allows a write.
         let next_put = claim.next_put_at(&self.put_budget, now);
         if next_put > now {
             claim.defer(next_put).await?;
-            return Ok(FlushOutcome::Deferred);
-        }
-        if !self.bucket_budget.is_unlimited()
-            && !self
-                .db
-                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
-                .await?
-        {
-            claim.defer(self.bucket_budget.next_window(now)).await?;
             return Ok(FlushOutcome::Deferred);
         }
         let staged = self.db.staged_events(&key).await?;
@@ -195,10 +214,23 @@ impl Flusher {
             return Ok(FlushOutcome::Unchanged);
         }
         let object_key = conversation_key(&user_uuid, &key);
+        // The bucket's budget is charged right before each request is sent, so the request
+        // lands in the window it was counted in.
+        if !self
+            .db
+            .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
+            .await?
+        {
+            claim
+                .defer(self.bucket_budget.next_window(now_ms()))
+                .await?;
+            return Ok(FlushOutcome::Deferred);
+        }
         let stored = match self.store.get(&object_key).await {
             Ok(stored) => stored,
             Err(e) => return self.failed(claim, &e).await,
         };
+        self.health.set_store_up(true);
         let incoming: Vec<IncomingEvent<'_>> = staged
             .iter()
             .map(|event| IncomingEvent {
@@ -210,10 +242,12 @@ impl Flusher {
         let merged = match merge_events(key.page_id.as_str(), stored_body, &incoming) {
             Ok(merged) => merged,
             Err(e) => {
-                tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be merged; staged events kept");
-                return self
-                    .failed(claim, &StoreError::Permanent(e.to_string()))
-                    .await;
+                // Retrying cannot help and writing would destroy what is there: set it aside
+                // until an operator fixes the object (`fbsync pages requeue`).
+                tracing::error!(page_id = %key.page_id, user_psid = %key.user_psid, error = %e, "conversation object cannot be read; set aside with its staged events kept");
+                claim.set_aside(&e.to_string()).await?;
+                metrics::counter!(FLUSHES, "outcome" => "set_aside").increment(1);
+                return Ok(FlushOutcome::SetAside);
             }
         };
         if !merged.changed {
@@ -226,6 +260,19 @@ impl Flusher {
         if let PutReservation::NotBefore(at) = claim.reserve_put(&self.put_budget, now_ms()).await?
         {
             claim.defer(at).await?;
+            return Ok(FlushOutcome::Deferred);
+        }
+        // The PUT's object budget is reserved already: wait a few windows for the bucket's
+        // rather than giving the reservation up, while the claim can still send.
+        let slot =
+            self.db
+                .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || {
+                    claim.held_for(self.put_margin)
+                });
+        if !slot.await? {
+            claim
+                .defer(self.bucket_budget.next_window(now_ms()))
+                .await?;
             return Ok(FlushOutcome::Deferred);
         }
         if !claim.held_for(self.put_margin) {
@@ -246,6 +293,51 @@ impl Flusher {
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
         record_visibility(&staged, written_at);
         Ok(FlushOutcome::Written)
+    }
+
+    /// The conversation's Page was removed after its events were staged: the events go to the
+    /// dead-letter queue (reason `page_removed`, replayable once the Page is added again) and
+    /// leave the stage. If the dead letters cannot be confirmed, the events stay and the
+    /// conversation is tried again later.
+    async fn dead_letter_removed_page(
+        &self,
+        claim: &mut ConversationClaim,
+    ) -> Result<FlushOutcome, ClaimError> {
+        let key = claim.key().clone();
+        let staged = self.db.staged_events(&key).await?;
+        let now = now_ms();
+        let info = DeadLetterInfo::new(
+            DeadReason::PageRemoved,
+            format!(
+                "page {} was removed before these events were stored",
+                key.page_id
+            ),
+            1,
+            JobKind::Conversation.as_str(),
+            now,
+            now,
+        );
+        let letters: Vec<Outgoing> = staged
+            .iter()
+            .map(|event| {
+                let message = queued_message(&key, event);
+                let body = serde_json::to_vec(&message).unwrap_or_default();
+                info.to_outgoing(self.dead_letters.topology(), &body, &event.event_id, None)
+            })
+            .collect();
+        if let Err(e) = self.dead_letters.publish_letters(&letters).await {
+            tracing::warn!(page_id = %key.page_id, error = %e, "events of a removed Page could not be dead-lettered yet");
+            claim
+                .fail(&e.to_string(), now + REMOVED_PAGE_RETRY_MS)
+                .await?;
+            return Ok(FlushOutcome::Failed);
+        }
+        let seqs: Vec<i64> = staged.iter().map(|event| event.seq).collect();
+        claim.finish(&seqs, now, now).await?;
+        metrics::counter!(DEAD_LETTERED, "reason" => DeadReason::PageRemoved.as_str())
+            .increment(letters.len() as u64);
+        tracing::warn!(page_id = %key.page_id, user_psid = %key.user_psid, events = letters.len(), "events of a removed Page moved to the dead-letter queue");
+        Ok(FlushOutcome::PageRemoved)
     }
 
     /// The owner of a Page, from a cache that forgets after [`OWNER_CACHE_TTL`] (every flush
@@ -277,6 +369,7 @@ impl Flusher {
         claim: &mut ConversationClaim,
         error: &StoreError,
     ) -> Result<FlushOutcome, ClaimError> {
+        self.health.set_store_up(false);
         let now = now_ms();
         let failures = u32::try_from(claim.failures() + 1).unwrap_or(u32::MAX);
         let backoff = i64::try_from(delay_after_failures(&self.retry, failures).as_millis())
@@ -292,6 +385,31 @@ impl Flusher {
         metrics::counter!(FLUSHES, "outcome" => "failed").increment(1);
         Ok(FlushOutcome::Failed)
     }
+}
+
+/// A staged event as the conversation queue carries it, so a replay stages it again.
+fn queued_message(key: &ConversationKey, event: &StagedEvent) -> EventMessage {
+    let facts = serde_json::from_str(&event.body)
+        .map(|value| EventFacts::of(key.page_id.as_str(), &value))
+        .ok();
+    EventMessage {
+        page_id: key.page_id.to_string(),
+        kind: facts.map_or(EventKind::Other, |facts| facts.kind),
+        event_id: event.event_id.clone(),
+        user_psid: Some(key.user_psid.to_string()),
+        timestamp_ms: event.timestamp_ms,
+        standby: false,
+        source: event.source,
+        received_at_ms: event.received_at_ms,
+        // Staged bodies are the JSON text of an event, as received.
+        event: RawValue::from_string(event.body.clone()).unwrap_or_else(|_| null_event()),
+    }
+}
+
+/// A JSON `null`, for a staged body that is somehow not JSON (it then dead-letters as malformed
+/// on replay instead of being lost).
+fn null_event() -> Box<RawValue> {
+    serde_json::value::to_raw_value(&serde_json::Value::Null).unwrap_or_default()
 }
 
 /// Delivery-to-stored delay of each event just written.

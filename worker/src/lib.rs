@@ -7,8 +7,10 @@
 pub mod consume;
 pub mod dead_letter;
 pub mod flush;
+pub mod health;
 pub mod merge;
 pub mod page_data;
+pub mod park;
 pub mod stage;
 
 use std::sync::Arc;
@@ -23,12 +25,17 @@ use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::Database;
 use fbsync_shared::storage::object_store::{ObjectStore, open_store};
-use fbsync_shared::telemetry::{DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS};
+use fbsync_shared::telemetry::{
+    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::{ConsumerContext, consume_forever};
+use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
+use crate::health::Health;
 use crate::page_data::PageDataJob;
+use crate::park::Parker;
 use crate::stage::Stager;
 
 /// The parts of a worker, opened from settings.
@@ -41,6 +48,8 @@ pub struct Worker {
     pub db: Database,
     /// How long the flusher rests when nothing is due.
     pub flush_interval: Duration,
+    /// Whether the database and the store are up (`/readyz`).
+    pub health: Arc<Health>,
 }
 
 impl Worker {
@@ -72,21 +81,41 @@ impl Worker {
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
         };
+        let parker = Parker::new(
+            dead_letters.clone(),
+            topology.clone(),
+            settings.retry.clone(),
+        );
+        let dead_letters = Arc::new(DeadLetterSender::new(
+            dead_letters,
+            topology.clone(),
+            settings.retry.clone(),
+        ));
+        let health = Arc::new(Health::default());
         let consumers = Arc::new(ConsumerContext {
             amqp_url: settings.broker.amqp_url.clone(),
             topology,
             prefetch: settings.worker.prefetch,
-            dead_letters,
+            dead_letters: dead_letters.clone(),
             retry: settings.retry.clone(),
+            health: health.clone(),
+            parker,
             stager: Stager::new(db.clone()),
             page_data,
         });
-        let flusher = Arc::new(Flusher::new(settings, db.clone(), store));
+        let flusher = Arc::new(Flusher::new(
+            settings,
+            db.clone(),
+            store,
+            dead_letters,
+            health.clone(),
+        ));
         Ok(Self {
             consumers,
             flusher,
             db,
             flush_interval: settings.worker.flush_interval,
+            health,
         })
     }
 
@@ -150,6 +179,7 @@ async fn report_backlog(
                 .oldest_received_ms
                 .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
+            metrics::gauge!(CONVERSATIONS_SET_ASIDE).set(backlog.set_aside as f64);
         }
         if broker.is_none()
             && let Ok(connection) =
@@ -175,15 +205,32 @@ async fn report_backlog(
     }
 }
 
-/// Serves `/metrics` and `/healthz` for a worker process until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` (503 while the database or the store is down)
+/// for a worker process until `shutdown`.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = health.is_ready();
+                std::future::ready(if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database or object store unavailable",
+                    )
+                })
+            }),
+        )
         .route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),

@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 
+/// Budget windows a request waits in place for a slot of the bucket's rate.
+const BUCKET_SLOT_WINDOWS: usize = 50;
+
 /// What a refresh did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageDataOutcome {
@@ -41,6 +44,8 @@ pub enum PageDataFailure {
     DeadLetter(DeadLetterInfo),
     /// Shutdown interrupted a wait: return the job to its queue.
     GiveBack,
+    /// The next attempt is far off (a rate limit, an outage): park the job for this long.
+    Park(Duration),
 }
 
 /// Everything a page-change job needs.
@@ -118,6 +123,15 @@ impl PageDataJob {
                 return Ok(outcome);
             }
             Err(RetryError::Cancelled) => return Err(PageDataFailure::GiveBack),
+            Err(RetryError::Park { wait }) => return Err(PageDataFailure::Park(wait)),
+            // An outage of the database or the store delays the job; it never dead-letters it.
+            Err(RetryError::Failed { error, .. })
+                if matches!(error, AttemptError::Db(_) | AttemptError::Store(_))
+                    && error.is_transient() =>
+            {
+                tracing::warn!(%page_id, %error, "page metadata waits for the database or the store; parked");
+                return Err(PageDataFailure::Park(self.retry.max_delay));
+            }
             Err(RetryError::Failed { error, attempts }) => (error, attempts),
         };
         let reason = match &error {
@@ -152,6 +166,27 @@ impl PageDataJob {
         Err(PageDataFailure::DeadLetter(info))
     }
 
+    /// Takes `writes` and `ops` for a request about to be sent, waiting a few budget windows
+    /// for them in place (so what was fetched and read is not thrown away), or asks the retry
+    /// loop to wait.
+    async fn take_bucket_slot(&self, writes: i64, ops: i64) -> Result<(), AttemptError> {
+        let taken = self
+            .db
+            .wait_for_bucket_slot(
+                &self.bucket_budget,
+                writes,
+                ops,
+                BUCKET_SLOT_WINDOWS,
+                || true,
+            )
+            .await?;
+        if taken {
+            return Ok(());
+        }
+        let window = Duration::from_millis(self.bucket_budget.window_ms.unsigned_abs());
+        Err(AttemptError::Budget(window))
+    }
+
     /// One attempt: fetch, compare, write.
     async fn refresh_once(&self, page_id: &PageId) -> Result<PageDataOutcome, AttemptError> {
         let Some(page) = self.db.page(page_id).await? else {
@@ -161,28 +196,23 @@ impl PageDataJob {
             .cipher
             .open(page_id.as_str(), &page.token_sealed)
             .map_err(|e| AttemptError::Token(e.to_string()))?;
+        let Some(fetch) = self.db.begin_metadata_fetch(page_id).await? else {
+            return Err(AttemptError::UnknownPage(page_id.clone()));
+        };
         let metadata = self.graph.page_metadata(page_id.as_str(), &token).await?;
         let body = Bytes::from(serde_json::to_vec(&metadata).expect("JSON values serialise"));
         let key = page_data_key(&page.user_uuid, page_id);
 
-        // A GET and maybe a PUT: one write and two operations of the bucket's budget.
-        let now = now_ms();
-        if !self.bucket_budget.is_unlimited() {
-            let taken = self
-                .db
-                .take_bucket_budget(now, 1, 2, &self.bucket_budget)
-                .await?;
-            if !taken {
-                return Err(AttemptError::Budget(Duration::from_millis(
-                    self.bucket_budget.window_ms as u64,
-                )));
-            }
-        }
+        // The bucket's budget is charged right before each request is sent.
+        self.take_bucket_slot(0, 1).await?;
         let current = self.store.get(&key).await?;
         if current.as_ref().is_some_and(|object| object.body == body) {
             return Ok(PageDataOutcome::Unchanged);
         }
         let condition = WriteCondition::after_read(current.as_ref());
+        // The bucket's slot first: a reserved PUT of the object is never wasted on a full
+        // window (a slot that goes unused only makes the bucket's rate more conservative).
+        self.take_bucket_slot(1, 1).await?;
         let reserved = self
             .db
             .reserve_object_put(&key, &self.put_budget, now_ms())
@@ -191,6 +221,11 @@ impl PageDataJob {
             return Err(AttemptError::Budget(Duration::from_millis(
                 (at - now_ms()).max(0) as u64,
             )));
+        }
+        // Metadata from an older fetch than the one already written is stale: drop it.
+        if !self.db.claim_metadata_write(page_id, fetch).await? {
+            tracing::debug!(%page_id, fetch, "a newer fetch wrote page_data.json already");
+            return Ok(PageDataOutcome::Unchanged);
         }
         self.store.put(&key, body, &condition).await?;
         Ok(PageDataOutcome::Written)

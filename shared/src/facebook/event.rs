@@ -2,9 +2,10 @@
 //! stable identity so every later stage can de-duplicate.
 //!
 //! Events keep the exact JSON text Facebook sent ([`RawValue`]): the bucket stores them as they
-//! came. Identity (DESIGN.md, storage contract): `message.mid` for messages and echoes,
-//! `postback.mid`, `reaction.mid` + action, kind + watermark for deliveries and reads, and a hash
-//! of the canonical JSON for anything else.
+//! came. Identity (the storage contract in docs/ARCHITECTURE.md): `message.mid` for messages and
+//! echoes, `postback.mid`, `reaction.mid` + action + emoji + timestamp for reactions (each
+//! reaction event is kept), `message_edit.mid` + `num_edit` for edits (each version kept), kind
+//! + watermark for deliveries and reads, and a hash of the canonical JSON for anything else.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -47,6 +48,8 @@ pub enum EventKind {
     Read,
     Postback,
     Reaction,
+    /// A new version of a message's text (`message_edit`, with `num_edit`).
+    Edit,
     Referral,
     Optin,
     Handover,
@@ -64,6 +67,7 @@ impl EventKind {
             EventKind::Read => "read",
             EventKind::Postback => "postback",
             EventKind::Reaction => "reaction",
+            EventKind::Edit => "edit",
             EventKind::Referral => "referral",
             EventKind::Optin => "optin",
             EventKind::Handover => "handover",
@@ -288,13 +292,31 @@ impl EventFacts {
                 ),
             }
         } else if event.get("reaction").is_some() {
-            let mid = str_at(&["reaction", "mid"]).unwrap_or_default();
-            let action = str_at(&["reaction", "action"]).unwrap_or_default();
-            let emoji = str_at(&["reaction", "reaction"]).unwrap_or_default();
-            (
-                EventKind::Reaction,
-                format!("reaction:{mid}:{action}:{emoji}"),
-            )
+            // Every reaction event is kept: react, unreact and react again are three events.
+            // The timestamp tells them apart; a retried delivery carries the same one.
+            match str_at(&["reaction", "mid"]) {
+                Some(mid) => {
+                    let action = str_at(&["reaction", "action"]).unwrap_or_default();
+                    let emoji = str_at(&["reaction", "reaction"]).unwrap_or_default();
+                    (
+                        EventKind::Reaction,
+                        format!("reaction:{mid}:{action}:{emoji}:{timestamp_ms}"),
+                    )
+                }
+                None => (
+                    EventKind::Reaction,
+                    format!("hash:{}", canonical_hash(event)),
+                ),
+            }
+        } else if event.get("message_edit").is_some() {
+            // Each version of a message is kept once: the mid and the edit's number name it.
+            match (
+                str_at(&["message_edit", "mid"]),
+                str_at(&["message_edit", "num_edit"]),
+            ) {
+                (Some(mid), Some(num_edit)) => (EventKind::Edit, format!("edit:{mid}:{num_edit}")),
+                _ => (EventKind::Edit, format!("hash:{}", canonical_hash(event))),
+            }
         } else if let Some(watermark) = event.get("delivery").and_then(|d| d.get("watermark")) {
             (EventKind::Delivery, format!("delivery:{watermark}"))
         } else if let Some(watermark) = event.get("read").and_then(|d| d.get("watermark")) {
@@ -372,9 +394,10 @@ mod tests {
     const PAGE: &str = "510249619162304";
     const USER: &str = "1066835436691078";
 
+    /// A webhook delivery from the repository's tests/fixtures/messenger, byte for byte.
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!(
-            "{}/../../shared/fixtures/messenger/{name}",
+            "{}/../tests/fixtures/messenger/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
@@ -467,14 +490,58 @@ mod tests {
     }
 
     #[test]
-    fn reactions_are_identified_by_mid_and_action() {
-        let react: Value = serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":1,
-            "reaction":{"mid":"m_1","action":"react","reaction":"love"}});
-        let unreact: Value = serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":2,
-            "reaction":{"mid":"m_1","action":"unreact","reaction":"love"}});
+    fn react_unreact_react_again_are_three_events_and_a_retry_is_one() {
+        let reaction = |timestamp: i64, action: &str| {
+            serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":timestamp,
+                "reaction":{"mid":"m_1","action":action,"reaction":"love"}})
+        };
+        let ids: Vec<String> = [(1, "react"), (2, "unreact"), (3, "react")]
+            .iter()
+            .map(|(t, action)| EventFacts::of("p", &reaction(*t, action)).identity)
+            .collect();
+        assert_eq!(
+            ids.iter().collect::<std::collections::HashSet<_>>().len(),
+            3,
+            "{ids:?}"
+        );
+        // Facebook retrying the same delivery: the same event, the same identity.
+        assert_eq!(EventFacts::of("p", &reaction(1, "react")).identity, ids[0]);
+        // Reactions without a mid do not collapse into one.
+        let no_mid = |timestamp: i64| {
+            serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":timestamp,
+                "reaction":{"action":"react","reaction":"like"}})
+        };
         assert_ne!(
-            EventFacts::of("p", &react).identity,
-            EventFacts::of("p", &unreact).identity
+            EventFacts::of("p", &no_mid(1)).identity,
+            EventFacts::of("p", &no_mid(2)).identity
+        );
+    }
+
+    #[test]
+    fn each_edit_of_a_message_is_its_own_event() {
+        let events = split_delivery(&fixture("message_edit.json"), 1).expect("edit");
+        assert_eq!(events[0].kind, EventKind::Edit);
+        assert_eq!(
+            events[0].event_id,
+            "edit:mid.1468152703527:6600c706f15a292027:1"
+        );
+        let edit = |num_edit: i64| {
+            serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":num_edit,
+                "message_edit":{"mid":"m_1","text":format!("v{num_edit}"),"num_edit":num_edit}})
+        };
+        assert_ne!(
+            EventFacts::of("p", &edit(1)).identity,
+            EventFacts::of("p", &edit(2)).identity
+        );
+        assert_ne!(
+            EventFacts::of("p", &edit(1)).identity,
+            EventFacts::of(
+                "p",
+                &serde_json::json!({"sender":{"id":"u"},"recipient":{"id":"p"},
+                "timestamp":1,"message":{"mid":"m_1","text":"v0"}})
+            )
+            .identity,
+            "the edit and the message are both kept"
         );
     }
 }

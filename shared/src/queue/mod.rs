@@ -3,7 +3,9 @@
 mod publisher;
 mod topology;
 
-pub use publisher::{Outgoing, PublishError, Publisher, open_confirm_channel, publish_confirmed};
+pub use publisher::{
+    Outgoing, PublishError, Publisher, open_confirm_channel, publish_confirmed, publish_each,
+};
 pub use topology::{DELIVERY_LIMIT, Topology};
 
 use lapin::{Connection, ConnectionProperties};

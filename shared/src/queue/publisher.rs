@@ -28,6 +28,8 @@ pub struct Outgoing {
     pub message_id: String,
     /// Extra headers (dead-letter reasons, page id).
     pub headers: FieldTable,
+    /// How long the message may wait in its queue (a parked job's delay); `None`: for ever.
+    pub expiration: Option<Duration>,
 }
 
 /// Why a publish did not get its confirms.
@@ -257,6 +259,16 @@ pub async fn publish_confirmed(
     channel: &Channel,
     messages: &[Outgoing],
 ) -> Result<(), PublishError> {
+    publish_each(channel, messages).await?.into_iter().collect()
+}
+
+/// Publishes all messages on `channel` (in confirm mode, all in flight at once) and waits for
+/// every confirm; the outcome of each message, in order. An `Err` of the whole call means the
+/// channel failed and nothing can be said of the messages whose confirms were not read.
+pub async fn publish_each(
+    channel: &Channel,
+    messages: &[Outgoing],
+) -> Result<Vec<Result<(), PublishError>>, PublishError> {
     let mut confirms = Vec::with_capacity(messages.len());
     for message in messages {
         let properties = BasicProperties::default()
@@ -264,6 +276,10 @@ pub async fn publish_confirmed(
             .with_content_type("application/json".into())
             .with_message_id(ShortString::from(truncate(&message.message_id, 255)))
             .with_headers(message.headers.clone());
+        let properties = match message.expiration {
+            Some(wait) => properties.with_expiration(wait.as_millis().to_string().into()),
+            None => properties,
+        };
         let confirm = channel
             .basic_publish(
                 message.exchange.as_str().into(),
@@ -278,15 +294,17 @@ pub async fn publish_confirmed(
             .await?;
         confirms.push(confirm);
     }
+    let mut outcomes = Vec::with_capacity(confirms.len());
     for confirmation in join_all(confirms).await {
-        match confirmation? {
-            lapin::Confirmation::Ack(None) => {}
-            lapin::Confirmation::Ack(Some(_)) => return Err(PublishError::Unroutable),
-            lapin::Confirmation::Nack(_) => return Err(PublishError::Nacked),
-            lapin::Confirmation::NotRequested => return Err(PublishError::Nacked),
-        }
+        outcomes.push(match confirmation? {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+            lapin::Confirmation::Nack(_) | lapin::Confirmation::NotRequested => {
+                Err(PublishError::Nacked)
+            }
+        });
     }
-    Ok(())
+    Ok(outcomes)
 }
 
 fn truncate(text: &str, max: usize) -> &str {

@@ -3,6 +3,8 @@
 //! For prefix `P`:
 //! - `P.events`: direct exchange; routing key = [`JobKind::as_str`].
 //! - `P.conversation`, `P.page_change`: durable quorum queues bound to it by their kind.
+//! - `P.delay.<kind>`: durable queues where parked jobs wait out a long delay (a per-message
+//!   TTL), then go back to `P.events` with their kind as routing key.
 //! - `P.dead`: fanout exchange and durable queue that hold dead letters, whether the worker
 //!   dead-lettered them on purpose (with its reason in headers) or the broker did after the
 //!   delivery limit (with `x-death`).
@@ -38,6 +40,12 @@ impl Topology {
 
     pub fn queue(&self, kind: JobKind) -> String {
         format!("{}.{}", self.prefix, kind.as_str())
+    }
+
+    /// The queue where parked jobs of `kind` wait out their delay (a per-message TTL), to go
+    /// back to their own queue when it ends.
+    pub fn delay_queue(&self, kind: JobKind) -> String {
+        format!("{}.delay.{}", self.prefix, kind.as_str())
     }
 
     /// The dead-letter exchange and queue share this name.
@@ -125,6 +133,24 @@ impl Topology {
                     kind.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
+                )
+                .await?;
+            let mut delay_args = FieldTable::default();
+            // Expired messages go back through the events exchange to their own queue. A
+            // classic queue: a parked job is a message that waits, not work to replicate.
+            delay_args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.events_exchange().into()),
+            );
+            delay_args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(kind.as_str().into()),
+            );
+            channel
+                .queue_declare(
+                    self.delay_queue(kind).into(),
+                    QueueDeclareOptions::durable(),
+                    delay_args,
                 )
                 .await?;
         }

@@ -5,7 +5,8 @@
 //! own retries are off: every attempt counts against Spaces' budgets, so retrying is the
 //! caller's decision (see `retry`).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectCannedAcl;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 
 use crate::config::{S3Target, StoreLocation};
 use crate::ids::{ConversationKey, PageId, UserUuid};
@@ -261,8 +263,7 @@ impl ObjectStore for S3Store {
 
 /// The local store's version of an object: a hash of its bytes.
 fn content_version(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// Objects as files under a directory (the embedded default: no cloud account needed).
@@ -272,6 +273,14 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// The lock file of an object, outside the bucket's layout (`<root>/.locks/`).
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join(".locks").join(format!(
+            "{}.lock",
+            hex::encode(Sha256::digest(key.as_bytes()))
+        ))
+    }
+
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
         if key
             .split('/')
@@ -309,32 +318,102 @@ impl ObjectStore for LocalStore {
         condition: &WriteCondition,
     ) -> Result<(), StoreError> {
         let path = self.path(key)?;
-        // One machine, one writer per conversation (the lease): checking the condition just
-        // before the rename is enough to catch an overlapping writer.
-        let current = self.get(key).await?;
-        if WriteCondition::after_read(current.as_ref()) != *condition {
-            return Err(StoreError::Conflict);
-        }
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| StoreError::Transient(e.to_string()))?;
-        }
+        let lock = self.lock_path(key);
+        let condition = condition.clone();
         let started = Instant::now();
-        // Write aside, then rename: readers never see half a file.
-        let temp = path.with_extension(format!("json.{}.tmp", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&temp, &body)
-            .await
-            .map_err(|e| StoreError::Transient(e.to_string()))?;
-        tokio::fs::rename(&temp, &path)
-            .await
-            .map_err(|e| StoreError::Transient(e.to_string()))?;
+        let written =
+            tokio::task::spawn_blocking(move || write_durably(&path, &lock, &body, &condition))
+                .await
+                .map_err(|e| StoreError::Transient(format!("write task failed: {e}")))?;
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
-        Ok(())
+        written
     }
 
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
+    }
+}
+
+/// Writes an object of the local store so that it is on disk when this returns, and only if
+/// `condition` holds, atomically across processes: under an exclusive lock on the object's lock
+/// file, it checks the condition, writes a temporary file, fsyncs it, renames it over the
+/// object and fsyncs the directory (so the rename itself survives a power cut).
+fn write_durably(
+    path: &Path,
+    lock: &Path,
+    body: &[u8],
+    condition: &WriteCondition,
+) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Transient(e.to_string());
+    for dir in [path.parent(), lock.parent()].into_iter().flatten() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+        .map_err(io)?;
+    // Released when the file is closed, also if this process dies.
+    lock_file.lock().map_err(io)?;
+    let current = match std::fs::read(path) {
+        Ok(bytes) => Some(content_version(&bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(e)),
+    };
+    let holds = match condition {
+        WriteCondition::Absent => current.is_none(),
+        WriteCondition::Matches(version) => current.as_deref() == Some(version.as_str()),
+    };
+    if !holds {
+        return Err(StoreError::Conflict);
+    }
+    // Write aside, then rename: readers never see half a file.
+    let temp = path.with_extension(format!("json.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let mut file = std::fs::File::create(&temp).map_err(io)?;
+    file.write_all(body).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&temp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_conditional_writes_to_the_local_store_let_exactly_one_through() {
+        let root = std::env::temp_dir().join(format!("fbsync-lock-{}", uuid::Uuid::new_v4()));
+        let store = std::sync::Arc::new(LocalStore { root: root.clone() });
+        for round in 0..5 {
+            let key = format!("users/u/facebook_messenger/1/conversations/{round}.json");
+            let writers: Vec<_> = (0..16)
+                .map(|writer| {
+                    let store = store.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let body = Bytes::from(format!("[{writer}]"));
+                        store.put(&key, body, &WriteCondition::Absent).await
+                    })
+                })
+                .collect();
+            let mut written = 0;
+            for writer in writers {
+                match writer.await.expect("task") {
+                    Ok(()) => written += 1,
+                    Err(StoreError::Conflict) => {}
+                    Err(e) => panic!("unexpected failure: {e}"),
+                }
+            }
+            assert_eq!(written, 1, "round {round}: exactly one creator wins");
+        }
+        let _ = std::fs::remove_dir_all(root);
     }
 }

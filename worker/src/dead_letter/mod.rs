@@ -36,16 +36,20 @@ pub enum DeadReason {
     GraphError,
     /// The broker's delivery limit (the message crashed or stalled its workers).
     DeliveryLimit,
+    /// Staged for a Page that was removed before its events were stored; replay them once the
+    /// Page is added again.
+    PageRemoved,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 6] = [
+    pub const ALL: [DeadReason; 7] = [
         DeadReason::Malformed,
         DeadReason::UnknownPage,
         DeadReason::TokenError,
         DeadReason::AttemptsExhausted,
         DeadReason::GraphError,
         DeadReason::DeliveryLimit,
+        DeadReason::PageRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +60,7 @@ impl DeadReason {
             DeadReason::AttemptsExhausted => "attempts_exhausted",
             DeadReason::GraphError => "graph_error",
             DeadReason::DeliveryLimit => "delivery_limit",
+            DeadReason::PageRemoved => "page_removed",
         }
     }
 
@@ -208,6 +213,7 @@ impl DeadLetterInfo {
             body: body.to_vec(),
             message_id: message_id.to_string(),
             headers: self.to_headers(original),
+            expiration: None,
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Operator tools for the dead-letter queue: list, replay and purge, with filters.
 //!
-//! Each tool takes every dead letter off `<prefix>.dead` without acking it (so a crash returns
-//! them all), acts on the ones that match, and hands the rest back. Replay republishes a copy
-//! to the queue it came from with a publisher confirm and removes the dead letter only after the
-//! copy is confirmed: a crash in between leaves both, and the duplicate is harmless because
-//! every later stage is idempotent.
+//! Each tool walks `<prefix>.dead` once, taking letters without acking them (so a crash returns
+//! them all), acts on the ones that match, and hands the rest back at the end; it holds only
+//! the letters it is acting on, so memory stays bounded whatever the queue's size. Replay
+//! republishes a copy to the queue a letter came from and removes that letter only after its
+//! own copy is confirmed: a letter that cannot be routed is skipped and reported, and one bad
+//! confirm never leaves a republished letter in the DLQ as well. A crash between a confirm and
+//! its ack can still leave both; the duplicate is harmless because every later stage is
+//! idempotent.
 
 use std::time::Duration;
 
 use fbsync_shared::facebook::event::{EventMessage, JobKind};
 use fbsync_shared::now_ms;
-use fbsync_shared::queue::{Outgoing, Topology, connect, publish_confirmed};
+use fbsync_shared::queue::{Outgoing, PublishError, Topology, connect, publish_each};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
@@ -100,25 +103,50 @@ impl DlqFilter {
     }
 }
 
-/// A session on the dead-letter queue: every letter taken, unacked.
+/// A session on the dead-letter queue. It walks the queue once, taking letters one at a time
+/// without acking them: a letter the tool does not act on is held (by its delivery tag only, so
+/// memory stays bounded whatever the queue's size) and handed back, with every other letter
+/// still held, when the session ends. A crash returns them all.
 pub struct DlqSession {
     /// Kept open for the session; closing it returns unacked letters.
     connection: Connection,
     /// Confirm-mode channel used to get, republish and ack.
     channel: Channel,
     topology: Topology,
-    /// Letters that match the filter (at most its limit), in queue order.
-    pub matched: Vec<DeadLetter>,
-    /// Letters that do not match; handed back untouched.
-    others: Vec<DeadLetter>,
+    /// Which letters the tool acts on.
+    filter: DlqFilter,
+    /// The session's "now", for the filter's `since` and letters' ages.
+    now: i64,
+    /// Letters in the queue when the session opened.
+    total: u32,
+    /// Letters taken so far.
+    seen: usize,
+    /// Letters taken that matched.
+    matched: usize,
+    /// The newest delivery tag taken; handing back everything up to it ends the session.
+    last_tag: Option<u64>,
 }
 
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Copies confirmed by their queue; their dead letters are gone.
+    pub replayed: usize,
+    /// Letters whose routing key names no queue (they stay in the DLQ), with their ids.
+    pub unroutable: Vec<String>,
+    /// Letters whose copy the broker refused (they stay in the DLQ).
+    pub refused: usize,
+}
+
+/// Dead letters handled per round of publishes and confirms.
+const REPLAY_CHUNK: usize = 100;
+
 impl DlqSession {
-    /// Takes every letter off the DLQ (unacked) and sorts them into matched and others.
+    /// Opens a session on the DLQ for the letters `filter` selects.
     pub async fn open(
         amqp_url: &SecretString,
         topology: &Topology,
-        filter: &DlqFilter,
+        filter: DlqFilter,
     ) -> anyhow::Result<Self> {
         let connection = connect(amqp_url, "fbsync-dlq").await?;
         let channel = connection.create_channel().await?;
@@ -126,13 +154,50 @@ impl DlqSession {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let now = now_ms();
-        let (mut matched, mut others) = (Vec::new(), Vec::new());
-        while let Some(message) = channel
-            .basic_get(topology.dead().into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
+        let total = dlq_depth(&channel, topology).await?;
+        Ok(Self {
+            connection,
+            channel,
+            topology: topology.clone(),
+            filter,
+            now: now_ms(),
+            total,
+            seen: 0,
+            matched: 0,
+            last_tag: None,
+        })
+    }
+
+    /// Letters in the DLQ when the session opened.
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+
+    /// The session's "now" (ms), for ages.
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// The next letter that matches the filter, or `None` when the queue (or the filter's
+    /// limit) is exhausted. Letters that do not match are held and handed back at the end.
+    pub async fn next_match(&mut self) -> anyhow::Result<Option<DeadLetter>> {
+        loop {
+            if self.filter.limit.is_some_and(|limit| self.matched >= limit) {
+                return Ok(None);
+            }
+            let Some(message) = self
+                .channel
+                .basic_get(
+                    self.topology.dead().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
             let delivery = message.delivery;
+            self.seen += 1;
+            self.last_tag = Some(delivery.delivery_tag);
             let headers = delivery.properties.headers().clone();
             let letter = DeadLetter {
                 delivery_tag: delivery.delivery_tag,
@@ -142,78 +207,94 @@ impl DlqSession {
                 body: delivery.data,
                 headers,
             };
-            let room = filter.limit.is_none_or(|limit| matched.len() < limit);
-            if room && filter.matches(&letter, now) {
-                matched.push(letter);
-            } else {
-                others.push(letter);
+            if self.filter.matches(&letter, self.now) {
+                self.matched += 1;
+                return Ok(Some(letter));
             }
         }
-        Ok(Self {
-            connection,
-            channel,
-            topology: topology.clone(),
-            matched,
-            others,
-        })
     }
 
-    /// Letters in the DLQ when the session opened.
-    pub fn total(&self) -> usize {
-        self.matched.len() + self.others.len()
+    /// Calls `each` with every matching letter, then hands them all back (list, dry runs).
+    /// Returns how many matched.
+    pub async fn walk(mut self, mut each: impl FnMut(&DeadLetter)) -> anyhow::Result<usize> {
+        while let Some(letter) = self.next_match().await? {
+            each(&letter);
+        }
+        let matched = self.matched;
+        self.finish().await?;
+        Ok(matched)
     }
 
-    /// Hands every letter back untouched (list, dry runs).
-    pub async fn release(mut self) -> anyhow::Result<()> {
-        let matched = std::mem::take(&mut self.matched);
-        self.others.extend(matched);
-        self.release_others().await
-    }
-
-    /// Deletes the matched letters; hands the others back. Returns how many were deleted.
-    pub async fn purge(self) -> anyhow::Result<usize> {
-        for letter in &self.matched {
+    /// Deletes the matching letters; hands the others back. Returns how many were deleted.
+    pub async fn purge(mut self) -> anyhow::Result<usize> {
+        while let Some(letter) = self.next_match().await? {
             self.channel
                 .basic_ack(letter.delivery_tag, BasicAckOptions::default())
                 .await?;
         }
-        let purged = self.matched.len();
-        self.release_others().await?;
+        let purged = self.matched;
+        self.finish().await?;
         Ok(purged)
     }
 
-    /// Republishes the matched letters to the queues they came from, in chunks; each chunk's
-    /// dead letters are removed only after all its copies are confirmed. `progress` is called
-    /// with (done, total) after each chunk.
-    pub async fn replay(self, mut progress: impl FnMut(usize, usize)) -> anyhow::Result<usize> {
-        let total = self.matched.len();
+    /// Republishes the matching letters to the queues they came from, a chunk at a time, all of
+    /// a chunk in flight at once. Each dead letter is removed only when its own copy is
+    /// confirmed; a letter whose copy cannot be routed or is refused stays in the DLQ and is
+    /// reported, and never stops the others. `progress` is called with (done, matched so far)
+    /// after each chunk.
+    pub async fn replay(
+        mut self,
+        mut progress: impl FnMut(usize, usize),
+    ) -> anyhow::Result<ReplayReport> {
+        let mut report = ReplayReport::default();
         let mut done = 0;
-        for chunk in self.matched.chunks(100) {
+        loop {
+            let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+            while chunk.len() < REPLAY_CHUNK {
+                match self.next_match().await? {
+                    Some(letter) => chunk.push(letter),
+                    None => break,
+                }
+            }
+            if chunk.is_empty() {
+                break;
+            }
             let copies: Vec<Outgoing> = chunk
                 .iter()
                 .map(|letter| replay_copy(&self.topology, letter))
                 .collect();
-            publish_confirmed(&self.channel, &copies).await?;
-            for letter in chunk {
-                self.channel
-                    .basic_ack(letter.delivery_tag, BasicAckOptions::default())
-                    .await?;
+            let outcomes = publish_each(&self.channel, &copies).await?;
+            for (letter, outcome) in chunk.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => {
+                        self.channel
+                            .basic_ack(letter.delivery_tag, BasicAckOptions::default())
+                            .await?;
+                        report.replayed += 1;
+                    }
+                    Err(PublishError::Unroutable) => {
+                        report.unroutable.push(letter.message_id.clone())
+                    }
+                    Err(_) => report.refused += 1,
+                }
             }
             done += chunk.len();
-            progress(done, total);
+            progress(done, self.matched);
         }
-        self.release_others().await?;
-        Ok(done)
+        self.finish().await?;
+        Ok(report)
     }
 
-    async fn release_others(self) -> anyhow::Result<()> {
-        for letter in &self.others {
+    /// Hands back every letter still held and closes the session.
+    async fn finish(self) -> anyhow::Result<()> {
+        if let Some(last_tag) = self.last_tag {
+            // One nack for all that is still unacked on the channel (held and failed ones).
             self.channel
                 .basic_nack(
-                    letter.delivery_tag,
+                    last_tag,
                     BasicNackOptions {
+                        multiple: true,
                         requeue: true,
-                        ..Default::default()
                     },
                 )
                 .await?;
@@ -246,6 +327,7 @@ fn replay_copy(topology: &Topology, letter: &DeadLetter) -> Outgoing {
         body: letter.body.clone(),
         message_id: letter.message_id.clone(),
         headers,
+        expiration: None,
     }
 }
 

@@ -9,13 +9,17 @@ pub struct Backlog {
     pub events: i64,
     /// When the oldest of them was accepted by ingest.
     pub oldest_received_ms: Option<i64>,
+    /// Conversations set aside (their object cannot be read).
+    pub set_aside: i64,
 }
 
 impl Database {
     /// Staged events not yet stored, and the oldest one's receive time.
     pub async fn backlog(&self) -> Result<Backlog, DbError> {
         let backlog = sqlx::query_as::<_, Backlog>(
-            "SELECT COUNT(*) AS events, MIN(received_at_ms) AS oldest_received_ms
+            "SELECT COUNT(*) AS events, MIN(received_at_ms) AS oldest_received_ms,
+                    (SELECT COUNT(*) FROM conversations WHERE set_aside_reason IS NOT NULL)
+                        AS set_aside
              FROM staged_events",
         )
         .fetch_one(&self.pool)

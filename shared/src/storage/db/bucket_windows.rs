@@ -1,10 +1,41 @@
 //! The bucket's request rate, shared by every worker: one row per budget window (100 ms for
 //! Spaces' default rates), filled up to the window's share of the rate.
 
+use std::time::Duration;
+
 use super::{Database, DbError};
+use crate::now_ms;
 use crate::storage::budget::BucketBudget;
 
 impl Database {
+    /// Takes `writes` and `ops` for a request about to be sent: from the current window, or
+    /// from one of the next `windows` ones, sleeping until each starts, for as long as
+    /// `keep_waiting` says so. True when taken (always, for an unlimited budget).
+    pub async fn wait_for_bucket_slot(
+        &self,
+        budget: &BucketBudget,
+        writes: i64,
+        ops: i64,
+        windows: usize,
+        keep_waiting: impl Fn() -> bool,
+    ) -> Result<bool, DbError> {
+        if budget.is_unlimited() {
+            return Ok(true);
+        }
+        for waited in 0..=windows {
+            let now = now_ms();
+            if self.take_bucket_budget(now, writes, ops, budget).await? {
+                return Ok(true);
+            }
+            if waited == windows || !keep_waiting() {
+                break;
+            }
+            let wait = (budget.next_window(now) - now).max(1);
+            tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+        }
+        Ok(false)
+    }
+
     /// Takes `writes` writes and `ops` operations from the bucket's budget window that holds
     /// `now`; false (nothing taken) when that window is full.
     pub async fn take_bucket_budget(

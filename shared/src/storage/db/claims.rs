@@ -83,6 +83,7 @@ impl Database {
         let rows = sqlx::query_as::<_, ConversationRow>(
             "SELECT page_id, user_psid FROM conversations
              WHERE staged_gen > flushed_gen AND due_at_ms <= $1 AND lease_until_ms < $1
+               AND set_aside_reason IS NULL
              ORDER BY due_at_ms LIMIT $2",
         )
         .bind(now)
@@ -111,7 +112,7 @@ impl Database {
         let row = sqlx::query_as::<_, ClaimedRow>(
             "UPDATE conversations SET lease_owner = $3, lease_until_ms = $4, lease_gen = lease_gen + 1
              WHERE page_id = $1 AND user_psid = $2 AND lease_until_ms < $5 AND due_at_ms <= $5
-               AND staged_gen > flushed_gen
+               AND staged_gen > flushed_gen AND set_aside_reason IS NULL
              RETURNING lease_gen, staged_gen, recent_puts, failures",
         )
         .bind(key.page_id.as_str())
@@ -131,6 +132,54 @@ impl Database {
             lease,
             local_deadline,
         }))
+    }
+}
+
+/// A conversation set aside, as operators see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SetAsideConversation {
+    #[sqlx(try_from = "String")]
+    pub page_id: PageId,
+    #[sqlx(try_from = "String")]
+    pub user_psid: Psid,
+    /// Why its object could not be read.
+    pub set_aside_reason: String,
+}
+
+impl Database {
+    /// Conversations set aside, of one Page or all, ordered by Page and person.
+    pub async fn set_aside_conversations(
+        &self,
+        page_id: Option<&PageId>,
+    ) -> Result<Vec<SetAsideConversation>, DbError> {
+        let rows = sqlx::query_as::<_, SetAsideConversation>(
+            "SELECT page_id, user_psid, set_aside_reason FROM conversations
+             WHERE set_aside_reason IS NOT NULL AND ($1 IS NULL OR page_id = $1)
+             ORDER BY page_id, user_psid",
+        )
+        .bind(page_id.map(PageId::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Makes conversations that were set aside due again (their objects were fixed): those of
+    /// a Page, or one of them. Returns how many.
+    pub async fn requeue_set_aside(
+        &self,
+        page_id: &PageId,
+        user_psid: Option<&Psid>,
+    ) -> Result<u64, DbError> {
+        let done = sqlx::query(
+            "UPDATE conversations SET set_aside_reason = NULL, due_at_ms = 0, failures = 0
+             WHERE page_id = $1 AND ($2 IS NULL OR user_psid = $2)
+               AND set_aside_reason IS NOT NULL",
+        )
+        .bind(page_id.as_str())
+        .bind(user_psid.map(Psid::as_str))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }
 
@@ -268,6 +317,20 @@ impl ConversationClaim {
         .await
     }
 
+    /// Sets the conversation aside: its stored object cannot be read, so it is not flushed
+    /// again (its staged events stay, its object is never overwritten) until an operator
+    /// re-queues it ([`Database::requeue_set_aside`]).
+    pub async fn set_aside(&mut self, reason: &str) -> Result<(), ClaimError> {
+        let statement = self
+            .statement(
+                "UPDATE conversations SET set_aside_reason = $4, lease_owner = NULL,
+                     lease_until_ms = 0
+                 WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            )
+            .bind(reason);
+        fenced(statement.execute(&self.db.pool).await)
+    }
+
     /// Gives the claim back at once, unchanged (shutdown): another worker may take it now.
     pub async fn release(&mut self) -> Result<(), ClaimError> {
         let now = crate::now_ms();
@@ -403,6 +466,58 @@ mod tests {
                 .expect("claim")
                 .expect("due again when the budget allows");
             assert_eq!(later.recent_puts.times().len(), 5, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_set_aside_conversation_is_never_due_until_requeued() {
+        for (backend, db) in backends().await {
+            let key = key("u4");
+            stage(&db, &key, "e1", 1_000).await;
+            let mut claim = db
+                .claim_conversation(&key, "a", 1_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            claim
+                .set_aside("not a JSON array")
+                .await
+                .expect("set aside");
+            assert!(
+                db.due_conversations(i64::MAX / 4, 10)
+                    .await
+                    .expect("due")
+                    .is_empty(),
+                "{backend}"
+            );
+            assert!(
+                db.claim_conversation(&key, "b", 2_000, LEASE)
+                    .await
+                    .expect("claim")
+                    .is_none()
+            );
+            let aside = db
+                .set_aside_conversations(Some(&key.page_id))
+                .await
+                .expect("list");
+            assert_eq!(aside.len(), 1, "{backend}");
+            assert_eq!(aside[0].set_aside_reason, "not a JSON array");
+            assert_eq!(
+                db.staged_events(&key).await.expect("staged").len(),
+                1,
+                "{backend}: events kept"
+            );
+            assert_eq!(
+                db.requeue_set_aside(&key.page_id, None)
+                    .await
+                    .expect("requeue"),
+                1
+            );
+            assert_eq!(
+                db.due_conversations(2_000, 10).await.expect("due"),
+                vec![key.clone()],
+                "{backend}"
+            );
         }
     }
 

@@ -29,7 +29,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
-pub use claims::{ClaimError, ConversationClaim};
+pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
 pub use pages::{PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};
@@ -121,7 +121,10 @@ impl Database {
                         sqlx::query("PRAGMA busy_timeout=10000")
                             .execute(&mut *connection)
                             .await?;
-                        sqlx::query("PRAGMA synchronous=NORMAL")
+                        // FULL: a commit is on disk when it returns, so a message acked after
+                        // its staging commit survives a power cut (WAL's NORMAL may lose the
+                        // last commits).
+                        sqlx::query("PRAGMA synchronous=FULL")
                             .execute(&mut *connection)
                             .await?;
                     }

@@ -69,6 +69,8 @@ pub struct PageSummary {
     pub last_error: Option<String>,
     /// Events staged for this Page and not yet stored.
     pub staged: i64,
+    /// Conversations set aside because their stored object cannot be read.
+    pub set_aside: i64,
 }
 
 impl Database {
@@ -122,7 +124,9 @@ impl Database {
         let pages = sqlx::query_as::<_, PageSummary>(
             "SELECT p.page_id, p.user_uuid, p.status, p.last_event_ms, p.last_flush_ms,
                     p.last_error_ms, p.last_error,
-                    (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged
+                    (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged,
+                    (SELECT COUNT(*) FROM conversations c
+                     WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside
              FROM pages p ORDER BY p.page_id",
         )
         .fetch_all(&self.pool)
@@ -149,6 +153,33 @@ impl Database {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Numbers a fetch of the Page's metadata that is about to start; `None` when the Page is
+    /// not registered.
+    pub async fn begin_metadata_fetch(&self, page_id: &PageId) -> Result<Option<i64>, DbError> {
+        let seq: Option<(i64,)> = sqlx::query_as(
+            "UPDATE pages SET metadata_fetch_seq = metadata_fetch_seq + 1 WHERE page_id = $1
+             RETURNING metadata_fetch_seq",
+        )
+        .bind(page_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(seq.map(|(seq,)| seq))
+    }
+
+    /// Claims the right to write `page_data.json` from fetch number `seq`: false when a newer
+    /// fetch has written it already (this one is stale and must not overwrite it).
+    pub async fn claim_metadata_write(&self, page_id: &PageId, seq: i64) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "UPDATE pages SET metadata_written_seq = $2
+             WHERE page_id = $1 AND metadata_written_seq < $2",
+        )
+        .bind(page_id.as_str())
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records a successful write for a Page.
@@ -178,5 +209,55 @@ impl Database {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::db::test_support::backends;
+
+    #[tokio::test]
+    async fn metadata_from_an_older_fetch_never_overwrites_a_newer_one() {
+        for (backend, db) in backends().await {
+            let page = PageId::parse("42").expect("page");
+            let user = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
+            assert_eq!(
+                db.begin_metadata_fetch(&page).await.expect("seq"),
+                None,
+                "{backend}"
+            );
+            db.upsert_page(&page, &user, vec![1], 1)
+                .await
+                .expect("page");
+            let slow = db
+                .begin_metadata_fetch(&page)
+                .await
+                .expect("seq")
+                .expect("registered");
+            let fast = db
+                .begin_metadata_fetch(&page)
+                .await
+                .expect("seq")
+                .expect("registered");
+            assert!(fast > slow, "{backend}");
+            assert!(
+                db.claim_metadata_write(&page, fast).await.expect("claim"),
+                "{backend}"
+            );
+            assert!(
+                !db.claim_metadata_write(&page, slow).await.expect("claim"),
+                "{backend}: the older fetch finds a newer one written"
+            );
+            let newest = db
+                .begin_metadata_fetch(&page)
+                .await
+                .expect("seq")
+                .expect("registered");
+            assert!(
+                db.claim_metadata_write(&page, newest).await.expect("claim"),
+                "{backend}"
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Staged events: accepted from the queue, not yet in the store. One row per event identity
-//! and conversation, so duplicates vanish on insert; each conversation's staging generation
-//! says that events are waiting.
+//! and conversation, so duplicates vanish on insert, except that a webhook copy replaces a
+//! polled reconstruction staged before it (the webhook copy is what Facebook sent, and is what
+//! the file keeps); each conversation's staging generation says that events are waiting.
 
 use super::{Database, DbError, placeholders};
 use crate::facebook::event::EventSource;
@@ -30,6 +31,8 @@ pub struct StagedEvent {
     pub event_id: String,
     #[sqlx(try_from = "String")]
     pub source: EventSource,
+    /// Sort key inside the conversation.
+    pub timestamp_ms: i64,
     pub received_at_ms: i64,
     pub body: String,
 }
@@ -38,9 +41,9 @@ pub struct StagedEvent {
 const STAGED_COLUMNS: usize = 8;
 
 impl Database {
-    /// Stages events in one transaction: inserts each (an identity already staged is skipped)
-    /// and bumps the staging generation of each conversation touched. Returns how many rows
-    /// were new.
+    /// Stages events in one transaction: inserts each (an identity already staged is skipped,
+    /// unless a webhook copy meets a polled one) and bumps the staging generation of each
+    /// conversation touched. Returns how many rows were new or replaced.
     pub async fn stage_events(&self, events: &[NewStagedEvent], now: i64) -> Result<u64, DbError> {
         // Every transaction takes its row locks in one order (conversation, then event id), so
         // two workers staging overlapping batches (duplicates included) wait for each other
@@ -59,7 +62,10 @@ impl Database {
                 "INSERT INTO staged_events
                    (page_id, user_psid, event_id, source, timestamp_ms, received_at_ms, staged_at_ms, body)
                  VALUES {}
-                 ON CONFLICT (page_id, user_psid, event_id) DO NOTHING",
+                 ON CONFLICT (page_id, user_psid, event_id) DO UPDATE
+                   SET source = excluded.source, body = excluded.body,
+                       timestamp_ms = excluded.timestamp_ms
+                   WHERE staged_events.source = 'poll' AND excluded.source = 'webhook'",
                 rows.join(", ")
             );
             let mut query = sqlx::query(&sql);
@@ -102,7 +108,7 @@ impl Database {
     /// Every staged event of a conversation, oldest row first.
     pub async fn staged_events(&self, key: &ConversationKey) -> Result<Vec<StagedEvent>, DbError> {
         let events = sqlx::query_as::<_, StagedEvent>(
-            "SELECT seq, event_id, source, received_at_ms, body FROM staged_events
+            "SELECT seq, event_id, source, timestamp_ms, received_at_ms, body FROM staged_events
              WHERE page_id = $1 AND user_psid = $2 ORDER BY seq",
         )
         .bind(key.page_id.as_str())
@@ -110,5 +116,52 @@ impl Database {
         .fetch_all(&self.pool)
         .await?;
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{PageId, Psid};
+    use crate::storage::db::test_support::backends;
+
+    fn copy(source: EventSource, body: &str) -> NewStagedEvent {
+        NewStagedEvent {
+            key: ConversationKey {
+                page_id: PageId::parse("1").expect("page"),
+                user_psid: Psid::parse("u1").expect("psid"),
+            },
+            event_id: "mid:m_1".into(),
+            source,
+            timestamp_ms: 1,
+            received_at_ms: 1,
+            body: body.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_copy_replaces_a_polled_copy_staged_before_it_and_never_the_reverse() {
+        for (backend, db) in backends().await {
+            let key = copy(EventSource::Poll, "").key;
+            db.stage_events(&[copy(EventSource::Poll, "polled")], 1)
+                .await
+                .expect("stage");
+            db.stage_events(&[copy(EventSource::Webhook, "webhook")], 2)
+                .await
+                .expect("stage");
+            db.stage_events(&[copy(EventSource::Poll, "polled again")], 3)
+                .await
+                .expect("stage");
+            db.stage_events(&[copy(EventSource::Webhook, "webhook retry")], 4)
+                .await
+                .expect("stage");
+            let staged = db.staged_events(&key).await.expect("staged");
+            assert_eq!(staged.len(), 1, "{backend}: one row per identity");
+            assert_eq!(staged[0].source, EventSource::Webhook, "{backend}");
+            assert_eq!(
+                staged[0].body, "webhook",
+                "{backend}: the first webhook copy stays"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The test support itself: the Spaces limit layer in front of the real S3-compatible server,
-//! and the fake Graph API's scripted answers.
+//! The harness itself (`tests/common/`): the Spaces limit layer in front of the real
+//! S3-compatible server, and the fake Graph API's scripted answers.
 
 use std::time::Duration;
 
@@ -8,8 +8,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use serde_json::Value;
 
-use crate::fake_graph::{CREATED_TIME, Failure, FakeGraph, page_token};
-use crate::spaces_limits::{
+use crate::common::fake_graph::{CREATED_TIME, Failure, FakeGraph, page_token};
+use crate::common::spaces_limits::{
     Limit, SpacesLimitLayer, SpacesLimits, create_bucket, list_keys, read_object, s3_client,
     s3_endpoint, unique_bucket,
 };

@@ -11,8 +11,6 @@
 //! Also here: an S3 client configured like the app's, and helpers that create a bucket, read an
 //! object and list keys.
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +67,7 @@ pub enum Limit {
 
 /// One request answered `503 SlowDown`.
 #[derive(Debug, Clone)]
+#[allow(dead_code)] // Fields only the failure messages show (through Debug) are not "read".
 pub struct Violation {
     /// The budget it was over.
     pub limit: Limit,
@@ -259,11 +258,13 @@ impl SpacesLimitLayer {
     }
 
     /// Requests forwarded to the real server (whatever it answered).
+    #[allow(dead_code)] // Used by the api target only.
     pub fn forwarded(&self) -> u64 {
         self.counters().forwarded
     }
 
     /// PUT/COPY requests forwarded to objects whose `bucket/key` ends with `key_suffix`.
+    #[allow(dead_code)] // Used by the api target only.
     pub fn puts_for(&self, key_suffix: &str) -> u64 {
         self.counters()
             .puts
@@ -470,6 +471,7 @@ pub async fn read_object(endpoint: &str, bucket: &str, key: &str) -> Option<Vec<
 }
 
 /// Every key under `prefix`, in S3's (lexicographic) order.
+#[allow(dead_code)] // Used by the api target only.
 pub async fn list_keys(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
     let client = s3_client(endpoint);
     let mut keys = Vec::new();

@@ -8,8 +8,6 @@
 //! never set error 100. Tests script failures per Page, consumed in order before normal answers,
 //! and read back every call that was made.
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

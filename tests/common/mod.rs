@@ -1,0 +1,44 @@
+//! The test harness shared by the `api` and `reliability` targets (each declares it once with
+//! `#[path = "../common/mod.rs"] mod common;`).
+//!
+//! What it offers:
+//! - [`pipeline`]: one test's whole environment for the real `fbsync` binary (queue prefix,
+//!   database, store), running its commands and processes, reading the store back and waiting
+//!   until a conversation has settled;
+//! - [`process`]: a running `fbsync` process: its JSON log lines, stopping it (SIGTERM, clean
+//!   exit asserted) or killing it (SIGKILL);
+//! - [`webhook`]: signed deliveries as Facebook sends them, bursts of them from concurrent
+//!   senders, and the retries of refused ones;
+//! - [`tally`]: what a conversation file holds compared with what was delivered;
+//! - [`broker`]: the shared RabbitMQ: unique prefixes, reading and deleting a test's queues, a
+//!   TCP proxy that cuts one test's own path to it;
+//! - [`spaces_limits`]: DigitalOcean Spaces' request limits (and an outage) in front of the S3
+//!   test server, and an S3 client configured like the app's;
+//! - [`fake_graph`]: a fake Facebook Graph API with scripted failures;
+//! - [`ingest`]: the ingest service running inside the test process;
+//! - [`fixtures`]: the captured webhook payloads of `tests/fixtures/messenger/`;
+//! - [`metrics`]: reading values out of a `/metrics` page.
+//!
+//! Every test isolates itself, so tests run in parallel against the one broker, PostgreSQL
+//! server and S3 server: it has its own queue prefix (its own exchanges and queues), its own
+//! bucket, its own database (an SQLite file in its own directory, or a fresh PostgreSQL
+//! database) and its own local store directory, and removes them when it cleans up. A process
+//! it starts inherits nothing from the environment that could configure it.
+
+pub mod broker;
+pub mod pipeline;
+pub mod process;
+pub mod spaces_limits;
+pub mod tally;
+pub mod webhook;
+
+// The reliability target runs no fake Graph API, no in-process ingest, posts no fixture and
+// reads no `/metrics`: these modules are used by the api target only.
+#[allow(dead_code)]
+pub mod fake_graph;
+#[allow(dead_code)]
+pub mod fixtures;
+#[allow(dead_code)]
+pub mod ingest;
+#[allow(dead_code)]
+pub mod metrics;

@@ -1,0 +1,186 @@
+//! The real `fbsync` binary as a child process: started with exactly the environment a test
+//! gives it, its stderr (JSON log lines) read line by line, stopped with SIGTERM (a clean exit
+//! asserted) or killed with SIGKILL.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+/// How long a process may take to exit cleanly after SIGTERM, unless a test says otherwise.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
+
+/// `fbsync ARGS` with the given environment and nothing inherited that could configure it
+/// (only PATH), in an empty working directory (no stray `.env` is read); stdout and stderr
+/// piped, killed if dropped.
+pub fn fbsync_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fbsync"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    // One empty directory per test process.
+    static EMPTY_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = EMPTY_DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fbsync-test-cwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    });
+    command.current_dir(dir);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// A running `fbsync` process and its stderr lines, in order.
+pub struct FbsyncProcess {
+    pub child: tokio::process::Child,
+    pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl FbsyncProcess {
+    /// Starts `fbsync ARGS` (see [`fbsync_command`]).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = fbsync_command(args, env).spawn().expect("run fbsync");
+        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = child.stderr.take().expect("stderr piped");
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Reads log lines until one is JSON and satisfies `wanted`; returns it. Panics after
+    /// `limit`, or when the process exits first, naming `what` it waited for.
+    pub async fn wait_for_line(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no log line {what} within {limit:?}"))
+                .unwrap_or_else(|| panic!("fbsync exited before logging {what}"));
+            if let Ok(value) = serde_json::from_str::<Value>(&line)
+                && wanted(&value)
+            {
+                return value;
+            }
+        }
+    }
+
+    /// Waits for a JSON log line whose message is `message`; returns the line.
+    #[allow(dead_code)] // Only the api target waits for a particular message.
+    pub async fn wait_for_log(&mut self, message: &str, limit: Duration) -> Value {
+        self.wait_for_line(&format!("{message:?}"), limit, |line| {
+            line["fields"]["message"] == message
+        })
+        .await
+    }
+
+    /// Every log line received so far and not yet read.
+    pub fn take_lines(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Sends SIGTERM; returns the exit status if the process exits within `limit`, None if it
+    /// is still running then.
+    pub async fn terminate_and_wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.terminate();
+        let exited = tokio::time::timeout(limit, self.child.wait()).await.ok()?;
+        Some(exited.expect("exit status"))
+    }
+
+    /// Sends SIGTERM and asserts a clean exit (status 0) within `limit`.
+    pub async fn stop_within(&mut self, limit: Duration) {
+        let status = self
+            .terminate_and_wait(limit)
+            .await
+            .unwrap_or_else(|| panic!("fbsync did not stop within {limit:?} of SIGTERM"));
+        assert!(
+            status.success(),
+            "fbsync exited with {status} after SIGTERM"
+        );
+    }
+
+    /// Sends SIGTERM and asserts a clean exit (status 0) within 20 s.
+    pub async fn stop(&mut self) {
+        self.stop_within(STOP_LIMIT).await;
+    }
+
+    /// Sends SIGKILL and waits for the process to die of it.
+    #[allow(dead_code)] // Only the reliability target kills processes.
+    pub async fn kill_hard(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let pid = self.child.id().expect("the process is running");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("a killed process exits")
+            .expect("status");
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+
+    /// True while the process has not exited.
+    #[allow(dead_code)] // Only the reliability target checks processes ride through faults.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Warning and error lines, counted by level and message, one `N × LEVEL message` a line: the
+/// part of a process's log worth printing when an assertion fails.
+pub fn log_summary(lines: &[String]) -> String {
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for line in lines {
+        let Ok(value) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let level = value["level"].as_str().unwrap_or_default().to_string();
+        if level == "WARN" || level == "ERROR" {
+            let message = value["fields"]["message"].as_str().unwrap_or_default();
+            let error = value["fields"]["error"].as_str().unwrap_or_default();
+            *counts
+                .entry((level, format!("{message} {error}")))
+                .or_default() += 1;
+        }
+    }
+    counts
+        .iter()
+        .map(|((level, message), count)| format!("{count} × {level} {message}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
