@@ -154,6 +154,27 @@ impl FbsyncProcess {
         assert_eq!(status.signal(), Some(9), "{status:?}");
     }
 
+    /// Freezes the process (SIGSTOP), as a stalled host or a long GC pause would.
+    #[allow(dead_code)] // Only the reliability target stalls processes.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    #[allow(dead_code)] // Only the reliability target stalls processes.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the process is running");
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
     /// True while the process has not exited.
     #[allow(dead_code)] // Only the reliability target checks processes ride through faults.
     pub fn is_running(&mut self) -> bool {

@@ -98,6 +98,9 @@ struct LayerState {
     client: reqwest::Client,
     /// When set, every request is answered 503 ServiceUnavailable and nothing is forwarded.
     down: AtomicBool,
+    /// How long the answer to each admitted request is held back: a store that answers slowly
+    /// (the request is counted in its windows and carried out when it arrives).
+    delay: Mutex<Duration>,
     /// Windows and counters, updated together.
     counters: Mutex<Counters>,
 }
@@ -112,6 +115,8 @@ struct Counters {
     bucket_operations: HashMap<String, VecDeque<Instant>>,
     /// PUT/COPY requests forwarded per `bucket/key`, ever.
     puts: HashMap<String, u64>,
+    /// GET requests of an object that arrived, per `bucket/key`, ever.
+    gets: HashMap<String, u64>,
     /// Requests forwarded to the real server.
     forwarded: u64,
     /// Requests answered 503 SlowDown.
@@ -223,6 +228,7 @@ impl SpacesLimitLayer {
                 .build()
                 .expect("a plain HTTP client always builds"),
             down: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
             counters: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -272,6 +278,23 @@ impl SpacesLimitLayer {
             .filter(|(object, _)| object.ends_with(key_suffix))
             .map(|(_, count)| count)
             .sum()
+    }
+
+    /// GET requests that arrived for objects whose `bucket/key` ends with `key_suffix`.
+    #[allow(dead_code)] // Used by the reliability target only.
+    pub fn gets_for(&self, key_suffix: &str) -> u64 {
+        self.counters()
+            .gets
+            .iter()
+            .filter(|(object, _)| object.ends_with(key_suffix))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
+    /// The answer to every request admitted from now on is held back `delay` (a slow store).
+    #[allow(dead_code)] // Not every target slows the store down.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().expect("delay lock") = delay;
     }
 
     /// While down, every request is answered 503 ServiceUnavailable and nothing is forwarded.
@@ -340,6 +363,11 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
     let refused = {
         let mut counters = state.counters.lock().expect("counters lock");
         let now = Instant::now();
+        if parts.method == Method::GET
+            && let Some(object) = object_of(parts.uri.path())
+        {
+            *counters.gets.entry(object).or_default() += 1;
+        }
         match counters.admit(&state.limits, &target, now) {
             Ok(()) => false,
             Err(limit) => {
@@ -380,6 +408,11 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
     };
     let status = answer.status();
     let headers = end_to_end(answer.headers());
+    // A slow store: the request was counted and carried out on arrival; its answer is late.
+    let delay = *state.delay.lock().expect("delay lock");
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     match answer.bytes().await {
         Ok(bytes) => {
             let mut response = Response::new(Body::from(bytes));
@@ -389,6 +422,13 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("upstream body: {e}")).into_response(),
     }
+}
+
+/// `bucket/key` of a request for one object; `None` for the service or a bucket.
+fn object_of(path: &str) -> Option<String> {
+    let path = percent_decode(path.trim_start_matches('/'));
+    let (bucket, key) = path.split_once('/')?;
+    (!bucket.is_empty() && !key.is_empty()).then(|| format!("{bucket}/{key}"))
 }
 
 /// Decodes `%XX` escapes (object keys arrive URL-encoded).

@@ -13,6 +13,7 @@ mod common;
 
 mod broker_restart;
 mod shared_services;
+mod stalled_worker;
 mod table;
 mod visibility;
 mod worker_crash;

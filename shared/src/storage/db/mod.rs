@@ -189,25 +189,33 @@ pub(crate) mod test_support {
     }
 
     /// A fresh database on the local PostgreSQL server (named `fbsync_unit_<time>_*` and
-    /// dropped by a run an hour later); `None` when no server answers.
+    /// dropped by a run an hour later); `None` when no server answers. Any other failure is a
+    /// failure of the test, with its reason.
     pub async fn postgres() -> Option<Database> {
         sqlx::any::install_default_drivers();
         let admin_url = std::env::var("FBSYNC_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let options = AnyConnectOptions::from_str(&admin_url).ok()?;
-        let admin = AnyPoolOptions::new()
+        let options = AnyConnectOptions::from_str(&admin_url).expect("a PostgreSQL URL");
+        let admin = match AnyPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
-            .ok()?;
+        {
+            Ok(admin) => admin,
+            Err(e) => {
+                eprintln!("PostgreSQL at {admin_url} is not reachable: {e}");
+                return None;
+            }
+        };
         // Databases of earlier runs (named by their creation time) older than an hour go.
         let now_secs = crate::now_ms() / 1000;
-        let old: Vec<(String,)> =
-            sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'fbsync_unit_%'")
-                .fetch_all(&admin)
-                .await
-                .ok()?;
+        let old: Vec<(String,)> = sqlx::query_as(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'fbsync_unit_%'",
+        )
+        .fetch_all(&admin)
+        .await
+        .expect("list databases");
         for (stale,) in old {
             let created: i64 = stale
                 .split('_')
@@ -224,12 +232,15 @@ pub(crate) mod test_support {
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&admin)
             .await
-            .ok()?;
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         admin.close().await;
-        let (base, _) = admin_url.rsplit_once('/')?;
-        Database::connect(&SecretString::from(format!("{base}/{name}")))
-            .await
-            .ok()
+        let (base, _) = admin_url.rsplit_once('/').expect("a URL with a database");
+        let url = SecretString::from(format!("{base}/{name}"));
+        Some(
+            Database::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {name}: {e}")),
+        )
     }
 
     /// Both backends (PostgreSQL only when reachable), each with its name for messages.
