@@ -1,8 +1,14 @@
-//! One combined scenario, and the table it prints: a burst on two workers (PostgreSQL, an S3
-//! bucket behind a layer that can play a storage outage) while one worker is killed with
-//! SIGKILL, the broker restarts, storage is down for a few seconds and Facebook re-sends some
-//! deliveries; events for a Page that is not registered yet are dead-lettered, then replayed
-//! once it is. Nothing is lost, nothing is duplicated, every dead letter is replayed.
+//! One combined scenario, and the table it prints: a burst on three workers (PostgreSQL behind
+//! a proxy that can drop every connection, an S3 bucket behind Spaces' limits layer that can
+//! play a storage outage) while one worker is killed with SIGKILL, another is frozen with
+//! SIGSTOP past its lease and then resumed, the broker restarts, the database connections drop,
+//! storage is down for a few seconds and Facebook re-sends some deliveries; events for a Page
+//! that is not registered yet are dead-lettered, then replayed once it is. Nothing is lost,
+//! nothing is duplicated, every dead letter is replayed, no request goes over a limit.
+//!
+//! It runs twice: with the bucket's rates only (a store without a per-object limit, such as
+//! MinIO or AWS S3), and with all of Spaces' limits (5 PUTs per object per window, the window
+//! shortened for the test).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::common::broker::queue_depth;
+use crate::common::broker::{TcpProxy, queue_depth};
 use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::log_summary;
 use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
@@ -27,21 +33,39 @@ const LATE_PAGE: &str = "778899001122334";
 #[derive(Debug, Default)]
 struct Faults {
     worker_kills: usize,
+    worker_stalls: usize,
+    worker_stalled: Duration,
     broker_restarts: usize,
     broker_down: Duration,
+    database_down: Duration,
     storage_down: Duration,
     storage_refused: u64,
 }
 
+/// A worker's claim lasts this long after it stops renewing it.
+const LEASE: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reliability_table() {
+    // Spaces' bucket rates, and no per-object limit.
+    fault_scenario(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reliability_table_within_spaces_limits() {
+    // Every one of Spaces' limits: 5 PUTs per object in a window shortened to 20 s.
+    fault_scenario(Some((5, Duration::from_secs(20)))).await;
+}
+
+/// The whole scenario; `object_limit` is the per-object budget (PUTs, window), if any.
+async fn fault_scenario(object_limit: Option<(usize, Duration)>) {
     let _serial = serial().await;
     let started = Instant::now();
-    // Spaces' bucket rates, and no per-object limit (the layer only plays the outage here).
     let layer = SpacesLimitLayer::start(
         &s3_endpoint(),
         SpacesLimits {
-            object_puts: usize::MAX,
+            object_puts: object_limit.map_or(usize::MAX, |(puts, _)| puts),
+            object_window: object_limit.map_or(Duration::from_secs(300), |(_, window)| window),
             ..SpacesLimits::default()
         },
     )
@@ -53,12 +77,29 @@ async fn reliability_table() {
         },
     )
     .await;
-    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
-    pipeline.set("WORKER_LEASE_MS", "3000");
+    match object_limit {
+        Some((puts, window)) => {
+            pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", &puts.to_string());
+            pipeline.set(
+                "SPACES_OBJECT_PUT_WINDOW_SECS",
+                &window.as_secs().to_string(),
+            );
+        }
+        None => pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0"),
+    }
+    pipeline.set("WORKER_LEASE_MS", &LEASE.as_millis().to_string());
+    // Every process reaches PostgreSQL through a proxy that can drop its connections.
+    let database_url = pipeline.database_url();
+    let database_path = TcpProxy::start("127.0.0.1:5432".parse().expect("address")).await;
+    pipeline.set(
+        "DATABASE_URL",
+        &database_url.replace("127.0.0.1:5432", &database_path.addr.to_string()),
+    );
     pipeline.register_page(PAGE_ID).await;
     let (mut ingest, urls) = pipeline.spawn_ingest().await;
     let url = urls.webhook;
     let mut victim = pipeline.spawn_worker().await;
+    let mut staller = pipeline.spawn_worker().await;
     let mut survivor = pipeline.spawn_worker().await;
 
     // 1,500 messages over 10 conversations of the registered Page, 40 over 2 of a Page that is
@@ -99,6 +140,16 @@ async fn reliability_table() {
         }
         victim.kill_hard().await;
         faults.worker_kills += 1;
+        while answered.load(Ordering::SeqCst) < at(30) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Frozen past its lease, then resumed: its claims are fenced, what it held is kept.
+        staller.pause();
+        let stalled = Instant::now();
+        tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+        staller.resume();
+        faults.worker_stalls += 1;
+        faults.worker_stalled = stalled.elapsed();
         while answered.load(Ordering::SeqCst) < at(45) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -108,6 +159,15 @@ async fn reliability_table() {
         outage.start().await;
         faults.broker_restarts += 1;
         faults.broker_down = down.elapsed();
+        while answered.load(Ordering::SeqCst) < at(52) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Every database connection dropped, and none possible for 2 s.
+        database_path.cut();
+        let down = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        database_path.restore();
+        faults.database_down = down.elapsed();
         while answered.load(Ordering::SeqCst) < at(60) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -128,7 +188,8 @@ async fn reliability_table() {
             &client,
             &url,
             &deliveries,
-            12,
+            // About 100 deliveries a second: the burst lasts the length of the faults.
+            4,
             Duration::from_millis(40),
             &answered
         ),
@@ -211,14 +272,31 @@ async fn reliability_table() {
     let show =
         |n: Option<usize>| n.map_or("— (`fbsync dlq` failed)".to_string(), |n| n.to_string());
     println!();
+    let limits = match object_limit {
+        Some((puts, window)) => format!(
+            "Spaces' limits: {puts} PUTs per object per {} s, 150 writes and 240 operations per second",
+            window.as_secs()
+        ),
+        None => "the bucket's rates only (150 writes, 240 operations per second)".to_string(),
+    };
     println!(
-        "| reliability: {} deliveries through real `fbsync` processes | count |",
+        "| reliability: {} deliveries through real `fbsync` processes, {limits} | count |",
         unique.len()
     );
     println!("|---|---:|");
     println!("| deliveries sent (distinct events) | {} |", unique.len());
     println!("| POSTs made (with duplicates and retries) | {posts} |");
     println!("| fault: worker SIGKILL | {} |", faults.worker_kills);
+    println!(
+        "| fault: worker SIGSTOP past its {} s lease ({:.1} s), then SIGCONT | {} |",
+        LEASE.as_secs(),
+        faults.worker_stalled.as_secs_f64(),
+        faults.worker_stalls
+    );
+    println!(
+        "| fault: database connections dropped, seconds | {:.1} |",
+        faults.database_down.as_secs_f64()
+    );
     println!(
         "| fault: broker restart (stop_app … start_app, {:.1} s) | {} |",
         faults.broker_down.as_secs_f64(),
@@ -234,6 +312,7 @@ async fn reliability_table() {
     println!("| stored | {stored} |");
     println!("| lost | {lost} |");
     println!("| duplicated | {duplicated} |");
+    println!("| requests over a limit | {} |", layer.throttled());
     println!(
         "| dead-lettered (unknown Page; {late_posts} deliveries of it were posted) | {} |",
         show(dead_lettered)
@@ -246,6 +325,7 @@ async fn reliability_table() {
     println!();
 
     let mut logs = survivor.take_lines();
+    logs.extend(staller.take_lines());
     logs.extend(ingest.take_lines());
     let notable = log_summary(&logs);
     println!(
@@ -277,8 +357,8 @@ async fn reliability_table() {
         "the workers met the storage outage"
     );
     assert!(
-        survivor.is_running(),
-        "the surviving worker rode through every fault"
+        survivor.is_running() && staller.is_running(),
+        "the surviving and the stalled workers rode through every fault"
     );
     assert!(ingest.is_running(), "ingest rode through every fault");
     let dead_lettered = dlq.unwrap_or_else(|e| panic!("dlq list: {e}")).len();
@@ -298,6 +378,7 @@ async fn reliability_table() {
     assert_eq!(lost, 0);
     assert_eq!(duplicated, 0);
     survivor.stop().await;
+    staller.stop().await;
     ingest.stop().await;
     pipeline.cleanup().await;
 }
