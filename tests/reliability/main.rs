@@ -12,6 +12,7 @@
 mod common;
 
 mod broker_restart;
+mod database_outage;
 mod shared_services;
 mod stalled_worker;
 mod table;
