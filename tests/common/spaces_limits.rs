@@ -100,7 +100,7 @@ struct LayerState {
     down: AtomicBool,
     /// How long the answer to each admitted request is held back: a store that answers slowly
     /// (the request is counted in its windows and carried out when it arrives).
-    delay: Mutex<Duration>,
+    delay: Mutex<std::ops::Range<Duration>>,
     /// Windows and counters, updated together.
     counters: Mutex<Counters>,
 }
@@ -228,7 +228,7 @@ impl SpacesLimitLayer {
                 .build()
                 .expect("a plain HTTP client always builds"),
             down: AtomicBool::new(false),
-            delay: Mutex::new(Duration::ZERO),
+            delay: Mutex::new(Duration::ZERO..Duration::ZERO),
             counters: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -264,7 +264,6 @@ impl SpacesLimitLayer {
     }
 
     /// Requests forwarded to the real server (whatever it answered).
-    #[allow(dead_code)] // Used by the api target only.
     pub fn forwarded(&self) -> u64 {
         self.counters().forwarded
     }
@@ -294,7 +293,14 @@ impl SpacesLimitLayer {
     /// The answer to every request admitted from now on is held back `delay` (a slow store).
     #[allow(dead_code)] // Not every target slows the store down.
     pub fn set_delay(&self, delay: Duration) {
-        *self.state.delay.lock().expect("delay lock") = delay;
+        self.set_delay_between(delay..delay);
+    }
+
+    /// The answer to every request admitted from now on is held back a random time in `delays`
+    /// (a store whose answers come back unevenly).
+    #[allow(dead_code)] // Not every target slows the store down.
+    pub fn set_delay_between(&self, delays: std::ops::Range<Duration>) {
+        *self.state.delay.lock().expect("delay lock") = delays;
     }
 
     /// While down, every request is answered 503 ServiceUnavailable and nothing is forwarded.
@@ -409,7 +415,12 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
     let status = answer.status();
     let headers = end_to_end(answer.headers());
     // A slow store: the request was counted and carried out on arrival; its answer is late.
-    let delay = *state.delay.lock().expect("delay lock");
+    let delays = state.delay.lock().expect("delay lock").clone();
+    let delay = if delays.is_empty() {
+        delays.start
+    } else {
+        rand::random_range(delays)
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

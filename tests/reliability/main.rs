@@ -14,6 +14,7 @@ mod common;
 mod broker_restart;
 mod database_outage;
 mod shared_services;
+mod slow_store;
 mod stalled_worker;
 mod table;
 mod visibility;
