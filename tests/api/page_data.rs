@@ -2,17 +2,18 @@
 //! that one Page's `page_data.json` (never a token), only when its content changed; rate limits
 //! and server errors are waited out; a rejected token stops at once, flags the Page and
 //! dead-letters the job; failures that outlast the retry policy are dead-lettered with their
-//! attempt count.
+//! attempt count; a slow fetch of older metadata never overwrites newer; a long wait parks the
+//! job in its delay queue, from which the broker brings it back.
 
 use std::time::Duration;
 
 use fbsync_shared::facebook::event::{EventKind, EventMessage, JobKind};
-use fbsync_shared::queue::{Topology, connect};
+use fbsync_shared::queue::{Outgoing, Topology, connect, publish_confirmed};
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 
-use crate::common::broker::{AMQP_URL, drain_queue};
+use crate::common::broker::{AMQP_URL, drain_queue, queue_depth};
 use crate::common::fake_graph::{CREATED_TIME, Failure, FakeGraph, page_token};
 use crate::common::fixtures::fixture;
 use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
@@ -582,5 +583,253 @@ async fn a_rate_limit_wait_does_not_hold_up_shutdown() {
     );
     let requeued = drain_queue(&Topology::new(&pipeline.prefix).queue(JobKind::PageChange)).await;
     assert_eq!(requeued.len(), 1, "the job is back on its queue");
+    pipeline.cleanup().await;
+}
+
+/// Page metadata never goes back in time: job 1's Graph call is slow and answers the Page as it
+/// was (old name); meanwhile the Page is renamed and job 2 fetches and stores the new name.
+/// When job 1's answer finally comes, it is dropped: `page_data.json` keeps the newer data.
+#[tokio::test]
+async fn a_slow_fetch_of_older_metadata_never_overwrites_newer_page_data() {
+    let fake = FakeGraph::start().await;
+    fake.set_page(PAGE_ID, "Old name");
+    let hold = fake.hold_next(PAGE_ID);
+    let pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
+    let key = page_data_key(PAGE_ID);
+    let (mut process, ingest) = pipeline.up().await;
+    let client = reqwest::Client::new();
+
+    // Job 1's call arrives and is held: its answer is the Page as it is now.
+    post_page_change(&client, &ingest.webhook).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while fake.calls_for(PAGE_ID).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no Graph call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The Page is renamed; job 2 fetches the new name and stores it while job 1 waits.
+    fake.set_page(PAGE_ID, "New name");
+    post_page_change(&client, &ingest.webhook).await;
+    assert_eq!(next_refresh(&mut process).await, "Written", "job 2");
+    let stored: Value =
+        serde_json::from_slice(&pipeline.object(&key).await.expect("stored")).expect("JSON");
+    assert_eq!(stored["name"], "New name");
+    assert_eq!(fake.calls_for(PAGE_ID).len(), 2);
+
+    // Job 1's old answer comes now; it must not be stored.
+    hold.release();
+    assert_eq!(
+        next_refresh(&mut process).await,
+        "Unchanged",
+        "job 1 stored its older metadata"
+    );
+    let raw = pipeline.object(&key).await.expect("stored");
+    assert_no_token(&raw, PAGE_ID);
+    let stored: Value = serde_json::from_slice(&raw).expect("JSON");
+    assert_eq!(
+        stored,
+        expected_page_data(&fake, PAGE_ID),
+        "page_data.json went back to metadata older than what it held"
+    );
+    assert_eq!(fake.calls_for(PAGE_ID).len(), 2, "no other fetch");
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// Reads (and takes) the one message waiting in `queue`: its body, headers and expiration.
+async fn take_one(queue: &str) -> Option<(Vec<u8>, FieldTable, Option<String>)> {
+    let connection = connect(&AMQP_URL.into(), "fbsync-test-take")
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let got = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get");
+    let _ = connection.close(200, "done".into()).await;
+    let delivery = got?.delivery;
+    let properties = &delivery.properties;
+    Some((
+        delivery.data.clone(),
+        properties.headers().clone().unwrap_or_default(),
+        properties.expiration().as_ref().map(|e| e.to_string()),
+    ))
+}
+
+/// Waits until `queue` has `depth` messages ready (panics after `limit`).
+async fn wait_for_depth(queue: &str, depth: u32, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let current = queue_depth(queue).await;
+        if current == depth {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} holds {current}, not {depth}, after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A rate limit that asks for a minute, with `WORKER_PARK_AFTER_MS=500`, parks the job: a copy
+/// waits in `<prefix>.delay.page_change` with the wait as its per-message expiration, the
+/// original is acked (nothing is held or returned to `<prefix>.page_change`), nothing is
+/// dead-lettered, and the worker goes on with other work. When the copy's expiration ends, the
+/// broker routes it back to `<prefix>.page_change` (proved with a copy re-parked for 300 ms),
+/// and a worker then refreshes the Page.
+#[tokio::test]
+async fn a_long_rate_limit_parks_the_job_in_its_delay_queue() {
+    let fake = FakeGraph::start().await;
+    fake.set_page(PAGE_ID, "Handmade Shop");
+    fake.push_failure(
+        PAGE_ID,
+        Failure::RateLimited {
+            code: 32,
+            regain_minutes: 1,
+        },
+    );
+    let mut pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
+    pipeline.set("WORKER_PARK_AFTER_MS", "500");
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    let topology = Topology::new(&pipeline.prefix);
+    let (jobs, delay) = (
+        topology.queue(JobKind::PageChange),
+        topology.delay_queue(JobKind::PageChange),
+    );
+    let (mut process, ingest) = pipeline.up().await;
+    let client = reqwest::Client::new();
+
+    post_page_change(&client, &ingest.webhook).await;
+    let parked = process
+        .wait_for_log("job parked until it may run again", STEP)
+        .await;
+    assert_eq!(parked["fields"]["queue"], delay.as_str(), "{parked}");
+    assert_eq!(parked["fields"]["wait_secs"], 60, "{parked}");
+    wait_for_depth(&delay, 1, STEP).await;
+    assert_eq!(fake.calls_for(PAGE_ID).len(), 1, "one Graph call, no retry");
+
+    // The worker goes on: a conversation event and another page change are done.
+    let body = crate::common::webhook::message_delivery(PAGE_ID, "u1", "m_after", 100, false);
+    assert_eq!(post_signed(&client, &ingest.webhook, &body).await, 200);
+    let events = pipeline.wait_for_conversation(PAGE_ID, "u1", 1, STEP).await;
+    assert_eq!(events.len(), 1);
+    post_page_change(&client, &ingest.webhook).await;
+    assert_eq!(next_refresh(&mut process).await, "Written");
+
+    // Stopping the worker returns whatever it still holds: nothing, the original was acked.
+    process.stop().await;
+    assert_eq!(queue_depth(&jobs).await, 0, "the parked job was not acked");
+    assert_eq!(queue_depth(&delay).await, 1);
+    assert_eq!(queue_depth(&topology.dead()).await, 0, "dead-lettered");
+
+    // The parked copy: the job's own message, with the wait as its expiration.
+    let (body, headers, expiration) = take_one(&delay).await.expect("the parked copy");
+    let expiration: u64 = expiration
+        .expect("a per-message expiration")
+        .parse()
+        .expect("milliseconds");
+    assert!(
+        (60_000..=70_000).contains(&expiration),
+        "expiration {expiration} ms for a one-minute rate limit"
+    );
+    let event: EventMessage = serde_json::from_slice(&body).expect("an event message");
+    assert_eq!(event.page_id, PAGE_ID);
+    assert_eq!(event.kind, EventKind::PageChange);
+    assert!(
+        !headers
+            .inner()
+            .keys()
+            .any(|k| k.as_str().starts_with("x-fbsync-")),
+        "a parked job is not a dead letter: {headers:?}"
+    );
+
+    // The same copy parked for 300 ms comes back to the job queue when it expires.
+    let connection = connect(&AMQP_URL.into(), "fbsync-test-park")
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let reparked = Outgoing {
+        exchange: String::new(),
+        routing_key: delay.clone(),
+        body: body.clone(),
+        message_id: event.event_id.clone(),
+        headers,
+        expiration: Some(Duration::from_millis(300)),
+    };
+    publish_confirmed(&channel, &[reparked])
+        .await
+        .expect("re-parked");
+    let _ = connection.close(200, "done".into()).await;
+    wait_for_depth(&jobs, 1, Duration::from_secs(10)).await;
+    assert_eq!(queue_depth(&delay).await, 0);
+
+    // A worker takes it from there: the Page's metadata is stored, nothing dead-lettered.
+    std::fs::remove_file(pipeline.data_dir.join(page_data_key(PAGE_ID))).expect("remove");
+    let mut worker = pipeline.spawn(&["worker"]);
+    let raw = wait_for_object(&pipeline, &page_data_key(PAGE_ID), STEP).await;
+    let stored: Value = serde_json::from_slice(&raw).expect("JSON");
+    assert_eq!(stored, expected_page_data(&fake, PAGE_ID));
+    assert_eq!(
+        fake.calls_for(PAGE_ID).len(),
+        3,
+        "the parked job ran once more"
+    );
+    worker.stop().await;
+    assert_eq!(queue_depth(&jobs).await, 0);
+    assert_eq!(queue_depth(&topology.dead()).await, 0);
+    pipeline.cleanup().await;
+}
+
+/// The whole round trip by the worker alone: with `WORKER_PARK_AFTER_MS` below the retry
+/// policy's delay, a Graph server error parks the job for that delay; the copy expires, the
+/// broker routes it back, and the worker's next attempt stores the Page. Nothing is lost or
+/// dead-lettered and the queues end empty.
+#[tokio::test]
+async fn a_parked_job_comes_back_when_its_wait_ends_and_completes() {
+    let fake = FakeGraph::start().await;
+    fake.set_page(PAGE_ID, "Handmade Shop");
+    fake.push_failure(PAGE_ID, Failure::ServerError);
+    let mut pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
+    pipeline.set("WORKER_PARK_AFTER_MS", "100");
+    pipeline.set("WORKER_RETRY_BASE_MS", "300");
+    let topology = Topology::new(&pipeline.prefix);
+    let (mut process, ingest) = pipeline.up().await;
+    let client = reqwest::Client::new();
+
+    post_page_change(&client, &ingest.webhook).await;
+    let parked = process
+        .wait_for_log("job parked until it may run again", STEP)
+        .await;
+    assert_eq!(
+        parked["fields"]["queue"],
+        topology.delay_queue(JobKind::PageChange).as_str()
+    );
+    assert_eq!(next_refresh(&mut process).await, "Written");
+    let raw = wait_for_object(&pipeline, &page_data_key(PAGE_ID), STEP).await;
+    let stored: Value = serde_json::from_slice(&raw).expect("JSON");
+    assert_eq!(stored, expected_page_data(&fake, PAGE_ID));
+    let calls = fake.calls_for(PAGE_ID);
+    assert_eq!(
+        calls.len(),
+        2,
+        "the failed attempt, then the one after the wait"
+    );
+    assert!(
+        calls[1] - calls[0] >= Duration::from_millis(300),
+        "came back after {:?}, sooner than its wait",
+        calls[1] - calls[0]
+    );
+    process.stop().await;
+    for queue in [
+        topology.queue(JobKind::PageChange),
+        topology.delay_queue(JobKind::PageChange),
+        topology.dead(),
+    ] {
+        assert_eq!(queue_depth(&queue).await, 0, "{queue}");
+    }
     pipeline.cleanup().await;
 }

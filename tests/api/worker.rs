@@ -1,6 +1,8 @@
 //! The worker, end to end through the real binary: deliveries end up in the store in the
 //! seed's layout, exactly once, sorted; on every store and database; with several workers;
-//! within Spaces' limits; through a storage outage.
+//! within Spaces' limits; through a storage outage. Every reaction event and every version of
+//! an edited message is kept; a conversation whose stored object is not a JSON array is set
+//! aside, never overwritten, until `fbsync pages requeue`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -404,6 +406,308 @@ async fn a_storage_outage_delays_but_loses_nothing() {
             .is_empty(),
         "nothing dead-lettered"
     );
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// The messaging event of a one-event webhook delivery, as the JSON text Facebook sent: what
+/// the conversation file must hold byte for byte.
+fn messaging_event_text(delivery: &[u8]) -> String {
+    use serde_json::value::RawValue;
+    type Object = std::collections::HashMap<String, Box<RawValue>>;
+    let delivery: Object = serde_json::from_slice(delivery).expect("a delivery");
+    let entries: Vec<Object> = serde_json::from_str(delivery["entry"].get()).expect("entries");
+    let messaging: Vec<Box<RawValue>> =
+        serde_json::from_str(entries[0]["messaging"].get()).expect("messaging events");
+    messaging[0].get().to_string()
+}
+
+/// A fixture with each `(from, to)` text replaced (all must occur): a new event in the same
+/// captured shape.
+fn fixture_with(name: &str, replacements: &[(&str, &str)]) -> Vec<u8> {
+    let mut text = String::from_utf8(fixture(name)).expect("fixtures are UTF-8");
+    for (from, to) in replacements {
+        assert!(text.contains(from), "{name} has no {from:?}");
+        text = text.replace(from, to);
+    }
+    text.into_bytes()
+}
+
+/// React, unreact and react again on one message are three events, and a retried delivery of
+/// one of them stays one; two edits of the message are two versions, kept beside the message.
+#[tokio::test]
+async fn every_reaction_and_every_edit_is_kept_once() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    pipeline.register_page(PAGE_ID).await;
+    let (mut process, ingest) = pipeline.up().await;
+    let client = reqwest::Client::new();
+
+    let message = fixture("message.json");
+    let react = fixture("reaction.json");
+    let unreact = fixture("unreact.json");
+    // The same reaction as `reaction.json`, ten seconds after the unreact.
+    let react_again = fixture_with(
+        "reaction.json",
+        &[
+            ("\"time\":1468152710000", "\"time\":1468152730000"),
+            ("\"timestamp\":1468152709991", "\"timestamp\":1468152729991"),
+        ],
+    );
+    let edit = fixture("message_edit.json");
+    let second_edit = fixture_with(
+        "message_edit.json",
+        &[
+            ("\"time\":1468152740000", "\"time\":1468152750000"),
+            ("\"timestamp\":1468152739912", "\"timestamp\":1468152749912"),
+            ("test, edited", "test, edited twice"),
+            ("\"num_edit\":1", "\"num_edit\":2"),
+        ],
+    );
+    // In file order; Facebook retries the first reaction and the first edit.
+    let distinct = [
+        &message,
+        &react,
+        &unreact,
+        &react_again,
+        &edit,
+        &second_edit,
+    ];
+    let posted = [
+        &react,
+        &message,
+        &unreact,
+        &react,
+        &second_edit,
+        &react_again,
+        &edit,
+        &edit,
+    ];
+    for body in posted {
+        assert_eq!(post_signed(&client, &ingest.webhook, body).await, 200);
+    }
+
+    let events = pipeline
+        .wait_for_conversation(
+            PAGE_ID,
+            FIXTURE_USER,
+            distinct.len(),
+            Duration::from_secs(30),
+        )
+        .await;
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|event| {
+            let object = event.as_object().expect("an event is an object");
+            ["message", "reaction", "message_edit"]
+                .into_iter()
+                .find(|kind| object.contains_key(*kind))
+                .unwrap_or("other")
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "message",
+            "reaction",
+            "reaction",
+            "reaction",
+            "message_edit",
+            "message_edit"
+        ],
+        "the message, three reaction events and two edits, in time order: {events:#?}"
+    );
+    let reactions: Vec<(&Value, &Value)> = events
+        .iter()
+        .filter(|e| e.get("reaction").is_some())
+        .map(|e| (&e["reaction"]["action"], &e["timestamp"]))
+        .collect();
+    assert_eq!(
+        reactions,
+        [
+            (&Value::from("react"), &Value::from(1_468_152_709_991_i64)),
+            (&Value::from("unreact"), &Value::from(1_468_152_719_987_i64)),
+            (&Value::from("react"), &Value::from(1_468_152_729_991_i64)),
+        ]
+    );
+    let edits: Vec<(&Value, &Value)> = events
+        .iter()
+        .filter(|e| e.get("message_edit").is_some())
+        .map(|e| (&e["message_edit"]["num_edit"], &e["message_edit"]["text"]))
+        .collect();
+    assert_eq!(
+        edits,
+        [
+            (&Value::from(1), &Value::from("test, edited")),
+            (&Value::from(2), &Value::from("test, edited twice")),
+        ]
+    );
+    assert_eq!(
+        events[0]["message"]["text"], "test",
+        "the original message stays"
+    );
+
+    // Each event as Facebook sent it, once.
+    let raw = pipeline
+        .object(&crate::common::pipeline::conversation_key(
+            PAGE_ID,
+            FIXTURE_USER,
+        ))
+        .await
+        .expect("stored");
+    let raw = String::from_utf8(raw).expect("UTF-8");
+    for body in distinct {
+        let event = messaging_event_text(body);
+        assert_eq!(raw.matches(&event).count(), 1, "{event} once in {raw}");
+    }
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// `fbsync pages list --json`'s line for `page_id`, if the Page is listed.
+async fn listed(pipeline: &Pipeline, page_id: &str) -> Option<Value> {
+    let (code, stdout, stderr) = pipeline.run(&["pages", "list", "--json"]).await;
+    assert_eq!(code, 0, "pages list: {stderr}");
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|page| page["page_id"] == page_id)
+}
+
+/// Polls `metrics_url` until `series` reads `value` (panics after `limit`); the worker
+/// refreshes its gauges every few seconds.
+async fn wait_for_sample(metrics_url: &str, series: &str, value: f64, limit: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let current = sample(&scrape(&client, metrics_url).await, series);
+        if current == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {current:?}, not {value}, after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A conversation whose stored object is not a JSON array is set aside: its staged events are
+/// kept (new ones too), the object is never overwritten, `pages list` and the
+/// `fbsync_conversations_set_aside` gauge show it, and the Page's other conversations flush as
+/// usual. Once the object is fixed, `fbsync pages requeue` makes it due again and every event
+/// is stored.
+#[tokio::test]
+async fn a_conversation_whose_object_is_not_an_array_is_set_aside_until_requeued() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    pipeline.register_page(PAGE_ID).await;
+    let (aside, healthy) = ("4100000000000001", "4100000000000002");
+    let key = crate::common::pipeline::conversation_key(PAGE_ID, aside);
+    let path = pipeline.data_dir.join(&key);
+    std::fs::create_dir_all(path.parent().expect("a folder")).expect("conversations folder");
+    let garbage = b"{\"not\": \"an array\"} and some garbage".to_vec();
+    std::fs::write(&path, &garbage).expect("write the broken object");
+
+    let (mut process, ingest) = pipeline.up().await;
+    let metrics_url = format!("{}/metrics", ingest.operator);
+    let set_aside_gauge = fbsync_shared::telemetry::CONVERSATIONS_SET_ASIDE;
+    let client = reqwest::Client::new();
+    for n in 0..5 {
+        for user in [aside, healthy] {
+            let body = message_delivery(PAGE_ID, user, &format!("m_{user}_{n}"), 100 + n, false);
+            assert_eq!(post_signed(&client, &ingest.webhook, &body).await, 200);
+        }
+    }
+    // The other conversation of the Page is stored as usual (the Page never settles: the
+    // set-aside conversation keeps its events staged).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = pipeline.conversation(PAGE_ID, healthy).await;
+        if stored.as_ref().is_some_and(|events| events.len() == 5) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{healthy}: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The broken one is set aside with its five events staged, and counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = listed(&pipeline, PAGE_ID)
+            .await
+            .expect("the Page is listed");
+        if page["set_aside"] == 1 && page["staged"] == 5 {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not set aside with its 5 events staged: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(page["status"], "active", "{page}");
+    wait_for_sample(&metrics_url, set_aside_gauge, 1.0, Duration::from_secs(20)).await;
+    let flushes = scrape(&client, &metrics_url).await;
+    assert!(
+        sample(&flushes, &format!("{FLUSHES}{{outcome=\"set_aside\"}}")) >= Some(1.0),
+        "{flushes}"
+    );
+
+    // A later event is staged beside the others; the object is still never touched.
+    let body = message_delivery(PAGE_ID, aside, &format!("m_{aside}_5"), 105, false);
+    assert_eq!(post_signed(&client, &ingest.webhook, &body).await, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while listed(&pipeline, PAGE_ID).await.expect("listed")["staged"] != 6 {
+        assert!(Instant::now() < deadline, "the sixth event was not staged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Many flush intervals (50 ms) later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        std::fs::read(&path).expect("the object is still there"),
+        garbage,
+        "a set-aside object was overwritten"
+    );
+    let page = listed(&pipeline, PAGE_ID).await.expect("listed");
+    assert_eq!(
+        (&page["set_aside"], &page["staged"]),
+        (&1.into(), &6.into())
+    );
+
+    // The operator fixes the object and requeues that one conversation.
+    std::fs::write(&path, b"[]").expect("fix the object");
+    let (code, stdout, stderr) = pipeline
+        .run(&[
+            "pages",
+            "requeue",
+            "--page-id",
+            PAGE_ID,
+            "--user-psid",
+            aside,
+        ])
+        .await;
+    assert_eq!(code, 0, "pages requeue: {stderr}");
+    assert!(
+        stdout.contains(&format!("requeued {PAGE_ID} / {aside}"))
+            && stdout.contains("1 conversation(s)"),
+        "{stdout}"
+    );
+    let events = pipeline
+        .wait_for_conversation(PAGE_ID, aside, 6, Duration::from_secs(30))
+        .await;
+    let mut stored = mids(&events);
+    assert_eq!(stored.len(), 6, "{events:#?}");
+    assert!(sorted_by_timestamp(&events));
+    stored.sort();
+    let expected: Vec<String> = (0..6).map(|n| format!("m_{aside}_{n}")).collect();
+    assert_eq!(stored, expected);
+    let page = listed(&pipeline, PAGE_ID).await.expect("listed");
+    assert_eq!(
+        (&page["set_aside"], &page["staged"]),
+        (&0.into(), &0.into())
+    );
+    wait_for_sample(&metrics_url, set_aside_gauge, 0.0, Duration::from_secs(20)).await;
     process.stop().await;
     pipeline.cleanup().await;
 }

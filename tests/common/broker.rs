@@ -92,15 +92,13 @@ pub async fn delete_topology(prefix: &str) {
 }
 
 /// A TCP proxy in front of one target that the test can cut and restore: the test's own path to
-/// the broker, so other tests keep theirs.
-#[allow(dead_code)] // The reliability target stops the broker itself.
+/// the broker or to PostgreSQL, so other tests keep theirs.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-#[allow(dead_code)] // The reliability target stops the broker itself.
 impl TcpProxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");

@@ -6,7 +6,8 @@
 //! A version prefix (`/v25.0/{page_id}`) is accepted too. The token is read from
 //! `Authorization: Bearer` (or `access_token=`); without one the answer is error 104, for a Page
 //! never set error 100. Tests script failures per Page, consumed in order before normal answers,
-//! and read back every call that was made.
+//! hold a Page's next answer back until they release it (a slow Graph call), and read back every
+//! call that was made.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// `created_time` of every fake Page, in Graph's format.
@@ -65,6 +67,8 @@ struct GraphState {
     pages: HashMap<String, Value>,
     /// Failures still to answer, per Page, in order.
     failures: HashMap<String, VecDeque<Failure>>,
+    /// Answers to hold back until released, per Page, in order.
+    holds: HashMap<String, VecDeque<Arc<Notify>>>,
     /// Every request, in arrival order.
     calls: Vec<GraphCall>,
 }
@@ -175,6 +179,20 @@ impl FakeGraph {
         self.state().failures.get(page_id).map_or(0, VecDeque::len)
     }
 
+    /// Holds the Page's next request (any endpoint): it is answered as the fake would answer it
+    /// on arrival (the Page as it is then, or the next scripted failure), but only once the
+    /// returned hold is released. Several holds apply to the next requests in order.
+    pub fn hold_next(&self, page_id: &str) -> GraphHold {
+        let release = Arc::new(Notify::new());
+        let mut state = self.state();
+        state
+            .holds
+            .entry(page_id.into())
+            .or_default()
+            .push_back(release.clone());
+        GraphHold(release)
+    }
+
     /// Every request so far, in arrival order.
     pub fn calls(&self) -> Vec<GraphCall> {
         self.state().calls.clone()
@@ -189,6 +207,16 @@ impl FakeGraph {
 
     fn state(&self) -> std::sync::MutexGuard<'_, GraphState> {
         self.state.lock().expect("fake graph lock")
+    }
+}
+
+/// A request held back by [`FakeGraph::hold_next`].
+pub struct GraphHold(Arc<Notify>);
+
+impl GraphHold {
+    /// Sends the held answer (at once if the request has not arrived yet).
+    pub fn release(&self) {
+        self.0.notify_one();
     }
 }
 
@@ -286,9 +314,8 @@ fn token_of(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     bearer.or_else(parameter).map(String::from)
 }
 
-async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -> Response {
-    let path = request.uri().path().to_string();
-    let token = token_of(request.headers(), request.uri().query());
+/// The path's segments without a version prefix: `[page_id, ...]`.
+fn segments_of(path: &str) -> Vec<&str> {
     let mut segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let versioned = segments.first().is_some_and(|first| {
         first.len() > 1
@@ -298,9 +325,34 @@ async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -
     if versioned {
         segments.remove(0);
     }
+    segments
+}
+
+/// Answers a request, after its hold (if any) is released.
+async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -> Response {
+    let (response, hold) = {
+        let mut state = state.lock().expect("fake graph lock");
+        let page_id = segments_of(request.uri().path())
+            .first()
+            .copied()
+            .unwrap_or_default()
+            .to_string();
+        let hold = state.holds.get_mut(&page_id).and_then(VecDeque::pop_front);
+        (answer_now(&mut state, request), hold)
+    };
+    if let Some(hold) = hold {
+        hold.notified().await;
+    }
+    response
+}
+
+/// The answer to a request as it arrives, recorded in `state.calls`.
+fn answer_now(state: &mut GraphState, request: Request) -> Response {
+    let path = request.uri().path().to_string();
+    let token = token_of(request.headers(), request.uri().query());
+    let segments = segments_of(&path);
     let page_id = segments.first().copied().unwrap_or_default().to_string();
 
-    let mut state = state.lock().expect("fake graph lock");
     state.calls.push(GraphCall {
         page_id: page_id.clone(),
         path: path.clone(),

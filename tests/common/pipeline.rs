@@ -12,7 +12,7 @@ use serde_json::Value;
 use sqlx::Connection;
 use tokio::time::Instant;
 
-use super::broker::{delete_topology, queue_depth, unique_prefix};
+use super::broker::{TcpProxy, delete_topology, queue_depth, unique_prefix};
 use super::process::{FbsyncProcess, fbsync_command};
 use super::spaces_limits::{create_bucket, read_object, s3_endpoint, unique_bucket};
 use super::webhook::{APP_SECRET, VERIFY_TOKEN};
@@ -21,6 +21,8 @@ use super::webhook::{APP_SECRET, VERIFY_TOKEN};
 pub const TEST_KEY: &str = "dGVzdC1rZXktdGVzdC1rZXktdGVzdC1rZXktMzJieXQ=";
 pub const PAGE_ID: &str = "510249619162304";
 pub const USER_UUID: &str = "6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11";
+/// The shared PostgreSQL server.
+const POSTGRES_ADDR: &str = "127.0.0.1:5432";
 pub const PAGE_TOKEN: &str = "EAAB-test-page-token-never-stored";
 
 /// How long a conversation must stay the same, with nothing staged or waiting on the queue,
@@ -93,7 +95,7 @@ impl Pipeline {
                     .await
                     .expect("create database");
                 (
-                    format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                    format!("postgres://postgres@{POSTGRES_ADDR}/{name}"),
                     Some(name),
                 )
             }
@@ -231,6 +233,18 @@ impl Pipeline {
                 line["fields"]["message"] == "consuming" && line["fields"]["queue"] == queue
             })
             .await;
+    }
+
+    /// Routes every process started from now on (and the test's own database reads) to
+    /// PostgreSQL through a proxy the test can cut: a database outage of this pipeline only.
+    #[allow(dead_code)] // Only the reliability target cuts the database.
+    pub async fn database_through_proxy(&mut self) -> TcpProxy {
+        let proxy = TcpProxy::start(POSTGRES_ADDR.parse().expect("address")).await;
+        let url = self
+            .database_url()
+            .replace(POSTGRES_ADDR, &proxy.addr.to_string());
+        self.set("DATABASE_URL", &url);
+        proxy
     }
 
     /// The pipeline's DATABASE_URL.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::common::broker::{TcpProxy, queue_depth};
+use crate::common::broker::queue_depth;
 use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::log_summary;
 use crate::common::tally::{expected_mids, settle_and_tally};
@@ -30,12 +30,7 @@ async fn a_long_database_outage_delays_but_never_dead_letters() {
     pipeline.set("WORKER_METRICS_ADDR", "127.0.0.1:0");
     pipeline.register_page(PAGE_ID).await;
     // The worker reaches PostgreSQL through a proxy that the test cuts.
-    let database_path = TcpProxy::start("127.0.0.1:5432".parse().expect("address")).await;
-    let direct_database = pipeline.database_url();
-    pipeline.set(
-        "DATABASE_URL",
-        &direct_database.replace("127.0.0.1:5432", &database_path.addr.to_string()),
-    );
+    let database_path = pipeline.database_through_proxy().await;
     let (mut ingest, urls) = pipeline.spawn_ingest().await;
     let mut worker = pipeline.spawn(&["worker"]);
     let listening = worker

@@ -12,6 +12,7 @@
 mod common;
 
 mod broker_restart;
+mod chaos;
 mod database_outage;
 mod shared_services;
 mod slow_store;

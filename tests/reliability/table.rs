@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::common::broker::{TcpProxy, queue_depth};
+use crate::common::broker::queue_depth;
 use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::log_summary;
 use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
@@ -89,12 +89,7 @@ async fn fault_scenario(object_limit: Option<(usize, Duration)>) {
     }
     pipeline.set("WORKER_LEASE_MS", &LEASE.as_millis().to_string());
     // Every process reaches PostgreSQL through a proxy that can drop its connections.
-    let database_url = pipeline.database_url();
-    let database_path = TcpProxy::start("127.0.0.1:5432".parse().expect("address")).await;
-    pipeline.set(
-        "DATABASE_URL",
-        &database_url.replace("127.0.0.1:5432", &database_path.addr.to_string()),
-    );
+    let database_path = pipeline.database_through_proxy().await;
     pipeline.register_page(PAGE_ID).await;
     let (mut ingest, urls) = pipeline.spawn_ingest().await;
     let url = urls.webhook;
