@@ -210,6 +210,12 @@ impl PageDataJob {
             return Ok(PageDataOutcome::Unchanged);
         }
         let condition = WriteCondition::after_read(current.as_ref());
+        // Metadata from an older fetch than one already written is stale: drop it before it
+        // takes any budget.
+        if !self.db.claim_metadata_write(page_id, fetch).await? {
+            tracing::debug!(%page_id, fetch, "a newer fetch wrote page_data.json already");
+            return Ok(PageDataOutcome::Unchanged);
+        }
         // The bucket's slot first: a reserved PUT of the object is never wasted on a full
         // window (a slot that goes unused only makes the bucket's rate more conservative).
         self.take_bucket_slot(1, 1).await?;
@@ -221,11 +227,6 @@ impl PageDataJob {
             return Err(AttemptError::Budget(Duration::from_millis(
                 (at - now_ms()).max(0) as u64,
             )));
-        }
-        // Metadata from an older fetch than the one already written is stale: drop it.
-        if !self.db.claim_metadata_write(page_id, fetch).await? {
-            tracing::debug!(%page_id, fetch, "a newer fetch wrote page_data.json already");
-            return Ok(PageDataOutcome::Unchanged);
         }
         self.store.put(&key, body, &condition).await?;
         Ok(PageDataOutcome::Written)
