@@ -103,7 +103,7 @@ pub fn metrics_router(state: Arc<IngestState>) -> Router {
 }
 
 /// Serves the public routes until `shutdown` fires, then finishes the requests in flight and
-/// returns. Each connection has `read_timeout` to send a request's headers.
+/// returns. Each connection has the read timeout to send a request's headers.
 pub async fn run(
     listener: TcpListener,
     state: Arc<IngestState>,
@@ -111,7 +111,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let header_timeout = state.read_timeout;
-    let app = router(state, body_limit_bytes);
+    serve(
+        listener,
+        router(state, body_limit_bytes),
+        header_timeout,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves [`metrics_router`] until `shutdown`, with the same read timeout.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let header_timeout = state.read_timeout;
+    serve(listener, metrics_router(state), header_timeout, shutdown).await
+}
+
+/// Serves `app` over HTTP/1.1 until `shutdown`: a connection that does not send a request's
+/// headers within `header_timeout` is closed; on shutdown no new connection is accepted and
+/// the requests in flight are finished.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let connections = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -142,17 +169,6 @@ pub async fn run(
     drop(listener);
     connections.shutdown().await;
     Ok(())
-}
-
-/// Serves [`metrics_router`] until `shutdown`.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    state: Arc<IngestState>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, metrics_router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 /// GET /facebook/webhook: the subscription handshake.

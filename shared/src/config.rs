@@ -225,6 +225,16 @@ impl Settings {
                 .problems
                 .push("WORKER_MAX_ATTEMPTS must be at least 1".into());
         }
+        if settings.ingest.max_in_flight == 0 {
+            reader
+                .problems
+                .push("INGEST_MAX_IN_FLIGHT must be at least 1".into());
+        }
+        if settings.ingest.read_timeout.is_zero() {
+            reader
+                .problems
+                .push("INGEST_READ_TIMEOUT_MS must be more than 0".into());
+        }
         let database_url = settings.database_url.expose_secret();
         if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
             reader
@@ -429,6 +439,16 @@ mod tests {
         .expect_err("bad values");
         assert_eq!(err.0.len(), 2, "{err}");
         assert!(err.0[0].contains("INGEST_ADDR"));
+    }
+
+    #[test]
+    fn limits_of_zero_are_refused() {
+        let err = Settings::from_map(&vars(&[
+            ("INGEST_MAX_IN_FLIGHT", "0"),
+            ("INGEST_READ_TIMEOUT_MS", "0"),
+        ]))
+        .expect_err("zero limits");
+        assert_eq!(err.0.len(), 2, "{err}");
     }
 
     #[test]

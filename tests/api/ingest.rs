@@ -9,7 +9,7 @@ use crate::common::broker::{AMQP_URL, TcpProxy, delete_topology, unique_prefix};
 use crate::common::fixtures::{fixture, fixture_names};
 use crate::common::ingest::spawn_ingest_in_process;
 use crate::common::metrics::{sample, scrape};
-use crate::common::pipeline::{DbKind, Pipeline, StoreKind};
+use crate::common::pipeline::{DbKind, IngestUrls, Pipeline, StoreKind};
 use crate::common::process::{FbsyncProcess, fbsync_command};
 use crate::common::webhook::{APP_SECRET, VERIFY_TOKEN, post_signed};
 
@@ -296,25 +296,20 @@ async fn a_thousand_concurrent_deliveries_give_a_thousand_messages() {
     ingest.cleanup().await;
 }
 
-/// The real `fbsync ingest` process, so `/metrics` shows what this test did and nothing else:
-/// the in-process tests share one process-wide recorder, a process has its own.
+/// `/metrics` is served on the operators' listener (`INGEST_METRICS_ADDR`) and not on the public
+/// webhook listener (`INGEST_ADDR`), where it is 404; `/healthz` and `/readyz` answer on both;
+/// the operators' listener does not serve the webhook. After one delivery of one message the
+/// operators' `/metrics` counts exactly it. The same holds for `fbsync up` (ingest and a worker
+/// in one process).
+///
+/// The real binary, so `/metrics` shows what this test did and nothing else: the in-process
+/// tests share one process-wide recorder, a process has its own.
 #[tokio::test]
-async fn health_readiness_and_metrics() {
+async fn metrics_are_served_apart_from_the_public_webhook_listener() {
     let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
-    let (mut ingest, urls) = pipeline.spawn_ingest().await;
     let client = reqwest::Client::new();
-    assert_eq!(
-        post_signed(&client, &urls.webhook, &fixture("message.json")).await,
-        200
-    );
-    let get = |url: String| client.get(url).send();
-    for base in [&urls.public, &urls.operator] {
-        let healthz = get(format!("{base}/healthz")).await.expect("healthz");
-        assert_eq!(healthz.status(), 200, "{base}/healthz");
-        let readyz = get(format!("{base}/readyz")).await.expect("readyz");
-        assert_eq!(readyz.status(), 200, "{base}/readyz");
-    }
-    let metrics = scrape(&client, &format!("{}/metrics", urls.operator)).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let metrics = listeners_apart(&client, &urls).await;
     assert!(
         metrics.contains("fbsync_webhook_deliveries_total{outcome=\"accepted\"}"),
         "{metrics}"
@@ -340,7 +335,64 @@ async fn health_readiness_and_metrics() {
         );
     }
     ingest.stop().await;
+
+    // `fbsync up` serves its metrics on the operators' listener too.
+    let (mut up, urls) = pipeline.up().await;
+    let metrics = listeners_apart(&client, &urls).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "fbsync_webhook_deliveries_total{outcome=\"accepted\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    up.stop().await;
     pipeline.cleanup().await;
+}
+
+/// Posts one signed delivery to a running ingest and checks its two listeners: `/healthz` and
+/// `/readyz` answer 200 on both, `/metrics` is 404 on the public one and the webhook 404 on the
+/// operators' one. Returns the operators' `/metrics` page.
+async fn listeners_apart(client: &reqwest::Client, urls: &IngestUrls) -> String {
+    assert_eq!(
+        post_signed(client, &urls.webhook, &fixture("message.json")).await,
+        200
+    );
+    let status = |request: reqwest::RequestBuilder| async move {
+        let url = request
+            .try_clone()
+            .and_then(|r| r.build().ok())
+            .map(|r| r.url().to_string())
+            .unwrap_or_default();
+        request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+            .status()
+            .as_u16()
+    };
+    for base in [&urls.public, &urls.operator] {
+        for path in ["/healthz", "/readyz"] {
+            assert_eq!(
+                status(client.get(format!("{base}{path}"))).await,
+                200,
+                "{base}{path}"
+            );
+        }
+    }
+    assert_eq!(
+        status(client.get(format!("{}/metrics", urls.public))).await,
+        404,
+        "/metrics on the public listener"
+    );
+    let operator_webhook = format!("{}/facebook/webhook", urls.operator);
+    assert_eq!(
+        post_signed(client, &operator_webhook, &fixture("message.json")).await,
+        404,
+        "the webhook on the operators' listener"
+    );
+    scrape(client, &format!("{}/metrics", urls.operator)).await
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ mod common;
 
 mod dlq;
 mod harness;
+mod hostile_clients;
 mod ingest;
 mod page_data;
 mod store;
