@@ -9,13 +9,12 @@
 //! schedules the conversation again with backoff: a storage outage delays, it never loses or
 //! dead-letters.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fbsync_shared::config::{RetrySettings, Settings};
 use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage, JobKind};
-use fbsync_shared::ids::{ConversationKey, PageId, UserUuid};
+use fbsync_shared::ids::ConversationKey;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Outgoing;
 use fbsync_shared::retry::{RetryClass, delay_after_failures};
@@ -92,8 +91,6 @@ pub struct Flusher {
     dead_letters: Arc<DeadLetterSender>,
     /// Told whether the store answers, so consumers pause while it does not.
     health: Arc<Health>,
-    /// Page owners recently read: Page id -> (user UUID, when read).
-    owners: Mutex<HashMap<PageId, (UserUuid, Instant)>>,
 }
 
 /// How long the events of a removed Page wait before dead-lettering them is tried again.
@@ -101,9 +98,6 @@ const REMOVED_PAGE_RETRY_MS: i64 = 10_000;
 
 /// Budget windows a reserved PUT waits for a slot of the bucket's rate before it is deferred.
 const BUCKET_SLOT_WINDOWS: usize = 20;
-
-/// How long a cached Page owner is trusted.
-const OWNER_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Flusher {
     pub fn new(
@@ -125,7 +119,6 @@ impl Flusher {
             put_margin: REQUEST_TIMEOUT.min(settings.worker.lease / 2),
             batch: settings.worker.flush_batch.max(1),
             retry: settings.retry.clone(),
-            owners: Mutex::new(HashMap::new()),
         }
     }
 
@@ -197,7 +190,7 @@ impl Flusher {
     ) -> Result<FlushOutcome, ClaimError> {
         let now = now_ms();
         let key = claim.key().clone();
-        let Some(user_uuid) = self.page_owner(&key.page_id).await? else {
+        let Some(user_uuid) = claim.owner().cloned() else {
             return self.dead_letter_removed_page(claim).await;
         };
         // Nothing is read or written before the object's budget allows a write.
@@ -338,28 +331,6 @@ impl Flusher {
             .increment(letters.len() as u64);
         tracing::warn!(page_id = %key.page_id, user_psid = %key.user_psid, events = letters.len(), "events of a removed Page moved to the dead-letter queue");
         Ok(FlushOutcome::PageRemoved)
-    }
-
-    /// The owner of a Page, from a cache that forgets after [`OWNER_CACHE_TTL`] (every flush
-    /// needs it, and it almost never changes).
-    async fn page_owner(&self, page_id: &PageId) -> Result<Option<UserUuid>, DbError> {
-        if let Some((owner, at)) = self
-            .owners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(page_id)
-            && at.elapsed() < OWNER_CACHE_TTL
-        {
-            return Ok(Some(owner.clone()));
-        }
-        let owner = self.db.page(page_id).await?.map(|page| page.user_uuid);
-        if let Some(owner) = &owner {
-            self.owners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(page_id.clone(), (owner.clone(), Instant::now()));
-        }
-        Ok(owner)
     }
 
     /// Keeps the staged rows and schedules the conversation again: after the retry policy's

@@ -16,7 +16,7 @@ use sqlx::query::Query;
 
 use super::put_budget::{PutReservation, RecentPuts};
 use super::{Database, DbError, placeholders};
-use crate::ids::{ConversationKey, PageId, Psid};
+use crate::ids::{ConversationKey, PageId, Psid, UserUuid};
 use crate::storage::budget::PutBudget;
 
 /// Why a step of a claim did not happen.
@@ -45,6 +45,9 @@ pub struct ConversationClaim {
     recent_puts: RecentPuts,
     /// Consecutive failed flushes before this one, for the backoff.
     failures: i64,
+    /// The Page's owner as the claim was taken (whose folder the object is in); `None` when
+    /// the Page is no longer registered.
+    owner: Option<UserUuid>,
     /// How long a claim lasts from its last renewal.
     lease: Duration,
     /// When this process must consider the lease gone, by its own clock (a monotonic clock
@@ -71,6 +74,7 @@ struct ClaimedRow {
     staged_gen: i64,
     recent_puts: String,
     failures: i64,
+    user_uuid: Option<String>,
 }
 
 impl Database {
@@ -113,7 +117,9 @@ impl Database {
             "UPDATE conversations SET lease_owner = $3, lease_until_ms = $4, lease_gen = lease_gen + 1
              WHERE page_id = $1 AND user_psid = $2 AND lease_until_ms < $5 AND due_at_ms <= $5
                AND staged_gen > flushed_gen AND set_aside_reason IS NULL
-             RETURNING lease_gen, staged_gen, recent_puts, failures",
+             RETURNING lease_gen, staged_gen, recent_puts, failures,
+                 (SELECT p.user_uuid FROM pages p WHERE p.page_id = conversations.page_id)
+                     AS user_uuid",
         )
         .bind(key.page_id.as_str())
         .bind(key.user_psid.as_str())
@@ -122,13 +128,22 @@ impl Database {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|row| ConversationClaim {
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let owner = match row.user_uuid.as_deref().map(UserUuid::parse) {
+            Some(Ok(owner)) => Some(owner),
+            Some(Err(e)) => return Err(DbError::Query(sqlx::Error::Decode(Box::new(e)))),
+            None => None,
+        };
+        Ok(Some(ConversationClaim {
             db: self.clone(),
             key: key.clone(),
             generation: row.lease_gen,
             staged_gen: row.staged_gen,
             recent_puts: RecentPuts::decode(&row.recent_puts),
             failures: row.failures,
+            owner,
             lease,
             local_deadline,
         }))
@@ -186,6 +201,11 @@ impl Database {
 impl ConversationClaim {
     pub fn key(&self) -> &ConversationKey {
         &self.key
+    }
+
+    /// The Page's owner when the claim was taken; `None` when the Page was removed.
+    pub fn owner(&self) -> Option<&UserUuid> {
+        self.owner.as_ref()
     }
 
     /// Consecutive failed flushes before this one.
@@ -398,6 +418,10 @@ mod tests {
                 .await
                 .expect("claim");
             assert!(first.is_some(), "{backend}: the first claim wins");
+            assert!(
+                first.as_ref().is_some_and(|claim| claim.owner().is_none()),
+                "{backend}: no owner for a Page that is not registered"
+            );
             let second = db
                 .claim_conversation(&key, "b", 1_001, LEASE)
                 .await
@@ -413,6 +437,36 @@ mod tests {
                     .is_empty(),
                 "{backend}: a leased conversation is not due"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_carries_the_pages_owner_as_it_is_now() {
+        for (backend, db) in backends().await {
+            let key = key("u5");
+            let owner = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
+            db.upsert_page(&key.page_id, &owner, vec![1], 1)
+                .await
+                .expect("page");
+            stage(&db, &key, "e1", 1_000).await;
+            let mut claim = db
+                .claim_conversation(&key, "a", 1_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert_eq!(claim.owner(), Some(&owner), "{backend}");
+            claim.defer(1_000).await.expect("defer");
+            // The Page moves to another owner: the next claim writes to the new folder.
+            let moved = UserUuid::parse("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d").expect("uuid");
+            db.upsert_page(&key.page_id, &moved, vec![1], 2)
+                .await
+                .expect("page");
+            let claim = db
+                .claim_conversation(&key, "b", 2_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert_eq!(claim.owner(), Some(&moved), "{backend}");
         }
     }
 
