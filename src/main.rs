@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 mod commands;
 
-use commands::{dlq, pages};
+use commands::{backup, check, dlq, pages};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,15 @@ enum Command {
     /// Inspect, replay and purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Check the configuration, the broker, the database, the object store and every Page's
+    /// token: one line per check (exit 0 all pass, 1 one failed, 2 bad configuration).
+    Check,
+    /// Write a consistent snapshot of the SQLite database while the pipeline runs.
+    Backup {
+        /// Where to write it (a new file).
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +109,8 @@ fn main() -> ExitCode {
             Command::Worker => run_worker(settings).await,
             Command::Pages(command) => pages::run(settings, command).await,
             Command::Dlq(command) => dlq::run(settings, command).await,
+            Command::Check => check::run(settings).await,
+            Command::Backup { to } => backup::run(settings, &to).await,
         }
     });
     match outcome {

@@ -9,6 +9,7 @@ mod dlq;
 mod harness;
 mod hostile_clients;
 mod ingest;
+mod operations;
 mod page_data;
 mod store;
 mod worker;

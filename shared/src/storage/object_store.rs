@@ -38,6 +38,9 @@ pub fn page_data_key(user_uuid: &UserUuid, page_id: &PageId) -> String {
     format!("users/{user_uuid}/facebook_messenger/{page_id}/page_data.json")
 }
 
+/// Where `fbsync check` writes, reads and deletes its probe object: never under `users/`.
+pub const PROBE_PREFIX: &str = "_fbsync/probe/";
+
 /// The longest one store request may take before it counts as failed. A flusher sends a PUT
 /// only while its claim has at least this long to run.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,6 +108,9 @@ pub trait ObjectStore: Send + Sync {
         body: Bytes,
         condition: &WriteCondition,
     ) -> Result<(), StoreError>;
+    /// Deletes the object (nothing happens when it does not exist). Only `fbsync check` deletes,
+    /// and only its own probe under [`PROBE_PREFIX`].
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Where objects go, for logs.
     fn describe(&self) -> String;
 }
@@ -256,6 +262,17 @@ impl ObjectStore for S3Store {
         outcome.map(|_| ()).map_err(|error| classify(&error))
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let outcome = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        outcome.map(|_| ()).map_err(|error| classify(&error))
+    }
+
     fn describe(&self) -> String {
         format!("S3 bucket {} at {}", self.bucket, self.endpoint)
     }
@@ -328,6 +345,14 @@ impl ObjectStore for LocalStore {
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
         written
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(key)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Transient(e.to_string())),
+        }
     }
 
     fn describe(&self) -> String {

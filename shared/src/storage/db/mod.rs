@@ -76,6 +76,13 @@ pub struct Database {
 impl Database {
     /// Connects (creating the SQLite file and its folder when missing) and runs migrations.
     pub async fn connect(url: &SecretString) -> Result<Self, DbError> {
+        let database = Self::open(url).await?;
+        database.migrate().await?;
+        Ok(database)
+    }
+
+    /// Connects without touching the schema (`fbsync check`, `fbsync backup`).
+    pub async fn open(url: &SecretString) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let url = url.expose_secret();
         let backend = if url.starts_with("sqlite:") {
@@ -133,9 +140,41 @@ impl Database {
             })
             .connect_with(options)
             .await?;
-        let database = Self { pool, backend };
-        database.migrate().await?;
-        Ok(database)
+        Ok(Self { pool, backend })
+    }
+
+    /// Migrations this build knows that the database has not applied (empty when current).
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, DbError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("migrations/postgres"),
+        };
+        // No table yet: nothing is applied.
+        let applied: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        Ok(migrator
+            .iter()
+            .filter(|m| !applied.iter().any(|(version,)| *version == m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect())
+    }
+
+    /// Writes a consistent snapshot of an SQLite database to `path` while others keep using
+    /// it (`VACUUM INTO`); tokens stay sealed in it. Refused for PostgreSQL (use `pg_dump`).
+    pub async fn backup_to(&self, path: &Path) -> Result<(), DbError> {
+        if self.backend != Backend::Sqlite {
+            return Err(DbError::BadUrl(
+                "backups of PostgreSQL are pg_dump's job (see the README)".into(),
+            ));
+        }
+        sqlx::query("VACUUM INTO $1")
+            .bind(path.display().to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<(), DbError> {

@@ -1,0 +1,196 @@
+//! `fbsync check`: the configuration and every dependency the roles need, one line per check
+//! with what to fix. Exit status 0 when every check passes, 1 when one fails, 2 for bad
+//! configuration. It writes nothing but a probe object under `_fbsync/probe/`, which it
+//! deletes again, and changes no schema.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fbsync_shared::config::{Settings, all_of};
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::queue::{Topology, connect};
+use fbsync_shared::storage::db::{Database, PageStatus};
+use fbsync_shared::storage::object_store::{
+    ObjectStore, PROBE_PREFIX, StoreError, WriteCondition, open_store,
+};
+
+use crate::refuse;
+
+/// Longest wait for one dependency.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The outcome of one check.
+struct Outcome {
+    passed: bool,
+    line: String,
+}
+
+fn pass(line: impl Into<String>) -> Outcome {
+    Outcome {
+        passed: true,
+        line: line.into(),
+    }
+}
+
+fn fail(line: impl Into<String>) -> Outcome {
+    Outcome {
+        passed: false,
+        line: line.into(),
+    }
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    let checked = all_of(
+        settings.webhook_secrets(),
+        all_of(settings.token_cipher(), settings.store_location()),
+    );
+    let (_, (cipher, store)) = match checked {
+        Ok(required) => required,
+        Err(problems) => return Ok(refuse(&problems)),
+    };
+    println!("ok   configuration: every required setting is present and valid");
+    let mut outcomes = vec![check_broker(&settings).await];
+    let database = match Database::open(&settings.database_url).await {
+        Ok(database) => Some(database),
+        Err(e) => {
+            outcomes.push(fail(format!(
+                "database: cannot connect ({e}); check DATABASE_URL and that the server runs"
+            )));
+            None
+        }
+    };
+    if let Some(database) = &database {
+        outcomes.push(check_migrations(database).await);
+    }
+    outcomes.push(check_store(open_store(&store).as_ref()).await);
+    if let Some(database) = &database {
+        outcomes.extend(check_tokens(database, &cipher, &settings).await);
+        database.close().await;
+    }
+    for outcome in &outcomes {
+        let mark = if outcome.passed { "ok  " } else { "FAIL" };
+        println!("{mark} {}", outcome.line);
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    if failed > 0 {
+        println!("{failed} check(s) failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check_broker(settings: &Settings) -> Outcome {
+    let topology = Topology::new(&settings.broker.queue_prefix);
+    let attempt = async {
+        let connection = connect(&settings.broker.amqp_url, "fbsync-check").await?;
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        let _ = connection.close(200, "checked".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
+        Ok(Ok(())) => pass(format!(
+            "broker: connected and declared the topology ({}.*)",
+            topology.prefix
+        )),
+        Ok(Err(e)) => fail(format!(
+            "broker: {e}; check AMQP_URL (host, port, user, password) and that RabbitMQ runs"
+        )),
+        Err(_) => fail(format!(
+            "broker: no answer within {CHECK_TIMEOUT:?}; check AMQP_URL and the network"
+        )),
+    }
+}
+
+async fn check_migrations(database: &Database) -> Outcome {
+    match database.pending_migrations().await {
+        Ok(pending) if pending.is_empty() => pass("database: connected, migrations current"),
+        Ok(pending) => fail(format!(
+            "database: migrations not applied: {}; start a worker (or `fbsync pages list`) once to apply them",
+            pending.join(", ")
+        )),
+        Err(e) => fail(format!("database: {e}")),
+    }
+}
+
+async fn check_store(store: &dyn ObjectStore) -> Outcome {
+    let key = format!("{PROBE_PREFIX}{}.json", uuid::Uuid::new_v4().simple());
+    let body = Bytes::from_static(b"{\"probe\":true}");
+    let describe = store.describe();
+    let attempt = async {
+        store
+            .put(&key, body.clone(), &WriteCondition::Absent)
+            .await?;
+        let read = store.get(&key).await?;
+        store.delete(&key).await?;
+        Ok::<_, StoreError>(read)
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
+        Ok(Ok(Some(read))) if read.body == body => pass(format!(
+            "object store: wrote, read and deleted a probe under {PROBE_PREFIX} ({describe})"
+        )),
+        Ok(Ok(_)) => fail(format!(
+            "object store: the probe read back differs ({describe}); check the bucket and the endpoint"
+        )),
+        Ok(Err(e)) => fail(format!(
+            "object store: {e} ({describe}); check SPACES_ENDPOINT, SPACES_BUCKET and the keys"
+        )),
+        Err(_) => fail(format!(
+            "object store: no answer within {CHECK_TIMEOUT:?} ({describe})"
+        )),
+    }
+}
+
+/// One line per registered Page: its token still works (a cheap Graph API call).
+async fn check_tokens(
+    database: &Database,
+    cipher: &TokenCipher,
+    settings: &Settings,
+) -> Vec<Outcome> {
+    let pages = match database.list_pages().await {
+        Ok(pages) => pages,
+        Err(e) => return vec![fail(format!("database: cannot list Pages ({e})"))],
+    };
+    if pages.is_empty() {
+        return vec![pass("graph: no Page registered yet (nothing to check)")];
+    }
+    let graph = GraphClient::new(&settings.facebook.graph_url);
+    let mut outcomes = Vec::with_capacity(pages.len());
+    for summary in pages {
+        let page_id = &summary.page_id;
+        if summary.status == PageStatus::NeedsReauth {
+            outcomes.push(fail(format!(
+                "graph: page {page_id} needs re-authorisation (its token was rejected); connect it again"
+            )));
+            continue;
+        }
+        let token = match database.page(page_id).await {
+            Ok(Some(record)) => cipher.open(page_id.as_str(), &record.token_sealed),
+            Ok(None) => continue,
+            Err(e) => {
+                outcomes.push(fail(format!("database: page {page_id}: {e}")));
+                continue;
+            }
+        };
+        let Ok(token) = token else {
+            outcomes.push(fail(format!(
+                "graph: page {page_id}: its stored token cannot be decrypted; is TOKEN_ENCRYPTION_KEY the one it was stored with?"
+            )));
+            continue;
+        };
+        let answer =
+            tokio::time::timeout(CHECK_TIMEOUT, graph.page_metadata(page_id.as_str(), &token))
+                .await;
+        outcomes.push(match answer {
+            Ok(Ok(_)) => pass(format!("graph: page {page_id}: token valid")),
+            Ok(Err(GraphError::TokenInvalid { .. })) => fail(format!(
+                "graph: page {page_id}: token rejected (code 190); connect the Page again or `fbsync pages add` a new token"
+            )),
+            Ok(Err(e)) => fail(format!("graph: page {page_id}: {e}; check FACEBOOK_GRAPH_URL and the network")),
+            Err(_) => fail(format!("graph: page {page_id}: no answer within {CHECK_TIMEOUT:?}")),
+        });
+    }
+    outcomes
+}

@@ -1,0 +1,150 @@
+//! The operator's commands beside the roles: `fbsync check` (every dependency, one line per
+//! check, exit 0 / 1 / 2, a probe that never touches `users/`) and `fbsync backup` (a consistent
+//! SQLite snapshot while the pipeline runs, tokens still sealed).
+
+use std::time::Duration;
+
+use crate::common::fake_graph::{Failure, FakeGraph};
+use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind};
+use crate::common::spaces_limits::{list_keys, s3_endpoint};
+use crate::common::webhook::{message_delivery, post_signed, webhook_client};
+
+/// A pipeline whose Graph API is `fake`, with the test Page registered.
+async fn pipeline_with_graph(db: DbKind, store: StoreKind, fake: &FakeGraph) -> Pipeline {
+    let mut pipeline = Pipeline::new(db, store).await;
+    pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
+    fake.set_page(PAGE_ID, "Shop");
+    pipeline.register_page(PAGE_ID).await;
+    pipeline
+}
+
+#[tokio::test]
+async fn check_passes_every_dependency_and_leaves_nothing_in_the_bucket() {
+    let fake = FakeGraph::start().await;
+    let pipeline =
+        pipeline_with_graph(DbKind::Postgres, StoreKind::S3 { endpoint: None }, &fake).await;
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for check in [
+        "ok   configuration",
+        "ok   broker",
+        "ok   database: connected, migrations current",
+        "ok   object store",
+        &format!("ok   graph: page {PAGE_ID}: token valid"),
+    ] {
+        assert!(stdout.contains(check), "{check:?} missing:\n{stdout}");
+    }
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    // The probe was deleted, and nothing was ever written under users/.
+    let bucket = pipeline
+        .bucket
+        .clone()
+        .expect("an S3 pipeline has a bucket");
+    assert!(
+        list_keys(&s3_endpoint(), &bucket, "").await.is_empty(),
+        "the bucket is left as it was"
+    );
+    assert!(
+        !stdout.contains(PAGE_TOKEN) && !stderr.contains(PAGE_TOKEN),
+        "no token in the output"
+    );
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn check_names_each_failing_dependency_and_exits_1() {
+    let fake = FakeGraph::start().await;
+    let mut pipeline = pipeline_with_graph(DbKind::Sqlite, StoreKind::Local, &fake).await;
+    fake.push_failure(PAGE_ID, Failure::TokenExpired);
+    // Nothing listens on port 1.
+    pipeline.set("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+    pipeline.set("SPACES_ENDPOINT", "http://127.0.0.1:1");
+    pipeline.set("SPACES_BUCKET", "nowhere");
+    pipeline.set("SPACES_API_KEY", "test");
+    pipeline.set("SPACES_API_SECRET", "test");
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("FAIL broker"), "{stdout}");
+    assert!(stdout.contains("check AMQP_URL"), "{stdout}");
+    assert!(stdout.contains("ok   database"), "{stdout}");
+    assert!(stdout.contains("FAIL object store"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("FAIL graph: page {PAGE_ID}: token rejected")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("3 check(s) failed"), "{stdout}");
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn check_refuses_bad_configuration_with_exit_2() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.set("TOKEN_ENCRYPTION_KEY", "c2hvcnQ=");
+    pipeline.set("FACEBOOK_APP_SECRET", "");
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("FACEBOOK_APP_SECRET is not set"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("TOKEN_ENCRYPTION_KEY is malformed"),
+        "{stderr}"
+    );
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_backup_taken_while_the_pipeline_runs_is_a_consistent_database_with_sealed_tokens() {
+    let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.register_page(PAGE_ID).await;
+    let (mut up, urls) = pipeline.up().await;
+    let client = webhook_client();
+    // Deliveries keep arriving while the backup is taken.
+    let sender = {
+        let (client, url) = (client.clone(), urls.webhook.clone());
+        tokio::spawn(async move {
+            for n in 0..200 {
+                let body = message_delivery(PAGE_ID, "backup", &format!("m_b_{n}"), n, false);
+                assert_eq!(post_signed(&client, &url, &body).await, 200);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let snapshot = pipeline.data_dir.join("snapshot.db");
+    let target = snapshot.display().to_string();
+    let (code, stdout, stderr) = pipeline.run(&["backup", "--to", &target]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    sender.await.expect("sender");
+    // A backup never overwrites.
+    let (again, _, refused) = pipeline.run(&["backup", "--to", &target]).await;
+    assert_eq!(again, 2, "{refused}");
+    assert!(refused.contains("exists"), "{refused}");
+
+    // The snapshot is a database fbsync opens as it is: the Page is in it, its token sealed.
+    let raw = std::fs::read(&snapshot).expect("snapshot");
+    assert!(
+        !raw.windows(PAGE_TOKEN.len())
+            .any(|w| w == PAGE_TOKEN.as_bytes()),
+        "the token is sealed in the backup"
+    );
+    let mut restored = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    restored.set("DATABASE_URL", &format!("sqlite://{}", snapshot.display()));
+    let (code, listing, stderr) = restored.run(&["pages", "list", "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(listing.contains(PAGE_ID), "{listing}");
+
+    up.stop().await;
+    restored.cleanup().await;
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn backup_of_postgresql_is_refused_with_pg_dump_named() {
+    let pipeline = Pipeline::new(DbKind::Postgres, StoreKind::Local).await;
+    let target = pipeline.data_dir.join("nope.db").display().to_string();
+    let (code, _, stderr) = pipeline.run(&["backup", "--to", &target]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("pg_dump"), "{stderr}");
+    pipeline.cleanup().await;
+}
