@@ -13,7 +13,7 @@ use sqlx::Connection;
 use tokio::time::Instant;
 
 use super::broker::{TcpProxy, delete_topology, queue_depth, unique_prefix};
-use super::process::{FbsyncProcess, fbsync_command};
+use super::process::{FbsyncProcess, fbsync_command, traced_fbsync_command};
 use super::spaces_limits::{create_bucket, read_object, s3_endpoint, unique_bucket};
 use super::webhook::{APP_SECRET, VERIFY_TOKEN};
 
@@ -200,6 +200,20 @@ impl Pipeline {
     /// Starts `fbsync ARGS` in the background.
     pub fn spawn(&self, args: &[&str]) -> FbsyncProcess {
         FbsyncProcess::spawn(args, &self.env())
+    }
+
+    /// Starts `fbsync up` under strace, recording `syscalls` to `trace` (see
+    /// [`traced_fbsync_command`]); returns it once ingest listens.
+    #[allow(dead_code)] // Only the reliability target traces the binary.
+    pub async fn up_traced(
+        &self,
+        trace: &std::path::Path,
+        syscalls: &str,
+    ) -> (FbsyncProcess, IngestUrls) {
+        let command = traced_fbsync_command(trace, syscalls, &["up"], &self.env());
+        let mut process = FbsyncProcess::start(command);
+        let urls = ingest_listening(&mut process).await;
+        (process, urls)
     }
 
     /// Starts `fbsync up` (ingest and a worker in one process); returns it once ingest listens.

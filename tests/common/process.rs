@@ -17,8 +17,33 @@ const STOP_LIMIT: Duration = Duration::from_secs(20);
 /// piped, killed if dropped.
 pub fn fbsync_command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fbsync"));
+    command.args(args);
+    isolate(command, env)
+}
+
+/// `fbsync ARGS` under `strace -f`, recording the system calls `syscalls` (with file paths) to
+/// `trace`; otherwise as [`fbsync_command`]. Stop it with [`FbsyncProcess::stop_traced`].
+#[allow(dead_code)] // Only the reliability target traces the binary.
+pub fn traced_fbsync_command(
+    trace: &std::path::Path,
+    syscalls: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("strace");
     command
-        .args(args)
+        .args(["-f", "-qq", "-y", "-e"])
+        .arg(format!("trace={syscalls}"))
+        .arg("-o")
+        .arg(trace)
+        .arg(env!("CARGO_BIN_EXE_fbsync"))
+        .args(args);
+    isolate(command, env)
+}
+
+/// Exactly `env` (and PATH), an empty working directory, pipes, killed if dropped.
+fn isolate(mut command: tokio::process::Command, env: &[(&str, &str)]) -> tokio::process::Command {
+    command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     // One empty directory per test process.
@@ -49,7 +74,12 @@ pub struct FbsyncProcess {
 impl FbsyncProcess {
     /// Starts `fbsync ARGS` (see [`fbsync_command`]).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = fbsync_command(args, env).spawn().expect("run fbsync");
+        Self::start(fbsync_command(args, env))
+    }
+
+    /// Starts a prepared command ([`fbsync_command`], [`traced_fbsync_command`]).
+    pub fn start(mut command: tokio::process::Command) -> Self {
+        let mut child = command.spawn().expect("run fbsync");
         let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
         let stderr = child.stderr.take().expect("stderr piped");
         tokio::spawn(async move {
@@ -152,6 +182,29 @@ impl FbsyncProcess {
             .expect("a killed process exits")
             .expect("status");
         assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+
+    /// Stops a process started with [`traced_fbsync_command`]: SIGTERM to the traced `fbsync`
+    /// (strace would only detach on its own SIGTERM), then waits for strace to finish writing.
+    #[allow(dead_code)] // Only the reliability target traces the binary.
+    pub async fn stop_traced(&mut self) {
+        let strace = self.child.id().expect("strace is running");
+        let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .expect("strace's children");
+        let traced = children
+            .split_whitespace()
+            .next()
+            .expect("the traced fbsync");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", traced])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let status = tokio::time::timeout(STOP_LIMIT, self.child.wait())
+            .await
+            .expect("fbsync stops on SIGTERM")
+            .expect("status");
+        assert!(status.success(), "fbsync under strace exited with {status}");
     }
 
     /// Freezes the process (SIGSTOP), as a stalled host or a long GC pause would.

@@ -14,6 +14,7 @@ mod common;
 mod broker_restart;
 mod chaos;
 mod database_outage;
+mod durability;
 mod shared_services;
 mod slow_store;
 mod stalled_worker;
