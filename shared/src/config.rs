@@ -17,6 +17,114 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::TokenCipher;
 
+/// One variable fbsync reads: its name, its default, and who reads it. The one list of them:
+/// parsing takes defaults from here, and tests check `.env.example` and the README's
+/// configuration table against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variable {
+    pub name: &'static str,
+    /// The value used when the variable is unset or empty; `None`: no value (or one derived
+    /// from another variable, as the text of `roles` says).
+    pub default: Option<&'static str>,
+    /// The roles and commands that read it, and whether they require it.
+    pub roles: &'static str,
+}
+
+const fn var(name: &'static str, default: Option<&'static str>, roles: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        roles,
+    }
+}
+
+/// Every variable fbsync reads (besides `RUST_LOG`, the log filter, and `FBSYNC_PAGE_TOKEN`,
+/// `pages add`'s token).
+pub const VARIABLES: &[Variable] = &[
+    var("FACEBOOK_APP_SECRET", None, "ingest, up, check (required)"),
+    var(
+        "FACEBOOK_VERIFY_TOKEN",
+        None,
+        "ingest, up, check (required)",
+    ),
+    var(
+        "FACEBOOK_GRAPH_URL",
+        Some("https://graph.facebook.com/v25.0"),
+        "worker, up, check",
+    ),
+    var(
+        "AMQP_URL",
+        Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        "every role, dlq, check",
+    ),
+    var("QUEUE_PREFIX", Some("fbsync"), "every role, dlq, check"),
+    var(
+        "DATA_DIR",
+        Some("./data"),
+        "worker, up, check (the local store and the default database)",
+    ),
+    var(
+        "DATABASE_URL",
+        None,
+        "worker, up, pages, check, backup (default sqlite://$DATA_DIR/fbsync.db)",
+    ),
+    var(
+        "TOKEN_ENCRYPTION_KEY",
+        None,
+        "worker, up, pages add, check (required)",
+    ),
+    var(
+        "SPACES_ENDPOINT",
+        None,
+        "worker, up, check (unset: the local directory store)",
+    ),
+    var(
+        "SPACES_BUCKET",
+        None,
+        "worker, up, check (required with SPACES_ENDPOINT)",
+    ),
+    var("SPACES_REGION", Some("nyc3"), "worker, up, check"),
+    var(
+        "SPACES_API_KEY",
+        None,
+        "worker, up, check (required with SPACES_ENDPOINT)",
+    ),
+    var(
+        "SPACES_API_SECRET",
+        None,
+        "worker, up, check (required with SPACES_ENDPOINT)",
+    ),
+    var("SPACES_OBJECT_PUTS_PER_5MIN", Some("5"), "worker, up"),
+    var("SPACES_OBJECT_PUT_WINDOW_SECS", Some("300"), "worker, up"),
+    var(
+        "SPACES_CONDITIONAL_WRITES",
+        Some("true"),
+        "worker, up, check",
+    ),
+    var("SPACES_WRITES_PER_SEC", Some("150"), "worker, up"),
+    var("SPACES_OPS_PER_SEC", Some("240"), "worker, up"),
+    var("INGEST_ADDR", Some("0.0.0.0:5000"), "ingest, up"),
+    var("INGEST_METRICS_ADDR", Some("127.0.0.1:5001"), "ingest, up"),
+    var("INGEST_BODY_LIMIT_BYTES", Some("1048576"), "ingest, up"),
+    var("INGEST_PUBLISH_TIMEOUT_MS", Some("3000"), "ingest, up"),
+    var("INGEST_MAX_IN_FLIGHT", Some("1024"), "ingest, up"),
+    var("INGEST_READ_TIMEOUT_MS", Some("10000"), "ingest, up"),
+    var("WORKER_PREFETCH", Some("256"), "worker, up"),
+    var("WORKER_MAX_ATTEMPTS", Some("8"), "worker, up"),
+    var("WORKER_RETRY_BASE_MS", Some("200"), "worker, up"),
+    var("WORKER_RETRY_MAX_MS", Some("30000"), "worker, up"),
+    var("WORKER_PARK_AFTER_MS", Some("60000"), "worker, up"),
+    var("WORKER_FLUSH_INTERVAL_MS", Some("200"), "worker, up"),
+    var("WORKER_FLUSH_BATCH", Some("64"), "worker, up"),
+    var("WORKER_LEASE_MS", Some("60000"), "worker, up"),
+    var("WORKER_METRICS_ADDR", None, "worker (unset: not served)"),
+    var(
+        "LOG_FORMAT",
+        Some("text"),
+        "every role (json for JSON lines)",
+    ),
+];
+
 /// Configuration problems, one human-readable line each.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.join("\n"))]
@@ -150,75 +258,70 @@ impl Settings {
 
     /// Parses settings from a map of variables (the environment, or a test's own).
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::parse(vars).0
+    }
+
+    /// The settings, and the names of every variable read for them.
+    fn parse(vars: &HashMap<String, String>) -> (Result<Self, ConfigError>, Vec<&'static str>) {
         let mut reader = VarReader {
             vars,
             problems: Vec::new(),
+            read: Vec::new(),
         };
-        let data_dir = PathBuf::from(reader.string_or("DATA_DIR", "./data"));
+        let data_dir = PathBuf::from(reader.text("DATA_DIR"));
         let default_db = format!("sqlite://{}/fbsync.db", data_dir.display());
         let settings = Settings {
             facebook: FacebookSettings {
                 app_secret: reader.secret("FACEBOOK_APP_SECRET"),
                 verify_token: reader.secret("FACEBOOK_VERIFY_TOKEN"),
                 graph_url: reader
-                    .string_or("FACEBOOK_GRAPH_URL", "https://graph.facebook.com/v25.0")
+                    .text("FACEBOOK_GRAPH_URL")
                     .trim_end_matches('/')
                     .to_string(),
             },
             broker: BrokerSettings {
-                amqp_url: reader
-                    .secret("AMQP_URL")
-                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-                queue_prefix: reader.string_or("QUEUE_PREFIX", "fbsync"),
+                amqp_url: reader.text("AMQP_URL").into(),
+                queue_prefix: reader.text("QUEUE_PREFIX"),
             },
             ingest: IngestSettings {
-                addr: reader.parsed_or("INGEST_ADDR", "0.0.0.0:5000".parse().expect("valid")),
-                body_limit_bytes: reader.parsed_or("INGEST_BODY_LIMIT_BYTES", 1024 * 1024),
-                publish_timeout: Duration::from_millis(
-                    reader.parsed_or("INGEST_PUBLISH_TIMEOUT_MS", 3_000),
-                ),
-                max_in_flight: reader.parsed_or("INGEST_MAX_IN_FLIGHT", 1024),
-                read_timeout: Duration::from_millis(
-                    reader.parsed_or("INGEST_READ_TIMEOUT_MS", 10_000),
-                ),
-                metrics_addr: reader.parsed_or(
-                    "INGEST_METRICS_ADDR",
-                    SocketAddr::from(([127, 0, 0, 1], 5001)),
-                ),
+                addr: reader.parsed("INGEST_ADDR"),
+                body_limit_bytes: reader.parsed("INGEST_BODY_LIMIT_BYTES"),
+                publish_timeout: Duration::from_millis(reader.parsed("INGEST_PUBLISH_TIMEOUT_MS")),
+                max_in_flight: reader.parsed("INGEST_MAX_IN_FLIGHT"),
+                read_timeout: Duration::from_millis(reader.parsed("INGEST_READ_TIMEOUT_MS")),
+                metrics_addr: reader.parsed("INGEST_METRICS_ADDR"),
             },
             storage: StorageSettings {
                 endpoint: reader.optional("SPACES_ENDPOINT"),
                 bucket: reader.optional("SPACES_BUCKET"),
-                region: reader.string_or("SPACES_REGION", "nyc3"),
+                region: reader.text("SPACES_REGION"),
                 access_key: reader.secret("SPACES_API_KEY"),
                 secret_key: reader.secret("SPACES_API_SECRET"),
                 data_dir,
-                object_puts_per_5min: reader.parsed_or("SPACES_OBJECT_PUTS_PER_5MIN", 5),
-                object_put_window_secs: reader.parsed_or("SPACES_OBJECT_PUT_WINDOW_SECS", 300),
-                conditional_writes: reader.parsed_or("SPACES_CONDITIONAL_WRITES", true),
-                writes_per_sec: reader.parsed_or("SPACES_WRITES_PER_SEC", 150),
-                ops_per_sec: reader.parsed_or("SPACES_OPS_PER_SEC", 240),
+                object_puts_per_5min: reader.parsed("SPACES_OBJECT_PUTS_PER_5MIN"),
+                object_put_window_secs: reader.parsed("SPACES_OBJECT_PUT_WINDOW_SECS"),
+                conditional_writes: reader.parsed("SPACES_CONDITIONAL_WRITES"),
+                writes_per_sec: reader.parsed("SPACES_WRITES_PER_SEC"),
+                ops_per_sec: reader.parsed("SPACES_OPS_PER_SEC"),
             },
             database_url: reader
                 .secret("DATABASE_URL")
                 .unwrap_or_else(|| default_db.into()),
             token_encryption_key: reader.secret("TOKEN_ENCRYPTION_KEY"),
             retry: RetrySettings {
-                max_attempts: reader.parsed_or("WORKER_MAX_ATTEMPTS", 8),
-                base_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_BASE_MS", 200)),
-                max_delay: Duration::from_millis(reader.parsed_or("WORKER_RETRY_MAX_MS", 30_000)),
-                park_after: Duration::from_millis(reader.parsed_or("WORKER_PARK_AFTER_MS", 60_000)),
+                max_attempts: reader.parsed("WORKER_MAX_ATTEMPTS"),
+                base_delay: Duration::from_millis(reader.parsed("WORKER_RETRY_BASE_MS")),
+                max_delay: Duration::from_millis(reader.parsed("WORKER_RETRY_MAX_MS")),
+                park_after: Duration::from_millis(reader.parsed("WORKER_PARK_AFTER_MS")),
             },
             worker: WorkerSettings {
-                prefetch: reader.parsed_or("WORKER_PREFETCH", 256),
-                flush_interval: Duration::from_millis(
-                    reader.parsed_or("WORKER_FLUSH_INTERVAL_MS", 200),
-                ),
-                flush_batch: reader.parsed_or("WORKER_FLUSH_BATCH", 64),
-                lease: Duration::from_millis(reader.parsed_or("WORKER_LEASE_MS", 60_000)),
+                prefetch: reader.parsed("WORKER_PREFETCH"),
+                flush_interval: Duration::from_millis(reader.parsed("WORKER_FLUSH_INTERVAL_MS")),
+                flush_batch: reader.parsed("WORKER_FLUSH_BATCH"),
+                lease: Duration::from_millis(reader.parsed("WORKER_LEASE_MS")),
                 metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
             },
-            json_logs: reader.optional("LOG_FORMAT").as_deref() == Some("json"),
+            json_logs: reader.text("LOG_FORMAT") == "json",
         };
         if settings.retry.max_attempts == 0 {
             reader
@@ -246,11 +349,12 @@ impl Settings {
                 .problems
                 .push("AMQP_URL must start with amqp:// or amqps://".into());
         }
-        if reader.problems.is_empty() {
+        let settings = if reader.problems.is_empty() {
             Ok(settings)
         } else {
             Err(ConfigError(reader.problems))
-        }
+        };
+        (settings, reader.read)
     }
 
     /// Ingest's secrets, or why they are missing.
@@ -363,30 +467,50 @@ pub fn all_of<A, B>(
     }
 }
 
-/// Reads variables and collects every parse problem instead of stopping at the first.
+/// Reads variables and collects every parse problem instead of stopping at the first; every
+/// name it reads is one of [`VARIABLES`], whose defaults it applies.
 struct VarReader<'a> {
     vars: &'a HashMap<String, String>,
     problems: Vec<String>,
+    /// Every name read, so a test can hold the code and [`VARIABLES`] to each other.
+    read: Vec<&'static str>,
 }
 
 impl VarReader<'_> {
-    /// A non-empty value, trimmed.
-    fn optional(&self, name: &str) -> Option<String> {
+    /// The variable's entry in [`VARIABLES`].
+    fn declared(&mut self, name: &'static str) -> Option<&'static Variable> {
+        self.read.push(name);
+        let declared = VARIABLES.iter().find(|v| v.name == name);
+        if declared.is_none() {
+            self.problems
+                .push(format!("{name} is read but not declared (a bug in fbsync)"));
+        }
+        declared
+    }
+
+    /// A non-empty value, trimmed; the default is not applied.
+    fn optional(&mut self, name: &'static str) -> Option<String> {
+        self.declared(name);
         self.vars
             .get(name)
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
     }
 
-    fn secret(&self, name: &str) -> Option<SecretString> {
+    fn secret(&mut self, name: &'static str) -> Option<SecretString> {
         self.optional(name).map(SecretString::from)
     }
 
-    fn string_or(&self, name: &str, default: &str) -> String {
+    /// The value, or the declared default (empty when there is none).
+    fn text(&mut self, name: &'static str) -> String {
+        let default = self
+            .declared(name)
+            .and_then(|v| v.default)
+            .unwrap_or_default();
         self.optional(name).unwrap_or_else(|| default.to_string())
     }
 
-    fn optional_parsed<T: FromStr>(&mut self, name: &str) -> Option<T> {
+    fn optional_parsed<T: FromStr>(&mut self, name: &'static str) -> Option<T> {
         let raw = self.optional(name)?;
         match raw.parse() {
             Ok(value) => Some(value),
@@ -398,8 +522,45 @@ impl VarReader<'_> {
         }
     }
 
-    fn parsed_or<T: FromStr>(&mut self, name: &str, default: T) -> T {
-        self.optional_parsed(name).unwrap_or(default)
+    /// The value parsed, or the declared default parsed.
+    fn parsed<T: FromStr + Placeholder>(&mut self, name: &'static str) -> T {
+        if let Some(value) = self.optional_parsed(name) {
+            return value;
+        }
+        let default = self
+            .declared(name)
+            .and_then(|v| v.default)
+            .unwrap_or_default();
+        default.parse().unwrap_or_else(|_| {
+            self.problems.push(format!(
+                "{name}: its default {default:?} does not parse (a bug in fbsync)"
+            ));
+            T::placeholder()
+        })
+    }
+}
+
+/// A value to carry on parsing with once a problem is reported: the settings are refused
+/// anyway, so it is never used.
+trait Placeholder {
+    fn placeholder() -> Self;
+}
+
+macro_rules! placeholder_default {
+    ($($t:ty),*) => {$(
+        impl Placeholder for $t {
+            fn placeholder() -> Self {
+                <$t>::default()
+            }
+        }
+    )*};
+}
+
+placeholder_default!(u16, u32, u64, usize, bool);
+
+impl Placeholder for SocketAddr {
+    fn placeholder() -> Self {
+        SocketAddr::from(([127, 0, 0, 1], 0))
     }
 }
 
@@ -439,6 +600,107 @@ mod tests {
         .expect_err("bad values");
         assert_eq!(err.0.len(), 2, "{err}");
         assert!(err.0[0].contains("INGEST_ADDR"));
+    }
+
+    #[test]
+    fn every_variable_read_is_declared_and_every_declared_one_is_read() {
+        let (settings, read) = Settings::parse(&vars(&[]));
+        assert!(
+            settings.is_ok(),
+            "every declared default parses: {settings:?}"
+        );
+        for name in &read {
+            assert!(
+                VARIABLES.iter().any(|v| v.name == *name),
+                "{name} is read but not in VARIABLES"
+            );
+        }
+        for variable in VARIABLES {
+            assert!(
+                read.contains(&variable.name),
+                "{} is declared but never read",
+                variable.name
+            );
+        }
+    }
+
+    /// `.env.example` and the README's configuration table, as they are in the repository.
+    fn repository_file(name: &str) -> String {
+        let path = format!("{}/../{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn env_example_documents_every_variable_with_its_default_and_nothing_else() {
+        let example = repository_file(".env.example");
+        let read_part = example
+            .split("# --- Not read yet")
+            .next()
+            .expect("the part fbsync reads");
+        let mut documented = Vec::new();
+        for line in read_part.lines() {
+            let active = !line.starts_with('#');
+            let assignment = line.trim_start_matches('#').trim();
+            let Some((name, value)) = assignment.split_once('=') else {
+                continue;
+            };
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                continue;
+            }
+            let variable = VARIABLES
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap_or_else(|| panic!(".env.example sets {name}, which fbsync does not read"));
+            if active && let Some(default) = variable.default {
+                assert_eq!(
+                    value.trim_matches('"'),
+                    default,
+                    ".env.example's {name} differs from its default"
+                );
+            }
+            documented.push(name.to_string());
+        }
+        for variable in VARIABLES {
+            assert!(
+                documented.iter().any(|name| name == variable.name),
+                "{} is missing from .env.example",
+                variable.name
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_matches_the_variables() {
+        let readme = repository_file("README.md");
+        for variable in VARIABLES {
+            let default = variable
+                .default
+                .map_or(String::new(), |default| format!("`{default}`"));
+            let row = format!("| `{}` | {default} | {} |", variable.name, variable.roles);
+            assert!(readme.contains(&row), "README lacks the row {row}");
+        }
+        let rows = readme
+            .lines()
+            .filter(|line| line.starts_with("| `") && line.matches(" | ").count() == 2)
+            .filter(|line| {
+                let name = line
+                    .trim_start_matches("| `")
+                    .split('`')
+                    .next()
+                    .unwrap_or_default();
+                name.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            })
+            .count();
+        assert_eq!(
+            rows,
+            VARIABLES.len(),
+            "one README row per variable, no more"
+        );
     }
 
     #[test]
