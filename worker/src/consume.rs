@@ -189,8 +189,15 @@ async fn handle_conversation_batch(
                 RetryError::Failed { error, attempts } => {
                     tracing::error!(%error, attempts, "staging failed; returning the batch to the queue");
                 }
-                RetryError::Cancelled | RetryError::Park { .. } => {
+                RetryError::Cancelled => {
                     tracing::info!("shutting down; returning the unstaged batch to the queue");
+                }
+                RetryError::Park { wait } => {
+                    // Only when WORKER_RETRY_MAX_MS exceeds WORKER_PARK_AFTER_MS.
+                    tracing::warn!(
+                        wait_ms = wait.as_millis() as u64,
+                        "staging must wait longer than WORKER_PARK_AFTER_MS; returning the batch to the queue"
+                    );
                 }
             }
             for delivery in &batch {
