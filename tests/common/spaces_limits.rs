@@ -123,6 +123,9 @@ struct Counters {
     violations: Vec<Violation>,
     /// Requests answered 503 ServiceUnavailable while down.
     refused_while_down: u64,
+    /// Every admitted request, in arrival order: its wall-clock arrival time in ms since the
+    /// epoch and whether it is a write (PUT, POST, DELETE, LIST).
+    arrivals: Vec<(i64, bool)>,
 }
 
 /// What a request does, as far as the budgets care.
@@ -290,6 +293,14 @@ impl SpacesLimitLayer {
             .sum()
     }
 
+    /// Every admitted request so far, in arrival order: when it arrived (wall clock, ms since
+    /// the epoch, comparable with the app's budget windows) and whether it is a write (PUT,
+    /// POST, DELETE, LIST). Refused requests are not included.
+    #[allow(dead_code)] // Used by the reliability target only.
+    pub fn arrivals(&self) -> Vec<(i64, bool)> {
+        self.counters().arrivals.clone()
+    }
+
     /// The answer to every request admitted from now on is held back `delay` (a slow store).
     #[allow(dead_code)] // Not every target slows the store down.
     pub fn set_delay(&self, delay: Duration) {
@@ -375,7 +386,12 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
             *counters.gets.entry(object).or_default() += 1;
         }
         match counters.admit(&state.limits, &target, now) {
-            Ok(()) => false,
+            Ok(()) => {
+                counters
+                    .arrivals
+                    .push((chrono::Utc::now().timestamp_millis(), target.write));
+                false
+            }
             Err(limit) => {
                 let path = parts.uri.path().to_string();
                 let method = parts.method.clone();

@@ -2,7 +2,11 @@
 //! counted in, because the window is charged right before each request is sent, not when the
 //! flush starts. Spaces' limits layer sees no request over the bucket's rates.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use sqlx::Connection;
 
 use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::log_summary;
@@ -85,6 +89,216 @@ async fn flushes_through_a_slow_store_stay_within_the_bucket_rates() {
     for worker in &mut workers {
         worker.stop().await;
     }
+    ingest.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// Length of the budget windows for Spaces' default rates (150 writes, 240 operations per
+/// second): `BucketBudget::for_rates` picks 100 ms, the shortest it tries, for them. The test
+/// also checks that every window it reads from `bucket_budget` starts on a multiple of it.
+const WINDOW_MS: i64 = 100;
+/// How long the store takes to answer every request.
+const SLOW_ANSWER: Duration = Duration::from_secs(1);
+/// Conversations of the one wave, a message each.
+const CONVERSATIONS: usize = 40;
+
+/// Writes and operations of one budget window.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    writes: i64,
+    ops: i64,
+}
+
+/// Reads `bucket_budget` and keeps, per window, the most seen so far (rows older than 10 s are
+/// trimmed now and then, and a window only grows while it is charged).
+async fn snapshot_budget(
+    db: &mut sqlx::PgConnection,
+    charges: &Mutex<BTreeMap<i64, Counts>>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT window_ms, writes, ops FROM bucket_budget")
+            .fetch_all(db)
+            .await?;
+    let mut charges = charges.lock().expect("charges lock");
+    for (window, writes, ops) in rows {
+        let seen = charges.entry(window).or_default();
+        seen.writes = seen.writes.max(writes);
+        seen.ops = seen.ops.max(ops);
+    }
+    Ok(())
+}
+
+/// One window whose arrivals its budget did not cover.
+#[derive(Debug)]
+#[allow(dead_code)] // Fields only the failure message shows (through Debug) are not "read".
+struct Uncovered {
+    window_ms: i64,
+    arrived: (i64, i64),
+    charged: (i64, i64),
+    left_over_from_previous: (i64, i64),
+    uncovered: (i64, i64),
+}
+
+/// Walks the windows in time order: the requests that arrived in a window must be covered by
+/// its charges plus what the window just before charged and did not use itself (a request
+/// charged at the very end of a window may arrive a few ms into the next). Writes and
+/// operations separately; a write is also an operation.
+fn uncovered_windows(arrivals: &[(i64, bool)], charges: &BTreeMap<i64, Counts>) -> Vec<Uncovered> {
+    let mut arrived: BTreeMap<i64, Counts> = BTreeMap::new();
+    for &(at, write) in arrivals {
+        let window = arrived.entry(at - at.rem_euclid(WINDOW_MS)).or_default();
+        window.ops += 1;
+        window.writes += i64::from(write);
+    }
+    let windows: std::collections::BTreeSet<i64> =
+        arrived.keys().chain(charges.keys()).copied().collect();
+    // (previous window, its charges its own arrivals left unused)
+    let mut previous: Option<(i64, Counts)> = None;
+    let mut uncovered = Vec::new();
+    for window in windows {
+        let came = arrived.get(&window).copied().unwrap_or_default();
+        let charged = charges.get(&window).copied().unwrap_or_default();
+        let carried = match previous {
+            Some((start, left)) if start + WINDOW_MS == window => left,
+            _ => Counts::default(),
+        };
+        // What arrives uses the older, expiring leftover first, then the window's own charges.
+        let cover = |came: i64, carried: i64, charged: i64| {
+            let from_carried = came.min(carried);
+            let from_own = (came - from_carried).min(charged);
+            (came - from_carried - from_own, charged - from_own)
+        };
+        let (writes_short, writes_left) = cover(came.writes, carried.writes, charged.writes);
+        let (ops_short, ops_left) = cover(came.ops, carried.ops, charged.ops);
+        if writes_short > 0 || ops_short > 0 {
+            uncovered.push(Uncovered {
+                window_ms: window,
+                arrived: (came.writes, came.ops),
+                charged: (charged.writes, charged.ops),
+                left_over_from_previous: (carried.writes, carried.ops),
+                uncovered: (writes_short, ops_short),
+            });
+        }
+        previous = Some((
+            window,
+            Counts {
+                writes: writes_left,
+                ops: ops_left,
+            },
+        ));
+    }
+    uncovered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_store_in_the_budget_window_they_were_counted_in() {
+    let _serial = serial().await;
+    let layer = SpacesLimitLayer::start(
+        &s3_endpoint(),
+        SpacesLimits {
+            object_puts: usize::MAX,
+            ..SpacesLimits::default()
+        },
+    )
+    .await;
+    layer.set_delay(SLOW_ANSWER);
+    let mut pipeline = Pipeline::new(
+        DbKind::Postgres,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    pipeline.register_page(PAGE_ID).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let mut worker = pipeline.spawn_worker().await;
+    let client = webhook_client();
+
+    // Snapshots of the charged windows every 500 ms while the flushes run.
+    let charges = Arc::new(Mutex::new(BTreeMap::<i64, Counts>::new()));
+    let mut db = sqlx::PgConnection::connect(&pipeline.database_url())
+        .await
+        .expect("connect to the pipeline's database");
+    let snapshots = {
+        let charges = charges.clone();
+        let url = pipeline.database_url();
+        tokio::spawn(async move {
+            let mut db = sqlx::PgConnection::connect(&url)
+                .await
+                .expect("connect to the pipeline's database");
+            loop {
+                // The table appears with the worker's migrations; until then there is nothing.
+                let _ = snapshot_budget(&mut db, &charges).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    // One wave: a message to each conversation at once, then nothing more.
+    let deliveries = conversation_burst(PAGE_ID, "counted", CONVERSATIONS, 1);
+    for delivery in &deliveries {
+        assert_eq!(
+            post_signed(&client, &urls.webhook, &delivery.body).await,
+            200
+        );
+    }
+    let tally = settle_and_tally(
+        &pipeline,
+        &expected_mids(deliveries.iter()),
+        Duration::from_secs(25),
+    )
+    .await;
+    snapshots.abort();
+    snapshot_budget(&mut db, &charges)
+        .await
+        .expect("read bucket_budget");
+    let charges = charges.lock().expect("charges lock").clone();
+    let arrivals = layer.arrivals();
+    let lines = worker.take_lines();
+
+    assert!(
+        tally.is_exact() && tally.stored == deliveries.len(),
+        "{tally:?}\n{}",
+        log_summary(&lines)
+    );
+    assert!(
+        charges.keys().all(|window| window % WINDOW_MS == 0),
+        "budget windows are {WINDOW_MS} ms long: {charges:?}"
+    );
+    let uncovered = uncovered_windows(&arrivals, &charges);
+    println!(
+        "{} requests ({} writes) reached the store, {} windows charged, {} windows not covered",
+        arrivals.len(),
+        arrivals.iter().filter(|(_, write)| *write).count(),
+        charges.len(),
+        uncovered.len()
+    );
+    let report: Vec<String> = uncovered
+        .iter()
+        .map(|window| format!("{window:?}"))
+        .collect();
+    for line in &report {
+        println!("{line}");
+    }
+    assert!(
+        !arrivals.is_empty(),
+        "the flushes sent requests through the layer"
+    );
+    assert!(
+        uncovered.is_empty(),
+        "{} windows got requests their budget did not count (writes, ops):\n{}",
+        uncovered.len(),
+        report.join("\n")
+    );
+    assert_eq!(
+        layer.throttled(),
+        0,
+        "no request over the bucket's rates: {:?}",
+        layer.violations()
+    );
+
+    worker.stop().await;
     ingest.stop().await;
     pipeline.cleanup().await;
 }
