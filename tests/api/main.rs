@@ -5,6 +5,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod compose;
+mod deploy;
 mod dlq;
 mod harness;
 mod hostile_clients;
