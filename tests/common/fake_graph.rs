@@ -114,16 +114,10 @@ impl FakeGraph {
     /// Starts the fake on 127.0.0.1:0 with no Pages.
     pub async fn start() -> Self {
         let state: Arc<Mutex<GraphState>> = Arc::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
-        let addr = listener.local_addr().expect("local addr");
         let app = axum::Router::new()
             .fallback(answer)
             .with_state(state.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, server) = super::serve_on_loopback(app).await;
         Self {
             addr,
             state,

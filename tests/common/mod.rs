@@ -26,6 +26,21 @@
 //! it starts inherits nothing from the environment that could configure it.
 
 pub mod broker;
+
+/// Serves `app` on 127.0.0.1:0 in the background: the address and the server's task (abort it
+/// to stop serving). The local fakes of what tests cannot reach start this way.
+pub async fn serve_on_loopback(
+    app: axum::Router,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("local addr");
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, server)
+}
 pub mod pipeline;
 pub mod process;
 pub mod spaces_limits;

@@ -234,16 +234,10 @@ impl SpacesLimitLayer {
             delay: Mutex::new(Duration::ZERO..Duration::ZERO),
             counters: Mutex::default(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
-        let addr = listener.local_addr().expect("local addr");
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, server) = super::serve_on_loopback(app).await;
         Self {
             addr,
             state,
