@@ -17,7 +17,7 @@ use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage, JobKin
 use fbsync_shared::ids::ConversationKey;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Outgoing;
-use fbsync_shared::retry::{RetryClass, delay_after_failures};
+use fbsync_shared::retry::{RetryClass, delay_after_failures, retry};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::{
     ClaimError, ConversationClaim, Database, DbError, PutReservation, StagedEvent,
@@ -28,6 +28,7 @@ use fbsync_shared::storage::object_store::{
 use fbsync_shared::telemetry::{DEAD_LETTERED, FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
@@ -128,13 +129,21 @@ impl Flusher {
         let now = now_ms();
         let due = self.db.due_conversations(now, self.batch).await?;
         let mut claims = Vec::with_capacity(due.len());
+        // A database error while claiming stops the claiming, not the round: the claims
+        // already won are flushed (or given back) below, never left to expire with their lease.
+        let mut claim_error = None;
         for key in due {
-            if let Some(claim) = self
+            match self
                 .db
                 .claim_conversation(&key, &self.owner, now, self.lease)
-                .await?
+                .await
             {
-                claims.push(claim);
+                Ok(Some(claim)) => claims.push(claim),
+                Ok(None) => {}
+                Err(e) => {
+                    claim_error = Some(e);
+                    break;
+                }
             }
         }
         let mut report = FlushReport {
@@ -146,6 +155,9 @@ impl Flusher {
             .buffer_unordered(self.batch as usize)
             .collect()
             .await;
+        if let Some(e) = claim_error {
+            return Err(e);
+        }
         for outcome in outcomes {
             match outcome? {
                 FlushOutcome::Written => report.written += 1,
@@ -173,10 +185,18 @@ impl Flusher {
                 Ok(FlushOutcome::Lost)
             }
             Err(ClaimError::Db(error)) => {
+                // Dropped connections come in waves (a failover, a proxy restart): giving the
+                // claim back is retried under the policy, so one more dead connection does not
+                // hold the conversation for a whole lease.
                 let retry_at =
                     now_ms() + i64::try_from(self.retry.base_delay.as_millis()).unwrap_or(1_000);
-                if let Err(release) = claim.fail(&error.to_string(), retry_at).await {
-                    tracing::debug!(error = %release, "could not give the claim back; it expires with its lease");
+                let message = error.to_string();
+                let given_back = retry(&self.retry, "give_back", &CancellationToken::new(), || {
+                    claim.fail(&message, retry_at)
+                })
+                .await;
+                if let Err(release) = given_back {
+                    tracing::debug!(error = ?release, "could not give the claim back; it expires with its lease");
                 }
                 Err(error)
             }

@@ -30,6 +30,16 @@ pub enum ClaimError {
     Db(#[from] DbError),
 }
 
+impl crate::retry::RetryClass for ClaimError {
+    /// A lost claim is final; a database error is as transient as the database says.
+    fn is_transient(&self) -> bool {
+        match self {
+            ClaimError::Lost => false,
+            ClaimError::Db(e) => e.is_transient(),
+        }
+    }
+}
+
 /// A won claim on one conversation, valid while its generation is the row's.
 #[derive(Debug)]
 pub struct ConversationClaim {
@@ -314,7 +324,7 @@ impl ConversationClaim {
 
     /// Gives the claim back without counting a failure: the conversation waits until `due_at`
     /// (its budget's next slot).
-    pub async fn defer(&mut self, due_at: i64) -> Result<(), ClaimError> {
+    pub async fn defer(&self, due_at: i64) -> Result<(), ClaimError> {
         self.give_back(
             "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0
              WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
@@ -326,7 +336,7 @@ impl ConversationClaim {
 
     /// Ends a failed flush: staged rows stay, the failure is counted and the conversation is
     /// retried at `retry_at`.
-    pub async fn fail(&mut self, error: &str, retry_at: i64) -> Result<(), ClaimError> {
+    pub async fn fail(&self, error: &str, retry_at: i64) -> Result<(), ClaimError> {
         self.give_back(
             "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0,
                  failures = failures + 1, last_error = $5
@@ -340,7 +350,7 @@ impl ConversationClaim {
     /// Sets the conversation aside: its stored object cannot be read, so it is not flushed
     /// again (its staged events stay, its object is never overwritten) until an operator
     /// re-queues it ([`Database::requeue_set_aside`]).
-    pub async fn set_aside(&mut self, reason: &str) -> Result<(), ClaimError> {
+    pub async fn set_aside(&self, reason: &str) -> Result<(), ClaimError> {
         let statement = self
             .statement(
                 "UPDATE conversations SET set_aside_reason = $4, lease_owner = NULL,
@@ -352,7 +362,7 @@ impl ConversationClaim {
     }
 
     /// Gives the claim back at once, unchanged (shutdown): another worker may take it now.
-    pub async fn release(&mut self) -> Result<(), ClaimError> {
+    pub async fn release(&self) -> Result<(), ClaimError> {
         let now = crate::now_ms();
         self.defer(now).await
     }
@@ -449,7 +459,7 @@ mod tests {
                 .await
                 .expect("page");
             stage(&db, &key, "e1", 1_000).await;
-            let mut claim = db
+            let claim = db
                 .claim_conversation(&key, "a", 1_000, LEASE)
                 .await
                 .expect("claim")
@@ -528,7 +538,7 @@ mod tests {
         for (backend, db) in backends().await {
             let key = key("u4");
             stage(&db, &key, "e1", 1_000).await;
-            let mut claim = db
+            let claim = db
                 .claim_conversation(&key, "a", 1_000, LEASE)
                 .await
                 .expect("claim")
