@@ -279,15 +279,20 @@ impl Pipeline {
             .sum()
     }
 
-    /// `fbsync dlq list --json FILTERS`: one JSON object per letter, or what went wrong.
-    pub async fn dlq_list(&self, filters: &[&str]) -> Result<Vec<Value>, String> {
-        let mut args = vec!["dlq", "list", "--json"];
-        args.extend_from_slice(filters);
+    /// `fbsync COMMAND FILTERS`: its stdout when it exits 0, or what went wrong.
+    async fn run_ok(&self, command: &[&str], filters: &[&str]) -> Result<String, String> {
+        let args = [command, filters].concat();
         let (code, stdout, stderr) = self.run(&args).await;
         if code != 0 {
             return Err(format!("fbsync {} exited {code}: {stderr}", args.join(" ")));
         }
-        stdout
+        Ok(stdout)
+    }
+
+    /// `fbsync dlq list --json FILTERS`: one JSON object per letter, or what went wrong.
+    pub async fn dlq_list(&self, filters: &[&str]) -> Result<Vec<Value>, String> {
+        self.run_ok(&["dlq", "list", "--json"], filters)
+            .await?
             .lines()
             .filter(|line| !line.trim().is_empty())
             .map(|line| serde_json::from_str(line).map_err(|e| format!("{line:?}: {e}")))
@@ -296,12 +301,7 @@ impl Pipeline {
 
     /// `fbsync dlq replay FILTERS`: the N of its final line `replayed N`, or what went wrong.
     pub async fn dlq_replay(&self, filters: &[&str]) -> Result<usize, String> {
-        let mut args = vec!["dlq", "replay"];
-        args.extend_from_slice(filters);
-        let (code, stdout, stderr) = self.run(&args).await;
-        if code != 0 {
-            return Err(format!("fbsync {} exited {code}: {stderr}", args.join(" ")));
-        }
+        let stdout = self.run_ok(&["dlq", "replay"], filters).await?;
         stdout
             .lines()
             .rev()

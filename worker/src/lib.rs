@@ -7,6 +7,7 @@
 pub mod consume;
 pub mod dead_letter;
 pub mod flush;
+pub mod forward;
 pub mod health;
 pub mod merge;
 pub mod page_data;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consume::{ConsumerContext, consume_forever};
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
+use crate::forward::Forwarder;
 use crate::health::Health;
 use crate::page_data::PageDataJob;
 use crate::park::Parker;
@@ -66,7 +68,8 @@ impl Worker {
         let store: Arc<dyn ObjectStore> = Arc::from(open_store(store));
         tracing::info!(store = %store.describe(), "object store");
         let topology = Topology::new(&settings.broker.queue_prefix);
-        let dead_letters = Publisher::start(
+        // One confirming publisher for everything a worker moves: dead letters, parked jobs.
+        let publisher = Publisher::start(
             settings.broker.amqp_url.clone(),
             topology.clone(),
             "fbsync-worker-dead-letters".into(),
@@ -81,16 +84,9 @@ impl Worker {
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
         };
-        let parker = Parker::new(
-            dead_letters.clone(),
-            topology.clone(),
-            settings.retry.clone(),
-        );
-        let dead_letters = Arc::new(DeadLetterSender::new(
-            dead_letters,
-            topology.clone(),
-            settings.retry.clone(),
-        ));
+        let forwarder = Forwarder::new(publisher, settings.retry.clone());
+        let parker = Parker::new(forwarder.clone(), topology.clone());
+        let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));
         let health = Arc::new(Health::default());
         let consumers = Arc::new(ConsumerContext {
             amqp_url: settings.broker.amqp_url.clone(),
