@@ -1,4 +1,5 @@
-//! The Facebook Graph API client: Page metadata for `page_data.json`.
+//! The Facebook Graph API client: one request path (token in the header, errors classified)
+//! for every call, and Page metadata for `page_data.json`.
 //!
 //! Tokens travel in the `Authorization` header, never in the URL, so no error message or log
 //! line that quotes a URL can leak one. Errors are classified for the retry policy: rate limits
@@ -95,15 +96,74 @@ impl GraphClient {
         page_id: &str,
         token: &SecretString,
     ) -> Result<Value, GraphError> {
-        let url = format!("{}/{}", self.base_url, page_id);
+        let fields = PAGE_FIELDS.join(",");
+        let answer = self
+            .get(&self.url(page_id), &[("fields", &fields)], token)
+            .await?;
+        Ok(page_data(&answer))
+    }
+
+    /// The URL of `path` (no leading slash) under the base URL.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base_url, path.trim_start_matches('/'))
+    }
+
+    /// GETs `url` (from [`GraphClient::url`], or a `paging.next` link of an earlier answer)
+    /// with `query` added, the token in the header, and returns the answer's JSON.
+    pub async fn get(
+        &self,
+        url: &str,
+        query: &[(&str, &str)],
+        token: &SecretString,
+    ) -> Result<Value, GraphError> {
+        let url = self.checked_url(url)?;
+        self.send(self.http.get(url).query(query), token).await
+    }
+
+    /// POSTs a form to `url` with the token in the header, and returns the answer's JSON.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        token: &SecretString,
+    ) -> Result<Value, GraphError> {
+        let url = self.checked_url(url)?;
+        self.send(self.http.post(url).form(form), token).await
+    }
+
+    /// Parses `url` and makes sure it is on the Graph API's own origin (a `paging.next` link
+    /// elsewhere would carry the token away), without an `access_token` parameter: Facebook
+    /// writes the token into its `paging.next` links, and a token in a URL ends up in logs.
+    fn checked_url(&self, url: &str) -> Result<reqwest::Url, GraphError> {
+        let base = reqwest::Url::parse(&self.base_url)
+            .map_err(|e| GraphError::Permanent(format!("FACEBOOK_GRAPH_URL is not a URL: {e}")))?;
+        let mut parsed = reqwest::Url::parse(url)
+            .map_err(|_| GraphError::Permanent("a paging link is not a URL".into()))?;
+        if parsed.origin() != base.origin() {
+            return Err(GraphError::Permanent(format!(
+                "a paging link points outside the Graph API ({})",
+                parsed.origin().ascii_serialization()
+            )));
+        }
+        if parsed.query_pairs().any(|(k, _)| k == "access_token") {
+            let kept: Vec<(String, String)> = parsed
+                .query_pairs()
+                .filter(|(k, _)| k != "access_token")
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            parsed.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        Ok(parsed)
+    }
+
+    /// Sends one request and classifies its failure.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: &SecretString,
+    ) -> Result<Value, GraphError> {
         let started = Instant::now();
-        let sent = self
-            .http
-            .get(&url)
-            .query(&[("fields", PAGE_FIELDS.join(","))])
-            .bearer_auth(token.expose_secret())
-            .send()
-            .await;
+        let sent = request.bearer_auth(token.expose_secret()).send().await;
         metrics::histogram!(GRAPH_SECONDS).record(started.elapsed().as_secs_f64());
         let response = sent.map_err(|e| GraphError::Transient(describe_transport_error(&e)))?;
         let status = response.status();
@@ -124,7 +184,7 @@ impl GraphClient {
                 GraphError::Permanent(format!("HTTP {status}"))
             });
         }
-        Ok(page_data(&body))
+        Ok(body)
     }
 }
 
@@ -205,6 +265,28 @@ fn usage_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn paging_links_lose_their_token_and_never_leave_the_graph_api() {
+        let graph = GraphClient::new("http://127.0.0.1:9/v25.0/");
+        let next = graph
+            .checked_url(
+                "http://127.0.0.1:9/v25.0/1/conversations?access_token=EAAB&after=QV&limit=2",
+            )
+            .expect("same origin");
+        assert_eq!(
+            next.as_str(),
+            "http://127.0.0.1:9/v25.0/1/conversations?after=QV&limit=2"
+        );
+        assert!(matches!(
+            graph.checked_url("https://evil.example/v25.0/1/conversations?after=QV"),
+            Err(GraphError::Permanent(_))
+        ));
+        assert_eq!(
+            graph.url("1/conversations"),
+            "http://127.0.0.1:9/v25.0/1/conversations"
+        );
+    }
 
     #[test]
     fn page_data_drops_tokens_and_unknown_fields() {
