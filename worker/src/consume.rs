@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbsync_shared::config::RetrySettings;
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventMessage, JobKind, PollRequest};
 use fbsync_shared::ids::PageId;
 use fbsync_shared::queue::{Topology, connect};
 use fbsync_shared::retry::{RetryError, endless_backoff, retry_while_transient};
@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::health::Health;
-use crate::page_data::{PageDataFailure, PageDataJob};
+use crate::job::JobFailure;
+use crate::page_data::PageDataJob;
 use crate::park::Parker;
+use crate::poll::PollJob;
 use crate::stage::{Decision, QueuedMessage, Stager};
 
 /// Most conversation messages staged in one transaction.
@@ -41,6 +43,8 @@ pub struct ConsumerContext {
     pub topology: Topology,
     /// Unacked messages per consumer.
     pub prefetch: u16,
+    /// Poll jobs one worker runs at once (each holds a Graph walk and a database lease).
+    pub poll_concurrency: u16,
     /// Backoff for staging when the database fails.
     pub retry: RetrySettings,
     /// Whether the database and the store are up; consumers wait while they are not.
@@ -52,7 +56,9 @@ pub struct ConsumerContext {
     /// Conversation staging.
     pub stager: Stager,
     /// Page-change jobs.
-    pub page_data: PageDataJob,
+    pub page_data: Arc<PageDataJob>,
+    /// Poll jobs.
+    pub poller: PollJob,
 }
 
 /// Consumes `kind` until shutdown, reconnecting whenever the broker goes away.
@@ -103,8 +109,12 @@ async fn consume_session(
     .await?;
     let channel = connection.create_channel().await?;
     context.topology.declare(&channel).await?;
+    let prefetch = match kind {
+        JobKind::Poll => context.poll_concurrency,
+        JobKind::Conversation | JobKind::PageChange => context.prefetch,
+    };
     channel
-        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("fbsync-{}-{}", kind.as_str(), uuid::Uuid::new_v4().simple());
     let mut consumer = channel
@@ -145,10 +155,10 @@ async fn consume_session(
                 }
                 handle_conversation_batch(context, batch, shutdown).await;
             }
-            JobKind::PageChange => {
+            JobKind::PageChange | JobKind::Poll => {
                 let context = context.clone();
                 let shutdown = shutdown.clone();
-                jobs.spawn(async move { handle_page_change(&context, delivery, &shutdown).await });
+                jobs.spawn(async move { handle_job(&context, kind, delivery, &shutdown).await });
                 while jobs.try_join_next().is_some() {}
             }
         }
@@ -225,45 +235,29 @@ async fn handle_conversation_batch(
     }
 }
 
-async fn handle_page_change(
+/// Runs one page-change or poll job and settles its message: ack, dead letter, park or give
+/// back.
+async fn handle_job(
     context: &ConsumerContext,
+    kind: JobKind,
     delivery: Delivery,
     shutdown: &CancellationToken,
 ) {
-    let now = fbsync_shared::now_ms();
-    let page_id = match serde_json::from_slice::<EventMessage>(&delivery.data) {
-        Ok(event) => PageId::parse(&event.page_id).map_err(|e| e.to_string()),
-        Err(e) => Err(format!("not an event message: {e}")),
+    let outcome = match kind {
+        JobKind::PageChange => run_page_change(context, &delivery.data, shutdown).await,
+        JobKind::Poll => run_poll(context, &delivery.data, shutdown).await,
+        // Never sent here: conversation messages are staged in batches.
+        JobKind::Conversation => Err(malformed(kind, "not a job message".into())),
     };
-    let page_id = match page_id {
-        Ok(page_id) => page_id,
-        Err(error) => {
-            let info = DeadLetterInfo::new(
-                DeadReason::Malformed,
-                error,
-                1,
-                JobKind::PageChange.as_str(),
-                now,
-                now,
-            );
-            return context.dead_letters.send(&delivery, info, shutdown).await;
-        }
-    };
-    match context.page_data.refresh(&page_id, shutdown).await {
-        Ok(outcome) => {
-            tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
+    match outcome {
+        Ok(()) => {
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        Err(PageDataFailure::DeadLetter(info)) => {
+        Err(JobFailure::DeadLetter(info)) => {
             context.dead_letters.send(&delivery, info, shutdown).await
         }
-        Err(PageDataFailure::Park(wait)) => {
-            context
-                .parker
-                .park(&delivery, JobKind::PageChange, wait, shutdown)
-                .await
-        }
-        Err(PageDataFailure::GiveBack) => {
+        Err(JobFailure::Park(wait)) => context.parker.park(&delivery, kind, wait, shutdown).await,
+        Err(JobFailure::GiveBack) => {
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,
@@ -272,4 +266,46 @@ async fn handle_page_change(
                 .await;
         }
     }
+}
+
+/// A page-change event: refresh the Page's `page_data.json`.
+async fn run_page_change(
+    context: &ConsumerContext,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let page_id = match serde_json::from_slice::<EventMessage>(body) {
+        Ok(event) => PageId::parse(&event.page_id).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("not an event message: {e}")),
+    };
+    let page_id = page_id.map_err(|error| malformed(JobKind::PageChange, error))?;
+    let outcome = context
+        .page_data
+        .refresh(&page_id, JobKind::PageChange, shutdown)
+        .await?;
+    tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
+    Ok(())
+}
+
+/// A poll job: the Page's metadata and conversations from the Graph API.
+async fn run_poll(
+    context: &ConsumerContext,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let request = serde_json::from_slice::<PollRequest>(body)
+        .map_err(|e| malformed(JobKind::Poll, format!("not a poll job: {e}")))?;
+    context.poller.run(&request, shutdown).await.map(|_| ())
+}
+
+fn malformed(kind: JobKind, error: String) -> JobFailure {
+    let now = fbsync_shared::now_ms();
+    JobFailure::DeadLetter(DeadLetterInfo::new(
+        DeadReason::Malformed,
+        error,
+        1,
+        kind.as_str(),
+        now,
+        now,
+    ))
 }

@@ -1,5 +1,5 @@
 //! The worker role: consume events, stage them durably, flush conversations into the object
-//! store within its budgets, refresh Page metadata, and dead-letter poison.
+//! store within its budgets, refresh Page metadata, poll the Graph API, and dead-letter poison.
 //!
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
@@ -9,9 +9,11 @@ pub mod dead_letter;
 pub mod flush;
 pub mod forward;
 pub mod health;
+pub mod job;
 pub mod merge;
 pub mod page_data;
 pub mod park;
+pub mod poll;
 pub mod stage;
 
 use std::sync::Arc;
@@ -37,6 +39,7 @@ use crate::flush::Flusher;
 use crate::forward::Forwarder;
 use crate::health::Health;
 use crate::page_data::PageDataJob;
+use crate::poll::PollJob;
 use crate::park::Parker;
 use crate::stage::Stager;
 
@@ -75,14 +78,23 @@ impl Worker {
             "fbsync-worker-dead-letters".into(),
             shutdown.clone(),
         );
-        let page_data = PageDataJob {
+        let graph = GraphClient::new(&settings.facebook.graph_url);
+        let page_data = Arc::new(PageDataJob {
             db: db.clone(),
             store: store.clone(),
-            cipher,
-            graph: GraphClient::new(&settings.facebook.graph_url),
+            cipher: cipher.clone(),
+            graph: graph.clone(),
             retry: settings.retry.clone(),
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
+        });
+        let poller = PollJob {
+            db: db.clone(),
+            graph,
+            cipher,
+            retry: settings.retry.clone(),
+            lease: settings.worker.lease,
+            page_data: page_data.clone(),
         };
         let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let parker = Parker::new(forwarder.clone(), topology.clone());
@@ -92,12 +104,14 @@ impl Worker {
             amqp_url: settings.broker.amqp_url.clone(),
             topology,
             prefetch: settings.worker.prefetch,
+            poll_concurrency: settings.worker.poll_concurrency,
             dead_letters: dead_letters.clone(),
             retry: settings.retry.clone(),
             health: health.clone(),
             parker,
             stager: Stager::new(db.clone()),
             page_data,
+            poller,
         });
         let flusher = Arc::new(Flusher::new(
             settings,

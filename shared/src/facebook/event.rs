@@ -20,16 +20,19 @@ pub enum JobKind {
     Conversation,
     /// Page field changes: refresh `page_data.json`.
     PageChange,
+    /// Graph API polls of a Page's metadata and conversations ([`PollRequest`]).
+    Poll,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Conversation, JobKind::PageChange];
+    pub const ALL: [JobKind; 3] = [JobKind::Conversation, JobKind::PageChange, JobKind::Poll];
 
     /// The routing key and queue suffix of this kind.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Conversation => "conversation",
             JobKind::PageChange => "page_change",
+            JobKind::Poll => "poll",
         }
     }
 
@@ -138,6 +141,22 @@ pub struct EventMessage {
     pub received_at_ms: i64,
     /// The event exactly as Facebook sent it.
     pub event: Box<RawValue>,
+}
+
+/// A poll job (the body of a `poll` queue message): read one Page's metadata and conversations
+/// from the Graph API and stage what is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollRequest {
+    /// The Page to poll.
+    pub page_id: String,
+    /// Read the whole history, not only conversations updated since the last complete poll
+    /// (a newly connected Page, `fbsync poll --backfill`).
+    #[serde(default)]
+    pub backfill: bool,
+    /// Who asked (`scheduler`, `operator`, `onboarding`), for logs and dead letters.
+    pub requested_by: String,
+    /// When it was asked.
+    pub requested_at_ms: i64,
 }
 
 /// Why a delivery body was refused (answered 400).

@@ -8,13 +8,17 @@
 //!
 //! One file per concern: [`pages`] (the registry), [`staging`] (events waiting for a write),
 //! [`claims`] (a conversation's lease and the lifecycle of one flush, fenced by generation),
-//! [`put_budget`] (per-object PUT times), [`bucket_windows`] (the bucket's request rate) and
-//! [`backlog`] (figures for the gauges).
+//! [`put_budget`] (per-object PUT times), [`bucket_windows`] (the bucket's request rate),
+//! [`page_polls`] (each Page's Graph polls: progress, lease, last complete one),
+//! [`poll_claims`] (the scheduler's one claim per Page and period) and [`backlog`] (figures
+//! for the gauges).
 
 pub mod backlog;
 pub mod bucket_windows;
 pub mod claims;
+pub mod page_polls;
 pub mod pages;
+pub mod poll_claims;
 pub mod put_budget;
 pub mod staging;
 
@@ -30,6 +34,7 @@ use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
 pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
+pub use page_polls::{PollCounts, PollLease, PollStart, PollSummary};
 pub use pages::{PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};

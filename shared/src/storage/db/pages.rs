@@ -71,6 +71,13 @@ pub struct PageSummary {
     pub staged: i64,
     /// Conversations set aside because their stored object cannot be read.
     pub set_aside: i64,
+    /// When the last complete Graph poll ended; `None`: never polled.
+    pub last_poll_ms: Option<i64>,
+    /// When a poll in progress started; `None`: none in progress.
+    pub poll_started_ms: Option<i64>,
+    /// Messages whose details the Graph API refused (older than a conversation's 20 most
+    /// recent), over every poll.
+    pub details_unavailable: i64,
 }
 
 impl Database {
@@ -99,8 +106,12 @@ impl Database {
         Ok(())
     }
 
-    /// Removes a Page; true when it was registered.
+    /// Removes a Page (and its poll state); true when it was registered.
     pub async fn remove_page(&self, page_id: &PageId) -> Result<bool, DbError> {
+        sqlx::query("DELETE FROM page_polls WHERE page_id = $1")
+            .bind(page_id.as_str())
+            .execute(&self.pool)
+            .await?;
         let done = sqlx::query("DELETE FROM pages WHERE page_id = $1")
             .bind(page_id.as_str())
             .execute(&self.pool)
@@ -126,8 +137,10 @@ impl Database {
                     p.last_error_ms, p.last_error,
                     (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged,
                     (SELECT COUNT(*) FROM conversations c
-                     WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside
-             FROM pages p ORDER BY p.page_id",
+                     WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside,
+                    q.last_complete_end_ms AS last_poll_ms, q.started_at_ms AS poll_started_ms,
+                    COALESCE(q.details_unavailable_total, 0) AS details_unavailable
+             FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id ORDER BY p.page_id",
         )
         .fetch_all(&self.pool)
         .await?;
