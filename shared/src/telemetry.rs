@@ -46,7 +46,7 @@ pub const POLLS: &str = "fbsync_polls_total";
 /// details_unavailable: the Graph API withheld the details of an older message).
 pub const POLL_MESSAGES: &str = "fbsync_poll_messages_total";
 /// Seconds since each Page's last complete poll ended (label `page_id`; a Page never polled
-/// counts from when the gauge first saw it).
+/// counts from its registration).
 pub const POLL_AGE_SECONDS: &str = "fbsync_poll_age_seconds";
 /// Poll jobs enqueued by the scheduler (or `fbsync poll`).
 pub const POLLS_ENQUEUED: &str = "fbsync_polls_enqueued_total";

@@ -29,7 +29,7 @@ use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::Database;
 use fbsync_shared::storage::object_store::{ObjectStore, open_store};
 use fbsync_shared::telemetry::{
-    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
+    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -174,7 +174,7 @@ async fn flush_forever(flusher: Arc<Flusher>, interval: Duration, shutdown: Canc
     }
 }
 
-/// Publishes the staged backlog and DLQ depth gauges every few seconds.
+/// Publishes the staged backlog, DLQ depth and poll age gauges every few seconds.
 async fn report_backlog(
     db: Database,
     consumers: Arc<ConsumerContext>,
@@ -190,6 +190,14 @@ async fn report_backlog(
                 .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
             metrics::gauge!(CONVERSATIONS_SET_ASIDE).set(backlog.set_aside as f64);
+        }
+        if let Ok(states) = db.poll_states().await {
+            let now = now_ms();
+            for state in states {
+                let since = state.last_complete_end_ms.unwrap_or(state.created_at_ms);
+                metrics::gauge!(POLL_AGE_SECONDS, "page_id" => state.page_id)
+                    .set((now - since).max(0) as f64 / 1000.0);
+            }
         }
         if broker.is_none()
             && let Ok(connection) =

@@ -135,6 +135,12 @@ impl PollJob {
                 if let Err(e) = self.db.release_poll(&page_id, &lease).await {
                     tracing::warn!(%page_id, error = %e, "could not release the poll's lease; it ends by itself");
                 }
+                if let JobFailure::DeadLetter(info) = &failure {
+                    let note = format!("poll failed: {}", info.error);
+                    if let Err(e) = self.db.mark_page_error(&page_id, None, &note, now_ms()).await {
+                        tracing::warn!(%page_id, error = %e, "could not record the poll's failure");
+                    }
+                }
                 let outcome = match failure {
                     JobFailure::DeadLetter(_) => "failed",
                     JobFailure::Park(_) => "parked",

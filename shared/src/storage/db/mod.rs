@@ -34,7 +34,7 @@ use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
 pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
-pub use page_polls::{PollCounts, PollLease, PollStart, PollSummary};
+pub use page_polls::{PagePollState, PollCounts, PollLease, PollStart, PollSummary};
 pub use pages::{PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};

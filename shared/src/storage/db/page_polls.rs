@@ -230,16 +230,38 @@ impl Database {
         Ok(summary.unwrap_or_default())
     }
 
-    /// When each registered Page's last poll completed (`None`: never), for the age gauge.
-    pub async fn last_complete_polls(&self) -> Result<Vec<(String, Option<i64>)>, DbError> {
-        let rows = sqlx::query_as::<_, (String, Option<i64>)>(
-            "SELECT p.page_id, q.last_complete_end_ms FROM pages p
-             LEFT JOIN page_polls q ON q.page_id = p.page_id ORDER BY p.page_id",
+    /// Every registered Page's poll state with its last error, ordered by id: for the poll
+    /// age gauge and `fbsync poll --wait`.
+    pub async fn poll_states(&self) -> Result<Vec<PagePollState>, DbError> {
+        let rows = sqlx::query_as::<_, PagePollState>(
+            "SELECT p.page_id, p.created_at_ms, q.started_at_ms, q.last_complete_end_ms,
+                    COALESCE(q.messages_found, 0) AS messages_found,
+                    COALESCE(q.messages_new, 0) AS messages_new,
+                    p.last_error_ms, p.last_error
+             FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id ORDER BY p.page_id",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
     }
+}
+
+/// A registered Page's poll state, as [`Database::poll_states`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PagePollState {
+    pub page_id: String,
+    /// When the Page was registered: a Page never polled is as overdue as its age.
+    pub created_at_ms: i64,
+    /// When the poll in progress started; `None`: none in progress.
+    pub started_at_ms: Option<i64>,
+    /// When the last complete poll ended.
+    pub last_complete_end_ms: Option<i64>,
+    /// Messages found and new in the poll in progress, or the last one.
+    pub messages_found: i64,
+    pub messages_new: i64,
+    /// The Page's last error and when it was recorded (a poll that failed records why).
+    pub last_error_ms: Option<i64>,
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -30,15 +30,17 @@ impl Database {
         .bind(stale_before_ms)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(id,)| {
-                PageId::parse(&id).map_err(|e| {
-                    DbError::Query(sqlx::Error::Decode(
-                        format!("pages.page_id {id:?}: {e}").into(),
-                    ))
-                })
-            })
-            .collect()
+        page_ids(rows)
+    }
+
+    /// Every active Page (not waiting for re-authorisation), ordered by id.
+    pub async fn active_pages(&self) -> Result<Vec<PageId>, DbError> {
+        let rows = sqlx::query_as::<_, (String,)>(
+            "SELECT page_id FROM pages WHERE status = 'active' ORDER BY page_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        page_ids(rows)
     }
 
     /// Pages that rounds skip because their token needs re-authorisation.
@@ -113,6 +115,19 @@ impl Database {
             .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Page ids read from rows, validated.
+fn page_ids(rows: Vec<(String,)>) -> Result<Vec<PageId>, DbError> {
+    rows.into_iter()
+        .map(|(id,)| {
+            PageId::parse(&id).map_err(|e| {
+                DbError::Query(sqlx::Error::Decode(
+                    format!("pages.page_id {id:?}: {e}").into(),
+                ))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
