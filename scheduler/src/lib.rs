@@ -74,10 +74,7 @@ pub enum ScheduleError {
 
 impl Scheduler {
     /// Opens the database (running migrations) and starts the confirming publisher.
-    pub async fn open(
-        settings: &Settings,
-        shutdown: &CancellationToken,
-    ) -> Result<Self, DbError> {
+    pub async fn open(settings: &Settings, shutdown: &CancellationToken) -> Result<Self, DbError> {
         let db = Database::connect(&settings.database_url).await?;
         let topology = Topology::new(&settings.broker.queue_prefix);
         let publisher = Publisher::start(
@@ -112,11 +109,10 @@ impl Scheduler {
                 Ok((period, next)) => {
                     // A scheduler started mid-period spreads what is left from its own start.
                     let round_start = period.max(started);
-                    let spread = self.settings.spread.min(
-                        (next - period)
-                            .to_std()
-                            .unwrap_or(Duration::ZERO),
-                    );
+                    let spread = self
+                        .settings
+                        .spread
+                        .min((next - period).to_std().unwrap_or(Duration::ZERO));
                     if current_period != Some(period) {
                         current_period = Some(period);
                         tracing::info!(
@@ -140,7 +136,9 @@ impl Scheduler {
                             tracing::info!(?report, "poll jobs enqueued");
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "could not plan poll jobs; trying again"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not plan poll jobs; trying again")
+                        }
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "no poll period"),

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::Timelike;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::TokenCipher;
@@ -277,13 +278,28 @@ pub struct PollSchedule {
 impl PollSchedule {
     /// The start of the period `now` falls in: the last time the schedule fired, `now`
     /// included.
-    pub fn period_start(&self, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.cron.find_previous_occurrence(&now, true).ok()
+    pub fn period_start(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        // Whole seconds: every scheduler must name a period alike, whenever it looks.
+        let now = now.with_nanosecond(0)?;
+        self.cron
+            .find_previous_occurrence(&now, true)
+            .ok()?
+            .with_nanosecond(0)
     }
 
     /// The next time the schedule fires after `now`.
-    pub fn next_start(&self, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.cron.find_next_occurrence(&now, false).ok()
+    pub fn next_start(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let now = now.with_nanosecond(0)?;
+        self.cron
+            .find_next_occurrence(&now, false)
+            .ok()?
+            .with_nanosecond(0)
     }
 }
 
@@ -835,7 +851,17 @@ mod tests {
             schedule.next_start(now).expect("fires").to_rfc3339(),
             "2026-11-28T00:00:00+00:00"
         );
-        assert_eq!(schedule.period_start(start), Some(start), "a firing starts its period");
+        assert_eq!(
+            schedule.period_start(start),
+            Some(start),
+            "a firing starts its period"
+        );
+        let later_in_the_second = now + Duration::from_millis(957);
+        assert_eq!(
+            schedule.period_start(later_in_the_second),
+            Some(start),
+            "whole seconds, whenever a scheduler looks"
+        );
         let every_ten_seconds: PollSchedule = "*/10 * * * * *".parse().expect("seconds");
         assert_eq!(
             every_ten_seconds.period_start(now + Duration::from_secs(15)),
@@ -848,7 +874,10 @@ mod tests {
         .expect_err("refused")
         .0;
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("POLL_SCHEDULE=\"every day\""), "{problems:?}");
+        assert!(
+            problems[0].starts_with("POLL_SCHEDULE=\"every day\""),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::refuse;
 
+/// How a dead-lettered poll's error starts on its Page (see the worker's poll job).
+const POLL_FAILED: &str = "poll failed:";
+
 /// Jobs published per confirm round.
 const PUBLISH_BATCH: usize = 500;
 
@@ -125,12 +128,18 @@ async fn follow(db: &Database, pages: &[PageId], requested_at_ms: i64) -> anyhow
             if !wanted.contains(state.page_id.as_str()) {
                 continue;
             }
-            if state.last_complete_end_ms.is_some_and(|t| t >= requested_at_ms) {
+            if state
+                .last_complete_end_ms
+                .is_some_and(|t| t >= requested_at_ms)
+            {
                 done += 1;
                 found += state.messages_found;
                 new += state.messages_new;
-            } else if state.started_at_ms.is_none()
-                && state.last_error_ms.is_some_and(|t| t >= requested_at_ms)
+            } else if state.last_error_ms.is_some_and(|t| t >= requested_at_ms)
+                && state
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(POLL_FAILED))
             {
                 failed += 1;
                 failures.push(format!(
@@ -151,8 +160,7 @@ async fn follow(db: &Database, pages: &[PageId], requested_at_ms: i64) -> anyhow
         if terminal {
             eprint!("\r{line}");
             let _ = std::io::stderr().flush();
-        } else if line != last_line && (finished || last_print.elapsed() > Duration::from_secs(5))
-        {
+        } else if line != last_line && (finished || last_print.elapsed() > Duration::from_secs(5)) {
             eprintln!("{line}");
             last_print = std::time::Instant::now();
         }

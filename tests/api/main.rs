@@ -13,5 +13,6 @@ mod hostile_clients;
 mod ingest;
 mod operations;
 mod page_data;
+mod polling;
 mod store;
 mod worker;

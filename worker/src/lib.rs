@@ -39,8 +39,8 @@ use crate::flush::Flusher;
 use crate::forward::Forwarder;
 use crate::health::Health;
 use crate::page_data::PageDataJob;
-use crate::poll::PollJob;
 use crate::park::Parker;
+use crate::poll::PollJob;
 use crate::stage::Stager;
 
 /// The parts of a worker, opened from settings.

@@ -80,9 +80,8 @@ impl PollJob {
         shutdown: &CancellationToken,
     ) -> Result<PollReport, JobFailure> {
         let first_failure = now_ms();
-        let page_id = PageId::parse(&request.page_id).map_err(|e| {
-            dead_letter(DeadReason::Malformed, e.to_string(), 1, first_failure)
-        })?;
+        let page_id = PageId::parse(&request.page_id)
+            .map_err(|e| dead_letter(DeadReason::Malformed, e.to_string(), 1, first_failure))?;
         let lease_ms = self.lease.as_millis() as i64;
         let begun = self
             .db_step(shutdown, || {
@@ -136,8 +135,13 @@ impl PollJob {
                     tracing::warn!(%page_id, error = %e, "could not release the poll's lease; it ends by itself");
                 }
                 if let JobFailure::DeadLetter(info) = &failure {
+                    // `fbsync poll --wait` recognises a failed poll by this prefix.
                     let note = format!("poll failed: {}", info.error);
-                    if let Err(e) = self.db.mark_page_error(&page_id, None, &note, now_ms()).await {
+                    if let Err(e) = self
+                        .db
+                        .mark_page_error(&page_id, None, &note, now_ms())
+                        .await
+                    {
                         tracing::warn!(%page_id, error = %e, "could not record the poll's failure");
                     }
                 }
@@ -428,7 +432,11 @@ impl PollJob {
 
     /// A database step under the retry policy. An outage delays the job (parked); it never
     /// dead-letters it.
-    async fn db_step<T, F, Fut>(&self, shutdown: &CancellationToken, step: F) -> Result<T, JobFailure>
+    async fn db_step<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        step: F,
+    ) -> Result<T, JobFailure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, DbError>>,

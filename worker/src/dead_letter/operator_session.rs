@@ -353,4 +353,3 @@ pub async fn dlq_depth(channel: &Channel, topology: &Topology) -> lapin::Result<
         .await?;
     Ok(queue.message_count())
 }
-
