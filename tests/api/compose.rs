@@ -398,12 +398,7 @@ fn the_compose_stack_is_consistent_with_the_binary() {
     ] {
         assert!(reads.contains_key(name), "{name} missing from {reads:?}");
     }
-    for name in [
-        "FACEBOOK_APP_ID",
-        "POLL_SCHEDULE",
-        "SHOPIFY_API_KEY",
-        "RUST_LOG",
-    ] {
+    for name in ["FACEBOOK_APP_ID", "SHOPIFY_API_KEY", "RUST_LOG"] {
         assert!(!reads.contains_key(name), "{name} is not read by fbsync");
     }
     let compose = compose_file();
@@ -415,7 +410,7 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         problems.join("\n")
     );
 
-    // The fbsync services are the ones expected, and the scheduler (not built) is not one.
+    // The fbsync services are the ones expected.
     let services = compose["services"].as_mapping().expect("services");
     let fbsync: BTreeSet<String> = services
         .iter()
@@ -424,7 +419,11 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         .collect();
     assert_eq!(
         fbsync,
-        BTreeSet::from(["ingest".to_owned(), "worker".to_owned()])
+        BTreeSet::from([
+            "ingest".to_owned(),
+            "scheduler".to_owned(),
+            "worker".to_owned()
+        ])
     );
 
     // The fbsync services reach the other containers, and MinIO's credentials and bucket.
@@ -478,8 +477,8 @@ fn the_compose_stack_is_consistent_with_the_binary() {
                 "1",
             );
         }),
-        ("\"scheduler\" is not an fbsync subcommand", |c| {
-            c["services"]["worker"]["command"] = Value::Sequence(vec!["scheduler".into()]);
+        ("\"schedular\" is not an fbsync subcommand", |c| {
+            c["services"]["worker"]["command"] = Value::Sequence(vec!["schedular".into()]);
         }),
         ("not declared under top-level volumes", |c| {
             c["volumes"]
