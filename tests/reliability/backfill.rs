@@ -53,7 +53,6 @@ async fn backfill() {
     )
     .await;
     pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
-    pipeline.set("RUST_LOG", "warn");
     pipeline.register_page(PAGE_ID).await;
     let mut worker = pipeline.spawn_worker().await;
 
