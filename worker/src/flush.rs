@@ -67,6 +67,20 @@ pub struct FlushReport {
     pub page_removed: usize,
 }
 
+impl FlushReport {
+    fn count(&mut self, outcome: FlushOutcome) {
+        match outcome {
+            FlushOutcome::Written => self.written += 1,
+            FlushOutcome::Unchanged => self.unchanged += 1,
+            FlushOutcome::Deferred => self.deferred += 1,
+            FlushOutcome::Failed => self.failed += 1,
+            FlushOutcome::Lost => self.lost += 1,
+            FlushOutcome::SetAside => self.set_aside += 1,
+            FlushOutcome::PageRemoved => self.page_removed += 1,
+        }
+    }
+}
+
 /// Flushes due conversations; several flushers (in one or many processes) can run at once.
 pub struct Flusher {
     /// Staged events, leases and budgets.
@@ -124,28 +138,9 @@ impl Flusher {
     }
 
     /// One unit of work: claims up to a batch of due conversations and flushes them
-    /// concurrently. Tests call this directly; the worker calls it in a loop.
+    /// concurrently. Tests call this directly; the worker runs [`Flusher::run`].
     pub async fn flush_due(&self) -> Result<FlushReport, DbError> {
-        let now = now_ms();
-        let due = self.db.due_conversations(now, self.batch).await?;
-        let mut claims = Vec::with_capacity(due.len());
-        // A database error while claiming stops the claiming, not the round: the claims
-        // already won are flushed (or given back) below, never left to expire with their lease.
-        let mut claim_error = None;
-        for key in due {
-            match self
-                .db
-                .claim_conversation(&key, &self.owner, now, self.lease)
-                .await
-            {
-                Ok(Some(claim)) => claims.push(claim),
-                Ok(None) => {}
-                Err(e) => {
-                    claim_error = Some(e);
-                    break;
-                }
-            }
-        }
+        let (claims, claim_error) = self.claim_due(self.batch).await;
         let mut report = FlushReport {
             claimed: claims.len(),
             ..Default::default()
@@ -159,17 +154,72 @@ impl Flusher {
             return Err(e);
         }
         for outcome in outcomes {
-            match outcome? {
-                FlushOutcome::Written => report.written += 1,
-                FlushOutcome::Unchanged => report.unchanged += 1,
-                FlushOutcome::Deferred => report.deferred += 1,
-                FlushOutcome::Failed => report.failed += 1,
-                FlushOutcome::Lost => report.lost += 1,
-                FlushOutcome::SetAside => report.set_aside += 1,
-                FlushOutcome::PageRemoved => report.page_removed += 1,
-            }
+            report.count(outcome?);
         }
         Ok(report)
+    }
+
+    /// Flushes until `shutdown`, keeping up to a batch of flushes in flight: a due
+    /// conversation is claimed as soon as a flush ends, so one flush that waits (for the
+    /// bucket's budget, a slow store) never holds the others back. Each flush is a task of
+    /// its own: it progresses (and gives its database connection back) while this loop waits
+    /// for the database. Looks again after `interval` when nothing was due; on shutdown,
+    /// finishes the flushes in flight.
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut in_flight = tokio::task::JoinSet::new();
+        let batch = self.batch as usize;
+        // Claim again once this many slots are free (or none is in flight): a due query per
+        // finished flush would cost the database more than it gains.
+        let refill_at = (batch / 8).max(1);
+        while !shutdown.is_cancelled() {
+            let free = batch - in_flight.len();
+            if free >= refill_at || in_flight.is_empty() {
+                let (claims, claim_error) = self.claim_due(free as u32).await;
+                if let Some(e) = claim_error {
+                    tracing::warn!(error = %e, "flusher could not reach the database");
+                }
+                for claim in claims {
+                    let flusher = self.clone();
+                    in_flight.spawn(async move { flusher.flush(claim).await });
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    match ended {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "a flush could not reach the database"),
+                        Err(e) => tracing::error!(error = %e, "a flush task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Claims up to `limit` due conversations. A database error stops the claiming, not the
+    /// caller: the claims already won are returned with it, to be flushed (or given back),
+    /// never left to expire with their lease.
+    async fn claim_due(&self, limit: u32) -> (Vec<ConversationClaim>, Option<DbError>) {
+        let now = now_ms();
+        let due = match self.db.due_conversations(now, limit).await {
+            Ok(due) => due,
+            Err(e) => return (Vec::new(), Some(e)),
+        };
+        let mut claims = Vec::with_capacity(due.len());
+        for key in due {
+            match self
+                .db
+                .claim_conversation(&key, &self.owner, now, self.lease)
+                .await
+            {
+                Ok(Some(claim)) => claims.push(claim),
+                Ok(None) => {}
+                Err(e) => return (claims, Some(e)),
+            }
+        }
+        (claims, None)
     }
 
     /// Flushes one claimed conversation. A lost claim is an outcome, not an error: the worker

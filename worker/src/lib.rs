@@ -140,11 +140,9 @@ impl Worker {
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(flush_forever(
-            self.flusher.clone(),
-            self.flush_interval,
-            shutdown.clone(),
-        ));
+        let flusher = self.flusher.clone();
+        let (interval, stop) = (self.flush_interval, shutdown.clone());
+        tasks.spawn(async move { flusher.run(interval, stop).await });
         tasks.spawn(report_backlog(
             self.db.clone(),
             self.consumers.clone(),
@@ -152,25 +150,6 @@ impl Worker {
         ));
         while tasks.join_next().await.is_some() {}
         self.db.close().await;
-    }
-}
-
-/// Flushes until shutdown; rests `interval` whenever nothing was due.
-async fn flush_forever(flusher: Arc<Flusher>, interval: Duration, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let rest = match flusher.flush_due().await {
-            Ok(report) => report.claimed == 0 || report.claimed == report.deferred,
-            Err(e) => {
-                tracing::warn!(error = %e, "flusher could not reach the database");
-                true
-            }
-        };
-        if rest {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-        }
     }
 }
 
