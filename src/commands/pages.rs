@@ -1,4 +1,5 @@
-//! `fbsync pages add | list | remove`: the Page registry from the command line.
+//! `fbsync pages add | list | remove`: the Page registry from the command line (`list` shows
+//! the onboarding steps of Pages that owners connected).
 
 use std::process::ExitCode;
 
@@ -120,7 +121,19 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "last_flush_ms": page.last_flush_ms,
         "last_error_ms": page.last_error_ms,
         "last_error": page.last_error,
+        "conversations_stored": page.conversations_stored,
+        "onboarding": onboarding_json(page),
     })
+}
+
+/// Each onboarding step's outcome (`null` for a Page added without the connect flow).
+fn onboarding_json(page: &PageSummary) -> serde_json::Value {
+    let steps: serde_json::Map<String, serde_json::Value> = page
+        .onboarding()
+        .iter()
+        .map(|(step, outcome)| (step.as_str().to_string(), serde_json::json!(outcome)))
+        .collect();
+    serde_json::Value::Object(steps)
 }
 
 fn print_table(pages: &[PageSummary]) {
@@ -144,6 +157,14 @@ fn print_table(pages: &[PageSummary]) {
             format_time(page.last_flush_ms),
             page.last_error.as_deref().unwrap_or("-"),
         );
+        let steps: Vec<String> = page
+            .onboarding()
+            .iter()
+            .filter_map(|(step, outcome)| Some(format!("{}: {}", step.as_str(), (*outcome)?)))
+            .collect();
+        if !steps.is_empty() {
+            println!("{:<20} onboarding: {}", "", steps.join("; "));
+        }
     }
 }
 

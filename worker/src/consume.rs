@@ -1,4 +1,5 @@
-//! The AMQP side of the worker: consume a queue, hand messages to staging or page-change jobs,
+//! The AMQP side of the worker: consume a queue, hand messages to staging, page-change jobs or
+//! the owners' jobs (onboarding, data deletion),
 //! dead-letter poison with its reason, ack only when the work is durable.
 //!
 //! A consumer session ends when the broker goes away; the loop reconnects with backoff, and
@@ -11,6 +12,7 @@ use std::time::Duration;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::facebook::event::{EventMessage, JobKind};
 use fbsync_shared::ids::PageId;
+use fbsync_shared::queue::owner_jobs::OwnerJob;
 use fbsync_shared::queue::{Topology, connect};
 use fbsync_shared::retry::{RetryError, endless_backoff, retry_while_transient};
 use futures::StreamExt;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::health::Health;
+use crate::onboard::OnboardJob;
 use crate::page_data::{PageDataFailure, PageDataJob};
 use crate::park::Parker;
 use crate::stage::{Decision, QueuedMessage, Stager};
@@ -51,8 +54,10 @@ pub struct ConsumerContext {
     pub dead_letters: Arc<DeadLetterSender>,
     /// Conversation staging.
     pub stager: Stager,
-    /// Page-change jobs.
+    /// Page-change jobs (and the onboarding's page-data step).
     pub page_data: PageDataJob,
+    /// The owners' jobs: onboarding, data deletion.
+    pub onboard: OnboardJob,
 }
 
 /// Consumes `kind` until shutdown, reconnecting whenever the broker goes away.
@@ -151,6 +156,12 @@ async fn consume_session(
                 jobs.spawn(async move { handle_page_change(&context, delivery, &shutdown).await });
                 while jobs.try_join_next().is_some() {}
             }
+            JobKind::Onboard => {
+                let context = context.clone();
+                let shutdown = shutdown.clone();
+                jobs.spawn(async move { handle_owner_job(&context, delivery, &shutdown).await });
+                while jobs.try_join_next().is_some() {}
+            }
         }
     };
     let _ = channel
@@ -225,6 +236,77 @@ async fn handle_conversation_batch(
     }
 }
 
+/// An owner job: onboard a Page, or delete a user's data.
+async fn handle_owner_job(
+    context: &ConsumerContext,
+    delivery: Delivery,
+    shutdown: &CancellationToken,
+) {
+    let now = fbsync_shared::now_ms();
+    let job = serde_json::from_slice::<OwnerJob>(&delivery.data)
+        .map_err(|e| format!("not an owner job: {e}"));
+    let outcome = match job {
+        Ok(OwnerJob::OnboardPage { page_id }) => match PageId::parse(&page_id) {
+            Ok(page_id) => {
+                context
+                    .onboard
+                    .onboard_page(&page_id, &context.page_data, shutdown)
+                    .await
+            }
+            Err(e) => Err(malformed(e.to_string(), JobKind::Onboard, now)),
+        },
+        Ok(OwnerJob::DeleteUserData { confirmation_code }) => {
+            context
+                .onboard
+                .delete_user_data(&confirmation_code, shutdown)
+                .await
+        }
+        Err(error) => Err(malformed(error, JobKind::Onboard, now)),
+    };
+    settle(context, delivery, JobKind::Onboard, outcome, shutdown).await;
+}
+
+/// The dead letter of a message that cannot be a job of `kind`.
+fn malformed(error: String, kind: JobKind, now: i64) -> PageDataFailure {
+    PageDataFailure::DeadLetter(DeadLetterInfo::new(
+        DeadReason::Malformed,
+        error,
+        1,
+        kind.as_str(),
+        now,
+        now,
+    ))
+}
+
+/// Acks a job that succeeded; dead-letters, parks or gives back one that did not.
+async fn settle<T>(
+    context: &ConsumerContext,
+    delivery: Delivery,
+    kind: JobKind,
+    outcome: Result<T, PageDataFailure>,
+    shutdown: &CancellationToken,
+) {
+    match outcome {
+        Ok(_) => {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(PageDataFailure::DeadLetter(info)) => {
+            context.dead_letters.send(&delivery, info, shutdown).await
+        }
+        Err(PageDataFailure::Park(wait)) => {
+            context.parker.park(&delivery, kind, wait, shutdown).await
+        }
+        Err(PageDataFailure::GiveBack) => {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}
+
 async fn handle_page_change(
     context: &ConsumerContext,
     delivery: Delivery,
@@ -249,27 +331,9 @@ async fn handle_page_change(
             return context.dead_letters.send(&delivery, info, shutdown).await;
         }
     };
-    match context.page_data.refresh(&page_id, shutdown).await {
-        Ok(outcome) => {
-            tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(PageDataFailure::DeadLetter(info)) => {
-            context.dead_letters.send(&delivery, info, shutdown).await
-        }
-        Err(PageDataFailure::Park(wait)) => {
-            context
-                .parker
-                .park(&delivery, JobKind::PageChange, wait, shutdown)
-                .await
-        }
-        Err(PageDataFailure::GiveBack) => {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-        }
+    let outcome = context.page_data.refresh(&page_id, shutdown).await;
+    if let Ok(outcome) = &outcome {
+        tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
     }
+    settle(context, delivery, JobKind::PageChange, outcome, shutdown).await;
 }

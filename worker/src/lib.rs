@@ -1,5 +1,6 @@
 //! The worker role: consume events, stage them durably, flush conversations into the object
-//! store within its budgets, refresh Page metadata, and dead-letter poison.
+//! store within its budgets, refresh Page metadata, onboard Pages that owners connect (and
+//! delete a user's data when Meta asks), and dead-letter poison.
 //!
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
@@ -10,6 +11,7 @@ pub mod flush;
 pub mod forward;
 pub mod health;
 pub mod merge;
+pub mod onboard;
 pub mod page_data;
 pub mod park;
 pub mod stage;
@@ -36,6 +38,7 @@ use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
 use crate::forward::Forwarder;
 use crate::health::Health;
+use crate::onboard::OnboardJob;
 use crate::page_data::PageDataJob;
 use crate::park::Parker;
 use crate::stage::Stager;
@@ -75,6 +78,15 @@ impl Worker {
             "fbsync-worker-dead-letters".into(),
             shutdown.clone(),
         );
+        let onboard = OnboardJob {
+            db: db.clone(),
+            store: store.clone(),
+            cipher: cipher.clone(),
+            graph: GraphClient::new(&settings.facebook.graph_url),
+            app_id: settings.facebook.app_id.clone(),
+            retry: settings.retry.clone(),
+            bucket_budget: BucketBudget::from_settings(&settings.storage),
+        };
         let page_data = PageDataJob {
             db: db.clone(),
             store: store.clone(),
@@ -98,6 +110,7 @@ impl Worker {
             parker,
             stager: Stager::new(db.clone()),
             page_data,
+            onboard,
         });
         let flusher = Arc::new(Flusher::new(
             settings,

@@ -20,16 +20,20 @@ pub enum JobKind {
     Conversation,
     /// Page field changes: refresh `page_data.json`.
     PageChange,
+    /// The owners' jobs: onboard a Page connected through Facebook Login, delete a user's
+    /// data (see `queue::owner_jobs`).
+    Onboard,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Conversation, JobKind::PageChange];
+    pub const ALL: [JobKind; 3] = [JobKind::Conversation, JobKind::PageChange, JobKind::Onboard];
 
     /// The routing key and queue suffix of this kind.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Conversation => "conversation",
             JobKind::PageChange => "page_change",
+            JobKind::Onboard => "onboard",
         }
     }
 
