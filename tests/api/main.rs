@@ -11,6 +11,7 @@ mod dlq;
 mod harness;
 mod hostile_clients;
 mod ingest;
+mod onboarding;
 mod operations;
 mod page_data;
 mod store;
