@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod browser;
 mod compose;
 mod deploy;
 mod dlq;

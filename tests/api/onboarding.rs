@@ -143,6 +143,11 @@ impl OwnerEnv {
         }
     }
 
+    /// Keeps an answer read some other way (a browser's page) for the token search.
+    pub fn record(&self, answer: String) {
+        self.answers.lock().expect("lock").push(answer);
+    }
+
     /// `fbsync pages list --json`, one value per Page.
     pub async fn pages_list(&self) -> Vec<Value> {
         let (code, stdout, stderr) = self.pipeline.run(&["pages", "list", "--json"]).await;
