@@ -982,6 +982,21 @@ async fn meta_deauthorize_and_data_deletion_callbacks_act_only_on_facebooks_sign
             .status,
         StatusCode::NOT_FOUND
     );
+    // A person fbsync knows nothing of: the request is complete at once.
+    let answer = meta
+        .post_form(
+            "/facebook/data-deletion",
+            &[("signed_request", &signed_request(LOGIN_APP_SECRET, "7999"))],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let confirmation: Value = serde_json::from_str(&answer.body).expect("json");
+    let (status, value) = meta
+        .get_json(confirmation["url"].as_str().expect("url"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(value["status"], "complete");
+    assert_eq!(value["objects_deleted"], 0);
     env.finish(
         &["7001", "7002"],
         &[PAGE_A, PAGE_B],

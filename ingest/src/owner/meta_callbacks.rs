@@ -138,8 +138,11 @@ pub async fn data_deletion(
         Ok(user) => user,
         Err(e) => return refused(&e),
     };
-    let forgotten = match state.db.forget_facebook_user(&facebook_user, true).await {
-        Ok(forgotten) => forgotten,
+    // The request is recorded and its object deletion queued first, then the database part
+    // is done: a request that cannot be queued changes nothing and is answered 503, so Meta
+    // sends it again (once the users are forgotten, they could not be found again).
+    let users = match state.db.users_of_facebook_user(&facebook_user).await {
+        Ok(users) => users,
         Err(e) => return failed(&e),
     };
     let mut code = [0u8; 16];
@@ -148,24 +151,12 @@ pub async fn data_deletion(
     let now = now_ms();
     if let Err(e) = state
         .db
-        .record_data_deletion(
-            &code,
-            &facebook_user,
-            &forgotten.users,
-            forgotten.pages,
-            forgotten.sessions,
-            now,
-        )
+        .record_data_deletion(&code, &facebook_user, &users, 0, 0, now)
         .await
     {
         return failed(&e);
     }
-    if forgotten.users.is_empty() {
-        // Nothing stored for this person: the request is complete at once.
-        if let Err(e) = state.db.complete_data_deletion(&code, 0, now).await {
-            return failed(&e);
-        }
-    } else {
+    if !users.is_empty() {
         let job = OwnerJob::DeleteUserData {
             confirmation_code: code.clone(),
         };
@@ -175,10 +166,26 @@ pub async fn data_deletion(
             .publish_all(&[outgoing], state.publish_timeout)
             .await
         {
-            let note = format!("the deletion job could not be queued yet ({e})");
-            let _ = state.db.fail_data_deletion(&code, &note).await;
-            return failed(&note);
+            let _ = state.db.remove_data_deletion(&code).await;
+            return failed(&format!("the deletion job could not be queued ({e})"));
         }
+    }
+    let forgotten = match state.db.forget_facebook_user(&facebook_user, true).await {
+        Ok(forgotten) => forgotten,
+        Err(e) => return failed(&e),
+    };
+    let counted = state
+        .db
+        .set_data_deletion_counts(&code, forgotten.pages, forgotten.sessions)
+        .await;
+    if let Err(e) = counted {
+        return failed(&e);
+    }
+    // Nothing stored for this person: the request is complete at once.
+    if users.is_empty()
+        && let Err(e) = state.db.complete_data_deletion(&code, 0, now).await
+    {
+        return failed(&e);
     }
     tracing::info!(
         users = forgotten.users.len(),

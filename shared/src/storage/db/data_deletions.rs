@@ -77,6 +77,34 @@ impl Database {
         Ok(row)
     }
 
+    /// Records what the request deleted at once.
+    pub async fn set_data_deletion_counts(
+        &self,
+        confirmation_code: &str,
+        pages_removed: u64,
+        sessions_removed: u64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE data_deletions SET pages_removed = $2, sessions_removed = $3
+             WHERE confirmation_code = $1",
+        )
+        .bind(confirmation_code)
+        .bind(i64::try_from(pages_removed).unwrap_or(i64::MAX))
+        .bind(i64::try_from(sessions_removed).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a request that could not be queued (the caller asks Meta to send it again).
+    pub async fn remove_data_deletion(&self, confirmation_code: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM data_deletions WHERE confirmation_code = $1")
+            .bind(confirmation_code)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records that the objects are deleted.
     pub async fn complete_data_deletion(
         &self,
