@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use crate::common::fake_dialog::{DialogAnswer, FakeDialog};
 use crate::common::fake_graph::{
-    FakeGraph, LOGIN_APP_ID, LOGIN_APP_SECRET, long_user_token, page_token, short_user_token,
+    Failure, FakeGraph, LOGIN_APP_ID, LOGIN_APP_SECRET, long_user_token, page_token,
+    short_user_token,
 };
 use crate::common::fake_shopify::{
     FakeShopify, SHOPIFY_API_KEY, SHOPIFY_API_SECRET, shop_token, shopify_hmac,
@@ -29,6 +30,7 @@ use crate::common::fake_shopify::{
 use crate::common::pipeline::{DbKind, Pipeline, StoreKind};
 use crate::common::process::FbsyncProcess;
 use crate::common::spaces_limits::{list_keys, read_object, s3_endpoint};
+use crate::common::webhook::{message_delivery, post_signed, webhook_client};
 
 /// Signs the OAuth states of the tests' pipelines.
 pub const STATE_SECRET: &str = "test-state-token-secret-0123456789";
@@ -1003,4 +1005,74 @@ async fn meta_deauthorize_and_data_deletion_callbacks_act_only_on_facebooks_sign
         &["leaves.myshopify.com", "stays.myshopify.com"],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_token_refused_during_onboarding_shows_a_reconnect_link_and_reconnecting_heals_the_page()
+{
+    let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
+    env.graph.set_person("8001", &[PAGE_A]);
+    env.graph.push_failure(PAGE_A, Failure::TokenExpired);
+    let mut owner = env.owner();
+    owner.install_shop("reconnects.myshopify.com").await;
+    owner.connect_facebook(&env, "8001").await;
+    let deadline = Instant::now() + ONBOARDING_LIMIT;
+    let page = loop {
+        let status = owner.status().await;
+        let page = status["pages"][0].clone();
+        if page["status"] == "needs_reauth" {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(page["reconnect_url"], "/facebook/login");
+    let error = page["last_error"].as_str().expect("last error in words");
+    assert!(error.contains("reconnect"), "{error}");
+    let subscribe = page["onboarding"]["subscribe"].as_str().expect("outcome");
+    assert!(subscribe.starts_with("failed:"), "{subscribe}");
+    let html = owner.get("/connect").await;
+    assert!(
+        html.body
+            .contains("class=\"reconnect\" href=\"/facebook/login\""),
+        "{}",
+        html.body
+    );
+    // The job is dead-lettered from its own queue, so a replay onboards again.
+    let letters = env.pipeline.dlq_list(&[]).await.expect("dlq list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["reason"], "token_error", "{letters:?}");
+    assert_eq!(letters[0]["kind"], "onboard", "{letters:?}");
+
+    // Reconnecting stores the token again and onboards the Page.
+    owner.connect_facebook(&env, "8001").await;
+    let status = owner.wait_onboarded(&[PAGE_A]).await;
+    let page = &status["pages"][0];
+    assert_eq!(page["status"], "active");
+    assert_eq!(page["onboarding"]["subscribe"], "subscribed");
+    assert_eq!(page["reconnect_url"], Value::Null);
+
+    // Its conversations then count on the status page.
+    let delivery = message_delivery(PAGE_A, "psid-1", "m_onboard_1", 1_700_000_000_000, false);
+    assert_eq!(
+        post_signed(
+            &webhook_client(),
+            &format!("{}/facebook/webhook", env.base),
+            &delivery
+        )
+        .await,
+        200
+    );
+    let deadline = Instant::now() + ONBOARDING_LIMIT;
+    loop {
+        let status = owner.status().await;
+        let page = &status["pages"][0];
+        if page["conversations_stored"] == 1 && page["last_event"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.finish(&["8001"], &[PAGE_A], &["reconnects.myshopify.com"])
+        .await;
 }

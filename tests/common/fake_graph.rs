@@ -5,7 +5,8 @@
 //!
 //! - Facebook Login (its own section at the end): `POST /oauth/access_token` (the code, then
 //!   `fb_exchange_token`), `GET /me`, `/me/permissions`, `/me/accounts` (paged, `paging.next`
-//!   carrying the token as Graph's links do), `GET/POST /{page_id}/subscribed_apps`.
+//!   carrying the token as Graph's links do), `GET/POST /{page_id}/subscribed_apps` (scripted
+//!   failures of the Page apply to it too).
 //!
 //! A version prefix (`/v25.0/{page_id}`) is accepted too. The token is read from
 //! `Authorization: Bearer` (or `access_token=`); without one the answer is error 104, for a Page
@@ -674,6 +675,14 @@ async fn login_answer(state: &Arc<Mutex<GraphState>>, request: Request) -> Respo
             Json(json!({"data": data, "paging": paging})).into_response()
         }
         [page_id, "subscribed_apps"] => {
+            if let Some(failure) = state
+                .failures
+                .get_mut(*page_id)
+                .and_then(VecDeque::pop_front)
+            {
+                return failure_answer(page_id, &failure);
+            }
+            let login = &mut state.login;
             if token.as_deref() != Some(page_token(page_id).as_str()) {
                 return oauth_error("Invalid OAuth access token.", 190);
             }

@@ -38,14 +38,20 @@ pub const BACKFILL_PENDING: &str = "pending: waits for the polling job";
 
 /// Everything the owners' jobs need (the page-data step borrows the page-change job's).
 pub struct OnboardJob {
+    /// Pages (their sealed tokens, the steps' outcomes) and deletion requests.
     pub db: Database,
+    /// Where a user's objects are listed and deleted.
     pub store: Arc<dyn ObjectStore>,
+    /// Opens the Page tokens.
     pub cipher: TokenCipher,
+    /// The subscription calls.
     pub graph: GraphClient,
     /// Recognises this app among a Page's subscribed apps (FACEBOOK_APP_ID; without it any
     /// app seen through the Page's token counts).
     pub app_id: Option<String>,
+    /// Transient failures are retried under the one policy.
     pub retry: RetrySettings,
+    /// Every LIST and DELETE is taken from the bucket's shared write budget.
     pub bucket_budget: BucketBudget,
 }
 

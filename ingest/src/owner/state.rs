@@ -55,7 +55,9 @@ pub enum StateError {
 pub struct StateClaims {
     /// The shop or the user UUID it was issued for.
     pub subject: String,
+    /// Recorded when the state is used, so it is used once.
     nonce: String,
+    /// The nonce's record can go once the state has expired.
     expires_at_ms: i64,
 }
 

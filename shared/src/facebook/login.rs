@@ -41,13 +41,16 @@ const MAX_ACCOUNT_PAGES: usize = 1000;
 /// The app's credentials for the exchanges.
 #[derive(Debug, Clone, Copy)]
 pub struct AppCredentials<'a> {
+    /// FACEBOOK_APP_ID, the exchanges' `client_id`.
     pub app_id: &'a str,
+    /// FACEBOOK_APP_SECRET, the exchanges' `client_secret`.
     pub app_secret: &'a SecretString,
 }
 
 /// One Page of `/me/accounts`.
 #[derive(Debug, Clone)]
 pub struct ConnectedPage {
+    /// The Page's id, checked.
     pub page_id: PageId,
     /// Shown on the owner's status page.
     pub name: String,

@@ -8,9 +8,11 @@ use crate::ids::UserUuid;
 /// One data-deletion request as its status page shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DataDeletion {
+    /// Random (128 bits); names the request's status page.
     pub confirmation_code: String,
     /// The users (shops) whose data is deleted, space separated.
     pub user_uuids: String,
+    /// When Meta's request arrived.
     pub requested_at_ms: i64,
     /// Pages removed with their tokens, at once.
     pub pages_removed: i64,
@@ -18,6 +20,7 @@ pub struct DataDeletion {
     pub sessions_removed: i64,
     /// Objects deleted under `users/<uuid>/`; `None` while the worker is at it.
     pub objects_deleted: Option<i64>,
+    /// When the last object was deleted; `None` while the worker is at it.
     pub completed_at_ms: Option<i64>,
     /// Why the object deletion is not done yet, when it failed.
     pub last_error: Option<String>,

@@ -1,5 +1,6 @@
 //! Owner sessions: the SHA-256 of a random cookie value mapped to a user until it expires.
-//! Only hashes are stored; expired rows are removed whenever a session is created.
+//! Only hashes are stored; expired rows are removed whenever a session is created. Beside
+//! them, the nonces of OAuth states already used (a state is accepted once).
 
 use super::{Database, DbError};
 use crate::ids::UserUuid;
