@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 mod commands;
 
-use commands::{backup, check, dlq, pages};
+use commands::{backup, check, dlq, pages, poll};
 
 #[derive(Parser)]
 #[command(
@@ -30,12 +30,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run ingest and a worker in one process, for a single machine.
+    /// Run ingest, a worker and the scheduler in one process, for a single machine.
     Up,
     /// Run the HTTP service: webhook intake, /healthz, /readyz, /metrics.
     Ingest,
-    /// Run a worker: stage events, flush conversations, refresh Page metadata.
+    /// Run a worker: stage events, flush conversations, refresh Page metadata, poll the Graph
+    /// API.
     Worker,
+    /// Run the scheduler: one poll job per active Page and period (POLL_SCHEDULE), spread over
+    /// POLL_SPREAD.
+    Scheduler {
+        /// Plan one round for the current period now (no spread) and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Enqueue poll jobs now: the Page's metadata and conversations from the Graph API.
+    Poll {
+        /// Only this Page; every active Page otherwise.
+        #[arg(long)]
+        page_id: Option<String>,
+        /// Read the whole history, not only what changed since the last complete poll.
+        #[arg(long)]
+        backfill: bool,
+        /// Wait for the polls to finish, with a progress line (exit 1 if one failed).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Manage the Page registry.
     #[command(subcommand)]
     Pages(PagesCommand),
@@ -108,6 +128,19 @@ fn main() -> ExitCode {
             Command::Up => run_up(settings).await,
             Command::Ingest => run_ingest(settings).await,
             Command::Worker => run_worker(settings).await,
+            Command::Scheduler { once } => run_scheduler(settings, once).await,
+            Command::Poll {
+                page_id,
+                backfill,
+                wait,
+            } => {
+                let command = poll::PollCommand {
+                    page_id,
+                    backfill,
+                    wait,
+                };
+                poll::run(settings, command).await
+            }
             Command::Pages(command) => pages::run(settings, command).await,
             Command::Dlq(command) => dlq::run(settings, command).await,
             Command::Check => check::run(settings).await,
@@ -224,7 +257,40 @@ async fn run_worker(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Ingest and a worker in one process (the scheduler joins them once it exists).
+/// Plans poll rounds until shutdown, or one round with `once`.
+async fn run_scheduler(settings: Settings, once: bool) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signal();
+    let scheduler = fbsync_scheduler::Scheduler::open(&settings, &shutdown).await?;
+    if !once {
+        tracing::info!(schedule = %settings.scheduler.schedule.text, "scheduler started");
+        scheduler.run(shutdown).await;
+        tracing::info!("scheduler stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !scheduler
+        .publisher
+        .wait_ready(std::time::Duration::from_secs(10))
+        .await
+    {
+        shutdown.cancel();
+        anyhow::bail!("the broker is not reachable (AMQP_URL)");
+    }
+    let report = scheduler.plan_once().await?;
+    shutdown.cancel();
+    let period = chrono::DateTime::from_timestamp_millis(report.period_ms)
+        .map_or_else(|| report.period_ms.to_string(), |t| t.to_rfc3339());
+    println!(
+        "period {period}: enqueued {} poll jobs; {} already claimed by another scheduler; {} not confirmed",
+        report.enqueued, report.claimed_elsewhere, report.failed
+    );
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Ingest, a worker and the scheduler in one process.
 async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
     let checked = all_of(
         ingest_requirements(&settings),
@@ -237,9 +303,12 @@ async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signal();
     let worker = fbsync_worker::Worker::open(&settings, cipher, &store, &shutdown).await?;
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let scheduler = fbsync_scheduler::Scheduler::open(&settings, &shutdown).await?;
+    let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
     serve_ingest(&settings, secrets, owner, shutdown.clone()).await?;
     shutdown.cancel();
     worker_task.await?;
+    scheduler_task.await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,11 +8,13 @@
 //! are held in [`SecretString`] so they cannot end up in a `Debug` print or log.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::Timelike;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::TokenCipher;
@@ -159,6 +161,13 @@ pub const VARIABLES: &[Variable] = &[
     var("WORKER_FLUSH_BATCH", Some("64"), "worker, up"),
     var("WORKER_LEASE_MS", Some("60000"), "worker, up"),
     var("WORKER_METRICS_ADDR", None, "worker (unset: not served)"),
+    var("WORKER_POLL_CONCURRENCY", Some("2"), "worker, up"),
+    var(
+        "POLL_SCHEDULE",
+        Some("@daily"),
+        "scheduler, up (cron, UTC; seconds optional)",
+    ),
+    var("POLL_SPREAD", Some("1h"), "scheduler, up"),
     var(
         "LOG_FORMAT",
         Some("text"),
@@ -194,6 +203,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     /// Worker tuning: prefetch, flush cadence, metrics address.
     pub worker: WorkerSettings,
+    /// When the scheduler plans poll rounds, and over how long it spreads one.
+    pub scheduler: SchedulerSettings,
     /// JSON log lines when true (LOG_FORMAT=json).
     pub json_logs: bool,
 }
@@ -310,6 +321,98 @@ pub struct WorkerSettings {
     pub lease: Duration,
     /// Where the worker serves /metrics and /healthz (none when unset).
     pub metrics_addr: Option<SocketAddr>,
+    /// Poll jobs a worker runs at once; each walks one Page's conversations.
+    pub poll_concurrency: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    /// When a poll round starts; each round is one period, and a Page is polled once a period.
+    pub schedule: PollSchedule,
+    /// A round's jobs are enqueued over this long, each Page at its own offset, so thousands
+    /// of Pages do not call the Graph API in the same minute.
+    pub spread: Duration,
+}
+
+/// A validated cron schedule (five fields, or six with seconds first; `@daily` and the other
+/// nicknames), evaluated in UTC.
+#[derive(Debug, Clone)]
+pub struct PollSchedule {
+    /// The text as configured, for messages.
+    pub text: String,
+    /// The parsed pattern.
+    cron: croner::Cron,
+}
+
+impl PollSchedule {
+    /// The start of the period `now` falls in: the last time the schedule fired, `now`
+    /// included.
+    pub fn period_start(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        // Whole seconds: every scheduler must name a period alike, whenever it looks.
+        let now = now.with_nanosecond(0)?;
+        self.cron
+            .find_previous_occurrence(&now, true)
+            .ok()?
+            .with_nanosecond(0)
+    }
+
+    /// The next time the schedule fires after `now`.
+    pub fn next_start(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let now = now.with_nanosecond(0)?;
+        self.cron
+            .find_next_occurrence(&now, false)
+            .ok()?
+            .with_nanosecond(0)
+    }
+}
+
+impl FromStr for PollSchedule {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(text)
+            .map_err(|e| e.to_string())?;
+        // A pattern that never fires (30 February) parses, but has no period.
+        cron.find_next_occurrence(&chrono::Utc::now(), false)
+            .map_err(|_| "it never fires".to_string())?;
+        Ok(Self {
+            text: text.to_string(),
+            cron,
+        })
+    }
+}
+
+/// A span of time: `30s`, `10m`, `2h`, `1d`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span(pub Duration);
+
+impl FromStr for Span {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (number, unit) = text.split_at(
+            text.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len()),
+        );
+        let refused = || format!("{text:?} is not a duration like 30s, 10m, 2h or 1d");
+        let value: u64 = number.parse().map_err(|_| refused())?;
+        let seconds = match unit {
+            "" | "s" => value,
+            "m" => value * 60,
+            "h" => value * 3600,
+            "d" => value * 86_400,
+            _ => return Err(refused()),
+        };
+        Ok(Span(Duration::from_secs(seconds)))
+    }
 }
 
 impl Settings {
@@ -403,6 +506,11 @@ impl Settings {
                 flush_batch: reader.parsed("WORKER_FLUSH_BATCH"),
                 lease: Duration::from_millis(reader.parsed("WORKER_LEASE_MS")),
                 metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
+                poll_concurrency: reader.parsed("WORKER_POLL_CONCURRENCY"),
+            },
+            scheduler: SchedulerSettings {
+                schedule: reader.parsed("POLL_SCHEDULE"),
+                spread: reader.parsed::<Span>("POLL_SPREAD").0,
             },
             json_logs: reader.text("LOG_FORMAT") == "json",
         };
@@ -410,6 +518,11 @@ impl Settings {
             reader
                 .problems
                 .push("WORKER_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if settings.worker.poll_concurrency == 0 {
+            reader
+                .problems
+                .push("WORKER_POLL_CONCURRENCY must be at least 1".into());
         }
         if settings.ingest.max_in_flight == 0 {
             reader
@@ -709,20 +822,26 @@ impl VarReader<'_> {
         self.optional(name).unwrap_or_else(|| default.to_string())
     }
 
-    fn optional_parsed<T: FromStr>(&mut self, name: &'static str) -> Option<T> {
+    fn optional_parsed<T: FromStr>(&mut self, name: &'static str) -> Option<T>
+    where
+        T::Err: fmt::Display,
+    {
         let raw = self.optional(name)?;
         match raw.parse() {
             Ok(value) => Some(value),
-            Err(_) => {
+            Err(e) => {
                 self.problems
-                    .push(format!("{name}={raw:?} is not a valid value"));
+                    .push(format!("{name}={raw:?} is not a valid value: {e}"));
                 None
             }
         }
     }
 
     /// The value parsed, or the declared default parsed.
-    fn parsed<T: FromStr + Placeholder>(&mut self, name: &'static str) -> T {
+    fn parsed<T: FromStr + Placeholder>(&mut self, name: &'static str) -> T
+    where
+        T::Err: fmt::Display,
+    {
         if let Some(value) = self.optional_parsed(name) {
             return value;
         }
@@ -755,7 +874,13 @@ macro_rules! placeholder_default {
     )*};
 }
 
-placeholder_default!(u16, u32, u64, usize, bool);
+placeholder_default!(u16, u32, u64, usize, bool, Span);
+
+impl Placeholder for PollSchedule {
+    fn placeholder() -> Self {
+        "@daily".parse().expect("@daily is a schedule")
+    }
+}
 
 impl Placeholder for SocketAddr {
     fn placeholder() -> Self {
@@ -899,6 +1024,58 @@ mod tests {
             rows,
             VARIABLES.len(),
             "one README row per variable, no more"
+        );
+    }
+
+    #[test]
+    fn spans_parse() {
+        let span = |text: &str| text.parse::<Span>().map(|s| s.0);
+        assert_eq!(span("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(span("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(span("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(span("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(span("soon").is_err());
+        assert!(span("5w").is_err());
+    }
+
+    #[test]
+    fn a_poll_schedule_is_cron_and_its_period_is_the_last_firing() {
+        let schedule: PollSchedule = "@daily".parse().expect("daily");
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T14:30:00Z")
+            .expect("time")
+            .to_utc();
+        let start = schedule.period_start(now).expect("fired");
+        assert_eq!(start.to_rfc3339(), "2026-11-27T00:00:00+00:00");
+        assert_eq!(
+            schedule.next_start(now).expect("fires").to_rfc3339(),
+            "2026-11-28T00:00:00+00:00"
+        );
+        assert_eq!(
+            schedule.period_start(start),
+            Some(start),
+            "a firing starts its period"
+        );
+        let later_in_the_second = now + Duration::from_millis(957);
+        assert_eq!(
+            schedule.period_start(later_in_the_second),
+            Some(start),
+            "whole seconds, whenever a scheduler looks"
+        );
+        let every_ten_seconds: PollSchedule = "*/10 * * * * *".parse().expect("seconds");
+        assert_eq!(
+            every_ten_seconds.period_start(now + Duration::from_secs(15)),
+            Some(now + Duration::from_secs(10))
+        );
+        let problems = Settings::from_map(&vars(&[
+            ("POLL_SCHEDULE", "every day"),
+            ("POLL_SPREAD", "an hour"),
+        ]))
+        .expect_err("refused")
+        .0;
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("POLL_SCHEDULE=\"every day\""),
+            "{problems:?}"
         );
     }
 

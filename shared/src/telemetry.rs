@@ -38,6 +38,18 @@ pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
 pub const STORAGE_SECONDS: &str = "fbsync_storage_request_seconds";
 /// Seconds per Graph API request.
 pub const GRAPH_SECONDS: &str = "fbsync_graph_request_seconds";
+/// Graph API requests, by `outcome` (ok, rate_limited, token_error, transient, error).
+pub const GRAPH_CALLS: &str = "fbsync_graph_calls_total";
+/// Poll jobs, by `outcome` (started, finished, failed, parked).
+pub const POLLS: &str = "fbsync_polls_total";
+/// Messages read by polls, by `result` (found, new: staged rows that were new,
+/// details_unavailable: the Graph API withheld the details of an older message).
+pub const POLL_MESSAGES: &str = "fbsync_poll_messages_total";
+/// Seconds since each Page's last complete poll ended (label `page_id`; a Page never polled
+/// counts from its registration).
+pub const POLL_AGE_SECONDS: &str = "fbsync_poll_age_seconds";
+/// Poll jobs enqueued by the scheduler (or `fbsync poll`).
+pub const POLLS_ENQUEUED: &str = "fbsync_polls_enqueued_total";
 
 /// Starts logging. Safe to call more than once (later calls do nothing).
 pub fn init_logging(json: bool) {

@@ -4,12 +4,12 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use fbsync_shared::config::Settings;
+use fbsync_shared::config::{Settings, Span};
 use fbsync_shared::facebook::event::JobKind;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::queue::Topology;
 use fbsync_worker::dead_letter::DeadReason;
-use fbsync_worker::dead_letter::operator_session::{DeadLetter, DlqFilter, DlqSession, parse_age};
+use fbsync_worker::dead_letter::operator_session::{DeadLetter, DlqFilter, DlqSession};
 
 use crate::refuse;
 
@@ -43,7 +43,7 @@ pub enum DlqCommand {
 
 #[derive(Args)]
 pub struct FilterArgs {
-    /// Only this job kind: conversation or page_change.
+    /// Only this job kind: conversation, page_change or poll.
     #[arg(long)]
     kind: Option<String>,
     /// Only this Page.
@@ -68,7 +68,7 @@ impl FilterArgs {
             let kind = JobKind::parse(name);
             if kind.is_none() {
                 problems.push(format!(
-                    "--kind {name:?} is not a job kind (conversation, page_change)"
+                    "--kind {name:?} is not a job kind (conversation, page_change, poll)"
                 ));
             }
             kind
@@ -97,8 +97,8 @@ impl FilterArgs {
         let since = self
             .since
             .as_deref()
-            .and_then(|text| match parse_age(text) {
-                Ok(age) => Some(age),
+            .and_then(|text| match text.parse::<Span>() {
+                Ok(Span(age)) => Some(age),
                 Err(e) => {
                     problems.push(format!("--since {e}"));
                     None

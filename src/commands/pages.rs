@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use fbsync_shared::config::Settings;
 use fbsync_shared::ids::{PageId, Psid, UserUuid};
 use fbsync_shared::now_ms;
-use fbsync_shared::storage::db::{Database, PageSummary};
+use fbsync_shared::storage::db::{Database, PageStatus, PageSummary};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{PagesCommand, refuse};
@@ -121,6 +121,9 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "last_flush_ms": page.last_flush_ms,
         "last_error_ms": page.last_error_ms,
         "last_error": page.last_error,
+        "last_poll_ms": page.last_poll_ms,
+        "poll_started_ms": page.poll_started_ms,
+        "details_unavailable": page.details_unavailable,
         "conversations_stored": page.conversations_stored,
         "onboarding": onboarding_json(page),
     })
@@ -142,12 +145,20 @@ fn print_table(pages: &[PageSummary]) {
         return;
     }
     println!(
-        "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} LAST ERROR",
-        "PAGE", "USER", "STATUS", "STAGED", "SET ASIDE", "LAST EVENT", "LAST FLUSH"
+        "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} LAST ERROR",
+        "PAGE",
+        "USER",
+        "STATUS",
+        "STAGED",
+        "SET ASIDE",
+        "LAST EVENT",
+        "LAST FLUSH",
+        "LAST POLL",
+        "NO DETAIL"
     );
     for page in pages {
         println!(
-            "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {}",
+            "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} {}",
             page.page_id,
             page.user_uuid,
             page.status,
@@ -155,7 +166,9 @@ fn print_table(pages: &[PageSummary]) {
             page.set_aside,
             format_time(page.last_event_ms),
             format_time(page.last_flush_ms),
-            page.last_error.as_deref().unwrap_or("-"),
+            last_poll(page),
+            page.details_unavailable,
+            status_note(page),
         );
         let steps: Vec<String> = page
             .onboarding()
@@ -165,6 +178,25 @@ fn print_table(pages: &[PageSummary]) {
         if !steps.is_empty() {
             println!("{:<20} onboarding: {}", "", steps.join("; "));
         }
+    }
+}
+
+/// The last complete poll's end, or that one is running.
+fn last_poll(page: &PageSummary) -> String {
+    match page.poll_started_ms {
+        Some(_) => "in progress".to_string(),
+        None => format_time(page.last_poll_ms),
+    }
+}
+
+/// The last error, preceded by what a Page that needs re-authorisation means for it.
+fn status_note(page: &PageSummary) -> String {
+    let error = page.last_error.as_deref().unwrap_or("-");
+    match page.status {
+        PageStatus::NeedsReauth => {
+            format!("polls skip it until it is connected again; {error}")
+        }
+        PageStatus::Active => error.to_string(),
     }
 }
 

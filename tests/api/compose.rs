@@ -400,7 +400,7 @@ fn the_compose_stack_is_consistent_with_the_binary() {
     ] {
         assert!(reads.contains_key(name), "{name} missing from {reads:?}");
     }
-    for name in ["FACEBOOK_WEBHOOK_ADDRESS", "POLL_SCHEDULE", "RUST_LOG"] {
+    for name in ["FACEBOOK_WEBHOOK_ADDRESS", "RUST_LOG"] {
         assert!(!reads.contains_key(name), "{name} is not read by fbsync");
     }
     let compose = compose_file();
@@ -412,7 +412,7 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         problems.join("\n")
     );
 
-    // The fbsync services are the ones expected, and the scheduler (not built) is not one.
+    // The fbsync services are the ones expected.
     let services = compose["services"].as_mapping().expect("services");
     let fbsync: BTreeSet<String> = services
         .iter()
@@ -421,7 +421,11 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         .collect();
     assert_eq!(
         fbsync,
-        BTreeSet::from(["ingest".to_owned(), "worker".to_owned()])
+        BTreeSet::from([
+            "ingest".to_owned(),
+            "scheduler".to_owned(),
+            "worker".to_owned()
+        ])
     );
 
     // The fbsync services reach the other containers, and MinIO's credentials and bucket.
@@ -480,8 +484,8 @@ fn the_compose_stack_is_consistent_with_the_binary() {
                 "1",
             );
         }),
-        ("\"scheduler\" is not an fbsync subcommand", |c| {
-            c["services"]["worker"]["command"] = Value::Sequence(vec!["scheduler".into()]);
+        ("\"schedular\" is not an fbsync subcommand", |c| {
+            c["services"]["worker"]["command"] = Value::Sequence(vec!["schedular".into()]);
         }),
         ("not declared under top-level volumes", |c| {
             c["volumes"]

@@ -15,5 +15,6 @@ mod ingest;
 mod onboarding;
 mod operations;
 mod page_data;
+mod polling;
 mod store;
 mod worker;

@@ -1,7 +1,12 @@
 //! A fake Facebook Graph API on 127.0.0.1:0, answering in the documented shapes:
 //! - `GET /{page_id}?fields=...`: the Page's metadata, a page access token included on purpose
 //!   (the app must never store it; `fields` is not used to trim the answer);
-//! - `GET /{page_id}/conversations`: an empty, last page.
+//! - `GET /{page_id}/conversations`: the Page's conversations, newest update first, in pages
+//!   (the size tests set), each with its newest messages nested; `paging.next` links (carrying
+//!   `access_token=`, as Facebook writes them) at both levels, `GET /{conversation}/messages`
+//!   for the older messages, and `GET /{message}` for one message's details. Only a
+//!   conversation's 20 most recent messages have details: older ones are listed with `id` and
+//!   `created_time` only, and asking for their details answers error 100.
 //!
 //! - Facebook Login (its own section at the end): `POST /oauth/access_token` (the code, then
 //!   `fb_exchange_token`), `GET /me`, `/me/permissions`, `/me/accounts` (paged, `paging.next`
@@ -52,6 +57,8 @@ pub struct GraphCall {
     pub path: String,
     /// The bearer token (or `access_token` parameter), if any.
     pub token: Option<String>,
+    /// The query string: a token must never be in it.
+    pub query: String,
     /// When it arrived.
     pub at: Instant,
 }
@@ -72,13 +79,47 @@ struct GraphState {
     pages: HashMap<String, Value>,
     /// Failures still to answer, per Page, in order.
     failures: HashMap<String, VecDeque<Failure>>,
+    /// A failure per Page answered after that many more of its requests were answered normally.
+    later_failures: HashMap<String, (usize, Failure)>,
     /// Answers to hold back until released, per Page, in order.
     holds: HashMap<String, VecDeque<Arc<Notify>>>,
     /// Every request, in arrival order.
     calls: Vec<GraphCall>,
+    /// Each Page's conversations, in the order they were created.
+    conversations: HashMap<String, Vec<FakeConversation>>,
+    /// Conversations per page of results (the client's `limit` when unset).
+    conversations_per_page: Option<usize>,
+    /// Messages per page of a conversation's messages (nested and alone).
+    messages_per_page: usize,
     /// Facebook Login's people, codes and subscriptions.
     login: LoginState,
 }
+
+/// A conversation the fake serves.
+#[derive(Debug, Clone)]
+pub struct FakeConversation {
+    /// `t_<page>_<n>`.
+    pub id: String,
+    /// The person on the other side.
+    pub user_psid: String,
+    /// Oldest first.
+    pub messages: Vec<FakeMessage>,
+}
+
+/// A message of a fake conversation.
+#[derive(Debug, Clone)]
+pub struct FakeMessage {
+    /// `m_<page>_<n>_<k>`: the webhook `mid` of the same message.
+    pub id: String,
+    /// Whole seconds, as Graph times are.
+    pub created_ms: i64,
+    /// Sent by the Page (an echo) rather than by the person.
+    pub from_page: bool,
+    pub text: String,
+}
+
+/// Only a conversation's most recent messages have details.
+pub const MESSAGES_WITH_DETAILS: usize = 20;
 
 /// The page access token the fake hands out for `page_id`; it must never be stored.
 pub fn page_token(page_id: &str) -> String {
@@ -120,7 +161,10 @@ fn page_object(page_id: &str, name: &str) -> Value {
 impl FakeGraph {
     /// Starts the fake on 127.0.0.1:0 with no Pages.
     pub async fn start() -> Self {
-        let state: Arc<Mutex<GraphState>> = Arc::default();
+        let state: Arc<Mutex<GraphState>> = Arc::new(Mutex::new(GraphState {
+            messages_per_page: 25,
+            ..GraphState::default()
+        }));
         let app = axum::Router::new()
             .fallback(answer)
             .with_state(state.clone());
@@ -175,6 +219,13 @@ impl FakeGraph {
             .push_back(failure);
     }
 
+    /// Answers the Page's request after the next `skip` ones (any endpoint) with `failure`.
+    pub fn fail_after(&self, page_id: &str, skip: usize, failure: Failure) {
+        self.state()
+            .later_failures
+            .insert(page_id.into(), (skip, failure));
+    }
+
     /// Failures queued for the Page and not answered yet.
     pub fn pending_failures(&self, page_id: &str) -> usize {
         self.state().failures.get(page_id).map_or(0, VecDeque::len)
@@ -204,6 +255,61 @@ impl FakeGraph {
         let state = self.state();
         let calls = state.calls.iter().filter(|c| c.page_id == page_id);
         calls.map(|c| c.at).collect()
+    }
+
+    /// Sets the page sizes of conversations (overriding the client's `limit`) and messages.
+    pub fn set_paging(&self, conversations_per_page: usize, messages_per_page: usize) {
+        let mut state = self.state();
+        state.conversations_per_page = Some(conversations_per_page);
+        state.messages_per_page = messages_per_page;
+    }
+
+    /// Adds a conversation of `page_id` with `user_psid`: `count` messages a second apart from
+    /// `start_ms` (whole seconds), the person and the Page taking turns. Returns its messages.
+    pub fn add_conversation(
+        &self,
+        page_id: &str,
+        user_psid: &str,
+        count: usize,
+        start_ms: i64,
+    ) -> Vec<FakeMessage> {
+        let mut state = self.state();
+        let conversations = state.conversations.entry(page_id.into()).or_default();
+        let n = conversations.len();
+        let messages: Vec<FakeMessage> = (0..count)
+            .map(|k| FakeMessage {
+                id: format!("m_{page_id}_{n}_{k}"),
+                created_ms: start_ms / 1000 * 1000 + k as i64 * 1000,
+                from_page: k % 2 == 1,
+                text: format!("message {k} with {user_psid}"),
+            })
+            .collect();
+        conversations.push(FakeConversation {
+            id: format!("t_{page_id}_{n}"),
+            user_psid: user_psid.into(),
+            messages: messages.clone(),
+        });
+        messages
+    }
+
+    /// Adds a message from the person to their conversation (created at `created_ms`, whole
+    /// seconds), which moves the conversation to the top. Returns it.
+    pub fn add_message(&self, page_id: &str, user_psid: &str, created_ms: i64) -> FakeMessage {
+        let mut state = self.state();
+        let conversation = state
+            .conversations
+            .get_mut(page_id)
+            .and_then(|all| all.iter_mut().find(|c| c.user_psid == user_psid))
+            .unwrap_or_else(|| panic!("no conversation with {user_psid} on {page_id}"));
+        let k = conversation.messages.len();
+        let message = FakeMessage {
+            id: format!("{}_{k}", conversation.id.replacen("t_", "m_", 1)),
+            created_ms: created_ms / 1000 * 1000,
+            from_page: false,
+            text: format!("message {k} with {user_psid}"),
+        };
+        conversation.messages.push(message.clone());
+        message
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, GraphState> {
@@ -353,14 +459,16 @@ async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -
 /// The answer to a request as it arrives, recorded in `state.calls`.
 fn answer_now(state: &mut GraphState, request: Request) -> Response {
     let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or_default().to_string();
     let token = token_of(request.headers(), request.uri().query());
     let segments = segments_of(&path);
-    let page_id = segments.first().copied().unwrap_or_default().to_string();
+    let page_id = owner_page(segments.first().copied().unwrap_or_default()).to_string();
 
     state.calls.push(GraphCall {
         page_id: page_id.clone(),
         path: path.clone(),
         token: token.clone(),
+        query: query.clone(),
         at: Instant::now(),
     });
     if token.is_none() {
@@ -380,6 +488,13 @@ fn answer_now(state: &mut GraphState, request: Request) -> Response {
         .and_then(VecDeque::pop_front)
     {
         return failure_answer(&page_id, &failure);
+    }
+    if let Some((skip, _)) = state.later_failures.get_mut(&page_id) {
+        if *skip == 0 {
+            let (_, failure) = state.later_failures.remove(&page_id).expect("present");
+            return failure_answer(&page_id, &failure);
+        }
+        *skip -= 1;
     }
     let unsupported = || {
         graph_error(
@@ -405,14 +520,205 @@ fn answer_now(state: &mut GraphState, request: Request) -> Response {
     if request.method() != axum::http::Method::GET {
         return unsupported();
     }
+    let page = page.clone();
+    let base = format!(
+        "http://{}/v25.0",
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1")
+    );
+    let token = token.unwrap_or_default();
+    let parameters = parameters_of(&query);
     match segments.as_slice() {
-        [_] => Json(page.clone()).into_response(),
-        [_, "conversations"] => Json(json!({
-            "data": [],
-            "paging": {"cursors": {"before": "a", "after": "b"}}
-        }))
-        .into_response(),
+        [id] if id.starts_with("m_") => message_answer(state, &page_id, id),
+        [_] => Json(page).into_response(),
+        [_, "conversations"] => conversations_answer(state, &page_id, &parameters, &base, &token),
+        [conversation, "messages"] => {
+            let Some(found) = state
+                .conversations
+                .get(&page_id)
+                .and_then(|all| all.iter().find(|c| c.id == *conversation))
+                .cloned()
+            else {
+                return unsupported();
+            };
+            let after = parameters
+                .get("after")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            let messages = messages_page(state, &page_id, &found, after, &base, &token);
+            Json(messages).into_response()
+        }
         _ => unsupported(),
+    }
+}
+
+/// The Page a path's first segment belongs to: a Page id, or a conversation (`t_<page>_<n>`)
+/// or message (`m_<page>_<n>_<k>`) id of the fake's.
+fn owner_page(segment: &str) -> &str {
+    if segment.starts_with("t_") || segment.starts_with("m_") {
+        segment.split('_').nth(1).unwrap_or(segment)
+    } else {
+        segment
+    }
+}
+
+/// A query string's parameters.
+fn parameters_of(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A message as the Graph API lists it: with its details when it is among the conversation's
+/// most recent, else only `id` and `created_time`.
+fn message_json(page_id: &str, conversation: &FakeConversation, index: usize) -> Value {
+    let message = &conversation.messages[index];
+    let created = graph_time(message.created_ms);
+    if conversation.messages.len() - index > MESSAGES_WITH_DETAILS {
+        return json!({"id": message.id, "created_time": created});
+    }
+    let (from, to) = if message.from_page {
+        (page_id, conversation.user_psid.as_str())
+    } else {
+        (conversation.user_psid.as_str(), page_id)
+    };
+    let party = |id: &str| json!({"id": id, "name": format!("Name of {id}"), "email": format!("{id}@facebook.com")});
+    json!({
+        "id": message.id,
+        "created_time": created,
+        "from": party(from),
+        "to": {"data": [party(to)]},
+        "message": message.text,
+    })
+}
+
+/// Graph's time format for whole-second milliseconds.
+fn graph_time(ms: i64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}+0000",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// A page of a conversation's messages, newest first, from offset `after`.
+fn messages_page(
+    state: &GraphState,
+    page_id: &str,
+    conversation: &FakeConversation,
+    after: usize,
+    base: &str,
+    token: &str,
+) -> Value {
+    let newest_first: Vec<usize> = (0..conversation.messages.len()).rev().collect();
+    let size = state.messages_per_page;
+    let data: Vec<Value> = newest_first
+        .iter()
+        .skip(after)
+        .take(size)
+        .map(|&index| message_json(page_id, conversation, index))
+        .collect();
+    let mut page = json!({"data": data, "paging": {"cursors": {"before": after.to_string(), "after": (after + size).to_string()}}});
+    if after + size < newest_first.len() {
+        page["paging"]["next"] = json!(format!(
+            "{base}/{}/messages?access_token={token}&fields=id%2Ccreated_time%2Cfrom%2Cto%2Cmessage%2Cattachments&limit={size}&after={}",
+            conversation.id,
+            after + size
+        ));
+    }
+    page
+}
+
+/// A page of the Page's conversations, newest update first.
+fn conversations_answer(
+    state: &GraphState,
+    page_id: &str,
+    parameters: &HashMap<String, String>,
+    base: &str,
+    token: &str,
+) -> Response {
+    let mut conversations = state
+        .conversations
+        .get(page_id)
+        .cloned()
+        .unwrap_or_default();
+    let updated = |c: &FakeConversation| c.messages.last().map_or(0, |m| m.created_ms);
+    conversations.sort_by_key(|c| std::cmp::Reverse(updated(c)));
+    let size = state.conversations_per_page.unwrap_or_else(|| {
+        parameters
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(25)
+    });
+    let after: usize = parameters
+        .get("after")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    let data: Vec<Value> = conversations
+        .iter()
+        .skip(after)
+        .take(size)
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "updated_time": graph_time(updated(c)),
+                "messages": messages_page(state, page_id, c, 0, base, token),
+            })
+        })
+        .collect();
+    let mut page = json!({"data": data, "paging": {"cursors": {"before": after.to_string(), "after": (after + size).to_string()}}});
+    if after + size < conversations.len() {
+        page["paging"]["next"] = json!(format!(
+            "{base}/{page_id}/conversations?access_token={token}&platform=messenger&fields=id%2Cupdated_time%2Cmessages&limit={size}&after={}",
+            after + size
+        ));
+    }
+    Json(page).into_response()
+}
+
+/// One message's details, or error 100 for a message older than the 20 most recent.
+fn message_answer(state: &GraphState, page_id: &str, message_id: &str) -> Response {
+    let found = state.conversations.get(page_id).and_then(|all| {
+        all.iter().find_map(|c| {
+            c.messages
+                .iter()
+                .position(|m| m.id == message_id)
+                .map(|index| (c, index))
+        })
+    });
+    match found {
+        Some((conversation, index))
+            if conversation.messages.len() - index <= MESSAGES_WITH_DETAILS =>
+        {
+            Json(message_json(page_id, conversation, index)).into_response()
+        }
+        _ => graph_error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "message": "(#100) Only the 20 most recent messages of a conversation can be read",
+                "type": "OAuthException",
+                "code": 100,
+                "fbtrace_id": "x",
+            }),
+        ),
     }
 }
 
@@ -551,6 +857,7 @@ async fn login_answer(state: &Arc<Mutex<GraphState>>, request: Request) -> Respo
         page_id: segments.first().cloned().unwrap_or_default(),
         path: path.clone(),
         token: token.clone(),
+        query: query.clone(),
         at: Instant::now(),
     });
     state

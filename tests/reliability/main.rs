@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod backfill;
 mod broker_restart;
 mod chaos;
 mod database_outage;

@@ -1,6 +1,6 @@
-//! The AMQP side of the worker: consume a queue, hand messages to staging, page-change jobs or
-//! the owners' jobs (onboarding, data deletion),
-//! dead-letter poison with its reason, ack only when the work is durable.
+//! The AMQP side of the worker: consume a queue, hand messages to staging, page-change, poll or
+//! owner jobs (onboarding, data deletion), dead-letter poison with its reason, ack only when
+//! the work is durable.
 //!
 //! A consumer session ends when the broker goes away; the loop reconnects with backoff, and
 //! whatever was unacked is redelivered (harmless: staging is idempotent). On shutdown it cancels
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbsync_shared::config::RetrySettings;
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventMessage, JobKind, PollRequest};
 use fbsync_shared::ids::PageId;
 use fbsync_shared::queue::owner_jobs::OwnerJob;
 use fbsync_shared::queue::{Topology, connect};
@@ -28,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::health::Health;
+use crate::job::JobFailure;
 use crate::onboard::OnboardJob;
-use crate::page_data::{PageDataFailure, PageDataJob};
+use crate::page_data::PageDataJob;
 use crate::park::Parker;
+use crate::poll::PollJob;
 use crate::stage::{Decision, QueuedMessage, Stager};
 
 /// Most conversation messages staged in one transaction.
@@ -44,6 +46,8 @@ pub struct ConsumerContext {
     pub topology: Topology,
     /// Unacked messages per consumer.
     pub prefetch: u16,
+    /// Poll jobs one worker runs at once (each holds a Graph walk and a database lease).
+    pub poll_concurrency: u16,
     /// Backoff for staging when the database fails.
     pub retry: RetrySettings,
     /// Whether the database and the store are up; consumers wait while they are not.
@@ -54,8 +58,10 @@ pub struct ConsumerContext {
     pub dead_letters: Arc<DeadLetterSender>,
     /// Conversation staging.
     pub stager: Stager,
-    /// Page-change jobs (and the onboarding's page-data step).
-    pub page_data: PageDataJob,
+    /// Page-change jobs.
+    pub page_data: Arc<PageDataJob>,
+    /// Poll jobs.
+    pub poller: PollJob,
     /// The owners' jobs: onboarding, data deletion.
     pub onboard: OnboardJob,
 }
@@ -108,8 +114,13 @@ async fn consume_session(
     .await?;
     let channel = connection.create_channel().await?;
     context.topology.declare(&channel).await?;
+    let prefetch = match kind {
+        // Both call the Graph API: bounded like polls.
+        JobKind::Poll | JobKind::Onboard => context.poll_concurrency,
+        JobKind::Conversation | JobKind::PageChange => context.prefetch,
+    };
     channel
-        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("fbsync-{}-{}", kind.as_str(), uuid::Uuid::new_v4().simple());
     let mut consumer = channel
@@ -150,16 +161,10 @@ async fn consume_session(
                 }
                 handle_conversation_batch(context, batch, shutdown).await;
             }
-            JobKind::PageChange => {
+            JobKind::PageChange | JobKind::Poll | JobKind::Onboard => {
                 let context = context.clone();
                 let shutdown = shutdown.clone();
-                jobs.spawn(async move { handle_page_change(&context, delivery, &shutdown).await });
-                while jobs.try_join_next().is_some() {}
-            }
-            JobKind::Onboard => {
-                let context = context.clone();
-                let shutdown = shutdown.clone();
-                jobs.spawn(async move { handle_owner_job(&context, delivery, &shutdown).await });
+                jobs.spawn(async move { handle_job(&context, kind, delivery, &shutdown).await });
                 while jobs.try_join_next().is_some() {}
             }
         }
@@ -236,67 +241,30 @@ async fn handle_conversation_batch(
     }
 }
 
-/// An owner job: onboard a Page, or delete a user's data.
-async fn handle_owner_job(
+/// Runs one page-change or poll job and settles its message: ack, dead letter, park or give
+/// back.
+async fn handle_job(
     context: &ConsumerContext,
-    delivery: Delivery,
-    shutdown: &CancellationToken,
-) {
-    let now = fbsync_shared::now_ms();
-    let job = serde_json::from_slice::<OwnerJob>(&delivery.data)
-        .map_err(|e| format!("not an owner job: {e}"));
-    let outcome = match job {
-        Ok(OwnerJob::OnboardPage { page_id }) => match PageId::parse(&page_id) {
-            Ok(page_id) => {
-                context
-                    .onboard
-                    .onboard_page(&page_id, &context.page_data, shutdown)
-                    .await
-            }
-            Err(e) => Err(malformed(e.to_string(), JobKind::Onboard, now)),
-        },
-        Ok(OwnerJob::DeleteUserData { confirmation_code }) => {
-            context
-                .onboard
-                .delete_user_data(&confirmation_code, shutdown)
-                .await
-        }
-        Err(error) => Err(malformed(error, JobKind::Onboard, now)),
-    };
-    settle(context, delivery, JobKind::Onboard, outcome, shutdown).await;
-}
-
-/// The dead letter of a message that cannot be a job of `kind`.
-fn malformed(error: String, kind: JobKind, now: i64) -> PageDataFailure {
-    PageDataFailure::DeadLetter(DeadLetterInfo::new(
-        DeadReason::Malformed,
-        error,
-        1,
-        kind.as_str(),
-        now,
-        now,
-    ))
-}
-
-/// Acks a job that succeeded; dead-letters, parks or gives back one that did not.
-async fn settle<T>(
-    context: &ConsumerContext,
-    delivery: Delivery,
     kind: JobKind,
-    outcome: Result<T, PageDataFailure>,
+    delivery: Delivery,
     shutdown: &CancellationToken,
 ) {
+    let outcome = match kind {
+        JobKind::PageChange => run_page_change(context, &delivery.data, shutdown).await,
+        JobKind::Poll => run_poll(context, &delivery.data, shutdown).await,
+        JobKind::Onboard => run_owner_job(context, &delivery.data, shutdown).await,
+        // Never sent here: conversation messages are staged in batches.
+        JobKind::Conversation => Err(malformed(kind, "not a job message".into())),
+    };
     match outcome {
-        Ok(_) => {
+        Ok(()) => {
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        Err(PageDataFailure::DeadLetter(info)) => {
+        Err(JobFailure::DeadLetter(info)) => {
             context.dead_letters.send(&delivery, info, shutdown).await
         }
-        Err(PageDataFailure::Park(wait)) => {
-            context.parker.park(&delivery, kind, wait, shutdown).await
-        }
-        Err(PageDataFailure::GiveBack) => {
+        Err(JobFailure::Park(wait)) => context.parker.park(&delivery, kind, wait, shutdown).await,
+        Err(JobFailure::GiveBack) => {
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,
@@ -307,33 +275,70 @@ async fn settle<T>(
     }
 }
 
-async fn handle_page_change(
+/// A page-change event: refresh the Page's `page_data.json`.
+async fn run_page_change(
     context: &ConsumerContext,
-    delivery: Delivery,
+    body: &[u8],
     shutdown: &CancellationToken,
-) {
-    let now = fbsync_shared::now_ms();
-    let page_id = match serde_json::from_slice::<EventMessage>(&delivery.data) {
+) -> Result<(), JobFailure> {
+    let page_id = match serde_json::from_slice::<EventMessage>(body) {
         Ok(event) => PageId::parse(&event.page_id).map_err(|e| e.to_string()),
         Err(e) => Err(format!("not an event message: {e}")),
     };
-    let page_id = match page_id {
-        Ok(page_id) => page_id,
-        Err(error) => {
-            let info = DeadLetterInfo::new(
-                DeadReason::Malformed,
-                error,
-                1,
-                JobKind::PageChange.as_str(),
-                now,
-                now,
-            );
-            return context.dead_letters.send(&delivery, info, shutdown).await;
+    let page_id = page_id.map_err(|error| malformed(JobKind::PageChange, error))?;
+    let outcome = context
+        .page_data
+        .refresh(&page_id, JobKind::PageChange, shutdown)
+        .await?;
+    tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
+    Ok(())
+}
+
+/// A poll job: the Page's metadata and conversations from the Graph API.
+async fn run_poll(
+    context: &ConsumerContext,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let request = serde_json::from_slice::<PollRequest>(body)
+        .map_err(|e| malformed(JobKind::Poll, format!("not a poll job: {e}")))?;
+    context.poller.run(&request, shutdown).await.map(|_| ())
+}
+
+/// An owner job: onboard a Page, or delete a user's data.
+async fn run_owner_job(
+    context: &ConsumerContext,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let job = serde_json::from_slice::<OwnerJob>(body)
+        .map_err(|e| malformed(JobKind::Onboard, format!("not an owner job: {e}")))?;
+    match job {
+        OwnerJob::OnboardPage { page_id } => {
+            let page_id =
+                PageId::parse(&page_id).map_err(|e| malformed(JobKind::Onboard, e.to_string()))?;
+            context
+                .onboard
+                .onboard_page(&page_id, &context.page_data, shutdown)
+                .await
         }
-    };
-    let outcome = context.page_data.refresh(&page_id, shutdown).await;
-    if let Ok(outcome) = &outcome {
-        tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
+        OwnerJob::DeleteUserData { confirmation_code } => {
+            context
+                .onboard
+                .delete_user_data(&confirmation_code, shutdown)
+                .await
+        }
     }
-    settle(context, delivery, JobKind::PageChange, outcome, shutdown).await;
+}
+
+fn malformed(kind: JobKind, error: String) -> JobFailure {
+    let now = fbsync_shared::now_ms();
+    JobFailure::DeadLetter(DeadLetterInfo::new(
+        DeadReason::Malformed,
+        error,
+        1,
+        kind.as_str(),
+        now,
+        now,
+    ))
 }

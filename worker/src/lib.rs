@@ -1,6 +1,6 @@
 //! The worker role: consume events, stage them durably, flush conversations into the object
-//! store within its budgets, refresh Page metadata, onboard Pages that owners connect (and
-//! delete a user's data when Meta asks), and dead-letter poison.
+//! store within its budgets, refresh Page metadata, poll the Graph API, onboard Pages that
+//! owners connect (and delete a user's data when Meta asks), and dead-letter poison.
 //!
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
@@ -10,10 +10,12 @@ pub mod dead_letter;
 pub mod flush;
 pub mod forward;
 pub mod health;
+pub mod job;
 pub mod merge;
 pub mod onboard;
 pub mod page_data;
 pub mod park;
+pub mod poll;
 pub mod stage;
 
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::Database;
 use fbsync_shared::storage::object_store::{ObjectStore, open_store};
 use fbsync_shared::telemetry::{
-    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
+    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +43,7 @@ use crate::health::Health;
 use crate::onboard::OnboardJob;
 use crate::page_data::PageDataJob;
 use crate::park::Parker;
+use crate::poll::PollJob;
 use crate::stage::Stager;
 
 /// The parts of a worker, opened from settings.
@@ -78,23 +81,32 @@ impl Worker {
             "fbsync-worker-dead-letters".into(),
             shutdown.clone(),
         );
+        let graph = GraphClient::new(&settings.facebook.graph_url);
         let onboard = OnboardJob {
             db: db.clone(),
             store: store.clone(),
             cipher: cipher.clone(),
-            graph: GraphClient::new(&settings.facebook.graph_url),
+            graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),
             retry: settings.retry.clone(),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
         };
-        let page_data = PageDataJob {
+        let page_data = Arc::new(PageDataJob {
             db: db.clone(),
             store: store.clone(),
-            cipher,
-            graph: GraphClient::new(&settings.facebook.graph_url),
+            cipher: cipher.clone(),
+            graph: graph.clone(),
             retry: settings.retry.clone(),
             put_budget: PutBudget::from_settings(&settings.storage),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
+        });
+        let poller = PollJob {
+            db: db.clone(),
+            graph,
+            cipher,
+            retry: settings.retry.clone(),
+            lease: settings.worker.lease,
+            page_data: page_data.clone(),
         };
         let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let parker = Parker::new(forwarder.clone(), topology.clone());
@@ -104,12 +116,14 @@ impl Worker {
             amqp_url: settings.broker.amqp_url.clone(),
             topology,
             prefetch: settings.worker.prefetch,
+            poll_concurrency: settings.worker.poll_concurrency,
             dead_letters: dead_letters.clone(),
             retry: settings.retry.clone(),
             health: health.clone(),
             parker,
             stager: Stager::new(db.clone()),
             page_data,
+            poller,
             onboard,
         });
         let flusher = Arc::new(Flusher::new(
@@ -173,7 +187,7 @@ async fn flush_forever(flusher: Arc<Flusher>, interval: Duration, shutdown: Canc
     }
 }
 
-/// Publishes the staged backlog and DLQ depth gauges every few seconds.
+/// Publishes the staged backlog, DLQ depth and poll age gauges every few seconds.
 async fn report_backlog(
     db: Database,
     consumers: Arc<ConsumerContext>,
@@ -189,6 +203,14 @@ async fn report_backlog(
                 .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
             metrics::gauge!(CONVERSATIONS_SET_ASIDE).set(backlog.set_aside as f64);
+        }
+        if let Ok(states) = db.poll_states().await {
+            let now = now_ms();
+            for state in states {
+                let since = state.last_complete_end_ms.unwrap_or(state.created_at_ms);
+                metrics::gauge!(POLL_AGE_SECONDS, "page_id" => state.page_id)
+                    .set((now - since).max(0) as f64 / 1000.0);
+            }
         }
         if broker.is_none()
             && let Ok(connection) =

@@ -116,7 +116,8 @@ pub fn merge_events(
 }
 
 /// The seed's reconstruction of a polled message: sender, recipient, timestamp and a message
-/// with only mid and text.
+/// with mid and text, maybe `is_echo`, and maybe the Graph API's attachment objects (which,
+/// unlike a webhook's, have no `payload`).
 fn is_polled_shape(event: &Value) -> bool {
     let Some(object) = event.as_object() else {
         return false;
@@ -124,11 +125,17 @@ fn is_polled_shape(event: &Value) -> bool {
     let top_ok = object
         .keys()
         .all(|k| matches!(k.as_str(), "sender" | "recipient" | "timestamp" | "message"));
-    let message_ok = event
-        .get("message")
-        .and_then(Value::as_object)
-        .is_some_and(|m| m.keys().all(|k| k == "mid" || k == "text"));
-    top_ok && message_ok
+    let Some(message) = event.get("message").and_then(Value::as_object) else {
+        return false;
+    };
+    let message_ok = message
+        .keys()
+        .all(|k| matches!(k.as_str(), "mid" | "text" | "is_echo" | "attachments"));
+    let attachments_ok = message
+        .get("attachments")
+        .and_then(Value::as_array)
+        .is_none_or(|list| list.iter().all(|a| a.get("payload").is_none()));
+    top_ok && message_ok && attachments_ok
 }
 
 #[cfg(test)]
@@ -245,6 +252,25 @@ mod tests {
         )
         .expect("merges");
         assert!(!kept.changed);
+    }
+
+    #[test]
+    fn a_polled_echo_with_attachments_gives_way_to_the_webhook_echo() {
+        let polled = r#"{"sender":{"id":"p1"},"recipient":{"id":"u1"},"timestamp":9,"message":{"mid":"m_i","text":"","is_echo":true,"attachments":[{"id":"a1","mime_type":"image/jpeg"}]}}"#;
+        let webhook_echo = r#"{"sender":{"id":"p1"},"recipient":{"id":"u1"},"timestamp":9,"message":{"mid":"m_i","is_echo":true,"app_id":7,"attachments":[{"type":"image","payload":{"url":"https://x"}}]}}"#;
+        let stored = merge_events(
+            PAGE,
+            None,
+            &[IncomingEvent {
+                body: polled,
+                source: EventSource::Poll,
+            }],
+        )
+        .expect("merges");
+        let upgraded =
+            merge_events(PAGE, Some(&stored.body), &[webhook(webhook_echo)]).expect("merges");
+        assert_eq!(upgraded.events, 1);
+        assert_eq!(upgraded.body, format!("[{webhook_echo}]").into_bytes());
     }
 
     #[test]

@@ -28,7 +28,8 @@ use fbsync_shared::storage::object_store::{ObjectStore, StoreError, user_prefix}
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::page_data::{PageDataFailure, PageDataJob, PageDataOutcome};
+use crate::job::JobFailure;
+use crate::page_data::{PageDataJob, PageDataOutcome};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
@@ -110,7 +111,7 @@ impl OnboardJob {
         page_id: &PageId,
         page_data: &PageDataJob,
         shutdown: &CancellationToken,
-    ) -> Result<(), PageDataFailure> {
+    ) -> Result<(), JobFailure> {
         let first_failure = now_ms();
         let subscribed = retry(&self.retry, "subscribe", shutdown, || {
             self.subscribe_once(page_id)
@@ -118,9 +119,11 @@ impl OnboardJob {
         .await;
         match subscribed {
             Ok(outcome) => self.record(page_id, OnboardStep::Subscribe, outcome).await,
-            Err(RetryError::Cancelled) => return Err(PageDataFailure::GiveBack),
-            Err(RetryError::Park { wait }) => return Err(PageDataFailure::Park(wait)),
+            Err(RetryError::Cancelled) => return Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => return Err(JobFailure::Park(wait)),
             Err(RetryError::Failed { error, attempts }) => {
+                self.record(page_id, OnboardStep::Subscribe, &format!("failed: {error}"))
+                    .await;
                 let reason = match &error {
                     AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
                     AttemptError::Token(_) => DeadReason::TokenError,
@@ -140,9 +143,7 @@ impl OnboardJob {
                     AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
                     _ => DeadReason::AttemptsExhausted,
                 };
-                self.record(page_id, OnboardStep::Subscribe, &format!("failed: {error}"))
-                    .await;
-                return Err(PageDataFailure::DeadLetter(DeadLetterInfo::new(
+                return Err(JobFailure::DeadLetter(DeadLetterInfo::new(
                     reason,
                     error.to_string(),
                     attempts,
@@ -152,7 +153,7 @@ impl OnboardJob {
                 )));
             }
         }
-        match page_data.refresh(page_id, shutdown).await {
+        match page_data.refresh(page_id, JobKind::Onboard, shutdown).await {
             Ok(PageDataOutcome::Written) => {
                 self.record(page_id, OnboardStep::PageData, "written").await
             }
@@ -164,22 +165,21 @@ impl OnboardJob {
                 )
                 .await
             }
-            Err(PageDataFailure::DeadLetter(mut info)) => {
+            Err(JobFailure::DeadLetter(info)) => {
                 self.record(
                     page_id,
                     OnboardStep::PageData,
                     &format!("failed: {}", info.error),
                 )
                 .await;
-                // A replay runs the whole onboarding again, from its own queue.
-                info.routing_key = JobKind::Onboard.as_str().to_string();
-                return Err(PageDataFailure::DeadLetter(info));
+                // Dead-lettered as an onboard job: a replay runs the whole onboarding again.
+                return Err(JobFailure::DeadLetter(info));
             }
             Err(other) => return Err(other),
         }
         if let Err(e) = start_backfill(&self.db, page_id).await {
             tracing::warn!(%page_id, error = %e, "could not record the backfill step");
-            return Err(PageDataFailure::Park(self.retry.max_delay));
+            return Err(JobFailure::Park(self.retry.max_delay));
         }
         tracing::info!(%page_id, "Page onboarded");
         Ok(())
@@ -218,7 +218,7 @@ impl OnboardJob {
         &self,
         confirmation_code: &str,
         shutdown: &CancellationToken,
-    ) -> Result<(), PageDataFailure> {
+    ) -> Result<(), JobFailure> {
         let first_failure = now_ms();
         let deleted = retry(&self.retry, "delete_user_data", shutdown, || {
             self.delete_once(confirmation_code)
@@ -229,14 +229,14 @@ impl OnboardJob {
                 tracing::info!(objects = count, "a user's data was deleted");
                 Ok(())
             }
-            Err(RetryError::Cancelled) => Err(PageDataFailure::GiveBack),
-            Err(RetryError::Park { wait }) => Err(PageDataFailure::Park(wait)),
+            Err(RetryError::Cancelled) => Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => Err(JobFailure::Park(wait)),
             Err(RetryError::Failed { error, attempts }) => {
                 let _ = self
                     .db
                     .fail_data_deletion(confirmation_code, &error.to_string())
                     .await;
-                Err(PageDataFailure::DeadLetter(DeadLetterInfo::new(
+                Err(JobFailure::DeadLetter(DeadLetterInfo::new(
                     DeadReason::AttemptsExhausted,
                     error.to_string(),
                     attempts,

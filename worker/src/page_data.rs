@@ -26,6 +26,7 @@ use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::job::JobFailure;
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
@@ -35,17 +36,6 @@ const BUCKET_SLOT_WINDOWS: usize = 50;
 pub enum PageDataOutcome {
     Written,
     Unchanged,
-}
-
-/// Why a refresh did not complete.
-#[derive(Debug, Clone)]
-pub enum PageDataFailure {
-    /// Park the job in the DLQ with this information.
-    DeadLetter(DeadLetterInfo),
-    /// Shutdown interrupted a wait: return the job to its queue.
-    GiveBack,
-    /// The next attempt is far off (a rate limit, an outage): park the job for this long.
-    Park(Duration),
 }
 
 /// Everything a page-change job needs.
@@ -101,12 +91,14 @@ impl RetryClass for AttemptError {
 }
 
 impl PageDataJob {
-    /// Refreshes `page_data.json` of `page_id`.
+    /// Refreshes `page_data.json` of `page_id`, for a job of `kind` (the queue a dead letter
+    /// is replayed to).
     pub async fn refresh(
         &self,
         page_id: &PageId,
+        kind: JobKind,
         shutdown: &CancellationToken,
-    ) -> Result<PageDataOutcome, PageDataFailure> {
+    ) -> Result<PageDataOutcome, JobFailure> {
         let first_failure = now_ms();
         let outcome = retry(&self.retry, "page_data", shutdown, || {
             self.refresh_once(page_id)
@@ -122,15 +114,15 @@ impl PageDataJob {
                 }
                 return Ok(outcome);
             }
-            Err(RetryError::Cancelled) => return Err(PageDataFailure::GiveBack),
-            Err(RetryError::Park { wait }) => return Err(PageDataFailure::Park(wait)),
+            Err(RetryError::Cancelled) => return Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => return Err(JobFailure::Park(wait)),
             // An outage of the database or the store delays the job; it never dead-letters it.
             Err(RetryError::Failed { error, .. })
                 if matches!(error, AttemptError::Db(_) | AttemptError::Store(_))
                     && error.is_transient() =>
             {
                 tracing::warn!(%page_id, %error, "page metadata waits for the database or the store; parked");
-                return Err(PageDataFailure::Park(self.retry.max_delay));
+                return Err(JobFailure::Park(self.retry.max_delay));
             }
             Err(RetryError::Failed { error, attempts }) => (error, attempts),
         };
@@ -159,11 +151,11 @@ impl PageDataJob {
             reason,
             error.to_string(),
             attempts,
-            JobKind::PageChange.as_str(),
+            kind.as_str(),
             first_failure,
             now_ms(),
         );
-        Err(PageDataFailure::DeadLetter(info))
+        Err(JobFailure::DeadLetter(info))
     }
 
     /// Takes `writes` and `ops` for a request about to be sent, waiting a few budget windows

@@ -20,19 +20,27 @@ pub enum JobKind {
     Conversation,
     /// Page field changes: refresh `page_data.json`.
     PageChange,
+    /// Graph API polls of a Page's metadata and conversations ([`PollRequest`]).
+    Poll,
     /// The owners' jobs: onboard a Page connected through Facebook Login, delete a user's
     /// data (see `queue::owner_jobs`).
     Onboard,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 3] = [JobKind::Conversation, JobKind::PageChange, JobKind::Onboard];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Conversation,
+        JobKind::PageChange,
+        JobKind::Poll,
+        JobKind::Onboard,
+    ];
 
     /// The routing key and queue suffix of this kind.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Conversation => "conversation",
             JobKind::PageChange => "page_change",
+            JobKind::Poll => "poll",
             JobKind::Onboard => "onboard",
         }
     }
@@ -142,6 +150,22 @@ pub struct EventMessage {
     pub received_at_ms: i64,
     /// The event exactly as Facebook sent it.
     pub event: Box<RawValue>,
+}
+
+/// A poll job (the body of a `poll` queue message): read one Page's metadata and conversations
+/// from the Graph API and stage what is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollRequest {
+    /// The Page to poll.
+    pub page_id: String,
+    /// Read the whole history, not only conversations updated since the last complete poll
+    /// (a newly connected Page, `fbsync poll --backfill`).
+    #[serde(default)]
+    pub backfill: bool,
+    /// Who asked (`scheduler`, `operator`, `onboarding`), for logs and dead letters.
+    pub requested_by: String,
+    /// When it was asked.
+    pub requested_at_ms: i64,
 }
 
 /// Why a delivery body was refused (answered 400).

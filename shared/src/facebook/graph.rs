@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
 use crate::retry::RetryClass;
-use crate::telemetry::GRAPH_SECONDS;
+use crate::telemetry::{GRAPH_CALLS, GRAPH_SECONDS};
 
 /// The Page fields stored in `page_data.json`; anything else the API returns (a token above
 /// all) is dropped.
@@ -131,6 +131,12 @@ impl GraphClient {
         self.send(self.http.post(url).form(form), token).await
     }
 
+    /// A `paging.next` link as it may be kept (in the database, to resume a poll): on the
+    /// Graph API's origin and without a token.
+    pub fn paging_link(&self, url: &str) -> Result<String, GraphError> {
+        Ok(self.checked_url(url)?.to_string())
+    }
+
     /// Parses `url` and makes sure it is on the Graph API's own origin (a `paging.next` link
     /// elsewhere would carry the token away), without an `access_token` parameter: Facebook
     /// writes the token into its `paging.next` links, and a token in a URL ends up in logs.
@@ -156,8 +162,25 @@ impl GraphClient {
         Ok(parsed)
     }
 
-    /// Sends one request and classifies its failure.
+    /// Sends one request, classifies its failure and counts its outcome.
     async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: &SecretString,
+    ) -> Result<Value, GraphError> {
+        let result = self.send_once(request, token).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(GraphError::RateLimited { .. }) => "rate_limited",
+            Err(GraphError::TokenInvalid { .. }) => "token_error",
+            Err(GraphError::Transient(_)) => "transient",
+            Err(GraphError::Permanent(_)) => "error",
+        };
+        metrics::counter!(GRAPH_CALLS, "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn send_once(
         &self,
         request: reqwest::RequestBuilder,
         token: &SecretString,

@@ -13,7 +13,8 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use crate::facebook::event::JobKind;
+use super::Outgoing;
+use crate::facebook::event::{JobKind, PollRequest};
 
 /// Deliveries of one message before the broker gives up and dead-letters it. Workers
 /// dead-letter poison on purpose long before this; the limit is for crash loops (a message that
@@ -36,6 +37,21 @@ impl Topology {
 
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
+    }
+
+    /// A poll job for the events exchange, routed to the poll queue.
+    pub fn poll_job(&self, request: &PollRequest) -> Outgoing {
+        Outgoing {
+            exchange: self.events_exchange(),
+            routing_key: JobKind::Poll.as_str().into(),
+            body: serde_json::to_vec(request).expect("a poll request serialises"),
+            message_id: format!(
+                "poll:{}:{}:{}",
+                request.page_id, request.requested_by, request.requested_at_ms
+            ),
+            headers: FieldTable::default(),
+            expiration: None,
+        }
     }
 
     pub fn queue(&self, kind: JobKind) -> String {

@@ -25,6 +25,12 @@ use fbsync_shared::ids::PageId;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason, message_id};
 
+/// The one field every job body has.
+#[derive(serde::Deserialize)]
+struct NamesPage {
+    page_id: String,
+}
+
 /// Which dead letters a tool acts on. Every filter that is set must match.
 #[derive(Debug, Clone, Default)]
 pub struct DlqFilter {
@@ -47,6 +53,8 @@ pub struct DeadLetter {
     pub info: DeadLetterInfo,
     /// The event, when the body is one.
     pub event: Option<EventMessage>,
+    /// The Page the body names: an event's, or a job's (a poll job is not an event).
+    page_id: Option<String>,
     /// The original body.
     pub body: Vec<u8>,
     /// The original headers (ours and the broker's included).
@@ -60,7 +68,7 @@ impl DeadLetter {
     }
 
     pub fn page_id(&self) -> Option<&str> {
-        self.event.as_ref().map(|e| e.page_id.as_str())
+        self.page_id.as_deref()
     }
 
     /// Seconds since the last failure.
@@ -203,6 +211,9 @@ impl DlqSession {
                 delivery_tag: delivery.delivery_tag,
                 info: DeadLetterInfo::from_headers(headers.as_ref(), delivery.routing_key.as_str()),
                 event: serde_json::from_slice(&delivery.data).ok(),
+                page_id: serde_json::from_slice::<NamesPage>(&delivery.data)
+                    .ok()
+                    .map(|body| body.page_id),
                 message_id: message_id(&delivery.properties),
                 body: delivery.data,
                 headers,
@@ -341,43 +352,4 @@ pub async fn dlq_depth(channel: &Channel, topology: &Topology) -> lapin::Result<
         .queue_declare(topology.dead().into(), options, FieldTable::default())
         .await?;
     Ok(queue.message_count())
-}
-
-/// Parses `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
-pub fn parse_age(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 10m, 2h or 1d"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "m" => value * 60,
-        "h" => value * 3600,
-        "d" => value * 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?} is not a duration like 30s, 10m, 2h or 1d"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(seconds))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_parse() {
-        assert_eq!(parse_age("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_age("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_age("1d"), Ok(Duration::from_secs(86_400)));
-        assert!(parse_age("soon").is_err());
-        assert!(parse_age("5w").is_err());
-    }
 }

@@ -71,6 +71,13 @@ pub struct PageSummary {
     pub staged: i64,
     /// Conversations set aside because their stored object cannot be read.
     pub set_aside: i64,
+    /// When the last complete Graph poll ended; `None`: never polled.
+    pub last_poll_ms: Option<i64>,
+    /// When a poll in progress started; `None`: none in progress.
+    pub poll_started_ms: Option<i64>,
+    /// Messages whose details the Graph API refused (older than a conversation's 20 most
+    /// recent), over every poll.
+    pub details_unavailable: i64,
     /// Conversations stored at least once.
     pub conversations_stored: i64,
     /// Onboarding (a Page connected through Facebook Login): the app's subscription.
@@ -129,15 +136,20 @@ impl PageSummary {
     }
 }
 
-/// The columns of a [`PageSummary`], for `FROM pages p`.
+/// The columns of a [`PageSummary`], from [`SUMMARY_FROM`].
 const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms, p.last_flush_ms,
         p.last_error_ms, p.last_error,
         (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged,
         (SELECT COUNT(*) FROM conversations c
          WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside,
+        q.last_complete_end_ms AS last_poll_ms, q.started_at_ms AS poll_started_ms,
+        COALESCE(q.details_unavailable_total, 0) AS details_unavailable,
         (SELECT COUNT(*) FROM conversations c
          WHERE c.page_id = p.page_id AND c.flushed_gen > 0) AS conversations_stored,
         p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill";
+
+/// The tables a [`PageSummary`] is read from.
+const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
 
 impl Database {
     /// Registers a Page, or replaces its owner and token (and clears a re-auth flag).
@@ -165,8 +177,12 @@ impl Database {
         Ok(())
     }
 
-    /// Removes a Page; true when it was registered.
+    /// Removes a Page (and its poll state); true when it was registered.
     pub async fn remove_page(&self, page_id: &PageId) -> Result<bool, DbError> {
+        sqlx::query("DELETE FROM page_polls WHERE page_id = $1")
+            .bind(page_id.as_str())
+            .execute(&self.pool)
+            .await?;
         let done = sqlx::query("DELETE FROM pages WHERE page_id = $1")
             .bind(page_id.as_str())
             .execute(&self.pool)
@@ -187,7 +203,7 @@ impl Database {
 
     /// Every registered Page with its staged backlog, ordered by id.
     pub async fn list_pages(&self) -> Result<Vec<PageSummary>, DbError> {
-        let sql = format!("SELECT {SUMMARY_COLUMNS} FROM pages p ORDER BY p.page_id");
+        let sql = format!("SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} ORDER BY p.page_id");
         let pages = sqlx::query_as::<_, PageSummary>(&sql)
             .fetch_all(&self.pool)
             .await?;
@@ -197,7 +213,7 @@ impl Database {
     /// The Pages of one user, ordered by id (the owner's status page).
     pub async fn pages_of_user(&self, user: &UserUuid) -> Result<Vec<PageSummary>, DbError> {
         let sql = format!(
-            "SELECT {SUMMARY_COLUMNS} FROM pages p WHERE p.user_uuid = $1 ORDER BY p.page_id"
+            "SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} WHERE p.user_uuid = $1 ORDER BY p.page_id"
         );
         let pages = sqlx::query_as::<_, PageSummary>(&sql)
             .bind(user.as_str())

@@ -1,0 +1,201 @@
+//! The scheduler's claims: one per Page and poll period, so a Page's poll job is enqueued once
+//! per period however many schedulers run.
+//!
+//! A scheduler claims, publishes the job with a confirm, then marks the claim enqueued. A
+//! publish that fails drops the claim (the next tick tries again); a scheduler that dies between
+//! claim and publish leaves a claim that is not enqueued, which another scheduler takes over
+//! once it is older than the stale age.
+
+use super::{Database, DbError};
+use crate::ids::PageId;
+
+impl Database {
+    /// Active Pages (not waiting for re-authorisation) whose poll for the period starting at
+    /// `period_ms` is neither enqueued nor freshly claimed (claimed at or after
+    /// `stale_before_ms`), ordered by id.
+    pub async fn pages_to_poll(
+        &self,
+        period_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<Vec<PageId>, DbError> {
+        let rows = sqlx::query_as::<_, (String,)>(
+            "SELECT p.page_id FROM pages p
+             WHERE p.status = 'active' AND NOT EXISTS (
+                 SELECT 1 FROM poll_claims c
+                 WHERE c.page_id = p.page_id AND c.period_ms = $1
+                   AND (c.enqueued_at_ms IS NOT NULL OR c.claimed_at_ms >= $2))
+             ORDER BY p.page_id",
+        )
+        .bind(period_ms)
+        .bind(stale_before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        page_ids(rows)
+    }
+
+    /// Every active Page (not waiting for re-authorisation), ordered by id.
+    pub async fn active_pages(&self) -> Result<Vec<PageId>, DbError> {
+        let rows = sqlx::query_as::<_, (String,)>(
+            "SELECT page_id FROM pages WHERE status = 'active' ORDER BY page_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        page_ids(rows)
+    }
+
+    /// Pages that rounds skip because their token needs re-authorisation.
+    pub async fn pages_needing_reauth(&self) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query_as::<_, (String,)>(
+            "SELECT page_id FROM pages WHERE status = 'needs_reauth' ORDER BY page_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Claims the Page's poll for the period: true when this caller won it (a new claim, or a
+    /// stale one never enqueued, claimed before `stale_before_ms`).
+    pub async fn claim_poll(
+        &self,
+        page_id: &PageId,
+        period_ms: i64,
+        now: i64,
+        stale_before_ms: i64,
+    ) -> Result<bool, DbError> {
+        let done = sqlx::query(
+            "INSERT INTO poll_claims (page_id, period_ms, claimed_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (page_id, period_ms) DO UPDATE SET claimed_at_ms = excluded.claimed_at_ms
+             WHERE poll_claims.enqueued_at_ms IS NULL AND poll_claims.claimed_at_ms < $4",
+        )
+        .bind(page_id.as_str())
+        .bind(period_ms)
+        .bind(now)
+        .bind(stale_before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records that the claimed poll's job is confirmed on the queue.
+    pub async fn mark_poll_enqueued(
+        &self,
+        page_id: &PageId,
+        period_ms: i64,
+        now: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE poll_claims SET enqueued_at_ms = $3 WHERE page_id = $1 AND period_ms = $2",
+        )
+        .bind(page_id.as_str())
+        .bind(period_ms)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Drops a claim whose job could not be published, so the next tick tries again.
+    pub async fn drop_poll_claim(&self, page_id: &PageId, period_ms: i64) -> Result<(), DbError> {
+        sqlx::query(
+            "DELETE FROM poll_claims
+             WHERE page_id = $1 AND period_ms = $2 AND enqueued_at_ms IS NULL",
+        )
+        .bind(page_id.as_str())
+        .bind(period_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes claims of periods that started before `before_ms`.
+    pub async fn prune_poll_claims(&self, before_ms: i64) -> Result<u64, DbError> {
+        let done = sqlx::query("DELETE FROM poll_claims WHERE period_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Page ids read from rows, validated.
+fn page_ids(rows: Vec<(String,)>) -> Result<Vec<PageId>, DbError> {
+    rows.into_iter()
+        .map(|(id,)| {
+            PageId::parse(&id).map_err(|e| {
+                DbError::Query(sqlx::Error::Decode(
+                    format!("pages.page_id {id:?}: {e}").into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::UserUuid;
+    use crate::storage::db::PageStatus;
+    use crate::storage::db::test_support::backends;
+
+    #[tokio::test]
+    async fn a_page_is_claimed_once_per_period_and_a_stale_unpublished_claim_is_taken_over() {
+        for (backend, db) in backends().await {
+            let user = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
+            let (a, b) = (
+                PageId::parse("1").expect("id"),
+                PageId::parse("2").expect("id"),
+            );
+            for page in [&a, &b] {
+                db.upsert_page(page, &user, vec![1], 1).await.expect("page");
+            }
+            db.mark_page_error(&b, Some(PageStatus::NeedsReauth), "190", 1)
+                .await
+                .expect("flag");
+            assert_eq!(
+                db.pages_to_poll(100, 0).await.expect("plan"),
+                vec![a.clone()],
+                "{backend}: a Page that needs re-authorisation is skipped"
+            );
+            assert!(
+                db.claim_poll(&a, 100, 1_000, 0).await.expect("claim"),
+                "{backend}"
+            );
+            assert!(
+                !db.claim_poll(&a, 100, 1_001, 0).await.expect("claim"),
+                "{backend}: a second scheduler loses"
+            );
+            assert!(
+                db.pages_to_poll(100, 500).await.expect("plan").is_empty(),
+                "{backend}: a fresh claim is planned by nobody else"
+            );
+            // Its scheduler died before publishing: once stale, another takes it over.
+            assert_eq!(
+                db.pages_to_poll(100, 2_000).await.expect("plan"),
+                vec![a.clone()]
+            );
+            assert!(
+                db.claim_poll(&a, 100, 5_000, 2_000).await.expect("claim"),
+                "{backend}: stale and never enqueued"
+            );
+            db.mark_poll_enqueued(&a, 100, 5_001).await.expect("mark");
+            assert!(
+                !db.claim_poll(&a, 100, 9_000, 9_000).await.expect("claim"),
+                "{backend}: an enqueued claim is never taken again"
+            );
+            assert!(
+                db.claim_poll(&a, 200, 9_000, 0).await.expect("claim"),
+                "{backend}: the next period is a new claim"
+            );
+            db.drop_poll_claim(&a, 200).await.expect("drop");
+            assert!(
+                db.claim_poll(&a, 200, 9_001, 0).await.expect("claim"),
+                "{backend}"
+            );
+            assert_eq!(
+                db.prune_poll_claims(200).await.expect("prune"),
+                1,
+                "{backend}"
+            );
+        }
+    }
+}

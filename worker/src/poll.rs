@@ -1,0 +1,476 @@
+//! Poll jobs: one Page's metadata and Messenger conversations from the Graph API, staged exactly
+//! as webhook events are, so the flusher's budgets cover polled writes and a message that came
+//! both ways is stored once (the webhook copy wins).
+//!
+//! [`PollJob::run`] is one unit of work. The poll is leased to one worker ([`PollLease`], fenced
+//! by generation) and walks the conversations page by page, newest update first, following
+//! `paging.next` at both levels. Each page of conversations is staged before the link to the
+//! next one is saved, so a poll that stops (a long rate limit parks the job; a crash; shutdown)
+//! resumes at the first page not fully staged, and memory holds one page at a time. A daily poll
+//! stops at the first conversation not updated since the last complete poll began, and inside a
+//! conversation at the first message older than that; a backfill reads everything.
+//!
+//! A message whose details the Graph API withholds (older than a conversation's 20 most recent)
+//! is asked for once; the refusal is counted per Page, never retried, and the poll goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbsync_shared::config::RetrySettings;
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::facebook::conversations::{
+    Conversation, ConversationsPage, GraphMessage, MessagesPage, Paging, reconstruct,
+};
+use fbsync_shared::facebook::event::{EventSource, JobKind, PollRequest};
+use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::ids::{ConversationKey, PageId, Psid};
+use fbsync_shared::now_ms;
+use fbsync_shared::retry::{RetryClass, RetryError, retry};
+use fbsync_shared::storage::db::{
+    Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
+};
+use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::job::JobFailure;
+use crate::page_data::PageDataJob;
+
+/// Everything a poll job needs.
+pub struct PollJob {
+    /// The Page registry, poll progress and staging.
+    pub db: Database,
+    /// The Graph API.
+    pub graph: GraphClient,
+    /// Opens the Page's token.
+    pub cipher: TokenCipher,
+    /// The retry policy for Graph calls and database steps.
+    pub retry: RetrySettings,
+    /// How long the poll stays leased to this worker after each saved step.
+    pub lease: Duration,
+    /// The poll's first step: `page_data.json`, written only when it changed.
+    pub page_data: Arc<PageDataJob>,
+}
+
+/// What a poll did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollReport {
+    /// Conversations read.
+    pub conversations: i64,
+    /// Messages found, new and withheld.
+    pub counts: PollCounts,
+    /// False when another worker took the poll over (this one stopped).
+    pub complete: bool,
+}
+
+/// How a walk through the conversations ended without a failure.
+enum WalkEnd {
+    /// Every page read: the poll is complete.
+    Complete,
+    /// The lease was lost to another worker, which goes on from the last saved step.
+    TakenOver,
+}
+
+impl PollJob {
+    /// Polls the Page `request` names.
+    pub async fn run(
+        &self,
+        request: &PollRequest,
+        shutdown: &CancellationToken,
+    ) -> Result<PollReport, JobFailure> {
+        let first_failure = now_ms();
+        let page_id = PageId::parse(&request.page_id)
+            .map_err(|e| dead_letter(DeadReason::Malformed, e.to_string(), 1, first_failure))?;
+        let lease_ms = self.lease.as_millis() as i64;
+        let begun = self
+            .db_step(shutdown, || {
+                self.db
+                    .begin_poll(&page_id, request.backfill, lease_ms, now_ms())
+            })
+            .await?;
+        let lease = match begun {
+            PollStart::Leased(lease) => lease,
+            PollStart::Busy { until_ms } => {
+                // Another worker polls this Page; come back when its lease would have ended.
+                let wait = (until_ms - now_ms()).max(0) as u64 + 1_000;
+                tracing::info!(%page_id, wait_ms = wait, "the Page is being polled by another worker; parked");
+                return Err(JobFailure::Park(Duration::from_millis(wait)));
+            }
+        };
+        metrics::counter!(POLLS, "outcome" => "started").increment(1);
+        tracing::info!(
+            %page_id,
+            backfill = lease.is_backfill(),
+            resumed = lease.resume_url.is_some(),
+            requested_by = %request.requested_by,
+            "poll started"
+        );
+        let mut report = PollReport::default();
+        let walked = self.walk(&page_id, &lease, &mut report, shutdown).await;
+        match walked {
+            Ok(WalkEnd::Complete) => {
+                let finished = self
+                    .db_step(shutdown, || self.db.finish_poll(&page_id, &lease, now_ms()))
+                    .await?;
+                report.complete = finished;
+                metrics::counter!(POLLS, "outcome" => "finished").increment(1);
+                tracing::info!(
+                    %page_id,
+                    conversations = report.conversations,
+                    found = report.counts.found,
+                    new = report.counts.new,
+                    details_unavailable = report.counts.details_unavailable,
+                    "poll finished"
+                );
+                Ok(report)
+            }
+            Ok(WalkEnd::TakenOver) => {
+                tracing::warn!(%page_id, "another worker took the poll over; stopping");
+                Ok(report)
+            }
+            Err(failure) => {
+                // Its progress stays; the next job of the Page resumes it at once.
+                if let Err(e) = self.db.release_poll(&page_id, &lease).await {
+                    tracing::warn!(%page_id, error = %e, "could not release the poll's lease; it ends by itself");
+                }
+                if let JobFailure::DeadLetter(info) = &failure {
+                    // `fbsync poll --wait` recognises a failed poll by this prefix.
+                    let note = format!("poll failed: {}", info.error);
+                    if let Err(e) = self
+                        .db
+                        .mark_page_error(&page_id, None, &note, now_ms())
+                        .await
+                    {
+                        tracing::warn!(%page_id, error = %e, "could not record the poll's failure");
+                    }
+                }
+                let outcome = match failure {
+                    JobFailure::DeadLetter(_) => "failed",
+                    JobFailure::Park(_) => "parked",
+                    JobFailure::GiveBack => "given_back",
+                };
+                metrics::counter!(POLLS, "outcome" => outcome).increment(1);
+                Err(failure)
+            }
+        }
+    }
+
+    /// Metadata first, then every page of conversations from where the poll stands.
+    async fn walk(
+        &self,
+        page_id: &PageId,
+        lease: &PollLease,
+        report: &mut PollReport,
+        shutdown: &CancellationToken,
+    ) -> Result<WalkEnd, JobFailure> {
+        let started = now_ms();
+        let Some(page) = self.db_step(shutdown, || self.db.page(page_id)).await? else {
+            return Err(dead_letter(
+                DeadReason::UnknownPage,
+                format!("page {page_id} is not registered"),
+                1,
+                started,
+            ));
+        };
+        if page.status == PageStatus::NeedsReauth {
+            return Err(dead_letter(
+                DeadReason::TokenError,
+                "the Page's token was rejected before; the owner must connect the Page again",
+                1,
+                started,
+            ));
+        }
+        let token = self
+            .cipher
+            .open(page_id.as_str(), &page.token_sealed)
+            .map_err(|e| dead_letter(DeadReason::TokenError, e.to_string(), 1, started))?;
+        self.page_data
+            .refresh(page_id, JobKind::Poll, shutdown)
+            .await?;
+
+        let since = (!lease.is_backfill()).then_some(lease.since_ms).flatten();
+        let mut next = lease.resume_url.clone();
+        loop {
+            let conversations: ConversationsPage = self
+                .graph_step(page_id, shutdown, || {
+                    self.graph
+                        .conversations(page_id.as_str(), next.as_deref(), &token)
+                })
+                .await?;
+            let mut counts = PollCounts::default();
+            let mut reached_cutoff = false;
+            for conversation in &conversations.data {
+                let updated = conversation.updated_ms();
+                if let (Some(since), Some(updated)) = (since, updated)
+                    && updated < since
+                {
+                    reached_cutoff = true;
+                    break;
+                }
+                let read = self
+                    .read_conversation(page_id, lease, conversation, since, &token, shutdown)
+                    .await?;
+                let Some(read) = read else {
+                    return Ok(WalkEnd::TakenOver);
+                };
+                counts += read;
+                report.conversations += 1;
+            }
+            let following = match Paging::next_of(&conversations.paging) {
+                Some(link) if !reached_cutoff => Some(self.kept_link(page_id, link).await?),
+                _ => None,
+            };
+            let until = now_ms() + self.lease.as_millis() as i64;
+            let saved = self
+                .db_step(shutdown, || {
+                    self.db
+                        .save_poll_step(page_id, lease, following.as_deref(), counts, until)
+                })
+                .await?;
+            metrics::counter!(POLL_MESSAGES, "result" => "found").increment(counts.found as u64);
+            metrics::counter!(POLL_MESSAGES, "result" => "new").increment(counts.new as u64);
+            metrics::counter!(POLL_MESSAGES, "result" => "details_unavailable")
+                .increment(counts.details_unavailable as u64);
+            report.counts += counts;
+            if !saved {
+                return Ok(WalkEnd::TakenOver);
+            }
+            match following {
+                Some(link) => next = Some(link),
+                None => return Ok(WalkEnd::Complete),
+            }
+        }
+    }
+
+    /// Stages one conversation's messages, page by page; `None` when the lease was lost.
+    async fn read_conversation(
+        &self,
+        page_id: &PageId,
+        lease: &PollLease,
+        conversation: &Conversation,
+        since: Option<i64>,
+        token: &SecretString,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<PollCounts>, JobFailure> {
+        let mut counts = PollCounts::default();
+        let mut messages: MessagesPage = conversation.messages.clone().unwrap_or_default();
+        let mut lease_renewed = now_ms();
+        loop {
+            let mut events = Vec::with_capacity(messages.data.len());
+            let mut older_than_since = false;
+            for message in &messages.data {
+                if let (Some(since), Some(created)) = (since, message.created_ms())
+                    && created < since
+                {
+                    // Newest first: the rest was read by an earlier poll.
+                    older_than_since = true;
+                    break;
+                }
+                counts.found += 1;
+                let Some(detailed) = self.details(page_id, message, token, shutdown).await? else {
+                    counts.details_unavailable += 1;
+                    continue;
+                };
+                if let Some(event) = self.staged_event(page_id, &detailed) {
+                    events.push(event);
+                }
+            }
+            if !events.is_empty() {
+                let staged = self
+                    .db_step(shutdown, || self.db.stage_events(&events, now_ms()))
+                    .await?;
+                counts.new += staged as i64;
+            }
+            let next = Paging::next_of(&messages.paging).filter(|_| !older_than_since);
+            let Some(next) = next else {
+                return Ok(Some(counts));
+            };
+            // A long conversation may take longer than the lease: renew it on the way.
+            let lease_ms = self.lease.as_millis() as i64;
+            if now_ms() - lease_renewed > lease_ms / 3 {
+                let renewed = self
+                    .db_step(shutdown, || {
+                        self.db.renew_poll(page_id, lease, now_ms() + lease_ms)
+                    })
+                    .await?;
+                if !renewed {
+                    return Ok(None);
+                }
+                lease_renewed = now_ms();
+            }
+            let link = self.kept_link(page_id, next).await?;
+            messages = self
+                .graph_step(page_id, shutdown, || self.graph.messages(&link, token))
+                .await?;
+        }
+    }
+
+    /// The message with its details: as given, or asked for once. `None` when the Graph API
+    /// withholds them (an older message); rate limits and outages are retried as any call.
+    async fn details(
+        &self,
+        page_id: &PageId,
+        message: &GraphMessage,
+        token: &SecretString,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<GraphMessage>, JobFailure> {
+        if message.has_details() {
+            return Ok(Some(message.clone()));
+        }
+        let started = now_ms();
+        let asked = retry(&self.retry, "poll_graph", shutdown, || {
+            self.graph.message(&message.id, token)
+        })
+        .await;
+        match asked {
+            Ok(detailed) if detailed.has_details() => Ok(Some(detailed)),
+            Ok(_) => Ok(None),
+            Err(RetryError::Failed {
+                error: GraphError::Permanent(reason),
+                ..
+            }) => {
+                tracing::debug!(%page_id, message_id = %message.id, %reason, "message details withheld");
+                Ok(None)
+            }
+            Err(failure) => Err(self.retry_failure(page_id, failure, started).await),
+        }
+    }
+
+    /// A reconstructed message as a staged row of its conversation.
+    fn staged_event(&self, page_id: &PageId, message: &GraphMessage) -> Option<NewStagedEvent> {
+        let event = reconstruct(page_id.as_str(), message)?;
+        let user_psid = Psid::parse(&event.user_psid).ok()?;
+        Some(NewStagedEvent {
+            key: ConversationKey {
+                page_id: page_id.clone(),
+                user_psid,
+            },
+            event_id: event.event_id,
+            source: EventSource::Poll,
+            timestamp_ms: event.timestamp_ms,
+            received_at_ms: now_ms(),
+            body: event.body,
+        })
+    }
+
+    /// A `paging.next` link as it may be followed and kept; one that leaves the Graph API ends
+    /// the poll.
+    async fn kept_link(&self, page_id: &PageId, link: &str) -> Result<String, JobFailure> {
+        match self.graph.paging_link(link) {
+            Ok(link) => Ok(link),
+            Err(error) => Err(self.graph_failure(page_id, error, 1, now_ms()).await),
+        }
+    }
+
+    /// A Graph call under the retry policy.
+    async fn graph_step<T, F, Fut>(
+        &self,
+        page_id: &PageId,
+        shutdown: &CancellationToken,
+        call: F,
+    ) -> Result<T, JobFailure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, GraphError>>,
+    {
+        let started = now_ms();
+        match retry(&self.retry, "poll_graph", shutdown, call).await {
+            Ok(value) => Ok(value),
+            Err(failure) => Err(self.retry_failure(page_id, failure, started).await),
+        }
+    }
+
+    /// What a Graph call that did not succeed means for the job.
+    async fn retry_failure(
+        &self,
+        page_id: &PageId,
+        failure: RetryError<GraphError>,
+        started: i64,
+    ) -> JobFailure {
+        match failure {
+            RetryError::Cancelled => JobFailure::GiveBack,
+            RetryError::Park { wait } => {
+                tracing::info!(%page_id, wait_secs = wait.as_secs(), "Graph API asks to wait; the poll is parked and resumes where it stopped");
+                JobFailure::Park(wait)
+            }
+            RetryError::Failed { error, attempts } => {
+                self.graph_failure(page_id, error, attempts, started).await
+            }
+        }
+    }
+
+    /// A Graph error that ends the poll: a dead letter with its reason. A rejected token marks
+    /// the Page `needs_reauth`, so later rounds skip it until it is connected again.
+    async fn graph_failure(
+        &self,
+        page_id: &PageId,
+        error: GraphError,
+        attempts: u32,
+        started: i64,
+    ) -> JobFailure {
+        let reason = match &error {
+            GraphError::TokenInvalid { .. } => {
+                let note = format!("token rejected (code 190): {error}");
+                if let Err(e) = self
+                    .db
+                    .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
+                    .await
+                {
+                    tracing::error!(%page_id, error = %e, "could not flag the Page for re-authorisation");
+                }
+                tracing::warn!(%page_id, "Page token rejected while polling; the Page needs re-authorisation");
+                DeadReason::TokenError
+            }
+            GraphError::Permanent(_) => DeadReason::GraphError,
+            GraphError::RateLimited { .. } | GraphError::Transient(_) => {
+                DeadReason::AttemptsExhausted
+            }
+        };
+        dead_letter(reason, error.to_string(), attempts, started)
+    }
+
+    /// A database step under the retry policy. An outage delays the job (parked); it never
+    /// dead-letters it.
+    async fn db_step<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        step: F,
+    ) -> Result<T, JobFailure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, DbError>>,
+    {
+        match retry(&self.retry, "poll_db", shutdown, step).await {
+            Ok(value) => Ok(value),
+            Err(RetryError::Cancelled) => Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => Err(JobFailure::Park(wait)),
+            Err(RetryError::Failed { error, .. }) if error.is_transient() => {
+                tracing::warn!(%error, "a poll waits for the database; parked");
+                Err(JobFailure::Park(self.retry.max_delay))
+            }
+            Err(RetryError::Failed { error, attempts }) => Err(dead_letter(
+                DeadReason::AttemptsExhausted,
+                error.to_string(),
+                attempts,
+                now_ms(),
+            )),
+        }
+    }
+}
+
+fn dead_letter(
+    reason: DeadReason,
+    error: impl Into<String>,
+    attempts: u32,
+    first_failure: i64,
+) -> JobFailure {
+    JobFailure::DeadLetter(DeadLetterInfo::new(
+        reason,
+        error,
+        attempts,
+        JobKind::Poll.as_str(),
+        first_failure,
+        now_ms(),
+    ))
+}
