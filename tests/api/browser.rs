@@ -109,7 +109,7 @@ async fn an_owner_connects_in_a_real_browser_and_ends_on_the_status_page() {
         let url = browser.current_url().await.expect("url");
         let source = browser.source().await.expect("source");
         env.record(source.clone());
-        if url.path() == "/connect" && source.contains("pending: waits for the polling job") {
+        if url.path() == "/connect" && source.contains("started: a backfill poll is queued") {
             assert!(source.contains("subscribed"), "{source}");
             assert!(source.contains("written"), "{source}");
             break;

@@ -1,7 +1,7 @@
 //! Shop owners connect their Pages, end to end through the real binary (`fbsync up`) and local
 //! fakes of Shopify, Facebook's Login dialog and the Graph API: Shopify install to session
-//! cookie; Facebook Login to tokens stored sealed, the app subscribed and `page_data.json`
-//! written by the onboarding job; owners kept apart; a Page moving between owners; `/me/accounts`
+//! cookie; Facebook Login to tokens stored sealed, the app subscribed, `page_data.json`
+//! written and the history backfilled by the onboarding job; owners kept apart; a Page moving between owners; `/me/accounts`
 //! over several pages of results; tampered, expired and replayed states; a bad Shopify HMAC; a
 //! shop outside `*.myshopify.com`; a cancelled login and a declined permission; Meta's signed
 //! deauthorize and data-deletion callbacks. Every test ends by searching its HTTP answers, its
@@ -38,8 +38,8 @@ pub const STATE_SECRET: &str = "test-state-token-secret-0123456789";
 /// How long onboarding may take.
 const ONBOARDING_LIMIT: Duration = Duration::from_secs(60);
 
-/// The backfill step's outcome until the polling job takes it over.
-const BACKFILL_PENDING: &str = "pending: waits for the polling job";
+/// The backfill step's outcome once its poll job is queued.
+const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 
 /// One HTTP answer, kept for the token search.
 #[derive(Debug, Clone)]
@@ -369,7 +369,7 @@ impl Owner {
             let status = self.status().await;
             let done = pages.iter().all(|page| {
                 status["pages"].as_array().into_iter().flatten().any(|p| {
-                    p["page_id"] == *page && p["onboarding"]["backfill"] == BACKFILL_PENDING
+                    p["page_id"] == *page && p["onboarding"]["backfill"] == BACKFILL_STARTED
                 })
             });
             if done {
@@ -441,10 +441,14 @@ const PAGE_A: &str = "510249619162304";
 const PAGE_B: &str = "610249619162305";
 
 #[tokio::test]
-async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_and_page_data_written()
-{
+async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_page_data_written_and_history_backfilled()
+ {
     let env = OwnerEnv::start(DbKind::Postgres, StoreKind::S3 { endpoint: None }).await;
     env.graph.set_person("1001", &[PAGE_A]);
+    // The Page's history, which the onboarding's backfill poll reads.
+    let history = env
+        .graph
+        .add_conversation(PAGE_A, "psid-history", 3, 1_700_000_000_000);
     let mut owner = env.owner();
 
     let installed = owner.install_shop("handmade.myshopify.com").await;
@@ -509,16 +513,39 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_and
             "{field} not subscribed: {fields:?}"
         );
     }
-    // The one object written is that Page's metadata, token dropped; nothing else (no test
-    // deliveries, no fake conversations).
+    // The backfill stores the Page's history; the objects written are that Page's metadata,
+    // token dropped, and its real conversations: no test deliveries, no fake conversations.
+    let conversation_key =
+        format!("users/{user}/facebook_messenger/{PAGE_A}/conversations/psid-history.json");
+    let deadline = Instant::now() + ONBOARDING_LIMIT;
+    loop {
+        let stored = env.pipeline.object(&conversation_key).await;
+        let events: Vec<Value> = stored
+            .map(|bytes| serde_json::from_slice(&bytes).expect("a JSON array"))
+            .unwrap_or_default();
+        if events.len() == history.len() {
+            let mids: Vec<&str> = events
+                .iter()
+                .filter_map(|e| e["message"]["mid"].as_str())
+                .collect();
+            let expected: Vec<&str> = history.iter().map(|m| m.id.as_str()).collect();
+            assert_eq!(mids, expected);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history not backfilled: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page_data_key = format!("users/{user}/facebook_messenger/{PAGE_A}/page_data.json");
     let keys = env.keys_of(&user).await;
-    assert_eq!(
-        keys,
-        vec![format!(
-            "users/{user}/facebook_messenger/{PAGE_A}/page_data.json"
-        )]
-    );
-    let stored = env.pipeline.object(&keys[0]).await.expect("page_data.json");
+    assert_eq!(keys, vec![conversation_key.clone(), page_data_key.clone()]);
+    let stored = env
+        .pipeline
+        .object(&page_data_key)
+        .await
+        .expect("page_data.json");
     let stored: Value = serde_json::from_slice(&stored).expect("json");
     let mut expected = env.graph.page(PAGE_A).expect("page");
     expected
@@ -537,7 +564,7 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_and
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["user_uuid"], user.as_str());
     assert_eq!(listed[0]["onboarding"]["subscribe"], "subscribed");
-    assert_eq!(listed[0]["onboarding"]["backfill"], BACKFILL_PENDING);
+    assert_eq!(listed[0]["onboarding"]["backfill"], BACKFILL_STARTED);
 
     // Connecting again repeats nothing: already subscribed, metadata unchanged.
     owner.connect_facebook(&env, "1001").await;
@@ -545,7 +572,7 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_and
     loop {
         let status = owner.status().await;
         let steps = &status["pages"][0]["onboarding"];
-        if steps["subscribe"] == "already subscribed" && steps["backfill"] == BACKFILL_PENDING {
+        if steps["subscribe"] == "already subscribed" && steps["backfill"] == BACKFILL_STARTED {
             assert_eq!(steps["page_data"], "unchanged (already current)");
             break;
         }

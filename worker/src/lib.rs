@@ -74,7 +74,8 @@ impl Worker {
         let store: Arc<dyn ObjectStore> = Arc::from(open_store(store));
         tracing::info!(store = %store.describe(), "object store");
         let topology = Topology::new(&settings.broker.queue_prefix);
-        // One confirming publisher for everything a worker moves: dead letters, parked jobs.
+        // One confirming publisher for everything a worker moves or queues: dead letters, parked
+        // jobs, an onboarding's backfill poll.
         let publisher = Publisher::start(
             settings.broker.amqp_url.clone(),
             topology.clone(),
@@ -82,6 +83,7 @@ impl Worker {
             shutdown.clone(),
         );
         let graph = GraphClient::new(&settings.facebook.graph_url);
+        let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let onboard = OnboardJob {
             db: db.clone(),
             store: store.clone(),
@@ -90,6 +92,8 @@ impl Worker {
             app_id: settings.facebook.app_id.clone(),
             retry: settings.retry.clone(),
             bucket_budget: BucketBudget::from_settings(&settings.storage),
+            forwarder: forwarder.clone(),
+            topology: topology.clone(),
         };
         let page_data = Arc::new(PageDataJob {
             db: db.clone(),
@@ -108,7 +112,6 @@ impl Worker {
             lease: settings.worker.lease,
             page_data: page_data.clone(),
         };
-        let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let parker = Parker::new(forwarder.clone(), topology.clone());
         let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));
         let health = Arc::new(Health::default());

@@ -4,7 +4,7 @@
 //! Page (`fbsync pages list`, the owner's `/connect`): subscribe the app to the Page's webhooks
 //! when it is not subscribed yet, write `page_data.json` (the page-change job's own
 //! [`PageDataJob::refresh`]: only that Page's fields, only when changed), and start the
-//! conversation backfill ([`start_backfill`]). Nothing but real data reaches the bucket: no test
+//! conversation backfill ([`OnboardJob::start_backfill`]: a backfill poll job, confirmed). Nothing but real data reaches the bucket: no test
 //! deliveries, no fake conversations. A step that cannot succeed is recorded as failed in words
 //! and the job dead-lettered (replayable); a long wait parks it; every step is idempotent, so a
 //! redelivery or a replay repeats nothing that was done.
@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::facebook::event::{JobKind, PollRequest};
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
+use fbsync_shared::queue::Topology;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
 use fbsync_shared::storage::db::{Database, DbError, OnboardStep, PageStatus};
@@ -28,14 +29,16 @@ use fbsync_shared::storage::object_store::{ObjectStore, StoreError, user_prefix}
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::forward::Forwarder;
 use crate::job::JobFailure;
 use crate::page_data::{PageDataJob, PageDataOutcome};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
 
-/// What the backfill step records until the polling job takes it over.
-pub const BACKFILL_PENDING: &str = "pending: waits for the polling job";
+/// What the backfill step records once its poll job is queued (the poll's own progress shows
+/// as the Page's last poll).
+pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 
 /// Everything the owners' jobs need (the page-data step borrows the page-change job's).
 pub struct OnboardJob {
@@ -54,6 +57,10 @@ pub struct OnboardJob {
     pub retry: RetrySettings,
     /// Every LIST and DELETE is taken from the bucket's shared write budget.
     pub bucket_budget: BucketBudget,
+    /// Publishes the backfill's poll job with a confirm.
+    pub forwarder: Forwarder,
+    /// Where the poll job goes.
+    pub topology: Topology,
 }
 
 /// One failed attempt of a step.
@@ -95,13 +102,6 @@ impl RetryClass for AttemptError {
     fn is_budget_wait(&self) -> bool {
         matches!(self, AttemptError::Budget(_))
     }
-}
-
-/// Records the conversation backfill of a newly connected Page as started. The backfill is the
-/// polling job's (`fbsync poll`); until that job exists the step stays pending.
-pub async fn start_backfill(db: &Database, page_id: &PageId) -> Result<(), DbError> {
-    db.set_onboard_step(page_id, OnboardStep::Backfill, BACKFILL_PENDING)
-        .await
 }
 
 impl OnboardJob {
@@ -177,11 +177,28 @@ impl OnboardJob {
             }
             Err(other) => return Err(other),
         }
-        if let Err(e) = start_backfill(&self.db, page_id).await {
-            tracing::warn!(%page_id, error = %e, "could not record the backfill step");
+        self.start_backfill(page_id).await?;
+        tracing::info!(%page_id, "Page onboarded");
+        Ok(())
+    }
+
+    /// Starts the conversation backfill of a newly connected Page: a poll job that reads its
+    /// whole history (`backfill`), confirmed by the broker, then the step recorded. When the
+    /// broker cannot confirm, the onboarding job is parked and runs again later (its other steps
+    /// repeat nothing).
+    pub async fn start_backfill(&self, page_id: &PageId) -> Result<(), JobFailure> {
+        let job = self.topology.poll_job(&PollRequest {
+            page_id: page_id.as_str().to_string(),
+            backfill: true,
+            requested_by: "onboarding".into(),
+            requested_at_ms: now_ms(),
+        });
+        if let Err(e) = self.forwarder.publish_once(&[job]).await {
+            tracing::warn!(%page_id, error = %e, "the backfill poll job was not confirmed; parked");
             return Err(JobFailure::Park(self.retry.max_delay));
         }
-        tracing::info!(%page_id, "Page onboarded");
+        self.record(page_id, OnboardStep::Backfill, BACKFILL_STARTED)
+            .await;
         Ok(())
     }
 

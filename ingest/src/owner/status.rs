@@ -1,5 +1,5 @@
 //! The owner's status page, `GET /connect` (session cookie): the shop, and each connected Page
-//! with its onboarding steps, conversations stored, last event, last error in words and a
+//! with its onboarding steps, last poll, conversations stored, last event, last error in words and a
 //! reconnect link when its token needs re-authorisation. Server-rendered HTML, or the same data
 //! as JSON with `Accept: application/json`. Built from `PageSummary`, which holds no token.
 //!
@@ -63,6 +63,8 @@ fn page_json(page: &PageSummary) -> Value {
         "conversations_stored": page.conversations_stored,
         "last_event_ms": page.last_event_ms,
         "last_event": when(page.last_event_ms),
+        "last_poll": when(page.last_poll_ms),
+        "poll_in_progress": page.poll_started_ms.is_some(),
         "last_error": trouble(page),
         "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),
     })
@@ -107,7 +109,8 @@ pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -
     }
     body.push_str(
         "<table>\n<thead><tr><th>Page</th><th>Status</th><th>Webhooks</th><th>Page data</th>\
-         <th>Backfill</th><th>Conversations stored</th><th>Last event</th><th>Last error</th>\
+         <th>Backfill</th><th>Last poll</th><th>Conversations stored</th><th>Last event</th>\
+         <th>Last error</th>\
          </tr></thead>\n<tbody>\n",
     );
     for page in &pages {
@@ -120,10 +123,18 @@ pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -
         };
         body.push_str(&format!(
             "<tr class=\"page\" data-page-id=\"{id}\"><td>{id}</td><td>{status}{reconnect}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             step(subscribe),
             step(page_data),
             step(backfill),
+            escape(&when(page.last_poll_ms).unwrap_or_else(|| {
+                if page.poll_started_ms.is_some() {
+                    "in progress"
+                } else {
+                    "-"
+                }
+                .into()
+            })),
             page.conversations_stored,
             escape(&when(page.last_event_ms).unwrap_or_else(|| "-".into())),
             escape(&trouble(page).unwrap_or_else(|| "-".into())),
