@@ -1114,3 +1114,38 @@ async fn a_token_refused_during_onboarding_shows_a_reconnect_link_and_reconnecti
     env.finish(&["8001"], &[PAGE_A], &["reconnects.myshopify.com"])
         .await;
 }
+
+#[tokio::test]
+async fn owner_routes_are_off_without_their_settings_and_half_a_configuration_is_refused() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let client = reqwest::Client::new();
+    for path in [
+        "/connect",
+        "/shopify/login?shop=a.myshopify.com",
+        "/facebook/login",
+    ] {
+        let answer = client
+            .get(format!("{}{path}", urls.public))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    ingest.stop().await;
+
+    pipeline.set("SHOPIFY_API_KEY", SHOPIFY_API_KEY);
+    pipeline.set("STATE_TOKEN_SECRET", "short");
+    let (code, _, stderr) = pipeline.run(&["ingest"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    for missing in [
+        "FACEBOOK_APP_ID is not set",
+        "FACEBOOK_REDIRECT_URI is not set",
+        "SHOPIFY_API_SECRET is not set",
+        "SHOPIFY_REDIRECT_URI is not set",
+        "STATE_TOKEN_SECRET must be at least 16 characters",
+    ] {
+        assert!(stderr.contains(missing), "{missing}: {stderr}");
+    }
+    pipeline.cleanup().await;
+}
