@@ -16,9 +16,10 @@ rate=${1:-1000} seconds=${2:-10} conversations=${3:-50} puts=${4:-0} s3=${5:-}
 target=${CARGO_TARGET_DIR:-target}/release
 run=$(date +%s%N | tail -c 9)
 dir=$(mktemp -d /tmp/fbsync-bench-XXXXXX)
-port=$((5700 + RANDOM % 200))
+port=$((5700 + RANDOM % 200)) metrics_port=$((6700 + RANDOM % 200))
 export FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=bench QUEUE_PREFIX=bench-e2e-$run \
   DATA_DIR=$dir DATABASE_URL=${BENCH_DATABASE_URL:-sqlite://$dir/fbsync.db} INGEST_ADDR=127.0.0.1:$port \
+  INGEST_METRICS_ADDR=127.0.0.1:$metrics_port \
   TOKEN_ENCRYPTION_KEY=YmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtMzI= \
   SPACES_OBJECT_PUTS_PER_5MIN=$puts RUST_LOG=warn
 if [ "$puts" = 0 ]; then export SPACES_WRITES_PER_SEC=0 SPACES_OPS_PER_SEC=0; fi
@@ -38,4 +39,4 @@ for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null &&
 echo "fbsync up: per-object budget ${puts}/5min, store ${s3:-local directory}, $conversations conversations"
 "$target/examples/loadgen" --url "http://127.0.0.1:$port/facebook/webhook" --rate "$rate" \
   --duration-secs "$seconds" --conversations "$conversations" --concurrency 64 \
-  --follow-metrics "http://127.0.0.1:$port/metrics" --worker-pid $pid
+  --follow-metrics "http://127.0.0.1:$metrics_port/metrics" --worker-pid $pid

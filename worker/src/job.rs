@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+use fbsync_shared::ids::PageId;
+use fbsync_shared::now_ms;
+use fbsync_shared::storage::db::{Database, PageStatus};
+
 use crate::dead_letter::DeadLetterInfo;
 
 /// Why a job did not complete, and what becomes of its message.
@@ -15,4 +19,22 @@ pub enum JobFailure {
     /// The next attempt is far off (a rate limit, an outage, a busy Page): park the message
     /// for this long.
     Park(Duration),
+}
+
+/// The Graph API rejected the Page's token (code 190): the Page is marked `needs_reauth` with
+/// the error in words, so `fbsync pages list` says so and poll rounds skip it until the owner
+/// connects it again. A database failure here is logged; the job's dead letter says why anyway.
+pub async fn flag_rejected_token(
+    db: &Database,
+    page_id: &PageId,
+    error: &(dyn std::fmt::Display + Sync),
+) {
+    let note = format!("token rejected (code 190): {error}");
+    if let Err(e) = db
+        .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
+        .await
+    {
+        tracing::error!(%page_id, error = %e, "could not flag the Page for re-authorisation");
+    }
+    tracing::warn!(%page_id, "Page token rejected; the Page needs re-authorisation");
 }

@@ -24,13 +24,13 @@ use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
-use fbsync_shared::storage::db::{Database, DbError, OnboardStep, PageStatus};
+use fbsync_shared::storage::db::{Database, DbError, OnboardStep};
 use fbsync_shared::storage::object_store::{ObjectStore, StoreError, user_prefix};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::forward::Forwarder;
-use crate::job::JobFailure;
+use crate::job::{JobFailure, flag_rejected_token};
 use crate::page_data::{PageDataJob, PageDataOutcome};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
@@ -128,16 +128,7 @@ impl OnboardJob {
                     AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
                     AttemptError::Token(_) => DeadReason::TokenError,
                     AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
-                        let note = format!("token rejected (code 190): {error}");
-                        let _ = self
-                            .db
-                            .mark_page_error(
-                                page_id,
-                                Some(PageStatus::NeedsReauth),
-                                &note,
-                                now_ms(),
-                            )
-                            .await;
+                        flag_rejected_token(&self.db, page_id, &error).await;
                         DeadReason::TokenError
                     }
                     AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,

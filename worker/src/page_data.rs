@@ -18,7 +18,7 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
-use fbsync_shared::storage::db::{Database, DbError, PageStatus, PutReservation};
+use fbsync_shared::storage::db::{Database, DbError, PutReservation};
 use fbsync_shared::storage::object_store::{
     ObjectStore, StoreError, WriteCondition, page_data_key,
 };
@@ -26,7 +26,7 @@ use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::job::JobFailure;
+use crate::job::{JobFailure, flag_rejected_token};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
@@ -130,18 +130,7 @@ impl PageDataJob {
             AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
             AttemptError::Token(_) => DeadReason::TokenError,
             AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
-                let note = format!("token rejected (code 190): {error}");
-                if let Err(e) = self
-                    .db
-                    .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
-                    .await
-                {
-                    tracing::error!(%page_id, error = %e, "could not flag the Page for re-authorisation");
-                }
-                tracing::warn!(
-                    %page_id,
-                    "Page token rejected; the Page needs re-authorisation"
-                );
+                flag_rejected_token(&self.db, page_id, &error).await;
                 DeadReason::TokenError
             }
             AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,

@@ -34,7 +34,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::job::JobFailure;
+use crate::job::{JobFailure, flag_rejected_token};
 use crate::page_data::PageDataJob;
 
 /// Everything a poll job needs.
@@ -411,15 +411,7 @@ impl PollJob {
     ) -> JobFailure {
         let reason = match &error {
             GraphError::TokenInvalid { .. } => {
-                let note = format!("token rejected (code 190): {error}");
-                if let Err(e) = self
-                    .db
-                    .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
-                    .await
-                {
-                    tracing::error!(%page_id, error = %e, "could not flag the Page for re-authorisation");
-                }
-                tracing::warn!(%page_id, "Page token rejected while polling; the Page needs re-authorisation");
+                flag_rejected_token(&self.db, page_id, &error).await;
                 DeadReason::TokenError
             }
             GraphError::Permanent(_) => DeadReason::GraphError,

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Every benchmark in one command, printing one table: each figure beside the bound it is held
+# to, measured in the same run on the same machine, and their ratio.
+#
+#   scripts/bench.sh                 # all scenarios (about 15 minutes after the build)
+#   BENCH_SKIP="chaos backfill" scripts/bench.sh
+#
+# Scenarios:
+#   ingest        open-throttle webhook deliveries into `fbsync ingest`, against the broker's own
+#                 confirmed-publish rate (the load generator publishing straight to RabbitMQ)
+#   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
+#                 deliveries over 50 conversations, against the ingest-only rate above
+#   spaces        `fbsync up` with Spaces' limits (5 PUTs per object per 300 s, 150 writes/s,
+#                 240 operations/s), 20,000 messages over 1,000 conversations at 2,000/s: the
+#                 writes per second against the bucket's 150
+#   backfill      a Page of 10,000 conversations x 20 messages from the fake Graph API through
+#                 Spaces' limits, against 10,000 writes at 150/s (scripts/bench-backfill.sh)
+#   chaos         100,000 deliveries under every fault (scripts/chaos.sh; restarts RabbitMQ)
+#
+# Needs what the tests need (RabbitMQ, PostgreSQL, the S3 test server): run `bash .ci/run` once,
+# or start them as it does. Release builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FBSYNC_TEST_S3_ENDPOINT="${FBSYNC_TEST_S3_ENDPOINT:-http://127.0.0.1:5055}"
+skip=" ${BENCH_SKIP:-} "
+target=${CARGO_TARGET_DIR:-target}/release
+out=$(mktemp -d /tmp/fbsync-bench-all-XXXXXX)
+trap 'rm -rf "$out"' EXIT
+
+machine="$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rabbitmqctl version 2>/dev/null | sed 's/^/RabbitMQ /' || echo 'RabbitMQ')"
+echo "machine: $machine"
+cargo build --release --bin fbsync --example loadgen
+rows=()
+row() { rows+=("| $1 | $2 | $3 | $4 |"); }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+# The number after "$2" on the line of $1 that starts with it.
+field() { awk -v key="$2" 'index($0, key) == 1 { sub(key, ""); print $1; exit }' "$1"; }
+
+ingest_rate=""
+if [[ $skip != *" ingest "* ]]; then
+  echo "== ingest"
+  "$target/examples/loadgen" --raw-publish --rate 0 --concurrency 128 --duration-secs 10 | tee "$out/raw.txt"
+  port=$((5600 + RANDOM % 100)) run=bench-ingest-$RANDOM
+  FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=v QUEUE_PREFIX=$run INGEST_ADDR=127.0.0.1:$port \
+    INGEST_METRICS_ADDR=127.0.0.1:0 RUST_LOG=warn "$target/fbsync" ingest &
+  ingest=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  FACEBOOK_APP_SECRET=bench "$target/examples/loadgen" --url "http://127.0.0.1:$port/facebook/webhook" \
+    --rate 0 --concurrency 128 --duration-secs 10 | tee "$out/ingest.txt"
+  kill "$ingest"; wait "$ingest" || true
+  "$target/examples/loadgen" --delete-topology "$run" >/dev/null
+  broker=$(field "$out/raw.txt" "accepted/s")
+  ingest_rate=$(field "$out/ingest.txt" "accepted/s")
+  row "ingest: deliveries/s, open throttle, 128 in flight" "$ingest_rate" "$broker (broker's confirmed publishes/s)" "$(ratio "$ingest_rate" "$broker")"
+fi
+
+if [[ $skip != *" e2e "* ]]; then
+  echo "== e2e"
+  scripts/bench-e2e.sh 0 10 50 0 | tee "$out/e2e.txt"
+  stored=$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i ~ /^\(/) { gsub(/[(\/s]/, "", $i); print $i; exit } }' "$out/e2e.txt")
+  row "end to end: messages stored/s, open throttle, 50 conversations, no store limits" "$stored" "${ingest_rate:-?} (ingest alone)" "$(ratio "$stored" "${ingest_rate:-0}")"
+  row "end to end: visibility p50 / p99, s" "$(grep -m1 '^visibility' "$out/e2e.txt" | awk '{print $4 " / " $7}')" "-" "-"
+  row "end to end: worker peak RSS" "$(grep -m1 '^worker mem' "$out/e2e.txt" | awk '{print $4 " " $5}')" "-" "-"
+fi
+
+if [[ $skip != *" spaces "* ]]; then
+  echo "== spaces"
+  start=$(date +%s.%N)
+  scripts/bench-e2e.sh 2000 10 1000 5 | tee "$out/spaces.txt"
+  secs=$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i == "in") { print $(i + 1); exit } }' "$out/spaces.txt")
+  writes=$(awk '/^writes/ { print $2; exit }' "$out/spaces.txt")
+  wps=$(awk -v w="$writes" -v s="$secs" 'BEGIN { printf "%.0f", w / s }')
+  row "Spaces' limits: writes/s, 20,000 messages over 1,000 conversations" "$wps" "150 (the bucket's write limit)" "$(ratio "$wps" 150)"
+  row "Spaces' limits: seconds to store everything" "$secs" "$(awk -v w="$writes" 'BEGIN { printf "%.1f", w / 150 }') ($writes writes at 150/s)" "$(ratio "$secs" "$(awk -v w="$writes" 'BEGIN { print w / 150 }')")"
+  row "Spaces' limits: visibility p50 / p99, s" "$(grep -m1 '^visibility' "$out/spaces.txt" | awk '{print $4 " / " $7}')" "-" "-"
+fi
+
+if [[ $skip != *" backfill "* ]]; then
+  echo "== backfill"
+  scripts/bench-backfill.sh | tee "$out/backfill.txt"
+  cell() { awk -F'|' -v key="$1" 'index($2, key) { gsub(/ /, "", $3); print $3; exit }' "$out/backfill.txt"; }
+  row "backfill: seconds, 10,000 conversations x 20 messages" "$(cell 'everything stored')" "$(cell 'bound:') (10,000 writes at 150/s)" "$(cell 'time / bound')"
+  row "backfill: messages stored/s" "$(cell 'messages stored per second')" "-" "-"
+  row "backfill: Graph API calls; object writes per conversation" "$(cell 'Graph API calls'); $(cell 'object writes per conversation')" "-" "-"
+  row "backfill: requests over a limit; worker peak RSS, MB" "$(cell 'requests over a limit'); $(cell 'worker peak RSS')" "0; 150" "-"
+fi
+
+if [[ $skip != *" chaos "* ]]; then
+  echo "== chaos"
+  scripts/chaos.sh | tee "$out/chaos.txt"
+  cell() { awk -F'|' -v key="$1" 'index($2, key) { gsub(/ /, "", $3); print $3; exit }' "$out/chaos.txt"; }
+  row "chaos: stored / lost / duplicated of 100,000" "$(cell 'stored'); $(cell 'lost'); $(cell 'duplicated')" "100000; 0; 0" "-"
+  row "chaos: requests over a limit; drain after the last delivery, s" "$(cell 'requests over a limit'); $(cell 'drain after')" "0; -" "-"
+fi
+
+echo
+echo "machine: $machine"
+echo "| scenario | figure | bound (same run) | ratio |"
+echo "|---|---:|---:|---:|"
+printf '%s\n' "${rows[@]}"
