@@ -565,6 +565,12 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
     assert_eq!(listed[0]["user_uuid"], user.as_str());
     assert_eq!(listed[0]["onboarding"]["subscribe"], "subscribed");
     assert_eq!(listed[0]["onboarding"]["backfill"], BACKFILL_STARTED);
+    let (code, table, stderr) = env.pipeline.run(&["pages", "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let steps = format!(
+        "onboarding: subscribe: subscribed; page_data: written; backfill: {BACKFILL_STARTED}"
+    );
+    assert!(table.contains(&steps), "{table}");
 
     // Connecting again repeats nothing: already subscribed, metadata unchanged.
     owner.connect_facebook(&env, "1001").await;
