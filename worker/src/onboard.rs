@@ -268,6 +268,9 @@ impl OnboardJob {
         }
         let mut deleted = 0u64;
         for user in request.users() {
+            // The request removed the user's Pages already (this job may run first): without
+            // them, no flush claimed from now on writes under the prefix being emptied.
+            self.db.remove_pages_of_user(&user).await?;
             let prefix = user_prefix(&user);
             // Deleting changes the listing: list from the start until a listing is empty.
             loop {

@@ -85,6 +85,15 @@ impl Database {
             .collect())
     }
 
+    /// Removes every Page of `user` (tokens with them); how many.
+    pub async fn remove_pages_of_user(&self, user: &UserUuid) -> Result<u64, DbError> {
+        let done = sqlx::query("DELETE FROM pages WHERE user_uuid = $1")
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Deauthorization: the Pages `facebook_user_id` connected stop syncing (their rows, tokens
     /// included, are removed). With `everything` (data deletion) the users' sessions end and
     /// the shop tokens go too.
