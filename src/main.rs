@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use fbsync_shared::config::{Settings, StoreLocation, WebhookSecrets, all_of};
+use fbsync_shared::config::{OwnerSettings, Settings, StoreLocation, WebhookSecrets, all_of};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::telemetry;
@@ -88,7 +88,8 @@ enum PagesCommand {
         #[arg(long, env = "FBSYNC_PAGE_TOKEN", hide_env_values = true)]
         token: String,
     },
-    /// List registered Pages: status, staged backlog, last flush, last error (never a token).
+    /// List registered Pages: status, staged backlog, last flush, last error, onboarding steps
+    /// (never a token).
     List {
         /// Print JSON lines instead of a table.
         #[arg(long)]
@@ -155,10 +156,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints configuration problems, one per line, and exits 2.
+/// Prints configuration problems, one per line (each once, though two roles of `up` may both
+/// find it), and exits 2.
 fn refuse(problems: &[String]) -> ExitCode {
-    for problem in problems {
-        eprintln!("fbsync: {problem}");
+    for (i, problem) in problems.iter().enumerate() {
+        if !problems[..i].contains(problem) {
+            eprintln!("fbsync: {problem}");
+        }
     }
     ExitCode::from(2)
 }
@@ -171,6 +175,21 @@ fn required<T>(checked: Result<T, Vec<String>>) -> Result<T, ExitCode> {
 /// What a worker requires: the token cipher and the object store's location.
 fn worker_requirements(settings: &Settings) -> Result<(TokenCipher, StoreLocation), Vec<String>> {
     all_of(settings.token_cipher(), settings.store_location())
+}
+
+/// The owner routes' settings and the cipher for their tokens, when they are configured.
+type OwnerRequirements = Option<(OwnerSettings, TokenCipher)>;
+
+/// What ingest requires: the webhook secrets, and with the owner routes configured their
+/// settings and the token cipher.
+fn ingest_requirements(
+    settings: &Settings,
+) -> Result<(WebhookSecrets, OwnerRequirements), Vec<String>> {
+    let owner = settings.owner_settings().and_then(|owner| match owner {
+        None => Ok(None),
+        Some(owner) => settings.token_cipher().map(|cipher| Some((owner, cipher))),
+    });
+    all_of(settings.webhook_secrets(), owner)
 }
 
 /// Cancels the token on SIGTERM or Ctrl-C.
@@ -204,12 +223,12 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run_ingest(settings: Settings) -> anyhow::Result<ExitCode> {
-    let secrets = match required(settings.webhook_secrets()) {
-        Ok(secrets) => secrets,
+    let (secrets, owner) = match required(ingest_requirements(&settings)) {
+        Ok(required) => required,
         Err(code) => return Ok(code),
     };
     let shutdown = shutdown_on_signal();
-    serve_ingest(&settings, secrets, shutdown).await?;
+    serve_ingest(&settings, secrets, owner, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -273,8 +292,11 @@ async fn run_scheduler(settings: Settings, once: bool) -> anyhow::Result<ExitCod
 
 /// Ingest, a worker and the scheduler in one process.
 async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
-    let checked = all_of(settings.webhook_secrets(), worker_requirements(&settings));
-    let (secrets, (cipher, store)) = match required(checked) {
+    let checked = all_of(
+        ingest_requirements(&settings),
+        worker_requirements(&settings),
+    );
+    let ((secrets, owner), (cipher, store)) = match required(checked) {
         Ok(required) => required,
         Err(code) => return Ok(code),
     };
@@ -283,17 +305,18 @@ async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
     let scheduler = fbsync_scheduler::Scheduler::open(&settings, &shutdown).await?;
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
-    serve_ingest(&settings, secrets, shutdown.clone()).await?;
+    serve_ingest(&settings, secrets, owner, shutdown.clone()).await?;
     shutdown.cancel();
     worker_task.await?;
     scheduler_task.await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves ingest on INGEST_ADDR until `shutdown`.
+/// Serves ingest on INGEST_ADDR until `shutdown` (with the owner routes when configured).
 async fn serve_ingest(
     settings: &Settings,
     secrets: WebhookSecrets,
+    owner: OwnerRequirements,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = telemetry::metrics_handle();
@@ -311,9 +334,25 @@ async fn serve_ingest(
     {
         tracing::warn!("the broker is not reachable yet; deliveries are answered 503 until it is");
     }
-    let state = Arc::new(fbsync_ingest::IngestState::new(
-        settings, secrets, publisher, metrics,
-    ));
+    let mut state = fbsync_ingest::IngestState::new(settings, secrets, publisher.clone(), metrics);
+    match owner {
+        Some((owner, cipher)) => {
+            let db = fbsync_shared::storage::db::Database::connect(&settings.database_url).await?;
+            state = state.with_owner(fbsync_ingest::owner::OwnerState::new(
+                owner,
+                db,
+                cipher,
+                Topology::new(&settings.broker.queue_prefix),
+                publisher,
+                settings.ingest.publish_timeout,
+            ));
+            tracing::info!("owner routes served (Shopify OAuth, Facebook Login, /connect)");
+        }
+        None => tracing::info!(
+            "owner routes not served: set the Shopify and Facebook Login variables to serve them"
+        ),
+    }
+    let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(settings.ingest.addr)
         .await
         .map_err(|e| {

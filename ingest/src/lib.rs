@@ -1,4 +1,5 @@
-//! The ingest service: Facebook webhook intake, health checks and metrics.
+//! The ingest service: Facebook webhook intake, health checks and metrics, and (when
+//! configured) the owners' connect flow in [`owner`].
 //!
 //! A delivery is answered 200 only once every event in it is on a durable queue (publisher
 //! confirms); when the broker is away it is answered 503 within the publish timeout, so
@@ -11,6 +12,8 @@
 //! served here but on its own listener ([`serve_metrics`]).
 //!
 //! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.
+
+pub mod owner;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,6 +60,9 @@ pub struct IngestState {
     pub read_timeout: Duration,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
+    /// The owner routes' state; `None` when the owner settings are not configured (the
+    /// routes are then not served).
+    pub owner: Option<Arc<owner::OwnerState>>,
 }
 
 impl IngestState {
@@ -76,21 +82,34 @@ impl IngestState {
             in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
             read_timeout: settings.ingest.read_timeout,
             metrics,
+            owner: None,
         }
+    }
+
+    /// Serves the owner routes too, with `owner`.
+    pub fn with_owner(mut self, owner: owner::OwnerState) -> Self {
+        self.owner = Some(Arc::new(owner));
+        self
     }
 }
 
-/// The public HTTP routes of ingest: the webhook, and the health checks load balancers call.
+/// The public HTTP routes of ingest: the webhook, the health checks load balancers call, and
+/// the owner routes when configured.
 pub fn router(state: Arc<IngestState>, body_limit_bytes: usize) -> Router {
-    Router::new()
+    let owner = state.owner.clone();
+    let router = Router::new()
         .route(
             "/facebook/webhook",
             get(verify_subscription).post(receive_delivery),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(body_limit_bytes))
-        .with_state(state)
+        .with_state(state);
+    let router = match owner {
+        Some(owner_state) => router.merge(owner::router(owner_state)),
+        None => router,
+    };
+    router.layer(DefaultBodyLimit::max(body_limit_bytes))
 }
 
 /// The operators' routes: `/metrics`, with `/healthz` and `/readyz` beside it.

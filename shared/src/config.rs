@@ -52,7 +52,48 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "FACEBOOK_GRAPH_URL",
         Some("https://graph.facebook.com/v25.0"),
-        "worker, up, check",
+        "ingest, worker, up, check",
+    ),
+    var(
+        "FACEBOOK_APP_ID",
+        None,
+        "ingest, worker, up (required for the owner routes)",
+    ),
+    var(
+        "FACEBOOK_REDIRECT_URI",
+        None,
+        "ingest, up (required for the owner routes)",
+    ),
+    var(
+        "FACEBOOK_DIALOG_URL",
+        Some("https://www.facebook.com/v25.0/dialog/oauth"),
+        "ingest, up",
+    ),
+    var(
+        "SHOPIFY_API_KEY",
+        None,
+        "ingest, up (required for the owner routes)",
+    ),
+    var(
+        "SHOPIFY_API_SECRET",
+        None,
+        "ingest, up (required for the owner routes)",
+    ),
+    var(
+        "SHOPIFY_REDIRECT_URI",
+        None,
+        "ingest, up (required for the owner routes)",
+    ),
+    var("SHOPIFY_SCOPES", Some("read_products"), "ingest, up"),
+    var(
+        "SHOPIFY_ADMIN_URL",
+        Some("https://{shop}/admin"),
+        "ingest, up ({shop} is the shop's domain)",
+    ),
+    var(
+        "STATE_TOKEN_SECRET",
+        None,
+        "ingest, up (required for the owner routes)",
     ),
     var(
         "AMQP_URL",
@@ -68,12 +109,12 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "DATABASE_URL",
         None,
-        "worker, up, pages, check, backup (default sqlite://$DATA_DIR/fbsync.db)",
+        "ingest, worker, up, pages, check, backup (default sqlite://$DATA_DIR/fbsync.db)",
     ),
     var(
         "TOKEN_ENCRYPTION_KEY",
         None,
-        "worker, up, pages add, check (required)",
+        "worker, up, pages add, check (required; ingest with the owner routes)",
     ),
     var(
         "SPACES_ENDPOINT",
@@ -144,6 +185,10 @@ pub struct ConfigError(pub Vec<String>);
 pub struct Settings {
     /// Facebook app, webhook and Graph API settings.
     pub facebook: FacebookSettings,
+    /// The Shopify app of the owner's connect flow.
+    pub shopify: ShopifySettings,
+    /// Signs the OAuth `state` of both connect flows; see [`Settings::owner_settings`].
+    state_secret: Option<SecretString>,
     /// Where the broker is and how this deployment's names are prefixed.
     pub broker: BrokerSettings,
     /// The HTTP service's address and request limits.
@@ -172,6 +217,30 @@ pub struct FacebookSettings {
     verify_token: Option<SecretString>,
     /// Base of every Graph API call, version included; tests point it at a fake server.
     pub graph_url: String,
+    /// The app's id: Facebook Login's `client_id`, and how a worker recognises its own app
+    /// among a Page's subscribed apps.
+    pub app_id: Option<String>,
+    /// Where Facebook's dialog sends the owner back (`/facebook/callback`); see
+    /// [`Settings::owner_settings`].
+    redirect_uri: Option<String>,
+    /// Facebook Login's dialog, version included; tests point it at a fake dialog.
+    dialog_url: String,
+}
+
+/// The Shopify app: the first step of the owner's connect flow.
+#[derive(Debug, Clone)]
+pub struct ShopifySettings {
+    /// The app's API key (`client_id`).
+    api_key: Option<String>,
+    /// Signs Shopify's callbacks (`hmac`) and authenticates the code exchange.
+    api_secret: Option<SecretString>,
+    /// Where Shopify sends the owner back (`/shopify/callback`).
+    redirect_uri: Option<String>,
+    /// The access scopes asked of the shop.
+    scopes: String,
+    /// The shop's admin base URL, `{shop}` standing for the shop's domain; tests point it at a
+    /// fake Shopify.
+    admin_url: String,
 }
 
 #[derive(Debug, Clone)]
@@ -381,7 +450,21 @@ impl Settings {
                     .text("FACEBOOK_GRAPH_URL")
                     .trim_end_matches('/')
                     .to_string(),
+                app_id: reader.optional("FACEBOOK_APP_ID"),
+                redirect_uri: reader.optional("FACEBOOK_REDIRECT_URI"),
+                dialog_url: reader.text("FACEBOOK_DIALOG_URL"),
             },
+            shopify: ShopifySettings {
+                api_key: reader.optional("SHOPIFY_API_KEY"),
+                api_secret: reader.secret("SHOPIFY_API_SECRET"),
+                redirect_uri: reader.optional("SHOPIFY_REDIRECT_URI"),
+                scopes: reader.text("SHOPIFY_SCOPES"),
+                admin_url: reader
+                    .text("SHOPIFY_ADMIN_URL")
+                    .trim_end_matches('/')
+                    .to_string(),
+            },
+            state_secret: reader.secret("STATE_TOKEN_SECRET"),
             broker: BrokerSettings {
                 amqp_url: reader.text("AMQP_URL").into(),
                 queue_prefix: reader.text("QUEUE_PREFIX"),
@@ -450,6 +533,11 @@ impl Settings {
             reader
                 .problems
                 .push("INGEST_READ_TIMEOUT_MS must be more than 0".into());
+        }
+        if !settings.shopify.admin_url.contains("{shop}") {
+            reader
+                .problems
+                .push("SHOPIFY_ADMIN_URL must contain {shop}, the shop's domain".into());
         }
         let database_url = settings.database_url.expose_secret();
         if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
@@ -529,6 +617,117 @@ impl Settings {
             secret_key,
             conditional_writes: storage.conditional_writes,
         }))
+    }
+}
+
+impl Settings {
+    /// The owner routes' settings (Shopify OAuth, Facebook Login, the Meta callbacks): `None`
+    /// when none of their required variables is set (ingest then serves the webhook only);
+    /// every missing one when only some are.
+    pub fn owner_settings(&self) -> Result<Option<OwnerSettings>, Vec<String>> {
+        const WHY: &str = "the owner routes need it (the other owner settings are set)";
+        let facebook = &self.facebook;
+        let shopify = &self.shopify;
+        let any_set = facebook.app_id.is_some()
+            || facebook.redirect_uri.is_some()
+            || shopify.api_key.is_some()
+            || shopify.api_secret.is_some()
+            || shopify.redirect_uri.is_some()
+            || self.state_secret.is_some();
+        if !any_set {
+            return Ok(None);
+        }
+        let app_id = required(&facebook.app_id, "FACEBOOK_APP_ID", WHY).and_then(|id| {
+            if !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_digit()) {
+                Ok(id)
+            } else {
+                Err(vec![format!(
+                    "FACEBOOK_APP_ID={id:?} is not an app id (digits)"
+                )])
+            }
+        });
+        let app_secret = required(&facebook.app_secret, "FACEBOOK_APP_SECRET", WHY);
+        let facebook_redirect = required(&facebook.redirect_uri, "FACEBOOK_REDIRECT_URI", WHY)
+            .and_then(|uri| http_url("FACEBOOK_REDIRECT_URI", uri));
+        let api_key = required(&shopify.api_key, "SHOPIFY_API_KEY", WHY);
+        let api_secret = required(&shopify.api_secret, "SHOPIFY_API_SECRET", WHY);
+        let shopify_redirect = required(&shopify.redirect_uri, "SHOPIFY_REDIRECT_URI", WHY)
+            .and_then(|uri| http_url("SHOPIFY_REDIRECT_URI", uri));
+        let state_secret =
+            required(&self.state_secret, "STATE_TOKEN_SECRET", WHY).and_then(|secret| {
+                if secret.expose_secret().len() >= 16 {
+                    Ok(secret)
+                } else {
+                    Err(vec![
+                        "STATE_TOKEN_SECRET must be at least 16 characters".to_string(),
+                    ])
+                }
+            });
+        let facebook_app = all_of(all_of(app_id, app_secret), facebook_redirect);
+        let shopify_app = all_of(all_of(api_key, api_secret), shopify_redirect);
+        let ((((app_id, app_secret), facebook_redirect), shopify_app), state_secret) =
+            all_of(all_of(facebook_app, shopify_app), state_secret)?;
+        let ((api_key, api_secret), shopify_redirect) = shopify_app;
+        Ok(Some(OwnerSettings {
+            facebook_app_id: app_id,
+            facebook_app_secret: app_secret,
+            facebook_redirect_uri: facebook_redirect,
+            dialog_url: facebook.dialog_url.clone(),
+            graph_url: facebook.graph_url.clone(),
+            shopify_api_key: api_key,
+            shopify_api_secret: api_secret,
+            shopify_redirect_uri: shopify_redirect,
+            shopify_scopes: shopify.scopes.clone(),
+            shopify_admin_url: shopify.admin_url.clone(),
+            state_secret,
+        }))
+    }
+}
+
+/// An absolute http(s) URL, or the line that says it is not.
+fn http_url(name: &str, uri: String) -> Result<String, Vec<String>> {
+    if uri.starts_with("https://") || uri.starts_with("http://") {
+        Ok(uri)
+    } else {
+        Err(vec![format!(
+            "{name}={uri:?} must be an absolute http:// or https:// URL"
+        )])
+    }
+}
+
+/// Everything the owner routes need, all present.
+#[derive(Debug, Clone)]
+pub struct OwnerSettings {
+    /// Facebook Login's `client_id`.
+    pub facebook_app_id: String,
+    /// Authenticates the code exchanges and checks Meta's `signed_request`s.
+    pub facebook_app_secret: SecretString,
+    /// `/facebook/callback` as Facebook reaches it; its origin is also where the data-deletion
+    /// status pages are linked from.
+    pub facebook_redirect_uri: String,
+    /// Facebook Login's dialog.
+    pub dialog_url: String,
+    /// The Graph API's base URL.
+    pub graph_url: String,
+    /// The Shopify app's `client_id`.
+    pub shopify_api_key: String,
+    /// Checks Shopify's `hmac` and authenticates the code exchange.
+    pub shopify_api_secret: SecretString,
+    /// `/shopify/callback` as Shopify reaches it.
+    pub shopify_redirect_uri: String,
+    /// The scopes asked of a shop.
+    pub shopify_scopes: String,
+    /// The shop's admin base URL with `{shop}` in it.
+    pub shopify_admin_url: String,
+    /// Signs OAuth `state`s.
+    pub state_secret: SecretString,
+}
+
+impl OwnerSettings {
+    /// Cookies are `Secure` when the owner reaches us over https.
+    pub fn secure_cookies(&self) -> bool {
+        self.facebook_redirect_uri.starts_with("https://")
+            && self.shopify_redirect_uri.starts_with("https://")
     }
 }
 
@@ -896,6 +1095,31 @@ mod tests {
         let problems = settings.webhook_secrets().expect_err("no secrets");
         assert_eq!(problems.len(), 2);
         assert!(problems[0].starts_with("FACEBOOK_APP_SECRET"));
+    }
+
+    #[test]
+    fn owner_routes_are_off_when_unset_and_every_missing_setting_is_reported_at_once() {
+        let none = Settings::from_map(&vars(&[])).expect("defaults parse");
+        assert!(matches!(none.owner_settings(), Ok(None)));
+        let some = Settings::from_map(&vars(&[("SHOPIFY_API_KEY", "key")])).expect("parses");
+        let problems = some.owner_settings().expect_err("incomplete");
+        assert_eq!(problems.len(), 6, "{problems:?}");
+        let all = Settings::from_map(&vars(&[
+            ("FACEBOOK_APP_ID", "123456789012345"),
+            ("FACEBOOK_APP_SECRET", "secret"),
+            (
+                "FACEBOOK_REDIRECT_URI",
+                "https://x.example/facebook/callback",
+            ),
+            ("SHOPIFY_API_KEY", "key"),
+            ("SHOPIFY_API_SECRET", "secret"),
+            ("SHOPIFY_REDIRECT_URI", "https://x.example/shopify/callback"),
+            ("STATE_TOKEN_SECRET", "a-long-enough-state-secret"),
+        ]))
+        .expect("parses");
+        let owner = all.owner_settings().expect("complete").expect("configured");
+        assert!(owner.secure_cookies());
+        assert_eq!(owner.shopify_admin_url, "https://{shop}/admin");
     }
 
     #[test]

@@ -30,6 +30,36 @@ pub struct UserUuid(String);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Psid(String);
 
+/// A Shopify shop's domain, `<name>.myshopify.com` (Shopify's rule:
+/// `^[a-zA-Z0-9][a-zA-Z0-9-]*\.myshopify\.com$`), kept in lower case. It names the host the
+/// OAuth flow talks to, so nothing else may pass.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShopDomain(String);
+
+impl ShopDomain {
+    pub fn parse(text: &str) -> Result<Self, InvalidId> {
+        let name = text.strip_suffix(".myshopify.com").unwrap_or_default();
+        let valid = name.len() <= 255
+            && name
+                .bytes()
+                .next()
+                .is_some_and(|first| first.is_ascii_alphanumeric())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(InvalidId {
+                what: "shop",
+                value: text.chars().take(100).collect(),
+                rule: "a Shopify shop domain such as my-shop.myshopify.com",
+            });
+        }
+        Ok(Self(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Longest id accepted; Facebook's are about 16 digits.
 const MAX_ID_LEN: usize = 64;
 
@@ -123,7 +153,7 @@ macro_rules! id_conversions {
     )*};
 }
 
-id_conversions!(PageId, UserUuid, Psid);
+id_conversions!(PageId, UserUuid, Psid, ShopDomain);
 
 #[cfg(test)]
 mod tests {
@@ -143,6 +173,28 @@ mod tests {
             Some("510249619162304".into())
         );
         assert_eq!(Psid::parse("u_1-A").map(|p| p.0).ok(), Some("u_1-A".into()));
+    }
+
+    #[test]
+    fn only_myshopify_domains_are_shops() {
+        for bad in [
+            "",
+            ".myshopify.com",
+            "-shop.myshopify.com",
+            "shop.example.com",
+            "evil.com/.myshopify.com",
+            "a.b.myshopify.com",
+            "shop.myshopify.com.evil.com",
+            "shop_1.myshopify.com",
+        ] {
+            assert!(ShopDomain::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            ShopDomain::parse("My-Shop1.myshopify.com")
+                .map(|s| s.0)
+                .ok(),
+            Some("my-shop1.myshopify.com".into())
+        );
     }
 
     #[test]

@@ -43,14 +43,19 @@ fn fail(line: impl Into<String>) -> Outcome {
 
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let checked = all_of(
-        settings.webhook_secrets(),
+        all_of(settings.webhook_secrets(), settings.owner_settings()),
         all_of(settings.token_cipher(), settings.store_location()),
     );
-    let (_, (cipher, store)) = match checked {
+    let ((_, owner), (cipher, store)) = match checked {
         Ok(required) => required,
         Err(problems) => return Ok(refuse(&problems)),
     };
     println!("ok   configuration: every required setting is present and valid");
+    if owner.is_none() {
+        println!("ok   owner routes: not configured (ingest serves the webhook alone)");
+    } else {
+        println!("ok   owner routes: Shopify OAuth and Facebook Login configured");
+    }
     let mut outcomes = vec![check_broker(&settings).await];
     let database = match Database::open(&settings.database_url).await {
         Ok(database) => Some(database),

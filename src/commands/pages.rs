@@ -1,4 +1,5 @@
-//! `fbsync pages add | list | remove`: the Page registry from the command line.
+//! `fbsync pages add | list | remove`: the Page registry from the command line (`list` shows
+//! the onboarding steps of Pages that owners connected).
 
 use std::process::ExitCode;
 
@@ -123,7 +124,19 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "last_poll_ms": page.last_poll_ms,
         "poll_started_ms": page.poll_started_ms,
         "details_unavailable": page.details_unavailable,
+        "conversations_stored": page.conversations_stored,
+        "onboarding": onboarding_json(page),
     })
+}
+
+/// Each onboarding step's outcome (`null` for a Page added without the connect flow).
+fn onboarding_json(page: &PageSummary) -> serde_json::Value {
+    let steps: serde_json::Map<String, serde_json::Value> = page
+        .onboarding()
+        .iter()
+        .map(|(step, outcome)| (step.as_str().to_string(), serde_json::json!(outcome)))
+        .collect();
+    serde_json::Value::Object(steps)
 }
 
 fn print_table(pages: &[PageSummary]) {
@@ -157,6 +170,14 @@ fn print_table(pages: &[PageSummary]) {
             page.details_unavailable,
             status_note(page),
         );
+        let steps: Vec<String> = page
+            .onboarding()
+            .iter()
+            .filter_map(|(step, outcome)| Some(format!("{}: {}", step.as_str(), (*outcome)?)))
+            .collect();
+        if !steps.is_empty() {
+            println!("{:<20} onboarding: {}", "", steps.join("; "));
+        }
     }
 }
 

@@ -395,10 +395,12 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         "SPACES_ENDPOINT",
         "WORKER_METRICS_ADDR",
         "INGEST_ADDR",
+        "FACEBOOK_APP_ID",
+        "SHOPIFY_API_KEY",
     ] {
         assert!(reads.contains_key(name), "{name} missing from {reads:?}");
     }
-    for name in ["FACEBOOK_APP_ID", "SHOPIFY_API_KEY", "RUST_LOG"] {
+    for name in ["FACEBOOK_WEBHOOK_ADDRESS", "RUST_LOG"] {
         assert!(!reads.contains_key(name), "{name} is not read by fbsync");
     }
     let compose = compose_file();
@@ -470,10 +472,15 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         ("AMQP_ULR", |c| {
             set(c, &["services", "worker", "environment", "AMQP_ULR"], "x");
         }),
-        ("FACEBOOK_APP_ID", |c| {
+        ("FACEBOOK_WEBHOOK_ADDRESS", |c| {
             set(
                 c,
-                &["services", "ingest", "environment", "FACEBOOK_APP_ID"],
+                &[
+                    "services",
+                    "ingest",
+                    "environment",
+                    "FACEBOOK_WEBHOOK_ADDRESS",
+                ],
                 "1",
             );
         }),

@@ -5,12 +5,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod browser;
 mod compose;
 mod deploy;
 mod dlq;
 mod harness;
 mod hostile_clients;
 mod ingest;
+mod onboarding;
 mod operations;
 mod page_data;
 mod polling;

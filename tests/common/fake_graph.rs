@@ -8,6 +8,11 @@
 //!   conversation's 20 most recent messages have details: older ones are listed with `id` and
 //!   `created_time` only, and asking for their details answers error 100.
 //!
+//! - Facebook Login (its own section at the end): `POST /oauth/access_token` (the code, then
+//!   `fb_exchange_token`), `GET /me`, `/me/permissions`, `/me/accounts` (paged, `paging.next`
+//!   carrying the token as Graph's links do), `GET/POST /{page_id}/subscribed_apps` (scripted
+//!   failures of the Page apply to it too).
+//!
 //! A version prefix (`/v25.0/{page_id}`) is accepted too. The token is read from
 //! `Authorization: Bearer` (or `access_token=`); without one the answer is error 104, for a Page
 //! never set error 100. Tests script failures per Page, consumed in order before normal answers,
@@ -86,6 +91,8 @@ struct GraphState {
     conversations_per_page: Option<usize>,
     /// Messages per page of a conversation's messages (nested and alone).
     messages_per_page: usize,
+    /// Facebook Login's people, codes and subscriptions.
+    login: LoginState,
 }
 
 /// A conversation the fake serves.
@@ -430,6 +437,9 @@ fn segments_of(path: &str) -> Vec<&str> {
 
 /// Answers a request, after its hold (if any) is released.
 async fn answer(State(state): State<Arc<Mutex<GraphState>>>, request: Request) -> Response {
+    if is_login_route(request.uri().path()) {
+        return login_answer(&state, request).await;
+    }
     let (response, hold) = {
         let mut state = state.lock().expect("fake graph lock");
         let page_id = segments_of(request.uri().path())
@@ -709,5 +719,303 @@ fn message_answer(state: &GraphState, page_id: &str, message_id: &str) -> Respon
                 "fbtrace_id": "x",
             }),
         ),
+    }
+}
+
+// --- Facebook Login ----------------------------------------------------------------------------
+
+/// The fake app's credentials: the exchanges refuse any other.
+pub const LOGIN_APP_ID: &str = "123456789012345";
+pub const LOGIN_APP_SECRET: &str = super::webhook::APP_SECRET;
+
+/// A person who can log in, and what their login answers.
+#[derive(Debug, Clone, Default)]
+struct FakePerson {
+    /// Their Pages, in `/me/accounts` order.
+    pages: Vec<String>,
+    /// Permissions they declined.
+    declined: Vec<String>,
+}
+
+#[derive(Default)]
+struct LoginState {
+    /// People by their app-scoped id.
+    people: HashMap<String, FakePerson>,
+    /// Login codes handed out by the dialog, by code: whose they are.
+    codes: HashMap<String, String>,
+    /// Each Page's subscribed fields (the fake's one app).
+    subscriptions: HashMap<String, Vec<String>>,
+    /// `/me/accounts` entries per page of results (2 unless set).
+    accounts_page_size: Option<usize>,
+    /// Every Login request: method, path and query (the query as sent).
+    requests: Vec<(String, String, String)>,
+}
+
+/// The short-lived user token of the fake's code exchange.
+pub fn short_user_token(person: &str) -> String {
+    format!("EAAB-short-user-token-{person}-must-never-be-stored")
+}
+
+/// The long-lived user token of the fake's `fb_exchange_token`.
+pub fn long_user_token(person: &str) -> String {
+    format!("EAAB-long-user-token-{person}-must-never-be-stored")
+}
+
+impl FakeGraph {
+    /// Creates (or replaces) a person whose `/me/accounts` lists `pages` (each set as a Page
+    /// named after its id when new).
+    pub fn set_person(&self, person: &str, pages: &[&str]) {
+        for page in pages {
+            if self.page(page).is_none() {
+                self.set_page(page, &format!("Page {page}"));
+            }
+        }
+        let mut state = self.state();
+        let entry = state.login.people.entry(person.into()).or_default();
+        entry.pages = pages.iter().map(|p| p.to_string()).collect();
+    }
+
+    /// The person declines `permission` at their next logins.
+    pub fn decline(&self, person: &str, permission: &str) {
+        let mut state = self.state();
+        let entry = state.login.people.entry(person.into()).or_default();
+        entry.declined.push(permission.into());
+    }
+
+    /// A fresh login code for `person` (what the dialog hands the callback).
+    pub fn login_code(&self, person: &str) -> String {
+        let code = format!("code-{person}-{}", uuid::Uuid::new_v4().simple());
+        self.state().login.codes.insert(code.clone(), person.into());
+        code
+    }
+
+    /// `/me/accounts` entries per page of results.
+    pub fn set_accounts_page_size(&self, size: usize) {
+        self.state().login.accounts_page_size = Some(size.max(1));
+    }
+
+    /// The fields the app is subscribed to on a Page (empty when not subscribed).
+    pub fn subscribed_fields(&self, page_id: &str) -> Vec<String> {
+        self.state()
+            .login
+            .subscriptions
+            .get(page_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every Login request so far: (method, path, query).
+    pub fn login_requests(&self) -> Vec<(String, String, String)> {
+        self.state().login.requests.clone()
+    }
+}
+
+fn is_login_route(path: &str) -> bool {
+    let segments = segments_of(path);
+    matches!(
+        segments.as_slice(),
+        ["oauth", "access_token"] | ["me"] | ["me", ..] | [_, "subscribed_apps"]
+    )
+}
+
+/// An OAuth error as Graph answers it.
+fn oauth_error(message: &str, code: u32) -> Response {
+    graph_error(
+        StatusCode::BAD_REQUEST,
+        json!({"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "x"}),
+    )
+}
+
+/// `key=value&...` decoded.
+fn form_pairs(text: &str) -> HashMap<String, String> {
+    let Ok(url) = reqwest::Url::parse(&format!("http://form.invalid/?{text}")) else {
+        return HashMap::new();
+    };
+    url.query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+async fn login_answer(state: &Arc<Mutex<GraphState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or_default().to_string();
+    let token = token_of(&parts.headers, parts.uri.query());
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    let segments: Vec<String> = segments_of(&path).iter().map(|s| s.to_string()).collect();
+    let mut state = state.lock().expect("fake graph lock");
+    state.calls.push(GraphCall {
+        page_id: segments.first().cloned().unwrap_or_default(),
+        path: path.clone(),
+        token: token.clone(),
+        query: query.clone(),
+        at: Instant::now(),
+    });
+    state
+        .login
+        .requests
+        .push((parts.method.to_string(), path.clone(), query.clone()));
+    let post = parts.method == axum::http::Method::POST;
+    let login = &mut state.login;
+    let person_of = |login: &LoginState, token: &Option<String>| -> Option<String> {
+        let token = token.as_deref()?;
+        login
+            .people
+            .keys()
+            .find(|person| long_user_token(person) == token)
+            .cloned()
+    };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        ["oauth", "access_token"] => {
+            let form = form_pairs(if post { &body } else { &query });
+            if form.get("client_id").map(String::as_str) != Some(LOGIN_APP_ID)
+                || form.get("client_secret").map(String::as_str) != Some(LOGIN_APP_SECRET)
+            {
+                return oauth_error("Error validating client secret.", 1);
+            }
+            if form.get("grant_type").map(String::as_str) == Some("fb_exchange_token") {
+                let short = form.get("fb_exchange_token").cloned().unwrap_or_default();
+                let person = login
+                    .people
+                    .keys()
+                    .find(|person| short_user_token(person) == short)
+                    .cloned();
+                return match person {
+                    Some(person) => Json(json!({
+                        "access_token": long_user_token(&person),
+                        "token_type": "bearer",
+                        "expires_in": 5183944,
+                    }))
+                    .into_response(),
+                    None => oauth_error("Invalid OAuth access token.", 190),
+                };
+            }
+            let code = form.get("code").cloned().unwrap_or_default();
+            match login.codes.get(&code) {
+                Some(person) => Json(json!({
+                    "access_token": short_user_token(person),
+                    "token_type": "bearer",
+                    "expires_in": 5183944,
+                }))
+                .into_response(),
+                None => oauth_error("Invalid verification code format.", 100),
+            }
+        }
+        ["me"] => match person_of(login, &token) {
+            Some(person) => Json(json!({"id": person})).into_response(),
+            None => oauth_error("Invalid OAuth access token.", 190),
+        },
+        ["me", "permissions"] => match person_of(login, &token) {
+            Some(person) => {
+                let declined = login.people[&person].declined.clone();
+                let data: Vec<Value> = [
+                    "pages_messaging",
+                    "pages_show_list",
+                    "pages_manage_metadata",
+                    "pages_read_engagement",
+                    "public_profile",
+                ]
+                .iter()
+                .map(|permission| {
+                    let status = if declined.iter().any(|d| d == permission) {
+                        "declined"
+                    } else {
+                        "granted"
+                    };
+                    json!({"permission": permission, "status": status})
+                })
+                .collect();
+                Json(json!({"data": data})).into_response()
+            }
+            None => oauth_error("Invalid OAuth access token.", 190),
+        },
+        ["me", "accounts"] => {
+            let Some(person) = person_of(login, &token) else {
+                return oauth_error("Invalid OAuth access token.", 190);
+            };
+            let size = login.accounts_page_size.unwrap_or(2);
+            let after: usize = form_pairs(&query)
+                .get("after")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            let pages = login.people[&person].pages.clone();
+            let data: Vec<Value> = pages
+                .iter()
+                .skip(after)
+                .take(size)
+                .map(|page| {
+                    let name = state
+                        .pages
+                        .get(page)
+                        .and_then(|p| p["name"].as_str())
+                        .unwrap_or("Page")
+                        .to_string();
+                    json!({
+                        "access_token": page_token(page),
+                        "category": "Shopping & Retail",
+                        "category_list": [{"id": "200600219953504", "name": "Shopping & Retail"}],
+                        "name": name,
+                        "id": page,
+                        "tasks": ["ADVERTISE", "ANALYZE", "CREATE_CONTENT", "MESSAGING", "MODERATE", "MANAGE"],
+                    })
+                })
+                .collect();
+            let mut paging = json!({"cursors": {"before": after.to_string(), "after": (after + size).to_string()}});
+            if after + size < pages.len() {
+                // As Graph writes it: the token in the link.
+                paging["next"] = json!(format!(
+                    "http://{host}/v25.0/me/accounts?access_token={}&fields=id%2Cname%2Caccess_token&limit={size}&after={}",
+                    token.unwrap_or_default(),
+                    after + size
+                ));
+            }
+            Json(json!({"data": data, "paging": paging})).into_response()
+        }
+        [page_id, "subscribed_apps"] => {
+            if let Some(failure) = state
+                .failures
+                .get_mut(*page_id)
+                .and_then(VecDeque::pop_front)
+            {
+                return failure_answer(page_id, &failure);
+            }
+            let login = &mut state.login;
+            if token.as_deref() != Some(page_token(page_id).as_str()) {
+                return oauth_error("Invalid OAuth access token.", 190);
+            }
+            if post {
+                let fields = form_pairs(&body)
+                    .get("subscribed_fields")
+                    .map(|f| f.split(',').map(String::from).collect())
+                    .unwrap_or_default();
+                login.subscriptions.insert(page_id.to_string(), fields);
+                return Json(json!({"success": true})).into_response();
+            }
+            let data: Vec<Value> = login
+                .subscriptions
+                .get(*page_id)
+                .map(|fields| {
+                    vec![json!({
+                        "category": "Business",
+                        "link": "https://www.example.com/",
+                        "name": "Sales Bot",
+                        "id": LOGIN_APP_ID,
+                        "subscribed_fields": fields,
+                    })]
+                })
+                .unwrap_or_default();
+            Json(json!({"data": data})).into_response()
+        }
+        _ => oauth_error("Unknown path components", 2500),
     }
 }

@@ -14,7 +14,8 @@
 //!   TCP proxy that cuts one test's own path to it;
 //! - [`spaces_limits`]: DigitalOcean Spaces' request limits (and an outage) in front of the S3
 //!   test server, and an S3 client configured like the app's;
-//! - [`fake_graph`]: a fake Facebook Graph API with scripted failures;
+//! - [`fake_graph`]: a fake Facebook Graph API with scripted failures, and Facebook Login;
+//! - [`fake_shopify`], [`fake_dialog`]: a fake Shopify (OAuth) and Facebook Login dialog;
 //! - [`ingest`]: the ingest service running inside the test process;
 //! - [`fixtures`]: the captured webhook payloads of `tests/fixtures/messenger/`;
 //! - [`metrics`]: reading values out of a `/metrics` page.
@@ -50,7 +51,11 @@ pub mod webhook;
 // The reliability target runs no fake Graph API, no in-process ingest, posts no fixture and
 // reads no `/metrics`: these modules are used by the api target only.
 #[allow(dead_code)]
+pub mod fake_dialog;
+#[allow(dead_code)]
 pub mod fake_graph;
+#[allow(dead_code)]
+pub mod fake_shopify;
 #[allow(dead_code)]
 pub mod fixtures;
 #[allow(dead_code)]

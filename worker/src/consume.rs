@@ -1,5 +1,6 @@
-//! The AMQP side of the worker: consume a queue, hand messages to staging or page-change jobs,
-//! dead-letter poison with its reason, ack only when the work is durable.
+//! The AMQP side of the worker: consume a queue, hand messages to staging, page-change, poll or
+//! owner jobs (onboarding, data deletion), dead-letter poison with its reason, ack only when
+//! the work is durable.
 //!
 //! A consumer session ends when the broker goes away; the loop reconnects with backoff, and
 //! whatever was unacked is redelivered (harmless: staging is idempotent). On shutdown it cancels
@@ -11,6 +12,7 @@ use std::time::Duration;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::facebook::event::{EventMessage, JobKind, PollRequest};
 use fbsync_shared::ids::PageId;
+use fbsync_shared::queue::owner_jobs::OwnerJob;
 use fbsync_shared::queue::{Topology, connect};
 use fbsync_shared::retry::{RetryError, endless_backoff, retry_while_transient};
 use futures::StreamExt;
@@ -27,6 +29,7 @@ use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::health::Health;
 use crate::job::JobFailure;
+use crate::onboard::OnboardJob;
 use crate::page_data::PageDataJob;
 use crate::park::Parker;
 use crate::poll::PollJob;
@@ -59,6 +62,8 @@ pub struct ConsumerContext {
     pub page_data: Arc<PageDataJob>,
     /// Poll jobs.
     pub poller: PollJob,
+    /// The owners' jobs: onboarding, data deletion.
+    pub onboard: OnboardJob,
 }
 
 /// Consumes `kind` until shutdown, reconnecting whenever the broker goes away.
@@ -110,7 +115,8 @@ async fn consume_session(
     let channel = connection.create_channel().await?;
     context.topology.declare(&channel).await?;
     let prefetch = match kind {
-        JobKind::Poll => context.poll_concurrency,
+        // Both call the Graph API: bounded like polls.
+        JobKind::Poll | JobKind::Onboard => context.poll_concurrency,
         JobKind::Conversation | JobKind::PageChange => context.prefetch,
     };
     channel
@@ -155,7 +161,7 @@ async fn consume_session(
                 }
                 handle_conversation_batch(context, batch, shutdown).await;
             }
-            JobKind::PageChange | JobKind::Poll => {
+            JobKind::PageChange | JobKind::Poll | JobKind::Onboard => {
                 let context = context.clone();
                 let shutdown = shutdown.clone();
                 jobs.spawn(async move { handle_job(&context, kind, delivery, &shutdown).await });
@@ -246,6 +252,7 @@ async fn handle_job(
     let outcome = match kind {
         JobKind::PageChange => run_page_change(context, &delivery.data, shutdown).await,
         JobKind::Poll => run_poll(context, &delivery.data, shutdown).await,
+        JobKind::Onboard => run_owner_job(context, &delivery.data, shutdown).await,
         // Never sent here: conversation messages are staged in batches.
         JobKind::Conversation => Err(malformed(kind, "not a job message".into())),
     };
@@ -296,6 +303,32 @@ async fn run_poll(
     let request = serde_json::from_slice::<PollRequest>(body)
         .map_err(|e| malformed(JobKind::Poll, format!("not a poll job: {e}")))?;
     context.poller.run(&request, shutdown).await.map(|_| ())
+}
+
+/// An owner job: onboard a Page, or delete a user's data.
+async fn run_owner_job(
+    context: &ConsumerContext,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<(), JobFailure> {
+    let job = serde_json::from_slice::<OwnerJob>(body)
+        .map_err(|e| malformed(JobKind::Onboard, format!("not an owner job: {e}")))?;
+    match job {
+        OwnerJob::OnboardPage { page_id } => {
+            let page_id =
+                PageId::parse(&page_id).map_err(|e| malformed(JobKind::Onboard, e.to_string()))?;
+            context
+                .onboard
+                .onboard_page(&page_id, &context.page_data, shutdown)
+                .await
+        }
+        OwnerJob::DeleteUserData { confirmation_code } => {
+            context
+                .onboard
+                .delete_user_data(&confirmation_code, shutdown)
+                .await
+        }
+    }
 }
 
 fn malformed(kind: JobKind, error: String) -> JobFailure {

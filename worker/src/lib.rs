@@ -1,5 +1,6 @@
 //! The worker role: consume events, stage them durably, flush conversations into the object
-//! store within its budgets, refresh Page metadata, poll the Graph API, and dead-letter poison.
+//! store within its budgets, refresh Page metadata, poll the Graph API, onboard Pages that
+//! owners connect (and delete a user's data when Meta asks), and dead-letter poison.
 //!
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
@@ -11,6 +12,7 @@ pub mod forward;
 pub mod health;
 pub mod job;
 pub mod merge;
+pub mod onboard;
 pub mod page_data;
 pub mod park;
 pub mod poll;
@@ -38,6 +40,7 @@ use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
 use crate::forward::Forwarder;
 use crate::health::Health;
+use crate::onboard::OnboardJob;
 use crate::page_data::PageDataJob;
 use crate::park::Parker;
 use crate::poll::PollJob;
@@ -71,7 +74,8 @@ impl Worker {
         let store: Arc<dyn ObjectStore> = Arc::from(open_store(store));
         tracing::info!(store = %store.describe(), "object store");
         let topology = Topology::new(&settings.broker.queue_prefix);
-        // One confirming publisher for everything a worker moves: dead letters, parked jobs.
+        // One confirming publisher for everything a worker moves or queues: dead letters, parked
+        // jobs, an onboarding's backfill poll.
         let publisher = Publisher::start(
             settings.broker.amqp_url.clone(),
             topology.clone(),
@@ -79,6 +83,18 @@ impl Worker {
             shutdown.clone(),
         );
         let graph = GraphClient::new(&settings.facebook.graph_url);
+        let forwarder = Forwarder::new(publisher, settings.retry.clone());
+        let onboard = OnboardJob {
+            db: db.clone(),
+            store: store.clone(),
+            cipher: cipher.clone(),
+            graph: graph.clone(),
+            app_id: settings.facebook.app_id.clone(),
+            retry: settings.retry.clone(),
+            bucket_budget: BucketBudget::from_settings(&settings.storage),
+            forwarder: forwarder.clone(),
+            topology: topology.clone(),
+        };
         let page_data = Arc::new(PageDataJob {
             db: db.clone(),
             store: store.clone(),
@@ -96,7 +112,6 @@ impl Worker {
             lease: settings.worker.lease,
             page_data: page_data.clone(),
         };
-        let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let parker = Parker::new(forwarder.clone(), topology.clone());
         let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));
         let health = Arc::new(Health::default());
@@ -112,6 +127,7 @@ impl Worker {
             stager: Stager::new(db.clone()),
             page_data,
             poller,
+            onboard,
         });
         let flusher = Arc::new(Flusher::new(
             settings,

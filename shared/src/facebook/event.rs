@@ -22,10 +22,18 @@ pub enum JobKind {
     PageChange,
     /// Graph API polls of a Page's metadata and conversations ([`PollRequest`]).
     Poll,
+    /// The owners' jobs: onboard a Page connected through Facebook Login, delete a user's
+    /// data (see `queue::owner_jobs`).
+    Onboard,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 3] = [JobKind::Conversation, JobKind::PageChange, JobKind::Poll];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Conversation,
+        JobKind::PageChange,
+        JobKind::Poll,
+        JobKind::Onboard,
+    ];
 
     /// The routing key and queue suffix of this kind.
     pub fn as_str(self) -> &'static str {
@@ -33,6 +41,7 @@ impl JobKind {
             JobKind::Conversation => "conversation",
             JobKind::PageChange => "page_change",
             JobKind::Poll => "poll",
+            JobKind::Onboard => "onboard",
         }
     }
 

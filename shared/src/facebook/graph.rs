@@ -209,6 +209,35 @@ impl GraphClient {
         }
         Ok(body)
     }
+
+    /// POSTs a form with no bearer token: Facebook Login's code and token exchanges, which
+    /// authenticate with the app secret in the form (in the body, so never in a URL).
+    pub async fn post_form_without_token(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> Result<Value, GraphError> {
+        let url = self.checked_url(url)?;
+        let started = Instant::now();
+        let sent = self.http.post(url).form(form).send().await;
+        metrics::histogram!(GRAPH_SECONDS).record(started.elapsed().as_secs_f64());
+        let response = sent.map_err(|e| GraphError::Transient(describe_transport_error(&e)))?;
+        let status = response.status();
+        let retry_after = usage_wait(response.headers());
+        let body: Value = response.json().await.map_err(|e| {
+            GraphError::Transient(format!(
+                "unreadable answer (HTTP {status}): {}",
+                describe_transport_error(&e)
+            ))
+        })?;
+        if let Some(error) = body.get("error") {
+            return Err(classify_error(status.as_u16(), error, retry_after));
+        }
+        if !status.is_success() {
+            return Err(GraphError::Permanent(format!("HTTP {status}")));
+        }
+        Ok(body)
+    }
 }
 
 /// Keeps only the stored Page fields.

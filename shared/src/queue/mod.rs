@@ -1,5 +1,6 @@
-//! RabbitMQ: the topology every role declares and the confirming publisher.
+//! RabbitMQ: the topology every role declares, the confirming publisher, and the owners' jobs.
 
+pub mod owner_jobs;
 mod publisher;
 mod topology;
 

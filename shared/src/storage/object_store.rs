@@ -38,6 +38,20 @@ pub fn page_data_key(user_uuid: &UserUuid, page_id: &PageId) -> String {
     format!("users/{user_uuid}/facebook_messenger/{page_id}/page_data.json")
 }
 
+/// The folder of everything a user owns: `users/<uuid>/`.
+pub fn user_prefix(user_uuid: &UserUuid) -> String {
+    format!("users/{user_uuid}/")
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// The keys, in key order.
+    pub keys: Vec<String>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<String>,
+}
+
 /// Where `fbsync check` writes, reads and deletes its probe object: never under `users/`.
 pub const PROBE_PREFIX: &str = "_fbsync/probe/";
 
@@ -108,9 +122,14 @@ pub trait ObjectStore: Send + Sync {
         body: Bytes,
         condition: &WriteCondition,
     ) -> Result<(), StoreError>;
-    /// Deletes the object (nothing happens when it does not exist). Only `fbsync check` deletes,
-    /// and only its own probe under [`PROBE_PREFIX`].
+    /// Deletes the object (nothing happens when it does not exist). Only `fbsync check` (its
+    /// own probe under [`PROBE_PREFIX`]) and a data-deletion request (a user's objects under
+    /// [`user_prefix`]) delete.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// One page of the keys under `prefix` (one LIST request), starting where `continuation`
+    /// (the `next` of the previous page) says.
+    async fn list(&self, prefix: &str, continuation: Option<String>)
+    -> Result<Listing, StoreError>;
     /// Where objects go, for logs.
     fn describe(&self) -> String;
 }
@@ -273,6 +292,36 @@ impl ObjectStore for S3Store {
         outcome.map(|_| ()).map_err(|error| classify(&error))
     }
 
+    async fn list(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<Listing, StoreError> {
+        let started = Instant::now();
+        let outcome = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(continuation)
+            .send()
+            .await;
+        metrics::histogram!(STORAGE_SECONDS, "operation" => "list")
+            .record(started.elapsed().as_secs_f64());
+        let page = outcome.map_err(|error| classify(&error))?;
+        let keys = page
+            .contents()
+            .iter()
+            .filter_map(|object| object.key().map(String::from))
+            .collect();
+        let next = if page.is_truncated().unwrap_or(false) {
+            page.next_continuation_token().map(String::from)
+        } else {
+            None
+        };
+        Ok(Listing { keys, next })
+    }
+
     fn describe(&self) -> String {
         format!("S3 bucket {} at {}", self.bucket, self.endpoint)
     }
@@ -355,9 +404,65 @@ impl ObjectStore for LocalStore {
         }
     }
 
+    /// The whole listing at once (a local directory has no request budget).
+    async fn list(
+        &self,
+        prefix: &str,
+        _continuation: Option<String>,
+    ) -> Result<Listing, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        let keys = tokio::task::spawn_blocking(move || list_files(&root, &prefix))
+            .await
+            .map_err(|e| StoreError::Transient(format!("list task failed: {e}")))??;
+        Ok(Listing { keys, next: None })
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }
+}
+
+/// The keys of the local store's files that start with `prefix`, sorted (lock files and
+/// temporary files are not objects).
+fn list_files(root: &Path, prefix: &str) -> Result<Vec<String>, StoreError> {
+    // Walk from the deepest folder the prefix names completely.
+    let folder = prefix.rsplit_once('/').map_or("", |(folder, _)| folder);
+    if folder.split('/').any(|part| part == "." || part == "..") {
+        return Err(StoreError::Permanent(format!(
+            "refusing unsafe prefix {prefix:?}"
+        )));
+    }
+    let mut keys = Vec::new();
+    let mut pending = vec![(root.join(folder), folder.to_string())];
+    while let Some((dir, key_dir)) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(StoreError::Transient(e.to_string())),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::Transient(e.to_string()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let key = if key_dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{key_dir}/{name}")
+            };
+            let file_type = entry
+                .file_type()
+                .map_err(|e| StoreError::Transient(e.to_string()))?;
+            if file_type.is_dir() {
+                if name != ".locks" {
+                    pending.push((entry.path(), key));
+                }
+            } else if key.starts_with(prefix) && !name.ends_with(".tmp") {
+                keys.push(key);
+            }
+        }
+    }
+    keys.sort();
+    Ok(keys)
 }
 
 /// Writes an object of the local store so that it is on disk when this returns, and only if
@@ -412,6 +517,33 @@ fn write_durably(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_local_store_lists_a_prefix_and_deletes() {
+        let root = std::env::temp_dir().join(format!("fbsync-list-{}", uuid::Uuid::new_v4()));
+        let store = LocalStore { root: root.clone() };
+        for key in ["users/a/x/1.json", "users/a/2.json", "users/b/3.json"] {
+            store
+                .put(key, Bytes::from_static(b"[]"), &WriteCondition::Absent)
+                .await
+                .expect("put");
+        }
+        let listing = store.list("users/a/", None).await.expect("list");
+        assert_eq!(listing.keys, vec!["users/a/2.json", "users/a/x/1.json"]);
+        assert_eq!(listing.next, None);
+        store.delete("users/a/2.json").await.expect("delete");
+        let listing = store.list("users/a/", None).await.expect("list");
+        assert_eq!(listing.keys, vec!["users/a/x/1.json"]);
+        assert!(
+            store
+                .list("users/c/", None)
+                .await
+                .expect("list")
+                .keys
+                .is_empty()
+        );
+        let _ = std::fs::remove_dir_all(root);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_conditional_writes_to_the_local_store_let_exactly_one_through() {

@@ -10,17 +10,21 @@
 //! [`claims`] (a conversation's lease and the lifecycle of one flush, fenced by generation),
 //! [`put_budget`] (per-object PUT times), [`bucket_windows`] (the bucket's request rate),
 //! [`page_polls`] (each Page's Graph polls: progress, lease, last complete one),
-//! [`poll_claims`] (the scheduler's one claim per Page and period) and [`backlog`] (figures
-//! for the gauges).
+//! [`poll_claims`] (the scheduler's one claim per Page and period), [`backlog`] (figures
+//! for the gauges), and the owners' side: [`users`] (one per shop), [`sessions`] (owner
+//! sessions and used OAuth nonces), [`data_deletions`] (Meta's requests).
 
 pub mod backlog;
 pub mod bucket_windows;
 pub mod claims;
+pub mod data_deletions;
 pub mod page_polls;
 pub mod pages;
 pub mod poll_claims;
 pub mod put_budget;
+pub mod sessions;
 pub mod staging;
+pub mod users;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -34,10 +38,12 @@ use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
 pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
+pub use data_deletions::DataDeletion;
 pub use page_polls::{PagePollState, PollCounts, PollLease, PollStart, PollSummary};
-pub use pages::{PageRecord, PageStatus, PageSummary};
+pub use pages::{OnboardStep, PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};
+pub use users::Forgotten;
 
 /// Errors of the database layer. `Query` errors are worth retrying (the database may be
 /// restarting or busy); the others are bad configuration and are reported as they are.

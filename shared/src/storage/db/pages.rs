@@ -78,7 +78,78 @@ pub struct PageSummary {
     /// Messages whose details the Graph API refused (older than a conversation's 20 most
     /// recent), over every poll.
     pub details_unavailable: i64,
+    /// Conversations stored at least once.
+    pub conversations_stored: i64,
+    /// Onboarding (a Page connected through Facebook Login): the app's subscription.
+    pub onboard_subscribe: Option<String>,
+    /// Onboarding: the first `page_data.json`.
+    pub onboard_page_data: Option<String>,
+    /// Onboarding: the conversation backfill.
+    pub onboard_backfill: Option<String>,
 }
+
+/// The steps of a Page's onboarding, each with its outcome on the Page's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnboardStep {
+    /// Subscribe the app to the Page's webhooks.
+    Subscribe,
+    /// Write `page_data.json`.
+    PageData,
+    /// Backfill the conversations.
+    Backfill,
+}
+
+impl OnboardStep {
+    pub const ALL: [OnboardStep; 3] = [
+        OnboardStep::Subscribe,
+        OnboardStep::PageData,
+        OnboardStep::Backfill,
+    ];
+
+    /// The step's name, as `pages list` and the status page show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnboardStep::Subscribe => "subscribe",
+            OnboardStep::PageData => "page_data",
+            OnboardStep::Backfill => "backfill",
+        }
+    }
+
+    /// The column that holds its outcome.
+    fn column(self) -> &'static str {
+        match self {
+            OnboardStep::Subscribe => "onboard_subscribe",
+            OnboardStep::PageData => "onboard_page_data",
+            OnboardStep::Backfill => "onboard_backfill",
+        }
+    }
+}
+
+impl PageSummary {
+    /// Each onboarding step with its outcome (`None`: the Page was not onboarded).
+    pub fn onboarding(&self) -> [(OnboardStep, Option<&str>); 3] {
+        [
+            (OnboardStep::Subscribe, self.onboard_subscribe.as_deref()),
+            (OnboardStep::PageData, self.onboard_page_data.as_deref()),
+            (OnboardStep::Backfill, self.onboard_backfill.as_deref()),
+        ]
+    }
+}
+
+/// The columns of a [`PageSummary`], from [`SUMMARY_FROM`].
+const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms, p.last_flush_ms,
+        p.last_error_ms, p.last_error,
+        (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged,
+        (SELECT COUNT(*) FROM conversations c
+         WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside,
+        q.last_complete_end_ms AS last_poll_ms, q.started_at_ms AS poll_started_ms,
+        COALESCE(q.details_unavailable_total, 0) AS details_unavailable,
+        (SELECT COUNT(*) FROM conversations c
+         WHERE c.page_id = p.page_id AND c.flushed_gen > 0) AS conversations_stored,
+        p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill";
+
+/// The tables a [`PageSummary`] is read from.
+const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
 
 impl Database {
     /// Registers a Page, or replaces its owner and token (and clears a re-auth flag).
@@ -132,19 +203,52 @@ impl Database {
 
     /// Every registered Page with its staged backlog, ordered by id.
     pub async fn list_pages(&self) -> Result<Vec<PageSummary>, DbError> {
-        let pages = sqlx::query_as::<_, PageSummary>(
-            "SELECT p.page_id, p.user_uuid, p.status, p.last_event_ms, p.last_flush_ms,
-                    p.last_error_ms, p.last_error,
-                    (SELECT COUNT(*) FROM staged_events s WHERE s.page_id = p.page_id) AS staged,
-                    (SELECT COUNT(*) FROM conversations c
-                     WHERE c.page_id = p.page_id AND c.set_aside_reason IS NOT NULL) AS set_aside,
-                    q.last_complete_end_ms AS last_poll_ms, q.started_at_ms AS poll_started_ms,
-                    COALESCE(q.details_unavailable_total, 0) AS details_unavailable
-             FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id ORDER BY p.page_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!("SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} ORDER BY p.page_id");
+        let pages = sqlx::query_as::<_, PageSummary>(&sql)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(pages)
+    }
+
+    /// The Pages of one user, ordered by id (the owner's status page).
+    pub async fn pages_of_user(&self, user: &UserUuid) -> Result<Vec<PageSummary>, DbError> {
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} WHERE p.user_uuid = $1 ORDER BY p.page_id"
+        );
+        let pages = sqlx::query_as::<_, PageSummary>(&sql)
+            .bind(user.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(pages)
+    }
+
+    /// Marks every onboarding step of a Page as waiting for its job.
+    pub async fn reset_onboarding(&self, page_id: &PageId) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE pages SET onboard_subscribe = 'queued', onboard_page_data = 'queued',
+                 onboard_backfill = 'queued'
+             WHERE page_id = $1",
+        )
+        .bind(page_id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the outcome of one onboarding step of a Page.
+    pub async fn set_onboard_step(
+        &self,
+        page_id: &PageId,
+        step: OnboardStep,
+        outcome: &str,
+    ) -> Result<(), DbError> {
+        let sql = format!("UPDATE pages SET {} = $2 WHERE page_id = $1", step.column());
+        sqlx::query(&sql)
+            .bind(page_id.as_str())
+            .bind(outcome)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records an error on a Page, and a new status when the error changes it.

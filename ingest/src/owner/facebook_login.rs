@@ -1,0 +1,292 @@
+//! Facebook Login, the second step: `/facebook/login` (a session required) sends the owner to
+//! Facebook's dialog; `/facebook/callback` checks the state (issued for this session's user),
+//! exchanges the code, then the short-lived token for a long-lived one, checks the permissions,
+//! reads every Page of `/me/accounts` and stores each Page's token sealed under this user, then
+//! queues one onboarding job per Page and answers at once. The session that started the login
+//! is ended and a fresh one issued (so the owner lands on `/connect`).
+//!
+//! The user token itself is never stored: the Page tokens of a long-lived user token do not
+//! expire, and they are all the pipeline needs.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use fbsync_shared::facebook::graph::GraphError;
+use fbsync_shared::facebook::login::{AppCredentials, ConnectedPage, LOGIN_SCOPES};
+use fbsync_shared::ids::UserUuid;
+use fbsync_shared::now_ms;
+use fbsync_shared::queue::owner_jobs::OwnerJob;
+use fbsync_shared::storage::db::OnboardStep;
+use secrecy::SecretString;
+
+use super::page::{escape, html, problem, unavailable};
+use super::state::{self, Flow};
+use super::{OwnerState, session};
+
+/// GET /facebook/login
+pub async fn login(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> Response {
+    let user = match session::current_user(&state, &headers).await {
+        Ok(Some(user)) => user,
+        Ok(None) => return no_session(),
+        Err(e) => return unavailable(&e),
+    };
+    let settings = &state.settings;
+    let oauth_state = state::issue(
+        &settings.state_secret,
+        Flow::Facebook,
+        user.as_str(),
+        now_ms(),
+    );
+    let Ok(mut url) = reqwest::Url::parse(&settings.dialog_url) else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Misconfigured",
+            "FACEBOOK_DIALOG_URL is not a valid URL.",
+        );
+    };
+    url.query_pairs_mut()
+        .append_pair("client_id", &settings.facebook_app_id)
+        .append_pair("redirect_uri", &settings.facebook_redirect_uri)
+        .append_pair("scope", &LOGIN_SCOPES.join(","))
+        .append_pair("response_type", "code")
+        .append_pair("state", &oauth_state);
+    Redirect::to(url.as_str()).into_response()
+}
+
+fn no_session() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Not signed in",
+        "There is no session: open the app from your Shopify admin first (it signs you in), \
+         then connect your Facebook Pages.",
+    )
+}
+
+/// GET /facebook/callback?code&state, or ?error=...&state
+pub async fn callback(
+    State(state): State<Arc<OwnerState>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(error) = param("error") {
+        let reason = param("error_description")
+            .or(param("error_reason"))
+            .unwrap_or(error);
+        let body = format!(
+            "<p>Facebook Login did not complete: {}.</p>\n\
+             <p>Nothing was connected. fbsync needs these permissions to keep your Pages' \
+             conversations: {}.</p>\n<p><a href=\"/facebook/login\">Try again</a></p>",
+            escape(reason),
+            escape(&LOGIN_SCOPES.join(", ")),
+        );
+        return html(
+            StatusCode::BAD_REQUEST,
+            "Facebook Pages not connected",
+            &body,
+        );
+    }
+    let settings = &state.settings;
+    let claims = match state::accept(
+        &state.db,
+        &settings.state_secret,
+        Flow::Facebook,
+        param("state"),
+        now_ms(),
+    )
+    .await
+    {
+        Ok(claims) => claims,
+        Err(state::StateError::Db(e)) => return unavailable(&e),
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "Sign-in refused", &e.to_string()),
+    };
+    let Ok(user) = UserUuid::parse(&claims.subject) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Sign-in refused",
+            "The state names no user.",
+        );
+    };
+    // The state must belong to this browser's session: a login started by someone else (a
+    // forged link) would otherwise attach the victim's Pages to the attacker's shop.
+    match session::current_user(&state, &headers).await {
+        Ok(Some(current)) if current == user => {}
+        Ok(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Sign-in refused",
+                &state::StateError::WrongSubject("session").to_string(),
+            );
+        }
+        Err(e) => return unavailable(&e),
+    }
+    let Some(code) = param("code").filter(|c| !c.is_empty()) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Sign-in refused",
+            "Facebook sent no authorization code.",
+        );
+    };
+    let pages = match read_pages(&state, &user, code).await {
+        Ok(pages) => pages,
+        Err(answer) => return *answer,
+    };
+    if let Err(e) = store_pages(&state, &user, &pages).await {
+        return unavailable(&e);
+    }
+    let queued = queue_onboarding(&state, &pages).await;
+    // The login's session ends here (as the seed's); a fresh one shows the status page.
+    let fresh = match session::end(&state, &headers).await {
+        Ok(_) => session::start(&state, &user).await,
+        Err(e) => Err(e),
+    };
+    let cookie = match fresh {
+        Ok(cookie) => cookie,
+        Err(e) => return unavailable(&e),
+    };
+    tracing::info!(%user, pages = pages.len(), queued, "Facebook Pages connected");
+    let mut response = Redirect::to("/connect").into_response();
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
+    response
+}
+
+/// The code exchange, the long-lived token, the permission check and `/me/accounts`; an error
+/// page when one of them fails.
+async fn read_pages(
+    state: &OwnerState,
+    user: &UserUuid,
+    code: &str,
+) -> Result<Vec<ConnectedPage>, Box<Response>> {
+    let settings = &state.settings;
+    let app = AppCredentials {
+        app_id: &settings.facebook_app_id,
+        app_secret: &settings.facebook_app_secret,
+    };
+    let graph = &state.graph;
+    let short = graph
+        .exchange_code(app, &settings.facebook_redirect_uri, code)
+        .await
+        .map_err(|e| graph_failure("exchanging the login code", &e))?;
+    let long: SecretString = graph
+        .long_lived_user_token(app, &short)
+        .await
+        .map_err(|e| graph_failure("exchanging for a long-lived token", &e))?;
+    let missing = graph
+        .missing_permissions(&long, &LOGIN_SCOPES)
+        .await
+        .map_err(|e| graph_failure("reading the granted permissions", &e))?;
+    if !missing.is_empty() {
+        let body = format!(
+            "<p>Facebook Login completed, but these permissions were not granted: \
+             <strong>{}</strong>.</p>\n<p>fbsync needs all of them to read and keep your Pages' \
+             Messenger conversations. Nothing was connected.</p>\n\
+             <p><a href=\"/facebook/login\">Connect again and allow them</a></p>",
+            escape(&missing.join(", "))
+        );
+        return Err(Box::new(html(
+            StatusCode::BAD_REQUEST,
+            "Permissions missing",
+            &body,
+        )));
+    }
+    let facebook_user = graph
+        .facebook_user_id(&long)
+        .await
+        .map_err(|e| graph_failure("reading your Facebook user", &e))?;
+    let pages = graph
+        .connected_pages(&long)
+        .await
+        .map_err(|e| graph_failure("reading your Pages", &e))?;
+    if let Err(e) = state
+        .db
+        .set_facebook_user(user, &facebook_user, now_ms())
+        .await
+    {
+        return Err(Box::new(unavailable(&e)));
+    }
+    Ok(pages)
+}
+
+/// The page for a failed Graph call: what failed, never a token (Graph's messages hold none,
+/// and no URL is quoted).
+fn graph_failure(what: &str, error: &GraphError) -> Box<Response> {
+    tracing::warn!(step = what, error = %error, "Facebook Login failed");
+    let (status, advice) = match error {
+        GraphError::Transient(_) | GraphError::RateLimited { .. } => (
+            StatusCode::BAD_GATEWAY,
+            "Facebook is not answering right now; please try again in a few minutes.",
+        ),
+        GraphError::TokenInvalid { .. } | GraphError::Permanent(_) => (
+            StatusCode::BAD_REQUEST,
+            "Facebook refused the request; please connect again.",
+        ),
+    };
+    let body = format!(
+        "<p>Something went wrong while {}. {}</p>\n<p><a href=\"/facebook/login\">Connect again</a></p>",
+        escape(what),
+        escape(advice)
+    );
+    Box::new(html(status, "Facebook Pages not connected", &body))
+}
+
+/// Stores each Page's token sealed under `user` (a Page that belonged to another user moves,
+/// token and all) and marks its onboarding as queued.
+async fn store_pages(
+    state: &OwnerState,
+    user: &UserUuid,
+    pages: &[ConnectedPage],
+) -> Result<(), fbsync_shared::storage::db::DbError> {
+    for page in pages {
+        let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
+        state
+            .db
+            .upsert_page(&page.page_id, user, sealed, now_ms())
+            .await?;
+        state.db.reset_onboarding(&page.page_id).await?;
+    }
+    Ok(())
+}
+
+/// Publishes one onboarding job per Page (with confirms); a failure is recorded on the Pages,
+/// in words, so the owner sees it and reconnects. True when all were queued.
+async fn queue_onboarding(state: &OwnerState, pages: &[ConnectedPage]) -> bool {
+    let jobs: Vec<_> = pages
+        .iter()
+        .map(|page| {
+            OwnerJob::OnboardPage {
+                page_id: page.page_id.as_str().to_string(),
+            }
+            .to_outgoing(&state.topology)
+        })
+        .collect();
+    match state
+        .publisher
+        .publish_all(&jobs, state.publish_timeout)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "onboarding jobs could not be queued");
+            for page in pages {
+                for step in OnboardStep::ALL {
+                    let _ = state
+                        .db
+                        .set_onboard_step(
+                            &page.page_id,
+                            step,
+                            "failed: the job queue was unavailable; connect again",
+                        )
+                        .await;
+                }
+            }
+            false
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The owners' side of ingest: how a shop owner connects their Pages without an operator.
+//!
+//! Flow: `/shopify/login?shop=` → Shopify → `/shopify/callback` (session cookie, user UUID) →
+//! `/facebook/login` → Facebook's dialog → `/facebook/callback` (Page tokens sealed, one
+//! onboarding job per Page queued) → `/connect` (the status page). Meta's callbacks
+//! (`/facebook/deauthorize`, `/facebook/data-deletion`) undo it.
+//!
+//! Invariants: no route here answers or logs a token (Shopify's, a user's or a Page's); every
+//! state is signed, bound to its flow and subject, expires and is used once; a session is a
+//! random 256-bit id whose hash alone is stored; every input problem is a 4xx page in words,
+//! never a 500. The webhook path shares nothing with these routes but the listener: they are
+//! served only when the owner settings are configured (see `Settings::owner_settings`).
+
+pub mod facebook_login;
+pub mod meta_callbacks;
+pub mod page;
+pub mod session;
+pub mod shopify;
+pub mod state;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use fbsync_shared::config::OwnerSettings;
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::facebook::graph::GraphClient;
+use fbsync_shared::queue::{Publisher, Topology};
+use fbsync_shared::storage::db::Database;
+
+/// What the owner routes share.
+pub struct OwnerState {
+    /// The Shopify and Facebook apps, the state secret, the external URLs.
+    pub settings: OwnerSettings,
+    /// Users, sessions, nonces, Pages.
+    pub db: Database,
+    /// Seals the shop and Page tokens.
+    pub cipher: TokenCipher,
+    /// Facebook Login's Graph calls.
+    pub graph: GraphClient,
+    /// Shopify's code exchange (timeouts set).
+    pub http: reqwest::Client,
+    /// Where onboarding and deletion jobs go.
+    pub topology: Topology,
+    /// The confirming publisher ingest already holds.
+    pub publisher: Publisher,
+    /// Longest wait for a job's confirm.
+    pub publish_timeout: Duration,
+    /// `scheme://host[:port]` of FACEBOOK_REDIRECT_URI: where the data-deletion status pages
+    /// are, as Facebook shows them to people.
+    pub public_origin: String,
+}
+
+impl OwnerState {
+    pub fn new(
+        settings: OwnerSettings,
+        db: Database,
+        cipher: TokenCipher,
+        topology: Topology,
+        publisher: Publisher,
+        publish_timeout: Duration,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a plain HTTP client always builds");
+        let public_origin = reqwest::Url::parse(&settings.facebook_redirect_uri)
+            .map(|url| url.origin().ascii_serialization())
+            .unwrap_or_default();
+        Self {
+            graph: GraphClient::new(&settings.graph_url),
+            settings,
+            db,
+            cipher,
+            http,
+            topology,
+            publisher,
+            publish_timeout,
+            public_origin,
+        }
+    }
+}
+
+/// The owner routes.
+pub fn router(state: Arc<OwnerState>) -> Router {
+    Router::new()
+        .route("/shopify/login", get(shopify::login))
+        .route("/shopify/callback", get(shopify::callback))
+        .route("/facebook/login", get(facebook_login::login))
+        .route("/facebook/callback", get(facebook_login::callback))
+        .route("/connect", get(status::connect))
+        .route("/facebook/deauthorize", post(meta_callbacks::deauthorize))
+        .route(
+            "/facebook/data-deletion",
+            post(meta_callbacks::data_deletion),
+        )
+        .route(
+            "/facebook/data-deletion/status",
+            get(status::deletion_status),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,199 @@
+//! OAuth `state` for both connect flows: `base64url(flow|subject|nonce|expiry).hex(HMAC-SHA256)`
+//! under STATE_TOKEN_SECRET. The subject is the shop (Shopify) or the user UUID (Facebook);
+//! the nonce is random (128 bits) and recorded when the state is used, so a state is accepted
+//! once; it expires after 10 minutes. Tampered, expired, replayed or missing states are refused
+//! with a message that says which.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fbsync_shared::storage::db::{Database, DbError};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+
+/// How long a state is valid.
+pub const LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// Which flow a state belongs to: a state of one is refused by the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Shopify,
+    Facebook,
+}
+
+impl Flow {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flow::Shopify => "shopify",
+            Flow::Facebook => "facebook",
+        }
+    }
+}
+
+/// Why a state was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the request has no state parameter")]
+    Missing,
+    #[error("the state parameter is malformed or was altered")]
+    Tampered,
+    #[error("the state belongs to another sign-in flow")]
+    WrongFlow,
+    #[error("the sign-in link has expired (it is valid for 10 minutes); please start again")]
+    Expired,
+    #[error("this sign-in link was already used; please start again")]
+    Replayed,
+    #[error("the state was issued for another {0}")]
+    WrongSubject(&'static str),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A checked state's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateClaims {
+    /// The shop or the user UUID it was issued for.
+    pub subject: String,
+    /// Recorded when the state is used, so it is used once.
+    nonce: String,
+    /// The nonce's record can go once the state has expired.
+    expires_at_ms: i64,
+}
+
+/// A new state for `subject` in `flow`.
+pub fn issue(secret: &SecretString, flow: Flow, subject: &str, now: i64) -> String {
+    let mut nonce = [0u8; 16];
+    rand::rng().fill_bytes(&mut nonce);
+    let payload = format!(
+        "{}|{subject}|{}|{}",
+        flow.as_str(),
+        hex::encode(nonce),
+        now + LIFETIME_MS
+    );
+    let encoded = URL_SAFE_NO_PAD.encode(payload);
+    let signature = hex::encode(mac(secret, &encoded).finalize().into_bytes());
+    format!("{encoded}.{signature}")
+}
+
+fn mac(secret: &SecretString, encoded: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(encoded.as_bytes());
+    mac
+}
+
+/// Checks the signature (constant time), the flow and the expiry; does not use the nonce.
+pub fn verify(
+    secret: &SecretString,
+    flow: Flow,
+    state: Option<&str>,
+    now: i64,
+) -> Result<StateClaims, StateError> {
+    let state = state.filter(|s| !s.is_empty()).ok_or(StateError::Missing)?;
+    let (encoded, signature) = state.split_once('.').ok_or(StateError::Tampered)?;
+    let signature = hex::decode(signature).map_err(|_| StateError::Tampered)?;
+    mac(secret, encoded)
+        .verify_slice(&signature)
+        .map_err(|_| StateError::Tampered)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or(StateError::Tampered)?;
+    let parts: Vec<&str> = payload.split('|').collect();
+    let [flow_name, subject, nonce, expires] = parts.as_slice() else {
+        return Err(StateError::Tampered);
+    };
+    if *flow_name != flow.as_str() {
+        return Err(StateError::WrongFlow);
+    }
+    let expires_at_ms: i64 = expires.parse().map_err(|_| StateError::Tampered)?;
+    if expires_at_ms <= now {
+        return Err(StateError::Expired);
+    }
+    Ok(StateClaims {
+        subject: subject.to_string(),
+        nonce: nonce.to_string(),
+        expires_at_ms,
+    })
+}
+
+/// Verifies the state and uses its nonce: the state is accepted this once.
+pub async fn accept(
+    db: &Database,
+    secret: &SecretString,
+    flow: Flow,
+    state: Option<&str>,
+    now: i64,
+) -> Result<StateClaims, StateError> {
+    let claims = verify(secret, flow, state, now)?;
+    if !db
+        .use_nonce(
+            &format!("{}:{}", flow.as_str(), claims.nonce),
+            claims.expires_at_ms,
+            now,
+        )
+        .await?
+    {
+        return Err(StateError::Replayed);
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> SecretString {
+        SecretString::from("a-state-secret-for-tests")
+    }
+
+    #[test]
+    fn a_state_verifies_for_its_flow_until_it_expires() {
+        let state = issue(&secret(), Flow::Facebook, "user-1", 1_000);
+        let claims = verify(&secret(), Flow::Facebook, Some(&state), 2_000).expect("valid");
+        assert_eq!(claims.subject, "user-1");
+        assert!(matches!(
+            verify(&secret(), Flow::Shopify, Some(&state), 2_000),
+            Err(StateError::WrongFlow)
+        ));
+        assert!(matches!(
+            verify(&secret(), Flow::Facebook, Some(&state), 1_000 + LIFETIME_MS),
+            Err(StateError::Expired)
+        ));
+        assert!(matches!(
+            verify(&secret(), Flow::Facebook, None, 2_000),
+            Err(StateError::Missing)
+        ));
+    }
+
+    #[test]
+    fn an_altered_state_is_refused() {
+        let state = issue(&secret(), Flow::Shopify, "a.myshopify.com", 1_000);
+        let (encoded, signature) = state.split_once('.').expect("two parts");
+        let forged_payload = URL_SAFE_NO_PAD.encode(format!(
+            "shopify|b.myshopify.com|00|{}",
+            1_000 + LIFETIME_MS
+        ));
+        for forged in [
+            format!("{forged_payload}.{signature}"),
+            format!("{encoded}.{}", "0".repeat(64)),
+            format!("{encoded}x.{signature}"),
+            "garbage".to_string(),
+        ] {
+            assert!(
+                matches!(
+                    verify(&secret(), Flow::Shopify, Some(&forged), 2_000),
+                    Err(StateError::Tampered)
+                ),
+                "{forged}"
+            );
+        }
+        let other_secret = SecretString::from("another-secret-entirely");
+        assert!(matches!(
+            verify(&other_secret, Flow::Shopify, Some(&state), 2_000),
+            Err(StateError::Tampered)
+        ));
+    }
+}

@@ -1,0 +1,210 @@
+//! The owner's status page, `GET /connect` (session cookie): the shop, and each connected Page
+//! with its onboarding steps, last poll, conversations stored, last event, last error in words and a
+//! reconnect link when its token needs re-authorisation. Server-rendered HTML, or the same data
+//! as JSON with `Accept: application/json`. Built from `PageSummary`, which holds no token.
+//!
+//! Also the status page of a data-deletion request (`/facebook/data-deletion/status?code=`),
+//! the URL Meta shows the person.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fbsync_shared::storage::db::{PageStatus, PageSummary};
+use serde_json::{Value, json};
+
+use super::page::{escape, html, problem, unavailable, with_private_headers};
+use super::{OwnerState, session};
+
+/// True when the client asked for JSON.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"))
+}
+
+fn json_answer(status: StatusCode, value: Value) -> Response {
+    let mut response = (status, Json(value)).into_response();
+    with_private_headers(response.headers_mut());
+    response
+}
+
+/// A time for people: `2026-11-27 04:44 UTC`.
+fn when(ms: Option<i64>) -> Option<String> {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+}
+
+/// The Page's trouble in words, if any.
+fn trouble(page: &PageSummary) -> Option<String> {
+    if page.status == PageStatus::NeedsReauth {
+        return Some(
+            "Facebook no longer accepts fbsync's access to this Page (the permission was removed \
+             or expired): reconnect it."
+                .to_string(),
+        );
+    }
+    page.last_error.clone()
+}
+
+fn page_json(page: &PageSummary) -> Value {
+    let onboarding: serde_json::Map<String, Value> = page
+        .onboarding()
+        .iter()
+        .map(|(step, outcome)| (step.as_str().to_string(), json!(outcome)))
+        .collect();
+    json!({
+        "page_id": page.page_id.as_str(),
+        "status": page.status.as_str(),
+        "onboarding": onboarding,
+        "conversations_stored": page.conversations_stored,
+        "last_event_ms": page.last_event_ms,
+        "last_event": when(page.last_event_ms),
+        "last_poll": when(page.last_poll_ms),
+        "poll_in_progress": page.poll_started_ms.is_some(),
+        "last_error": trouble(page),
+        "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),
+    })
+}
+
+/// GET /connect
+pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> Response {
+    let user = match session::current_user(&state, &headers).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            let message = "There is no session: open the app from your Shopify admin first.";
+            if wants_json(&headers) {
+                return json_answer(StatusCode::UNAUTHORIZED, json!({"error": message}));
+            }
+            return problem(StatusCode::UNAUTHORIZED, "Not signed in", message);
+        }
+        Err(e) => return unavailable(&e),
+    };
+    let (shop, pages) =
+        match tokio::try_join!(state.db.user_shop(&user), state.db.pages_of_user(&user)) {
+            Ok(found) => found,
+            Err(e) => return unavailable(&e),
+        };
+    let shop = shop.map(|shop| shop.as_str().to_string());
+    if wants_json(&headers) {
+        let pages: Vec<Value> = pages.iter().map(page_json).collect();
+        return json_answer(
+            StatusCode::OK,
+            json!({"shop": shop, "user_uuid": user.as_str(), "pages": pages}),
+        );
+    }
+    let mut body = format!(
+        "<p>Shop: <strong id=\"shop\">{}</strong></p>\n",
+        escape(shop.as_deref().unwrap_or("-"))
+    );
+    if pages.is_empty() {
+        body.push_str(
+            "<p>No Facebook Page is connected yet.</p>\n\
+             <p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect Facebook Pages</a></p>",
+        );
+        return html(StatusCode::OK, "Your connected Pages", &body);
+    }
+    body.push_str(
+        "<table>\n<thead><tr><th>Page</th><th>Status</th><th>Webhooks</th><th>Page data</th>\
+         <th>Backfill</th><th>Last poll</th><th>Conversations stored</th><th>Last event</th>\
+         <th>Last error</th>\
+         </tr></thead>\n<tbody>\n",
+    );
+    for page in &pages {
+        let step = |outcome: Option<&str>| escape(outcome.unwrap_or("-"));
+        let [subscribe, page_data, backfill] = page.onboarding().map(|(_, outcome)| outcome);
+        let reconnect = if page.status == PageStatus::NeedsReauth {
+            " <a class=\"reconnect\" href=\"/facebook/login\">reconnect</a>"
+        } else {
+            ""
+        };
+        body.push_str(&format!(
+            "<tr class=\"page\" data-page-id=\"{id}\"><td>{id}</td><td>{status}{reconnect}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            step(subscribe),
+            step(page_data),
+            step(backfill),
+            escape(&when(page.last_poll_ms).unwrap_or_else(|| {
+                if page.poll_started_ms.is_some() {
+                    "in progress"
+                } else {
+                    "-"
+                }
+                .into()
+            })),
+            page.conversations_stored,
+            escape(&when(page.last_event_ms).unwrap_or_else(|| "-".into())),
+            escape(&trouble(page).unwrap_or_else(|| "-".into())),
+            id = escape(page.page_id.as_str()),
+            status = escape(page.status.as_str()),
+        ));
+    }
+    body.push_str(
+        "</tbody></table>\n<p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect more \
+         Pages</a></p>",
+    );
+    html(StatusCode::OK, "Your connected Pages", &body)
+}
+
+/// GET /facebook/data-deletion/status?code=
+pub async fn deletion_status(
+    State(state): State<Arc<OwnerState>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let code = query
+        .iter()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let deletion = match state.db.data_deletion(code).await {
+        Ok(Some(deletion)) => deletion,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Unknown request",
+                "No data-deletion request has this confirmation code.",
+            );
+        }
+        Err(e) => return unavailable(&e),
+    };
+    let done = deletion.completed_at_ms.is_some();
+    if wants_json(&headers) {
+        return json_answer(
+            StatusCode::OK,
+            json!({
+                "confirmation_code": deletion.confirmation_code,
+                "requested_at": when(Some(deletion.requested_at_ms)),
+                "pages_removed": deletion.pages_removed,
+                "sessions_removed": deletion.sessions_removed,
+                "objects_deleted": deletion.objects_deleted,
+                "completed_at": when(deletion.completed_at_ms),
+                "status": if done { "complete" } else { "in progress" },
+            }),
+        );
+    }
+    let requested = when(Some(deletion.requested_at_ms)).unwrap_or_default();
+    let mut body = format!(
+        "<p>Confirmation code: <code>{}</code></p>\n<p>Requested {}: {} connected Page(s) and \
+         their access tokens, the shop tokens and {} session(s) were deleted at once.</p>\n",
+        escape(&deletion.confirmation_code),
+        escape(&requested),
+        deletion.pages_removed,
+        deletion.sessions_removed,
+    );
+    match (deletion.objects_deleted, when(deletion.completed_at_ms)) {
+        (Some(objects), Some(completed)) => body.push_str(&format!(
+            "<p id=\"status\">Complete: {objects} stored file(s) (Page data and Messenger \
+             conversations) were deleted {}.</p>",
+            escape(&completed)
+        )),
+        _ => body.push_str(
+            "<p id=\"status\">In progress: the stored files (Page data and Messenger \
+             conversations) are being deleted.</p>",
+        ),
+    }
+    html(StatusCode::OK, "Data deletion", &body)
+}

@@ -1,0 +1,116 @@
+//! Owner sessions: the SHA-256 of a random cookie value mapped to a user until it expires.
+//! Only hashes are stored; expired rows are removed whenever a session is created. Beside
+//! them, the nonces of OAuth states already used (a state is accepted once).
+
+use super::{Database, DbError};
+use crate::ids::UserUuid;
+
+impl Database {
+    /// Stores a session (by the hash of its id) and removes every expired one.
+    pub async fn create_session(
+        &self,
+        session_hash: &str,
+        user: &UserUuid,
+        expires_at_ms: i64,
+        now: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM sessions WHERE expires_at_ms <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sessions (session_hash, user_uuid, expires_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(session_hash)
+        .bind(user.as_str())
+        .bind(expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The user of a session that has not expired.
+    pub async fn session_user(
+        &self,
+        session_hash: &str,
+        now: i64,
+    ) -> Result<Option<UserUuid>, DbError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT user_uuid FROM sessions WHERE session_hash = $1 AND expires_at_ms > $2",
+        )
+        .bind(session_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(user,)| UserUuid::parse(&user).ok()))
+    }
+
+    /// Ends a session.
+    pub async fn delete_session(&self, session_hash: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM sessions WHERE session_hash = $1")
+            .bind(session_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a nonce of an OAuth state as used: true the first time, false on a replay.
+    /// Nonces of expired states are removed (an expired state is refused anyway).
+    pub async fn use_nonce(
+        &self,
+        nonce: &str,
+        expires_at_ms: i64,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        sqlx::query("DELETE FROM oauth_nonces WHERE expires_at_ms < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO oauth_nonces (nonce, expires_at_ms) VALUES ($1, $2)
+             ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ids::UserUuid;
+    use crate::storage::db::test_support::backends;
+
+    #[tokio::test]
+    async fn sessions_expire_and_nonces_are_used_once() {
+        for (backend, db) in backends().await {
+            let user = UserUuid::new_random();
+            db.create_session("old", &user, 100, 50)
+                .await
+                .expect("create");
+            db.create_session("new", &user, 1_000, 200)
+                .await
+                .expect("create");
+            assert_eq!(
+                db.session_user("old", 200).await.expect("read"),
+                None,
+                "{backend}"
+            );
+            assert_eq!(
+                db.session_user("new", 200).await.expect("read"),
+                Some(user.clone()),
+                "{backend}"
+            );
+            assert!(
+                db.use_nonce("n1", 1_000, 0).await.expect("nonce"),
+                "{backend}"
+            );
+            assert!(
+                !db.use_nonce("n1", 1_000, 0).await.expect("nonce"),
+                "{backend}"
+            );
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The connect flow in a real headless browser (Debian's `chromium` and `chromium-driver`, which
+//! `.ci/run` installs), driven over WebDriver: the owner opens the Shopify login, the browser
+//! follows every redirect through the fake Shopify and the fake Facebook dialog with its own
+//! cookies, clicks "Connect Facebook Pages", and ends on the status page, which shows the shop and
+//! the Page with its onboarding steps once the worker has run them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::common::fake_dialog::DialogAnswer;
+use crate::common::pipeline::{DbKind, StoreKind};
+use crate::onboarding::OwnerEnv;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const PAGE: &str = "510249619162304";
+
+/// chromedriver on a free port; killed when dropped.
+struct Chromedriver {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Chromedriver {
+    async fn start() -> Self {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
+            "the browser test needs Debian's chromium and chromium-driver (.ci/run installs them)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_owner_connects_in_a_real_browser_and_ends_on_the_status_page() {
+    let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
+    env.graph.set_person("9001", &[PAGE]);
+    env.graph.set_page(PAGE, "Handmade Shop");
+    env.dialog
+        .answer(DialogAnswer::Approve(env.graph.login_code("9001")));
+    let mut driver = Chromedriver::start().await;
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        }),
+    );
+    // chromedriver is on loopback: plain HTTP.
+    let browser = ClientBuilder::new(HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session");
+
+    let shop = "browser.myshopify.com";
+    browser
+        .goto(&format!("{}/shopify/login?shop={shop}", env.base))
+        .await
+        .expect("open the Shopify login");
+    // Through the fake Shopify and back to the callback's page.
+    env.record(browser.source().await.expect("source"));
+    let heading = browser.find(Locator::Css("h1")).await.expect("h1");
+    assert_eq!(heading.text().await.expect("text"), "Shop connected");
+    let cookie = browser
+        .get_named_cookie("session_id")
+        .await
+        .expect("the session cookie");
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.path(), Some("/"));
+    browser
+        .find(Locator::Id("connect-facebook"))
+        .await
+        .expect("the Connect Facebook Pages link")
+        .click()
+        .await
+        .expect("click");
+    // Through the fake dialog and the callback, onto /connect.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let url = browser.current_url().await.expect("url");
+        let source = browser.source().await.expect("source");
+        env.record(source.clone());
+        if url.path() == "/connect" && source.contains("started: a backfill poll is queued") {
+            assert!(source.contains("subscribed"), "{source}");
+            assert!(source.contains("written"), "{source}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{url}: {source}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        browser.refresh().await.expect("refresh");
+    }
+    let shown_shop = browser.find(Locator::Id("shop")).await.expect("#shop");
+    assert_eq!(shown_shop.text().await.expect("text"), shop);
+    let rows = browser
+        .find_all(Locator::Css("tr.page"))
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].attr("data-page-id").await.expect("attr").as_deref(),
+        Some(PAGE)
+    );
+    let scripts = browser
+        .find_all(Locator::Css("script"))
+        .await
+        .expect("scripts");
+    assert!(scripts.is_empty(), "the status page runs no script");
+    browser.close().await.expect("close the session");
+    let _ = driver.child.kill().await;
+    env.finish(&["9001"], &[PAGE], &[shop]).await;
+}

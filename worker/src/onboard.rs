@@ -1,0 +1,307 @@
+//! The owners' jobs of the `onboard` queue (see `queue::owner_jobs`).
+//!
+//! Onboarding a Page connected through Facebook Login runs three steps, each recorded on the
+//! Page (`fbsync pages list`, the owner's `/connect`): subscribe the app to the Page's webhooks
+//! when it is not subscribed yet, write `page_data.json` (the page-change job's own
+//! [`PageDataJob::refresh`]: only that Page's fields, only when changed), and start the
+//! conversation backfill ([`OnboardJob::start_backfill`]: a backfill poll job, confirmed). Nothing but real data reaches the bucket: no test
+//! deliveries, no fake conversations. A step that cannot succeed is recorded as failed in words
+//! and the job dead-lettered (replayable); a long wait parks it; every step is idempotent, so a
+//! redelivery or a replay repeats nothing that was done.
+//!
+//! Deleting a user's data (Meta's data-deletion callback) lists `users/<uuid>/` and deletes
+//! each object, every LIST and DELETE taken from the bucket's shared request budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fbsync_shared::config::RetrySettings;
+use fbsync_shared::crypto::TokenCipher;
+use fbsync_shared::facebook::event::{JobKind, PollRequest};
+use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::ids::PageId;
+use fbsync_shared::now_ms;
+use fbsync_shared::queue::Topology;
+use fbsync_shared::retry::{RetryClass, RetryError, retry};
+use fbsync_shared::storage::budget::BucketBudget;
+use fbsync_shared::storage::db::{Database, DbError, OnboardStep};
+use fbsync_shared::storage::object_store::{ObjectStore, StoreError, user_prefix};
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::forward::Forwarder;
+use crate::job::{JobFailure, flag_rejected_token};
+use crate::page_data::{PageDataJob, PageDataOutcome};
+
+/// Budget windows a request waits in place for a slot of the bucket's rate.
+const BUCKET_SLOT_WINDOWS: usize = 50;
+
+/// What the backfill step records once its poll job is queued (the poll's own progress shows
+/// as the Page's last poll).
+pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
+
+/// Everything the owners' jobs need (the page-data step borrows the page-change job's).
+pub struct OnboardJob {
+    /// Pages (their sealed tokens, the steps' outcomes) and deletion requests.
+    pub db: Database,
+    /// Where a user's objects are listed and deleted.
+    pub store: Arc<dyn ObjectStore>,
+    /// Opens the Page tokens.
+    pub cipher: TokenCipher,
+    /// The subscription calls.
+    pub graph: GraphClient,
+    /// Recognises this app among a Page's subscribed apps (FACEBOOK_APP_ID; without it any
+    /// app seen through the Page's token counts).
+    pub app_id: Option<String>,
+    /// Transient failures are retried under the one policy.
+    pub retry: RetrySettings,
+    /// Every LIST and DELETE is taken from the bucket's shared write budget.
+    pub bucket_budget: BucketBudget,
+    /// Publishes the backfill's poll job with a confirm.
+    pub forwarder: Forwarder,
+    /// Where the poll job goes.
+    pub topology: Topology,
+}
+
+/// One failed attempt of a step.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("page {0} is not registered")]
+    UnknownPage(PageId),
+    #[error("the stored token cannot be read: {0}")]
+    Token(String),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("waiting for the store's request budget")]
+    Budget(Duration),
+}
+
+impl RetryClass for AttemptError {
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
+            AttemptError::Graph(e) => e.is_transient(),
+            AttemptError::Store(e) => e.is_transient(),
+            AttemptError::Db(e) => e.is_transient(),
+            AttemptError::Budget(_) => true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AttemptError::Graph(e) => e.retry_after(),
+            AttemptError::Budget(wait) => Some(*wait),
+            _ => None,
+        }
+    }
+
+    fn is_budget_wait(&self) -> bool {
+        matches!(self, AttemptError::Budget(_))
+    }
+}
+
+impl OnboardJob {
+    /// Onboards `page_id`: subscription, `page_data.json`, backfill.
+    pub async fn onboard_page(
+        &self,
+        page_id: &PageId,
+        page_data: &PageDataJob,
+        shutdown: &CancellationToken,
+    ) -> Result<(), JobFailure> {
+        let first_failure = now_ms();
+        let subscribed = retry(&self.retry, "subscribe", shutdown, || {
+            self.subscribe_once(page_id)
+        })
+        .await;
+        match subscribed {
+            Ok(outcome) => self.record(page_id, OnboardStep::Subscribe, outcome).await,
+            Err(RetryError::Cancelled) => return Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => return Err(JobFailure::Park(wait)),
+            Err(RetryError::Failed { error, attempts }) => {
+                self.record(page_id, OnboardStep::Subscribe, &format!("failed: {error}"))
+                    .await;
+                let reason = match &error {
+                    AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
+                    AttemptError::Token(_) => DeadReason::TokenError,
+                    AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
+                        flag_rejected_token(&self.db, page_id, &error).await;
+                        DeadReason::TokenError
+                    }
+                    AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
+                    _ => DeadReason::AttemptsExhausted,
+                };
+                return Err(JobFailure::DeadLetter(DeadLetterInfo::new(
+                    reason,
+                    error.to_string(),
+                    attempts,
+                    JobKind::Onboard.as_str(),
+                    first_failure,
+                    now_ms(),
+                )));
+            }
+        }
+        match page_data.refresh(page_id, JobKind::Onboard, shutdown).await {
+            Ok(PageDataOutcome::Written) => {
+                self.record(page_id, OnboardStep::PageData, "written").await
+            }
+            Ok(PageDataOutcome::Unchanged) => {
+                self.record(
+                    page_id,
+                    OnboardStep::PageData,
+                    "unchanged (already current)",
+                )
+                .await
+            }
+            Err(JobFailure::DeadLetter(info)) => {
+                self.record(
+                    page_id,
+                    OnboardStep::PageData,
+                    &format!("failed: {}", info.error),
+                )
+                .await;
+                // Dead-lettered as an onboard job: a replay runs the whole onboarding again.
+                return Err(JobFailure::DeadLetter(info));
+            }
+            Err(other) => return Err(other),
+        }
+        self.start_backfill(page_id).await?;
+        tracing::info!(%page_id, "Page onboarded");
+        Ok(())
+    }
+
+    /// Starts the conversation backfill of a newly connected Page: a poll job that reads its
+    /// whole history (`backfill`), confirmed by the broker, then the step recorded. When the
+    /// broker cannot confirm, the onboarding job is parked and runs again later (its other steps
+    /// repeat nothing).
+    pub async fn start_backfill(&self, page_id: &PageId) -> Result<(), JobFailure> {
+        let job = self.topology.poll_job(&PollRequest {
+            page_id: page_id.as_str().to_string(),
+            backfill: true,
+            requested_by: "onboarding".into(),
+            requested_at_ms: now_ms(),
+        });
+        if let Err(e) = self.forwarder.publish_once(&[job]).await {
+            tracing::warn!(%page_id, error = %e, "the backfill poll job was not confirmed; parked");
+            return Err(JobFailure::Park(self.retry.max_delay));
+        }
+        self.record(page_id, OnboardStep::Backfill, BACKFILL_STARTED)
+            .await;
+        Ok(())
+    }
+
+    /// Records a step's outcome; a database failure here is logged (the step itself is done
+    /// and idempotent).
+    async fn record(&self, page_id: &PageId, step: OnboardStep, outcome: &str) {
+        if let Err(e) = self.db.set_onboard_step(page_id, step, outcome).await {
+            tracing::warn!(%page_id, step = step.as_str(), error = %e, "could not record an onboarding step");
+        }
+    }
+
+    /// One attempt at the subscription: nothing is sent when the app is subscribed already.
+    async fn subscribe_once(&self, page_id: &PageId) -> Result<&'static str, AttemptError> {
+        let Some(page) = self.db.page(page_id).await? else {
+            return Err(AttemptError::UnknownPage(page_id.clone()));
+        };
+        let token = self
+            .cipher
+            .open(page_id.as_str(), &page.token_sealed)
+            .map_err(|e| AttemptError::Token(e.to_string()))?;
+        if self
+            .graph
+            .is_app_subscribed(page_id, &token, self.app_id.as_deref())
+            .await?
+        {
+            return Ok("already subscribed");
+        }
+        self.graph.subscribe_app(page_id, &token).await?;
+        Ok("subscribed")
+    }
+
+    /// Deletes the objects of every user of a data-deletion request and records the count.
+    pub async fn delete_user_data(
+        &self,
+        confirmation_code: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), JobFailure> {
+        let first_failure = now_ms();
+        let deleted = retry(&self.retry, "delete_user_data", shutdown, || {
+            self.delete_once(confirmation_code)
+        })
+        .await;
+        match deleted {
+            Ok(count) => {
+                tracing::info!(objects = count, "a user's data was deleted");
+                Ok(())
+            }
+            Err(RetryError::Cancelled) => Err(JobFailure::GiveBack),
+            Err(RetryError::Park { wait }) => Err(JobFailure::Park(wait)),
+            Err(RetryError::Failed { error, attempts }) => {
+                let _ = self
+                    .db
+                    .fail_data_deletion(confirmation_code, &error.to_string())
+                    .await;
+                Err(JobFailure::DeadLetter(DeadLetterInfo::new(
+                    DeadReason::AttemptsExhausted,
+                    error.to_string(),
+                    attempts,
+                    JobKind::Onboard.as_str(),
+                    first_failure,
+                    now_ms(),
+                )))
+            }
+        }
+    }
+
+    /// One pass: list and delete until nothing is left, then record the request complete (the
+    /// count recorded is that of the pass that completed it).
+    async fn delete_once(&self, confirmation_code: &str) -> Result<u64, AttemptError> {
+        let Some(request) = self.db.data_deletion(confirmation_code).await? else {
+            tracing::warn!("a data-deletion job names no request; nothing to do");
+            return Ok(0);
+        };
+        if request.completed_at_ms.is_some() {
+            return Ok(request.objects_deleted.unwrap_or(0).unsigned_abs());
+        }
+        let mut deleted = 0u64;
+        for user in request.users() {
+            // The request removed the user's Pages already (this job may run first): without
+            // them, no flush claimed from now on writes under the prefix being emptied.
+            self.db.remove_pages_of_user(&user).await?;
+            let prefix = user_prefix(&user);
+            // Deleting changes the listing: list from the start until a listing is empty.
+            loop {
+                self.take_bucket_slot().await?;
+                let listing = self.store.list(&prefix, None).await?;
+                if listing.keys.is_empty() {
+                    break;
+                }
+                for key in &listing.keys {
+                    self.take_bucket_slot().await?;
+                    self.store.delete(key).await?;
+                    deleted += 1;
+                }
+            }
+        }
+        self.db
+            .complete_data_deletion(confirmation_code, deleted, now_ms())
+            .await?;
+        Ok(deleted)
+    }
+
+    /// One write (a LIST or a DELETE) from the bucket's budget, waiting a few windows for it.
+    async fn take_bucket_slot(&self) -> Result<(), AttemptError> {
+        let taken = self
+            .db
+            .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || true)
+            .await?;
+        if taken {
+            return Ok(());
+        }
+        let window = Duration::from_millis(self.bucket_budget.window_ms.unsigned_abs());
+        Err(AttemptError::Budget(window))
+    }
+}
