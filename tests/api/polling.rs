@@ -16,8 +16,9 @@ use serde_json::Value;
 
 use crate::common::broker::queue_depth;
 use crate::common::fake_graph::{Failure, FakeGraph, FakeMessage};
-use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind};
+use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, conversation_key};
 use crate::common::process::FbsyncProcess;
+use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_client, s3_endpoint};
 use crate::common::webhook::post_signed;
 
 /// How long any one step may take.
@@ -181,6 +182,60 @@ async fn a_backfill_follows_every_page_at_both_levels_and_stores_each_message_on
     worker.stop().await;
     let logs = worker.take_lines().join("\n");
     assert!(!logs.contains(PAGE_TOKEN), "a token in the worker's log");
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_backfill_writes_new_conversations_unread_and_merges_into_objects_already_stored() {
+    let fake = FakeGraph::start().await;
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let mut pipeline = Pipeline::new(
+        DbKind::Sqlite,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
+    fake.set_page(PAGE_ID, "Handmade Shop");
+    pipeline.register_page(PAGE_ID).await;
+    let conversations = add_conversations(&fake, 3, 2);
+    // The Python app stored psid-0's conversation before fbsync ever ran.
+    let earlier = format!(
+        r#"[{{"sender":{{"id":"psid-0"}},"recipient":{{"id":"{PAGE_ID}"}},"timestamp":1000,"message":{{"mid":"m_from_the_python_app","text":"hello"}}}}]"#
+    );
+    s3_client(&s3_endpoint())
+        .put_object()
+        .bucket(pipeline.bucket.as_deref().expect("S3"))
+        .key(conversation_key(PAGE_ID, "psid-0"))
+        .body(earlier.into_bytes().into())
+        .send()
+        .await
+        .expect("put");
+    let mut worker = pipeline.spawn_worker().await;
+    poll_and_wait(&pipeline, &["--backfill"]).await;
+
+    let kept = pipeline
+        .wait_for_conversation(PAGE_ID, "psid-0", 3, STEP)
+        .await;
+    let mut expected = vec!["m_from_the_python_app".to_string()];
+    expected.extend(detailed_ids(&conversations[0].1));
+    assert_eq!(mids(&kept), expected, "what was stored before stays");
+    assert!(
+        layer.gets_for("psid-0.json") >= 1,
+        "an object that exists is read first"
+    );
+    for (psid, messages) in &conversations[1..] {
+        let events = pipeline.wait_for_conversation(PAGE_ID, psid, 2, STEP).await;
+        assert_eq!(mids(&events), detailed_ids(messages));
+        assert_eq!(
+            layer.gets_for(&format!("{psid}.json")),
+            0,
+            "{psid}: listed absent, written with one request"
+        );
+    }
+    assert_eq!(layer.throttled(), 0);
+    worker.stop().await;
     pipeline.cleanup().await;
 }
 

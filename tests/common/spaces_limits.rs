@@ -277,7 +277,6 @@ impl SpacesLimitLayer {
     }
 
     /// GET requests that arrived for objects whose `bucket/key` ends with `key_suffix`.
-    #[allow(dead_code)] // Used by the reliability target only.
     pub fn gets_for(&self, key_suffix: &str) -> u64 {
         self.counters()
             .gets

@@ -106,6 +106,10 @@ pub struct Flusher {
     dead_letters: Arc<DeadLetterSender>,
     /// Told whether the store answers, so consumers pause while it does not.
     health: Arc<Health>,
+    /// The store honours conditional writes (SPACES_CONDITIONAL_WRITES): an object a listing
+    /// showed absent is written with `If-None-Match: *` without reading it first. Without
+    /// them, every flush reads first.
+    write_absent_unread: bool,
 }
 
 /// How long the events of a removed Page wait before dead-lettering them is tried again.
@@ -134,6 +138,7 @@ impl Flusher {
             put_margin: REQUEST_TIMEOUT.min(settings.worker.lease / 2),
             batch: settings.worker.flush_batch.max(1),
             retry: settings.retry.clone(),
+            write_absent_unread: settings.storage.conditional_writes,
         }
     }
 
@@ -277,23 +282,32 @@ impl Flusher {
             return Ok(FlushOutcome::Unchanged);
         }
         let object_key = conversation_key(&user_uuid, &key);
-        // The bucket's budget is charged right before each request is sent, so the request
-        // lands in the window it was counted in.
-        if !self
-            .db
-            .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
-            .await?
-        {
-            claim
-                .defer(self.bucket_budget.next_window(now_ms()))
-                .await?;
-            return Ok(FlushOutcome::Deferred);
-        }
-        let stored = match self.store.get(&object_key).await {
-            Ok(stored) => stored,
-            Err(e) => return self.failed(claim, &e).await,
+        let stored = if self.write_absent_unread && claim.object_known_absent() {
+            // A listing showed it absent and no flush has written it since: one request (the
+            // PUT, `If-None-Match: *`) instead of two. Should it exist after all, the PUT is
+            // refused, the flush fails, and the next one reads first.
+            None
+        } else {
+            // The bucket's budget is charged right before each request is sent, so the
+            // request lands in the window it was counted in.
+            if !self
+                .db
+                .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
+                .await?
+            {
+                claim
+                    .defer(self.bucket_budget.next_window(now_ms()))
+                    .await?;
+                return Ok(FlushOutcome::Deferred);
+            }
+            match self.store.get(&object_key).await {
+                Ok(stored) => {
+                    self.health.set_store_up(true);
+                    stored
+                }
+                Err(e) => return self.failed(claim, &e).await,
+            }
         };
-        self.health.set_store_up(true);
         let incoming: Vec<IncomingEvent<'_>> = staged
             .iter()
             .map(|event| IncomingEvent {
@@ -349,6 +363,7 @@ impl Flusher {
         {
             return self.failed(claim, &e).await;
         }
+        self.health.set_store_up(true);
         let written_at = now_ms();
         let due_at = claim.next_put_at(&self.put_budget, written_at);
         claim.finish(&seqs, due_at, written_at).await?;
@@ -410,7 +425,10 @@ impl Flusher {
         claim: &mut ConversationClaim,
         error: &StoreError,
     ) -> Result<FlushOutcome, ClaimError> {
-        self.health.set_store_up(false);
+        // A refused conditional write is the object changing under us, not the store failing.
+        if !matches!(error, StoreError::Conflict) {
+            self.health.set_store_up(false);
+        }
         let now = now_ms();
         let failures = u32::try_from(claim.failures() + 1).unwrap_or(u32::MAX);
         let backoff = i64::try_from(delay_after_failures(&self.retry, failures).as_millis())

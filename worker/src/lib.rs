@@ -111,6 +111,9 @@ impl Worker {
             retry: settings.retry.clone(),
             lease: settings.worker.lease,
             page_data: page_data.clone(),
+            store: store.clone(),
+            bucket_budget: BucketBudget::from_settings(&settings.storage),
+            list_before_backfill: settings.storage.conditional_writes,
         };
         let parker = Parker::new(forwarder.clone(), topology.clone());
         let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));

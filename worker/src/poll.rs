@@ -13,6 +13,7 @@
 //! A message whose details the Graph API withholds (older than a conversation's 20 most recent)
 //! is asked for once; the refusal is counted per Page, never retried, and the poll goes on.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +24,14 @@ use fbsync_shared::facebook::conversations::{
 };
 use fbsync_shared::facebook::event::{EventSource, JobKind, PollRequest};
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
-use fbsync_shared::ids::{ConversationKey, PageId, Psid};
+use fbsync_shared::ids::{ConversationKey, PageId, Psid, UserUuid};
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
+use fbsync_shared::storage::budget::BucketBudget;
 use fbsync_shared::storage::db::{
     Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
 };
+use fbsync_shared::storage::object_store::{ObjectStore, conversations_prefix};
 use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +54,21 @@ pub struct PollJob {
     pub lease: Duration,
     /// The poll's first step: `page_data.json`, written only when it changed.
     pub page_data: Arc<PageDataJob>,
+    /// Where a backfill lists the conversation objects that exist already.
+    pub store: Arc<dyn ObjectStore>,
+    /// The bucket's request budget, which the listing's requests take from.
+    pub bucket_budget: BucketBudget,
+    /// The store honours conditional writes: a backfill lists what exists, and the first
+    /// flush of a conversation whose object is absent writes without reading.
+    pub list_before_backfill: bool,
 }
+
+/// A listing stops (and the flusher reads every object first) beyond this many keys, so a
+/// backfill's memory stays bounded whatever the Page's size.
+const LISTED_KEYS_MAX: usize = 200_000;
+
+/// Budget windows a listing request waits in place for a slot of the bucket's rate.
+const LIST_SLOT_WINDOWS: usize = 50;
 
 /// What a poll did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +79,18 @@ pub struct PollReport {
     pub counts: PollCounts,
     /// False when another worker took the poll over (this one stopped).
     pub complete: bool,
+}
+
+/// What every step of one walk through a Page's conversations shares.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    page_id: &'a PageId,
+    /// The poll's lease: steps are saved under it, and end when it is lost.
+    lease: &'a PollLease,
+    /// Conversations and messages older than this were read by an earlier poll.
+    since: Option<i64>,
+    token: &'a SecretString,
+    shutdown: &'a CancellationToken,
 }
 
 /// How a walk through the conversations ended without a failure.
@@ -190,6 +219,14 @@ impl PollJob {
             .await?;
 
         let since = (!lease.is_backfill()).then_some(lease.since_ms).flatten();
+        // Reading the whole history: most of it is new to the bucket, and one listing spares
+        // a read per new conversation.
+        let existing = match since {
+            None if self.list_before_backfill => {
+                self.existing_conversations(page_id, &page.user_uuid).await
+            }
+            _ => None,
+        };
         let mut next = lease.resume_url.clone();
         loop {
             let conversations: ConversationsPage = self
@@ -200,6 +237,7 @@ impl PollJob {
                 .await?;
             let mut counts = PollCounts::default();
             let mut reached_cutoff = false;
+            let mut staged_psids = Vec::new();
             for conversation in &conversations.data {
                 let updated = conversation.updated_ms();
                 if let (Some(since), Some(updated)) = (since, updated)
@@ -208,14 +246,29 @@ impl PollJob {
                     reached_cutoff = true;
                     break;
                 }
+                let walk = Walk {
+                    page_id,
+                    lease,
+                    since,
+                    token: &token,
+                    shutdown,
+                };
                 let read = self
-                    .read_conversation(page_id, lease, conversation, since, &token, shutdown)
+                    .read_conversation(&walk, conversation, &mut staged_psids)
                     .await?;
                 let Some(read) = read else {
                     return Ok(WalkEnd::TakenOver);
                 };
                 counts += read;
                 report.conversations += 1;
+            }
+            if let Some(existing) = &existing {
+                let absent: Vec<&Psid> = staged_psids
+                    .iter()
+                    .filter(|psid| !existing.contains(psid.as_str()))
+                    .collect();
+                self.db_step(shutdown, || self.db.mark_objects_absent(page_id, &absent))
+                    .await?;
             }
             let following = match Paging::next_of(&conversations.paging) {
                 Some(link) if !reached_cutoff => Some(self.kept_link(page_id, link).await?),
@@ -243,16 +296,21 @@ impl PollJob {
         }
     }
 
-    /// Stages one conversation's messages, page by page; `None` when the lease was lost.
+    /// Stages one conversation's messages, page by page, and notes whose conversation was
+    /// staged in `staged_psids`; `None` when the lease was lost.
     async fn read_conversation(
         &self,
-        page_id: &PageId,
-        lease: &PollLease,
+        walk: &Walk<'_>,
         conversation: &Conversation,
-        since: Option<i64>,
-        token: &SecretString,
-        shutdown: &CancellationToken,
+        staged_psids: &mut Vec<Psid>,
     ) -> Result<Option<PollCounts>, JobFailure> {
+        let Walk {
+            page_id,
+            lease,
+            since,
+            token,
+            shutdown,
+        } = *walk;
         let mut counts = PollCounts::default();
         let mut messages: MessagesPage = conversation.messages.clone().unwrap_or_default();
         let mut lease_renewed = now_ms();
@@ -281,6 +339,11 @@ impl PollJob {
                     .db_step(shutdown, || self.db.stage_events(&events, now_ms()))
                     .await?;
                 counts.new += staged as i64;
+                for event in &events {
+                    if !staged_psids.contains(&event.key.user_psid) {
+                        staged_psids.push(event.key.user_psid.clone());
+                    }
+                }
             }
             let next = Paging::next_of(&messages.paging).filter(|_| !older_than_since);
             let Some(next) = next else {
@@ -303,6 +366,48 @@ impl PollJob {
             messages = self
                 .graph_step(page_id, shutdown, || self.graph.messages(&link, token))
                 .await?;
+        }
+    }
+
+    /// The people whose conversation objects exist under the Page's folder, from a listing of
+    /// it (its requests take the bucket's budget); `None` when the listing failed or is too
+    /// long to hold, and then every first flush reads before it writes.
+    async fn existing_conversations(
+        &self,
+        page_id: &PageId,
+        user_uuid: &UserUuid,
+    ) -> Option<HashSet<String>> {
+        let prefix = conversations_prefix(user_uuid, page_id);
+        let mut existing = HashSet::new();
+        let mut continuation = None;
+        loop {
+            match self
+                .db
+                .wait_for_bucket_slot(&self.bucket_budget, 1, 1, LIST_SLOT_WINDOWS, || true)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return None,
+            }
+            let listing = match self.store.list(&prefix, continuation).await {
+                Ok(listing) => listing,
+                Err(e) => {
+                    tracing::info!(%page_id, error = %e, "could not list the Page's conversations; every first flush reads first");
+                    return None;
+                }
+            };
+            existing.extend(listing.keys.iter().filter_map(|key| {
+                key.strip_prefix(&prefix)?
+                    .strip_suffix(".json")
+                    .map(String::from)
+            }));
+            if existing.len() > LISTED_KEYS_MAX {
+                return None;
+            }
+            match listing.next {
+                Some(next) => continuation = Some(next),
+                None => return Some(existing),
+            }
         }
     }
 

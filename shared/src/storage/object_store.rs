@@ -28,9 +28,15 @@ use crate::telemetry::STORAGE_SECONDS;
 /// Key of a conversation file.
 pub fn conversation_key(user_uuid: &UserUuid, conversation: &ConversationKey) -> String {
     format!(
-        "users/{user_uuid}/facebook_messenger/{}/conversations/{}.json",
-        conversation.page_id, conversation.user_psid
+        "{}{}.json",
+        conversations_prefix(user_uuid, &conversation.page_id),
+        conversation.user_psid
     )
+}
+
+/// The folder of a Page's conversation objects: `users/<uuid>/facebook_messenger/<page_id>/conversations/`.
+pub fn conversations_prefix(user_uuid: &UserUuid, page_id: &PageId) -> String {
+    format!("users/{user_uuid}/facebook_messenger/{page_id}/conversations/")
 }
 
 /// Key of a Page's metadata file.

@@ -58,6 +58,9 @@ pub struct ConversationClaim {
     /// The Page's owner as the claim was taken (whose folder the object is in); `None` when
     /// the Page is no longer registered.
     owner: Option<UserUuid>,
+    /// A listing showed the object absent and nothing has written it since: the flush may
+    /// write without reading it first.
+    object_absent: bool,
     /// How long a claim lasts from its last renewal.
     lease: Duration,
     /// When this process must consider the lease gone, by its own clock (a monotonic clock
@@ -84,6 +87,7 @@ struct ClaimedRow {
     staged_gen: i64,
     recent_puts: String,
     failures: i64,
+    object_absent: i64,
     user_uuid: Option<String>,
 }
 
@@ -113,6 +117,30 @@ impl Database {
             .collect())
     }
 
+    /// Records that a listing of the bucket, made before these conversations were staged,
+    /// showed their objects absent: each that no flush has written yet may be written
+    /// without being read first. Returns how many were marked.
+    pub async fn mark_objects_absent(
+        &self,
+        page_id: &PageId,
+        user_psids: &[&Psid],
+    ) -> Result<u64, DbError> {
+        let mut marked = 0;
+        for chunk in user_psids.chunks(200) {
+            let sql = format!(
+                "UPDATE conversations SET object_absent = 1
+                 WHERE page_id = $1 AND flushed_gen = 0 AND user_psid IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).bind(page_id.as_str());
+            for psid in chunk {
+                query = query.bind(psid.as_str());
+            }
+            marked += query.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(marked)
+    }
+
     /// Takes the lease on a conversation, with a new fencing generation; `None` when another
     /// worker holds it or it is not due.
     pub async fn claim_conversation(
@@ -127,7 +155,7 @@ impl Database {
             "UPDATE conversations SET lease_owner = $3, lease_until_ms = $4, lease_gen = lease_gen + 1
              WHERE page_id = $1 AND user_psid = $2 AND lease_until_ms < $5 AND due_at_ms <= $5
                AND staged_gen > flushed_gen AND set_aside_reason IS NULL
-             RETURNING lease_gen, staged_gen, recent_puts, failures,
+             RETURNING lease_gen, staged_gen, recent_puts, failures, object_absent,
                  (SELECT p.user_uuid FROM pages p WHERE p.page_id = conversations.page_id)
                      AS user_uuid",
         )
@@ -153,6 +181,7 @@ impl Database {
             staged_gen: row.staged_gen,
             recent_puts: RecentPuts::decode(&row.recent_puts),
             failures: row.failures,
+            object_absent: row.object_absent != 0,
             owner,
             lease,
             local_deadline,
@@ -216,6 +245,11 @@ impl ConversationClaim {
     /// The Page's owner when the claim was taken; `None` when the Page was removed.
     pub fn owner(&self) -> Option<&UserUuid> {
         self.owner.as_ref()
+    }
+
+    /// Whether a listing showed the object absent and nothing has written it since.
+    pub fn object_known_absent(&self) -> bool {
+        self.object_absent
     }
 
     /// Consecutive failed flushes before this one.
@@ -296,7 +330,7 @@ impl ConversationClaim {
         let mark_flushed = self
             .statement(
                 "UPDATE conversations SET flushed_gen = $4, due_at_ms = $5, lease_owner = NULL,
-                     lease_until_ms = 0, failures = 0, last_error = NULL
+                     lease_until_ms = 0, failures = 0, last_error = NULL, object_absent = 0
                  WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
             )
             .bind(self.staged_gen)
@@ -339,7 +373,7 @@ impl ConversationClaim {
     pub async fn fail(&self, error: &str, retry_at: i64) -> Result<(), ClaimError> {
         self.give_back(
             "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0,
-                 failures = failures + 1, last_error = $5
+                 failures = failures + 1, last_error = $5, object_absent = 0
              WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
             retry_at,
             Some(error),
@@ -417,6 +451,67 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_forgets_it() {
+        for (backend, db) in backends().await {
+            let (fresh, failing, flushed) = (key("u1"), key("u2"), key("u3"));
+            for key in [&fresh, &failing, &flushed] {
+                stage(&db, key, "e1", 1_000).await;
+            }
+            // u3 was written by a flush before the listing's marks arrive.
+            let mut claim = db
+                .claim_conversation(&flushed, "a", 1_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            claim.finish(&[], 1_000, 1_000).await.expect("finish");
+            let psids = [&fresh.user_psid, &failing.user_psid, &flushed.user_psid];
+            let marked = db
+                .mark_objects_absent(&fresh.page_id, &psids)
+                .await
+                .expect("mark");
+            assert_eq!(
+                marked, 2,
+                "{backend}: a conversation flushed already is not marked"
+            );
+
+            let mut claim = db
+                .claim_conversation(&fresh, "a", 2_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert!(claim.object_known_absent(), "{backend}");
+            claim.finish(&[], 2_000, 2_000).await.expect("finish");
+            stage(&db, &fresh, "e2", 3_000).await;
+            let claim = db
+                .claim_conversation(&fresh, "a", 3_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert!(
+                !claim.object_known_absent(),
+                "{backend}: written once, read from then on"
+            );
+
+            let claim = db
+                .claim_conversation(&failing, "a", 3_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert!(claim.object_known_absent(), "{backend}");
+            claim.fail("refused", 3_000).await.expect("fail");
+            let claim = db
+                .claim_conversation(&failing, "a", 3_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            assert!(
+                !claim.object_known_absent(),
+                "{backend}: after a failure, the next flush reads first"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_second_claim_of_a_leased_conversation_gets_nothing() {
