@@ -43,7 +43,7 @@ pub enum DlqCommand {
 
 #[derive(Args)]
 pub struct FilterArgs {
-    /// Only this job kind: conversation, page_change or poll.
+    /// Only this job kind: conversation, page_change, poll or onboard.
     #[arg(long)]
     kind: Option<String>,
     /// Only this Page.
@@ -68,7 +68,7 @@ impl FilterArgs {
             let kind = JobKind::parse(name);
             if kind.is_none() {
                 problems.push(format!(
-                    "--kind {name:?} is not a job kind (conversation, page_change, poll)"
+                    "--kind {name:?} is not a job kind (conversation, page_change, poll, onboard)"
                 ));
             }
             kind
