@@ -3,11 +3,57 @@
 
 use std::time::Duration;
 
+use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
+use fbsync_shared::retry::RetryClass;
+use fbsync_shared::storage::db::DbError;
 use fbsync_shared::storage::db::{Database, PageStatus};
+use fbsync_shared::storage::object_store::StoreError;
 
 use crate::dead_letter::DeadLetterInfo;
+
+/// One failed attempt of a job's step that reads a Page's token, calls the Graph API and
+/// the store, and takes the bucket's budget (page changes, onboarding).
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("page {0} is not registered")]
+    UnknownPage(PageId),
+    #[error("the stored token cannot be read: {0}")]
+    Token(String),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("waiting for the store's request budget")]
+    Budget(Duration),
+}
+
+impl RetryClass for AttemptError {
+    fn is_transient(&self) -> bool {
+        match self {
+            AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
+            AttemptError::Graph(e) => e.is_transient(),
+            AttemptError::Store(e) => e.is_transient(),
+            AttemptError::Db(e) => e.is_transient(),
+            AttemptError::Budget(_) => true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AttemptError::Graph(e) => e.retry_after(),
+            AttemptError::Budget(wait) => Some(*wait),
+            _ => None,
+        }
+    }
+
+    fn is_budget_wait(&self) -> bool {
+        matches!(self, AttemptError::Budget(_))
+    }
+}
 
 /// Why a job did not complete, and what becomes of its message.
 #[derive(Debug, Clone)]

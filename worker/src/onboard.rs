@@ -22,15 +22,15 @@ use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::retry::{RetryClass, RetryError, retry};
+use fbsync_shared::retry::{RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
-use fbsync_shared::storage::db::{Database, DbError, OnboardStep};
-use fbsync_shared::storage::object_store::{ObjectStore, StoreError, user_prefix};
+use fbsync_shared::storage::db::{Database, OnboardStep};
+use fbsync_shared::storage::object_store::{ObjectStore, user_prefix};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::forward::Forwarder;
-use crate::job::{JobFailure, flag_rejected_token};
+use crate::job::{AttemptError, JobFailure, flag_rejected_token};
 use crate::page_data::{PageDataJob, PageDataOutcome};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
@@ -61,47 +61,6 @@ pub struct OnboardJob {
     pub forwarder: Forwarder,
     /// Where the poll job goes.
     pub topology: Topology,
-}
-
-/// One failed attempt of a step.
-#[derive(Debug, thiserror::Error)]
-enum AttemptError {
-    #[error("page {0} is not registered")]
-    UnknownPage(PageId),
-    #[error("the stored token cannot be read: {0}")]
-    Token(String),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("waiting for the store's request budget")]
-    Budget(Duration),
-}
-
-impl RetryClass for AttemptError {
-    fn is_transient(&self) -> bool {
-        match self {
-            AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
-            AttemptError::Graph(e) => e.is_transient(),
-            AttemptError::Store(e) => e.is_transient(),
-            AttemptError::Db(e) => e.is_transient(),
-            AttemptError::Budget(_) => true,
-        }
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            AttemptError::Graph(e) => e.retry_after(),
-            AttemptError::Budget(wait) => Some(*wait),
-            _ => None,
-        }
-    }
-
-    fn is_budget_wait(&self) -> bool {
-        matches!(self, AttemptError::Budget(_))
-    }
 }
 
 impl OnboardJob {

@@ -18,15 +18,13 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
-use fbsync_shared::storage::db::{Database, DbError, PutReservation};
-use fbsync_shared::storage::object_store::{
-    ObjectStore, StoreError, WriteCondition, page_data_key,
-};
+use fbsync_shared::storage::db::{Database, PutReservation};
+use fbsync_shared::storage::object_store::{ObjectStore, WriteCondition, page_data_key};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::job::{JobFailure, flag_rejected_token};
+use crate::job::{AttemptError, JobFailure, flag_rejected_token};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
@@ -47,47 +45,6 @@ pub struct PageDataJob {
     pub retry: RetrySettings,
     pub put_budget: PutBudget,
     pub bucket_budget: BucketBudget,
-}
-
-/// One failed attempt.
-#[derive(Debug, thiserror::Error)]
-enum AttemptError {
-    #[error("page {0} is not registered")]
-    UnknownPage(PageId),
-    #[error("the stored token cannot be read: {0}")]
-    Token(String),
-    #[error(transparent)]
-    Graph(#[from] GraphError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Db(#[from] DbError),
-    #[error("waiting for the store's request budget")]
-    Budget(Duration),
-}
-
-impl RetryClass for AttemptError {
-    fn is_transient(&self) -> bool {
-        match self {
-            AttemptError::UnknownPage(_) | AttemptError::Token(_) => false,
-            AttemptError::Graph(e) => e.is_transient(),
-            AttemptError::Store(e) => e.is_transient(),
-            AttemptError::Db(e) => e.is_transient(),
-            AttemptError::Budget(_) => true,
-        }
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            AttemptError::Graph(e) => e.retry_after(),
-            AttemptError::Budget(wait) => Some(*wait),
-            _ => None,
-        }
-    }
-
-    fn is_budget_wait(&self) -> bool {
-        matches!(self, AttemptError::Budget(_))
-    }
 }
 
 impl PageDataJob {

@@ -117,7 +117,8 @@ impl GraphClient {
         token: &SecretString,
     ) -> Result<Value, GraphError> {
         let url = self.checked_url(url)?;
-        self.send(self.http.get(url).query(query), token).await
+        self.send(self.http.get(url).query(query), Some(token))
+            .await
     }
 
     /// POSTs a form to `url` with the token in the header, and returns the answer's JSON.
@@ -128,7 +129,7 @@ impl GraphClient {
         token: &SecretString,
     ) -> Result<Value, GraphError> {
         let url = self.checked_url(url)?;
-        self.send(self.http.post(url).form(form), token).await
+        self.send(self.http.post(url).form(form), Some(token)).await
     }
 
     /// A `paging.next` link as it may be kept (in the database, to resume a poll): on the
@@ -162,11 +163,12 @@ impl GraphClient {
         Ok(parsed)
     }
 
-    /// Sends one request, classifies its failure and counts its outcome.
+    /// Sends one request (with the token as bearer, when there is one), classifies its
+    /// failure and counts its outcome.
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
-        token: &SecretString,
+        token: Option<&SecretString>,
     ) -> Result<Value, GraphError> {
         let result = self.send_once(request, token).await;
         let outcome = match &result {
@@ -183,10 +185,14 @@ impl GraphClient {
     async fn send_once(
         &self,
         request: reqwest::RequestBuilder,
-        token: &SecretString,
+        token: Option<&SecretString>,
     ) -> Result<Value, GraphError> {
+        let request = match token {
+            Some(token) => request.bearer_auth(token.expose_secret()),
+            None => request,
+        };
         let started = Instant::now();
-        let sent = request.bearer_auth(token.expose_secret()).send().await;
+        let sent = request.send().await;
         metrics::histogram!(GRAPH_SECONDS).record(started.elapsed().as_secs_f64());
         let response = sent.map_err(|e| GraphError::Transient(describe_transport_error(&e)))?;
         let status = response.status();
@@ -218,25 +224,7 @@ impl GraphClient {
         form: &[(&str, &str)],
     ) -> Result<Value, GraphError> {
         let url = self.checked_url(url)?;
-        let started = Instant::now();
-        let sent = self.http.post(url).form(form).send().await;
-        metrics::histogram!(GRAPH_SECONDS).record(started.elapsed().as_secs_f64());
-        let response = sent.map_err(|e| GraphError::Transient(describe_transport_error(&e)))?;
-        let status = response.status();
-        let retry_after = usage_wait(response.headers());
-        let body: Value = response.json().await.map_err(|e| {
-            GraphError::Transient(format!(
-                "unreadable answer (HTTP {status}): {}",
-                describe_transport_error(&e)
-            ))
-        })?;
-        if let Some(error) = body.get("error") {
-            return Err(classify_error(status.as_u16(), error, retry_after));
-        }
-        if !status.is_success() {
-            return Err(GraphError::Permanent(format!("HTTP {status}")));
-        }
-        Ok(body)
+        self.send(self.http.post(url).form(form), None).await
     }
 }
 
