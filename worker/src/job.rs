@@ -11,7 +11,7 @@ use fbsync_shared::storage::db::DbError;
 use fbsync_shared::storage::db::{Database, PageStatus};
 use fbsync_shared::storage::object_store::StoreError;
 
-use crate::dead_letter::DeadLetterInfo;
+use crate::dead_letter::{DeadLetterInfo, DeadReason};
 
 /// One failed attempt of a job's step that reads a Page's token, calls the Graph API and
 /// the store, and takes the bucket's budget (page changes, onboarding).
@@ -52,6 +52,23 @@ impl RetryClass for AttemptError {
 
     fn is_budget_wait(&self) -> bool {
         matches!(self, AttemptError::Budget(_))
+    }
+}
+
+impl AttemptError {
+    /// Why a job whose step failed this way for good is dead-lettered; a rejected token also
+    /// flags the Page ([`flag_rejected_token`]).
+    pub async fn dead_reason(&self, db: &Database, page_id: &PageId) -> DeadReason {
+        match self {
+            AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
+            AttemptError::Token(_) => DeadReason::TokenError,
+            AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
+                flag_rejected_token(db, page_id, self).await;
+                DeadReason::TokenError
+            }
+            AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
+            _ => DeadReason::AttemptsExhausted,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::event::{JobKind, PollRequest};
-use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::forward::Forwarder;
-use crate::job::{AttemptError, JobFailure, flag_rejected_token};
+use crate::job::{AttemptError, JobFailure};
 use crate::page_data::{PageDataJob, PageDataOutcome};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
@@ -83,16 +83,7 @@ impl OnboardJob {
             Err(RetryError::Failed { error, attempts }) => {
                 self.record(page_id, OnboardStep::Subscribe, &format!("failed: {error}"))
                     .await;
-                let reason = match &error {
-                    AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
-                    AttemptError::Token(_) => DeadReason::TokenError,
-                    AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
-                        flag_rejected_token(&self.db, page_id, &error).await;
-                        DeadReason::TokenError
-                    }
-                    AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
-                    _ => DeadReason::AttemptsExhausted,
-                };
+                let reason = error.dead_reason(&self.db, page_id).await;
                 return Err(JobFailure::DeadLetter(DeadLetterInfo::new(
                     reason,
                     error.to_string(),

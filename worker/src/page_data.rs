@@ -13,7 +13,7 @@ use bytes::Bytes;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::event::JobKind;
-use fbsync_shared::facebook::graph::{GraphClient, GraphError};
+use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
@@ -23,8 +23,8 @@ use fbsync_shared::storage::object_store::{ObjectStore, WriteCondition, page_dat
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::job::{AttemptError, JobFailure, flag_rejected_token};
+use crate::dead_letter::DeadLetterInfo;
+use crate::job::{AttemptError, JobFailure};
 
 /// Budget windows a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WINDOWS: usize = 50;
@@ -83,16 +83,7 @@ impl PageDataJob {
             }
             Err(RetryError::Failed { error, attempts }) => (error, attempts),
         };
-        let reason = match &error {
-            AttemptError::UnknownPage(_) => DeadReason::UnknownPage,
-            AttemptError::Token(_) => DeadReason::TokenError,
-            AttemptError::Graph(GraphError::TokenInvalid { .. }) => {
-                flag_rejected_token(&self.db, page_id, &error).await;
-                DeadReason::TokenError
-            }
-            AttemptError::Graph(GraphError::Permanent(_)) => DeadReason::GraphError,
-            _ => DeadReason::AttemptsExhausted,
-        };
+        let reason = error.dead_reason(&self.db, page_id).await;
         let info = DeadLetterInfo::new(
             reason,
             error.to_string(),
