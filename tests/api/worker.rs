@@ -360,6 +360,64 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
     pipeline.cleanup().await;
 }
 
+/// A worker writes a conversation again without reading what it wrote itself (one request per
+/// flush, not two); an object changed outside fbsync meanwhile is refused by the conditional
+/// write, then read and merged: never overwritten.
+#[tokio::test]
+async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it_did_not_make() {
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let pipeline = Pipeline::new(
+        DbKind::Sqlite,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    pipeline.register_page(PAGE_ID).await;
+    let (mut process, ingest) = pipeline.up().await;
+    let client = webhook_client();
+    let psid = "u-rewrite";
+    let object = format!("{psid}.json");
+    for (i, mid) in ["m_w1", "m_w2"].into_iter().enumerate() {
+        let delivery = message_delivery(PAGE_ID, psid, mid, 1_000 + i as i64, false);
+        assert_eq!(post_signed(&client, &ingest.webhook, &delivery).await, 200);
+        pipeline
+            .wait_for_conversation(PAGE_ID, psid, i + 1, Duration::from_secs(30))
+            .await;
+    }
+    assert_eq!(layer.puts_for(&object), 2);
+    assert_eq!(
+        layer.gets_for(&object),
+        1,
+        "the second flush merged into what it wrote"
+    );
+
+    // Someone else changes the object (the Python app, a hand edit).
+    let mut events = pipeline.conversation(PAGE_ID, psid).await.expect("stored");
+    events.push(serde_json::json!({"sender":{"id":psid},"recipient":{"id":PAGE_ID},"timestamp":1_500,"message":{"mid":"m_outside","text":"from outside"}}));
+    crate::common::spaces_limits::s3_client(&s3_endpoint())
+        .put_object()
+        .bucket(pipeline.bucket.as_deref().expect("S3"))
+        .key(crate::common::pipeline::conversation_key(PAGE_ID, psid))
+        .body(serde_json::to_vec(&events).expect("json").into())
+        .send()
+        .await
+        .expect("put");
+    let delivery = message_delivery(PAGE_ID, psid, "m_w3", 2_000, false);
+    assert_eq!(post_signed(&client, &ingest.webhook, &delivery).await, 200);
+    let stored = pipeline
+        .wait_for_conversation(PAGE_ID, psid, 4, Duration::from_secs(60))
+        .await;
+    assert_eq!(mids(&stored), ["m_w1", "m_w2", "m_outside", "m_w3"]);
+    assert!(
+        layer.gets_for(&object) >= 2,
+        "the refused write was followed by a read"
+    );
+    assert_eq!(layer.throttled(), 0);
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
 /// Storage answers 503 while deliveries arrive: nothing is lost or dead-lettered, and
 /// everything is stored once it is back.
 #[tokio::test]

@@ -23,7 +23,7 @@ use fbsync_shared::storage::db::{
     ClaimError, ConversationClaim, Database, DbError, PutReservation, StagedEvent,
 };
 use fbsync_shared::storage::object_store::{
-    ObjectStore, REQUEST_TIMEOUT, StoreError, WriteCondition, conversation_key,
+    ObjectStore, REQUEST_TIMEOUT, StoreError, StoredObject, WriteCondition, conversation_key,
 };
 use fbsync_shared::telemetry::{DEAD_LETTERED, FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::health::Health;
+use crate::last_written::LastWritten;
 use crate::merge::{IncomingEvent, merge_events};
 
 /// What happened to one claimed conversation.
@@ -106,6 +107,8 @@ pub struct Flusher {
     dead_letters: Arc<DeadLetterSender>,
     /// Told whether the store answers, so consumers pause while it does not.
     health: Arc<Health>,
+    /// What this worker wrote last to each object: the next flush of it needs no GET.
+    last_written: LastWritten,
     /// The store honours conditional writes (SPACES_CONDITIONAL_WRITES): an object a listing
     /// showed absent is written with `If-None-Match: *` without reading it first. Without
     /// them, every flush reads first.
@@ -139,6 +142,7 @@ impl Flusher {
             batch: settings.worker.flush_batch.max(1),
             retry: settings.retry.clone(),
             write_absent_unread: settings.storage.conditional_writes,
+            last_written: LastWritten::default(),
         }
     }
 
@@ -282,7 +286,11 @@ impl Flusher {
             return Ok(FlushOutcome::Unchanged);
         }
         let object_key = conversation_key(&user_uuid, &key);
-        let stored = if self.write_absent_unread && claim.object_known_absent() {
+        let remembered = self.last_written.take(&object_key, claim.generation());
+        let stored = if let Some(object) = remembered {
+            // This worker wrote it, and no claim came in between: it is still as written.
+            Some(object)
+        } else if self.write_absent_unread && claim.object_known_absent() {
             // A listing showed it absent and no flush has written it since: one request (the
             // PUT, `If-None-Match: *`) instead of two. Should it exist after all, the PUT is
             // refused, the flush fails, and the next one reads first.
@@ -329,6 +337,10 @@ impl Flusher {
         };
         if !merged.changed {
             claim.finish(&seqs, now, now).await?;
+            if let Some(object) = stored {
+                self.last_written
+                    .remember(&object_key, claim.generation(), object);
+            }
             metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
             return Ok(FlushOutcome::Unchanged);
         }
@@ -356,17 +368,20 @@ impl Flusher {
             return Err(ClaimError::Lost);
         }
         let condition = WriteCondition::after_read(stored.as_ref());
-        if let Err(e) = self
-            .store
-            .put(&object_key, merged.body.into(), &condition)
-            .await
-        {
-            return self.failed(claim, &e).await;
-        }
+        let body = bytes::Bytes::from(merged.body);
+        let version = match self.store.put(&object_key, body.clone(), &condition).await {
+            Ok(version) => version,
+            Err(e) => return self.failed(claim, &e).await,
+        };
         self.health.set_store_up(true);
         let written_at = now_ms();
         let due_at = claim.next_put_at(&self.put_budget, written_at);
         claim.finish(&seqs, due_at, written_at).await?;
+        if let Some(version) = version {
+            let written = StoredObject { body, version };
+            self.last_written
+                .remember(&object_key, claim.generation(), written);
+        }
         metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
         record_visibility(&staged, written_at);

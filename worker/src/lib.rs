@@ -11,6 +11,7 @@ pub mod flush;
 pub mod forward;
 pub mod health;
 pub mod job;
+pub mod last_written;
 pub mod merge;
 pub mod onboard;
 pub mod page_data;

@@ -121,13 +121,14 @@ impl RetryClass for StoreError {
 pub trait ObjectStore: Send + Sync {
     /// The object, or `None` when it does not exist.
     async fn get(&self, key: &str) -> Result<Option<StoredObject>, StoreError>;
-    /// Writes the object (private, application/json) if `condition` holds.
+    /// Writes the object (private, application/json) if `condition` holds; the version it now
+    /// has, when the store says (what a later `If-Match` names).
     async fn put(
         &self,
         key: &str,
         body: Bytes,
         condition: &WriteCondition,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Option<String>, StoreError>;
     /// Deletes the object (nothing happens when it does not exist). Only `fbsync check` (its
     /// own probe under [`PROBE_PREFIX`]) and a data-deletion request (a user's objects under
     /// [`user_prefix`]) delete.
@@ -266,7 +267,7 @@ impl ObjectStore for S3Store {
         key: &str,
         body: Bytes,
         condition: &WriteCondition,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let started = Instant::now();
         let request = self
             .client
@@ -284,7 +285,9 @@ impl ObjectStore for S3Store {
         let outcome = request.send().await;
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
-        outcome.map(|_| ()).map_err(|error| classify(&error))
+        outcome
+            .map(|written| written.e_tag().map(String::from))
+            .map_err(|error| classify(&error))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -388,18 +391,19 @@ impl ObjectStore for LocalStore {
         key: &str,
         body: Bytes,
         condition: &WriteCondition,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let path = self.path(key)?;
         let lock = self.lock_path(key);
         let condition = condition.clone();
         let started = Instant::now();
+        let version = content_version(&body);
         let written =
             tokio::task::spawn_blocking(move || write_durably(&path, &lock, &body, &condition))
                 .await
                 .map_err(|e| StoreError::Transient(format!("write task failed: {e}")))?;
         metrics::histogram!(STORAGE_SECONDS, "operation" => "put")
             .record(started.elapsed().as_secs_f64());
-        written
+        written.map(|()| Some(version))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -570,7 +574,7 @@ mod tests {
             let mut written = 0;
             for writer in writers {
                 match writer.await.expect("task") {
-                    Ok(()) => written += 1,
+                    Ok(_) => written += 1,
                     Err(StoreError::Conflict) => {}
                     Err(e) => panic!("unexpected failure: {e}"),
                 }

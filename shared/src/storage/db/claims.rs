@@ -247,6 +247,11 @@ impl ConversationClaim {
         self.owner.as_ref()
     }
 
+    /// The claim's fencing generation: one more than the claim before it, whoever held that.
+    pub fn generation(&self) -> i64 {
+        self.generation
+    }
+
     /// Whether a listing showed the object absent and nothing has written it since.
     pub fn object_known_absent(&self) -> bool {
         self.object_absent
