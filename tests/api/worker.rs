@@ -415,6 +415,15 @@ async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it
     );
     assert_eq!(layer.throttled(), 0);
     process.stop().await;
+    let paused: Vec<String> = process
+        .take_lines()
+        .into_iter()
+        .filter(|line| line.contains("taking no new messages"))
+        .collect();
+    assert!(
+        paused.is_empty(),
+        "a refused conditional write is not the store being down: {paused:?}"
+    );
     pipeline.cleanup().await;
 }
 
