@@ -68,10 +68,19 @@ if [[ $skip != *" spaces "* ]]; then
   start=$(date +%s.%N)
   scripts/bench-e2e.sh 2000 10 1000 5 | tee "$out/spaces.txt"
   secs=$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i == "in") { print $(i + 1); exit } }' "$out/spaces.txt")
+  got=$(awk '/^stored/ { print $2; exit }' "$out/spaces.txt")
+  sent=$(awk '/^stored/ { print $4; exit }' "$out/spaces.txt")
   writes=$(awk '/^writes/ { print $2; exit }' "$out/spaces.txt")
   wps=$(awk -v w="$writes" -v s="$secs" 'BEGIN { printf "%.0f", w / s }')
+  bound=$(awk -v w="$writes" 'BEGIN { printf "%.1f", w / 150 }')
   row "Spaces' limits: writes/s, 20,000 messages over 1,000 conversations" "$wps" "150 (the bucket's write limit)" "$(ratio "$wps" 150)"
-  row "Spaces' limits: seconds to store everything" "$secs" "$(awk -v w="$writes" 'BEGIN { printf "%.1f", w / 150 }') ($writes writes at 150/s)" "$(ratio "$secs" "$(awk -v w="$writes" 'BEGIN { print w / 150 }')")"
+  if [ "$got" = "$sent" ]; then
+    row "Spaces' limits: seconds to store everything" "$secs" "$bound ($writes writes at 150/s)" "$(ratio "$secs" "$bound")"
+  else
+    # The load generator stops following after 30 s without progress: the rest wait for their
+    # object's 5 PUTs per 300 s window.
+    row "Spaces' limits: stored within $secs s (the rest wait for their object's 300 s window)" "$got of $sent" "$bound s ($writes writes at 150/s)" "-"
+  fi
   row "Spaces' limits: visibility p50 / p99, s" "$(grep -m1 '^visibility' "$out/spaces.txt" | awk '{print $4 " / " $8}')" "-" "-"
 fi
 
