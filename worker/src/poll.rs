@@ -227,6 +227,13 @@ impl PollJob {
             }
             _ => None,
         };
+        let walk = Walk {
+            page_id,
+            lease,
+            since,
+            token: &token,
+            shutdown,
+        };
         let mut next = lease.resume_url.clone();
         loop {
             let conversations: ConversationsPage = self
@@ -246,13 +253,6 @@ impl PollJob {
                     reached_cutoff = true;
                     break;
                 }
-                let walk = Walk {
-                    page_id,
-                    lease,
-                    since,
-                    token: &token,
-                    shutdown,
-                };
                 let read = self
                     .read_conversation(&walk, conversation, &mut staged_psids)
                     .await?;
