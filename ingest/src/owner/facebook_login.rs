@@ -21,7 +21,7 @@ use fbsync_shared::queue::owner_jobs::OwnerJob;
 use fbsync_shared::storage::db::OnboardStep;
 use secrecy::SecretString;
 
-use super::page::{escape, html, problem, unavailable};
+use super::page::{escape, html, problem, redirect_with, unavailable};
 use super::state::{self, Flow};
 use super::{OwnerState, session};
 
@@ -39,20 +39,17 @@ pub async fn login(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> 
         user.as_str(),
         now_ms(),
     );
-    let Ok(mut url) = reqwest::Url::parse(&settings.dialog_url) else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Misconfigured",
-            "FACEBOOK_DIALOG_URL is not a valid URL.",
-        );
-    };
-    url.query_pairs_mut()
-        .append_pair("client_id", &settings.facebook_app_id)
-        .append_pair("redirect_uri", &settings.facebook_redirect_uri)
-        .append_pair("scope", &LOGIN_SCOPES.join(","))
-        .append_pair("response_type", "code")
-        .append_pair("state", &oauth_state);
-    Redirect::to(url.as_str()).into_response()
+    redirect_with(
+        &settings.dialog_url,
+        "FACEBOOK_DIALOG_URL",
+        &[
+            ("client_id", &settings.facebook_app_id),
+            ("redirect_uri", &settings.facebook_redirect_uri),
+            ("scope", &LOGIN_SCOPES.join(",")),
+            ("response_type", "code"),
+            ("state", &oauth_state),
+        ],
+    )
 }
 
 fn no_session() -> Response {

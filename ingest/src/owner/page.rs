@@ -20,6 +20,20 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// A redirect to `base` with `query` added (an OAuth authorize step); a `base` that is not a
+/// URL is the configuration named by `setting`, answered as such.
+pub fn redirect_with(base: &str, setting: &str, query: &[(&str, &str)]) -> Response {
+    let Ok(mut url) = reqwest::Url::parse(base) else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Misconfigured",
+            &format!("{setting} does not make a valid URL."),
+        );
+    };
+    url.query_pairs_mut().extend_pairs(query);
+    axum::response::Redirect::to(url.as_str()).into_response()
+}
+
 /// A whole page: `title` (escaped here) and `body`, HTML the caller escaped.
 pub fn html(status: StatusCode, title: &str, body: &str) -> Response {
     let title = escape(title);

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::Response;
 use fbsync_shared::ids::{ShopDomain, UserUuid};
 use fbsync_shared::now_ms;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
-use super::page::{escape, html, problem, unavailable};
+use super::page::{escape, html, problem, redirect_with, unavailable};
 use super::state::{self, Flow};
 use super::{OwnerState, session};
 
@@ -48,19 +48,16 @@ pub async fn login(
         "{}/oauth/authorize",
         admin_url(&settings.shopify_admin_url, &shop)
     );
-    let Ok(mut url) = reqwest::Url::parse(&authorize) else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Misconfigured",
-            "SHOPIFY_ADMIN_URL does not make a valid URL.",
-        );
-    };
-    url.query_pairs_mut()
-        .append_pair("client_id", &settings.shopify_api_key)
-        .append_pair("scope", &settings.shopify_scopes)
-        .append_pair("redirect_uri", &settings.shopify_redirect_uri)
-        .append_pair("state", &oauth_state);
-    Redirect::to(url.as_str()).into_response()
+    redirect_with(
+        &authorize,
+        "SHOPIFY_ADMIN_URL",
+        &[
+            ("client_id", &settings.shopify_api_key),
+            ("scope", &settings.shopify_scopes),
+            ("redirect_uri", &settings.shopify_redirect_uri),
+            ("state", &oauth_state),
+        ],
+    )
 }
 
 /// The shop's admin base URL from the SHOPIFY_ADMIN_URL pattern.
