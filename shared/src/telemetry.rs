@@ -18,6 +18,9 @@ pub const PUBLISH_CONFIRM_SECONDS: &str = "fbsync_publish_confirm_seconds";
 pub const EVENTS_STAGED: &str = "fbsync_events_staged_total";
 /// Conversation flushes, by `outcome` (written, unchanged, failed, set_aside, page_removed).
 pub const FLUSHES: &str = "fbsync_flushes_total";
+/// Conversation merges, by `way`: `append` (new events after the stored ones, the stored file
+/// not parsed) or `full` (the stored file parsed and merged).
+pub const MERGES: &str = "fbsync_merges_total";
 /// Objects written to the store, by `object` (conversation, page_data).
 pub const OBJECT_WRITES: &str = "fbsync_object_writes_total";
 /// Seconds from ingest accepting an event to its object being written.

@@ -36,3 +36,37 @@ pub async fn scrape(client: &reqwest::Client, url: &str) -> String {
         .await
         .expect("a metrics page")
 }
+
+/// The upper bound of the histogram bucket that holds the `q` quantile of what histogram
+/// `name` recorded since `before` (an earlier scrape of the same page); `None` when nothing
+/// was recorded or it lies beyond the last finite bound.
+#[allow(dead_code)] // Only the reliability target's benchmarks read histograms.
+pub fn histogram_quantile(before: &str, now: &str, name: &str, q: f64) -> Option<f64> {
+    let buckets = |page: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        page.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&prefix)?;
+                let (bound, value) = rest.split_once("\"} ")?;
+                Some((bound.parse().ok()?, value.parse().ok()?))
+            })
+            .collect()
+    };
+    let (earlier, later) = (buckets(before), buckets(now));
+    let count = |bound: f64, list: &[(f64, f64)]| {
+        list.iter()
+            .find(|(b, _)| *b == bound)
+            .map_or(0.0, |(_, v)| *v)
+    };
+    let total = later
+        .last()
+        .map_or(0.0, |(bound, v)| v - count(*bound, &earlier));
+    if total <= 0.0 {
+        return None;
+    }
+    later
+        .iter()
+        .find(|(bound, cumulative)| cumulative - count(*bound, &earlier) >= q * total)
+        .map(|(bound, _)| *bound)
+        .filter(|bound| bound.is_finite())
+}

@@ -228,6 +228,33 @@ impl FbsyncProcess {
         assert!(sent.success(), "kill {signal} {pid}");
     }
 
+    /// The process's peak resident memory (VmHWM), in KiB; 0 when it cannot be read.
+    #[allow(dead_code)] // Only the benchmarks in the reliability target measure memory.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time the process's live threads have used, in nanoseconds (the first field of each
+    /// thread's schedstat: nanosecond resolution, where the process's stat counts 10 ms ticks).
+    #[allow(dead_code)] // Only the benchmarks in the reliability target measure CPU.
+    pub fn cpu_time_ns(&self) -> u64 {
+        let pid = self.child.id().unwrap_or_default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// True while the process has not exited.
     #[allow(dead_code)] // Only the reliability target checks processes ride through faults.
     pub fn is_running(&mut self) -> bool {

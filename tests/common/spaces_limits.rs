@@ -34,7 +34,7 @@ pub fn unique_bucket() -> String {
 }
 
 /// Spaces' budgets; the defaults are DigitalOcean's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct SpacesLimits {
     /// PUT or COPY requests accepted per object within `object_window`.
     pub object_puts: usize,

@@ -163,6 +163,50 @@ pub async fn post_burst(
     answers
 }
 
+/// Posts every delivery once on an open-loop schedule: delivery `i` is sent at
+/// `start + i / rate` (or as soon after as one of `posters` concurrent senders is free).
+/// Returns every answer.
+#[allow(dead_code)] // Only the reliability target's benchmarks keep a rate.
+pub async fn post_at_rate(
+    client: &reqwest::Client,
+    url: &str,
+    deliveries: &Arc<Vec<Delivery>>,
+    rate: f64,
+    posters: usize,
+) -> Vec<Answer> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let senders = (0..posters).map(|_| {
+        let (client, url) = (client.clone(), url.to_string());
+        let (deliveries, next) = (deliveries.clone(), next.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::SeqCst);
+                let Some(delivery) = deliveries.get(index) else {
+                    return answers;
+                };
+                tokio::time::sleep_until(start + Duration::from_secs_f64(index as f64 / rate))
+                    .await;
+                let sent = Instant::now();
+                let status = post_signed(&client, &url, &delivery.body).await;
+                let at = Instant::now();
+                answers.push(Answer {
+                    index,
+                    status,
+                    at,
+                    took: at - sent,
+                });
+            }
+        })
+    });
+    let mut answers = Vec::new();
+    for sender in futures::future::join_all(senders).await {
+        answers.extend(sender.expect("sender task"));
+    }
+    answers
+}
+
 /// Posts each refused delivery again until it is accepted, as Facebook retries a delivery
 /// that did not get a 200; returns the answers of the retries.
 #[allow(dead_code)] // The api target's bursts are never refused.

@@ -80,7 +80,7 @@ async fn backfill() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let elapsed = started.elapsed();
-    let peak_rss_kib = peak_rss_kib(worker.child.id().expect("running"));
+    let peak_rss_kib = worker.peak_rss_kib();
 
     let bucket = pipeline.bucket.clone().expect("an S3 store");
     let keys = list_keys(
@@ -152,14 +152,4 @@ async fn backfill() {
     assert_eq!(layer.throttled(), 0, "{:?}", layer.violations());
     worker.stop().await;
     pipeline.cleanup().await;
-}
-
-/// The process's peak resident set (VmHWM) in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }

@@ -13,9 +13,11 @@ mod common;
 
 mod backfill;
 mod broker_restart;
+mod bucket_limits;
 mod chaos;
 mod database_outage;
 mod durability;
+mod flush_cost;
 mod shared_services;
 mod slow_store;
 mod stalled_worker;

@@ -25,7 +25,7 @@ use fbsync_shared::storage::db::{
 use fbsync_shared::storage::object_store::{
     ObjectStore, REQUEST_TIMEOUT, StoreError, StoredObject, WriteCondition, conversation_key,
 };
-use fbsync_shared::telemetry::{DEAD_LETTERED, FLUSHES, OBJECT_WRITES, VISIBILITY_SECONDS};
+use fbsync_shared::telemetry::{DEAD_LETTERED, FLUSHES, MERGES, OBJECT_WRITES, VISIBILITY_SECONDS};
 use futures::StreamExt;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -286,36 +286,41 @@ impl Flusher {
             return Ok(FlushOutcome::Unchanged);
         }
         let object_key = conversation_key(&user_uuid, &key);
-        let remembered = self.last_written.take(&object_key, claim.generation());
-        let stored = if let Some(object) = remembered {
-            // This worker wrote it, and no claim came in between: it is still as written.
-            Some(object)
-        } else if self.write_absent_unread && claim.object_known_absent() {
-            // A listing showed it absent and no flush has written it since: one request (the
-            // PUT, `If-None-Match: *`) instead of two. Should it exist after all, the PUT is
-            // refused, the flush fails, and the next one reads first.
-            None
-        } else {
-            // The bucket's budget is charged right before each request is sent, so the
-            // request lands in the window it was counted in.
-            if !self
-                .db
-                .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
-                .await?
-            {
-                claim
-                    .defer(self.bucket_budget.next_window(now_ms()))
-                    .await?;
-                return Ok(FlushOutcome::Deferred);
-            }
-            match self.store.get(&object_key).await {
-                Ok(stored) => {
-                    self.health.set_store_up(true);
-                    stored
+        let mut remembered = self.last_written.take(&object_key, claim.generation());
+        let (stored, index) =
+            if let Some(object) = remembered.as_mut().and_then(|r| r.object.take()) {
+                // This worker wrote it, and no claim came in between: it is still as written.
+                (Some(object), remembered.map(|r| r.index))
+            } else if self.write_absent_unread && claim.object_known_absent() {
+                // A listing showed it absent and no flush has written it since: one request (the
+                // PUT, `If-None-Match: *`) instead of two. Should it exist after all, the PUT is
+                // refused, the flush fails, and the next one reads first.
+                (None, None)
+            } else {
+                // The bucket's budget is charged right before each request is sent, so the
+                // request lands in the window it was counted in.
+                if !self
+                    .db
+                    .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
+                    .await?
+                {
+                    claim
+                        .defer(self.bucket_budget.next_window(now_ms()))
+                        .await?;
+                    return Ok(FlushOutcome::Deferred);
                 }
-                Err(e) => return self.failed(claim, &e).await,
-            }
-        };
+                let stored = match self.store.get(&object_key).await {
+                    Ok(stored) => {
+                        self.health.set_store_up(true);
+                        stored
+                    }
+                    Err(e) => return self.failed(claim, &e).await,
+                };
+                // Still the version this worker wrote (the object was too big to keep, or another
+                // claim came in between and wrote nothing): its index spares the parse.
+                let index = remembered.and_then(|r| r.index_of(stored.as_ref()));
+                (stored, index)
+            };
         let incoming: Vec<IncomingEvent<'_>> = staged
             .iter()
             .map(|event| IncomingEvent {
@@ -324,7 +329,7 @@ impl Flusher {
             })
             .collect();
         let stored_body = stored.as_ref().map(|object| object.body.as_ref());
-        let merged = match merge_events(key.page_id.as_str(), stored_body, &incoming) {
+        let merged = match merge_events(key.page_id.as_str(), stored_body, index, &incoming) {
             Ok(merged) => merged,
             Err(e) => {
                 // Retrying cannot help and writing would destroy what is there: set it aside
@@ -335,11 +340,13 @@ impl Flusher {
                 return Ok(FlushOutcome::SetAside);
             }
         };
+        let way = if merged.appended { "append" } else { "full" };
+        metrics::counter!(MERGES, "way" => way).increment(1);
         if !merged.changed {
             claim.finish(&seqs, now, now).await?;
             if let Some(object) = stored {
                 self.last_written
-                    .remember(&object_key, claim.generation(), object);
+                    .remember(&object_key, claim.generation(), object, merged.index);
             }
             metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
             return Ok(FlushOutcome::Unchanged);
@@ -380,7 +387,7 @@ impl Flusher {
         if let Some(version) = version {
             let written = StoredObject { body, version };
             self.last_written
-                .remember(&object_key, claim.generation(), written);
+                .remember(&object_key, claim.generation(), written, merged.index);
         }
         metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);

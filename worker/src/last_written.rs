@@ -1,14 +1,20 @@
-//! What this worker wrote last to each conversation object, so the next flush of it merges into
-//! that instead of reading it again: a flush then costs one request (the PUT) instead of two,
-//! which is what lets the flusher use the bucket's write rate rather than half its operation
-//! rate.
+//! What this worker wrote last to each conversation object, so the next flush of it neither
+//! reads it again nor parses it: a flush then costs one request (the PUT) instead of two, which
+//! is what lets the flusher use the bucket's write rate rather than half its operation rate, and
+//! CPU for what changed rather than for the whole conversation.
 //!
-//! Invariants: an entry is used only by the claim right after the one that wrote it (its lease
-//! generation plus one), because any claim in between, by any worker, may have written the
-//! object; it is used once (taken), and remembered again only after the next write; it is not
-//! used after [`MAX_AGE`] (a data deletion removes objects outside any claim); and the PUT still
-//! names the version written (`If-Match`), so a store that honours conditional writes refuses a
-//! stale one. Memory is bounded by [`MAX_BYTES`]: the oldest entries go first.
+//! Two things are kept per object, with two rules:
+//! - the body, used without reading the object only by the claim right after the one that wrote
+//!   it (its lease generation plus one), because any claim in between, by any worker, may have
+//!   written the object, and not after [`MAX_AGE`] (a data deletion removes objects outside any
+//!   claim); the PUT still names the version written (`If-Match`), so a store that honours
+//!   conditional writes refuses a stale one;
+//! - the merge's [`FileIndex`] with the version it describes, used by any later flush whose read
+//!   returns that same version (a version names one content).
+//!
+//! An entry is used once (taken), and remembered again only after the next write. Memory is
+//! bounded by [`MAX_BYTES`]: the oldest entries go first; a body over [`MAX_OBJECT_BYTES`] is
+//! not kept (its index is).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -16,19 +22,42 @@ use std::time::{Duration, Instant};
 
 use fbsync_shared::storage::object_store::StoredObject;
 
-/// The most bytes of object bodies kept.
-pub const MAX_BYTES: usize = 32 * 1024 * 1024;
+use crate::merge::FileIndex;
 
-/// A body larger than this is not kept: it would push out many smaller ones.
+/// The most bytes of object bodies and indexes kept.
+pub const MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// A body larger than this is not kept (it would push out many smaller ones): the object is
+/// read again, but its index still spares the parse.
 pub const MAX_OBJECT_BYTES: usize = 4 * 1024 * 1024;
 
-/// An entry older than this is not used.
+/// A body older than this is not used without reading the object again.
 pub const MAX_AGE: Duration = Duration::from_secs(120);
 
 /// The objects this worker wrote last, by key.
 #[derive(Default)]
 pub struct LastWritten {
     inner: Mutex<Entries>,
+}
+
+/// What [`LastWritten::take`] gives back.
+#[derive(Debug)]
+pub struct Remembered {
+    /// The object as written, when the taking claim may use it without reading it again.
+    pub object: Option<StoredObject>,
+    /// The version the index describes.
+    pub version: String,
+    /// The merge's index of that version.
+    pub index: FileIndex,
+}
+
+impl Remembered {
+    /// The index, if `object` (as read) is the version it describes.
+    pub fn index_of(self, object: Option<&StoredObject>) -> Option<FileIndex> {
+        object
+            .is_some_and(|object| object.version == self.version)
+            .then_some(self.index)
+    }
 }
 
 #[derive(Default)]
@@ -38,7 +67,7 @@ struct Entries {
     /// Keys in the order they were remembered, with the stamp they were remembered under (a
     /// key remembered again is found here twice; only the newest stamp counts).
     order: VecDeque<(String, u64)>,
-    /// Bytes of the bodies kept.
+    /// Bytes of the bodies and indexes kept.
     bytes: usize,
     /// Numbers each remembering.
     next_stamp: u64,
@@ -47,39 +76,59 @@ struct Entries {
 struct Entry {
     /// The lease generation of the claim that wrote (or read) it.
     generation: i64,
+    /// The body is dropped when too big to keep; the version stays with the index.
     object: StoredObject,
+    /// The merge's index of `object`'s version.
+    index: FileIndex,
     /// When it was remembered.
     at: Instant,
     stamp: u64,
 }
 
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.object.body.len() + self.index.memory_bytes()
+    }
+}
+
 impl LastWritten {
-    /// The object as this worker left it, when the claim of `generation` comes right after
-    /// the one that left it, and it is recent; taken out either way.
-    pub fn take(&self, key: &str, generation: i64) -> Option<StoredObject> {
+    /// What this worker left in the object; its body only when the claim of `generation`
+    /// comes right after the one that left it, and recently. Taken out either way.
+    pub fn take(&self, key: &str, generation: i64) -> Option<Remembered> {
         let mut entries = self.lock();
         let entry = entries.by_key.remove(key)?;
-        entries.bytes -= entry.object.body.len();
-        (entry.generation + 1 == generation && entry.at.elapsed() < MAX_AGE).then_some(entry.object)
+        entries.bytes -= entry.bytes();
+        let current = entry.generation + 1 == generation
+            && entry.at.elapsed() < MAX_AGE
+            && !entry.object.body.is_empty();
+        Some(Remembered {
+            version: entry.object.version.clone(),
+            object: current.then_some(entry.object),
+            index: entry.index,
+        })
     }
 
-    /// Remembers the object as the claim of `generation` left it.
-    pub fn remember(&self, key: &str, generation: i64, object: StoredObject) {
+    /// Remembers the object as the claim of `generation` left it, with its merge index.
+    pub fn remember(&self, key: &str, generation: i64, mut object: StoredObject, index: FileIndex) {
         if object.body.len() > MAX_OBJECT_BYTES {
-            return;
+            object.body = bytes::Bytes::new();
         }
         let mut entries = self.lock();
         let stamp = entries.next_stamp;
         entries.next_stamp += 1;
-        entries.bytes += object.body.len();
         let entry = Entry {
             generation,
             object,
+            index,
             at: Instant::now(),
             stamp,
         };
+        if entry.index.memory_bytes() > MAX_OBJECT_BYTES {
+            return;
+        }
+        entries.bytes += entry.bytes();
         if let Some(old) = entries.by_key.insert(key.to_string(), entry) {
-            entries.bytes -= old.object.body.len();
+            entries.bytes -= old.bytes();
         }
         entries.order.push_back((key.to_string(), stamp));
         while entries.bytes > MAX_BYTES || entries.order.len() > 4 * entries.by_key.len() + 64 {
@@ -92,7 +141,7 @@ impl LastWritten {
                 .is_some_and(|e| e.stamp == stamp)
                 && let Some(gone) = entries.by_key.remove(&oldest)
             {
-                entries.bytes -= gone.object.body.len();
+                entries.bytes -= gone.bytes();
             }
         }
     }
@@ -114,39 +163,57 @@ mod tests {
         }
     }
 
+    fn body_of(remembered: Option<Remembered>) -> Option<Bytes> {
+        remembered.and_then(|r| r.object).map(|o| o.body)
+    }
+
     #[test]
-    fn an_entry_serves_only_the_next_claim_and_only_once() {
+    fn a_body_serves_only_the_next_claim_and_only_once() {
         let written = LastWritten::default();
-        written.remember("a", 7, object("[1]", "v1"));
-        assert_eq!(written.take("a", 9), None, "a claim came in between");
-        written.remember("a", 7, object("[1]", "v1"));
+        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
+        let later = written.take("a", 9).expect("the index is kept");
+        assert!(later.object.is_none(), "a claim came in between");
+        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
         let taken = written.take("a", 8).expect("the next claim");
-        assert_eq!(
-            (taken.body.as_ref(), taken.version.as_str()),
-            (b"[1]".as_ref(), "v1")
-        );
-        assert_eq!(written.take("a", 8), None, "used once");
-        assert_eq!(written.take("b", 1), None);
+        assert_eq!(taken.version, "v1");
+        assert_eq!(body_of(Some(taken)).as_deref(), Some(b"[1]".as_ref()));
+        assert!(written.take("a", 8).is_none(), "used once");
+        assert!(written.take("b", 1).is_none());
+    }
+
+    #[test]
+    fn the_index_serves_only_the_version_it_describes() {
+        let written = LastWritten::default();
+        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
+        let remembered = written.take("a", 20).expect("kept");
+        assert!(remembered.index_of(Some(&object("[1,2]", "v2"))).is_none());
+        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
+        let remembered = written.take("a", 20).expect("kept");
+        assert!(remembered.index_of(Some(&object("[1]", "v1"))).is_some());
     }
 
     #[test]
     fn memory_stays_bounded_and_the_oldest_go_first() {
         let written = LastWritten::default();
         let body = "x".repeat(MAX_OBJECT_BYTES);
-        for i in 0..(MAX_BYTES / MAX_OBJECT_BYTES + 3) {
-            written.remember(&format!("k{i}"), 1, object(&body, "v"));
+        let kept = MAX_BYTES / MAX_OBJECT_BYTES;
+        for i in 0..(kept + 3) {
+            written.remember(
+                &format!("k{i}"),
+                1,
+                object(&body, "v"),
+                FileIndex::default(),
+            );
         }
         assert!(written.lock().bytes <= MAX_BYTES);
-        assert_eq!(written.take("k0", 2), None, "the oldest went first");
-        assert!(
-            written
-                .take(&format!("k{}", MAX_BYTES / MAX_OBJECT_BYTES + 2), 2)
-                .is_some()
-        );
-        written.remember("big", 1, object(&"y".repeat(MAX_OBJECT_BYTES + 1), "v"));
-        assert_eq!(written.take("big", 2), None, "too big to keep");
+        assert!(written.take("k0", 2).is_none(), "the oldest went first");
+        assert!(body_of(written.take(&format!("k{}", kept + 2), 2)).is_some());
+        let big = "y".repeat(MAX_OBJECT_BYTES + 1);
+        written.remember("big", 1, object(&big, "v"), FileIndex::default());
+        let remembered = written.take("big", 2).expect("its index is kept");
+        assert!(remembered.object.is_none(), "too big to keep the body");
         for _ in 0..1_000 {
-            written.remember("same", 1, object("[]", "v"));
+            written.remember("same", 1, object("[]", "v"), FileIndex::default());
         }
         assert!(
             written.lock().order.len() < 200,

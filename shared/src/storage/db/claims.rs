@@ -92,7 +92,9 @@ struct ClaimedRow {
 }
 
 impl Database {
-    /// Conversations with events waiting whose budget allows a write now and that nobody holds.
+    /// Conversations with events waiting whose budget allows a write now and that nobody holds,
+    /// the one whose oldest event has waited longest first (none starves when more are due than
+    /// the bucket can write).
     pub async fn due_conversations(
         &self,
         now: i64,
@@ -102,7 +104,7 @@ impl Database {
             "SELECT page_id, user_psid FROM conversations
              WHERE staged_gen > flushed_gen AND due_at_ms <= $1 AND lease_until_ms < $1
                AND set_aside_reason IS NULL
-             ORDER BY due_at_ms LIMIT $2",
+             ORDER BY waiting_since_ms LIMIT $2",
         )
         .bind(now)
         .bind(i64::from(limit))
@@ -353,6 +355,19 @@ impl ConversationClaim {
             }
             query.execute(&mut *tx).await.map_err(DbError::from)?;
         }
+        // Events staged while this flush ran wait on: from the oldest of them.
+        let still_waiting = sqlx::query(
+            "UPDATE conversations SET waiting_since_ms = COALESCE(
+                 (SELECT MIN(received_at_ms) FROM staged_events
+                  WHERE page_id = $1 AND user_psid = $2), 0)
+             WHERE page_id = $1 AND user_psid = $2",
+        )
+        .bind(self.key.page_id.as_str())
+        .bind(self.key.user_psid.as_str());
+        still_waiting
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
         tx.commit().await.map_err(DbError::from)?;
         // The Page's "last flush" figure is for operators; failing to record it loses nothing.
         if let Err(e) = self.db.mark_page_flushed(&self.key.page_id, now).await {
@@ -514,6 +529,54 @@ mod tests {
             assert!(
                 !claim.object_known_absent(),
                 "{backend}: after a failure, the next flush reads first"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
+        for (backend, db) in backends().await {
+            let (flushed_long_ago, never_flushed, staged_during_a_flush) =
+                (key("u1"), key("u2"), key("u3"));
+            stage(&db, &flushed_long_ago, "e1", 1_000).await;
+            let mut claim = db
+                .claim_conversation(&flushed_long_ago, "a", 1_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            let seqs: Vec<i64> = db
+                .staged_events(&flushed_long_ago)
+                .await
+                .expect("staged")
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            claim.finish(&seqs, 1_000, 1_000).await.expect("finish");
+
+            stage(&db, &staged_during_a_flush, "e1", 1_500).await;
+            let mut claim = db
+                .claim_conversation(&staged_during_a_flush, "a", 1_500, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            let seqs: Vec<i64> = db
+                .staged_events(&staged_during_a_flush)
+                .await
+                .expect("staged")
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            stage(&db, &staged_during_a_flush, "e2", 2_000).await;
+            claim.finish(&seqs, 4_000, 4_000).await.expect("finish");
+
+            stage(&db, &never_flushed, "e1", 3_000).await;
+            stage(&db, &flushed_long_ago, "e2", 5_000).await;
+            let due = db.due_conversations(6_000, 10).await.expect("due");
+            let order: Vec<&str> = due.iter().map(|k| k.user_psid.as_str()).collect();
+            assert_eq!(
+                order,
+                ["u3", "u2", "u1"],
+                "{backend}: by the oldest waiting event (2,000, 3,000, 5,000), not by the last write"
             );
         }
     }

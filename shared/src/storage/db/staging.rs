@@ -82,22 +82,38 @@ impl Database {
             }
             inserted += query.execute(&mut *tx).await?.rows_affected();
         }
-        let mut touched: Vec<&ConversationKey> = ordered.iter().map(|event| &event.key).collect();
-        touched.dedup();
-        for key in &touched {
+        // Each conversation touched, with the oldest receipt among its events in this batch.
+        let mut touched: Vec<(&ConversationKey, i64)> = Vec::new();
+        for event in &ordered {
+            match touched.last_mut() {
+                Some((key, oldest)) if *key == &event.key => {
+                    *oldest = (*oldest).min(event.received_at_ms);
+                }
+                _ => touched.push((&event.key, event.received_at_ms)),
+            }
+        }
+        for (key, oldest) in &touched {
+            // Nothing was waiting (staged = flushed): the wait starts with this batch.
             sqlx::query(
-                "INSERT INTO conversations (page_id, user_psid, staged_gen) VALUES ($1, $2, 1)
-                 ON CONFLICT (page_id, user_psid) DO UPDATE SET staged_gen = conversations.staged_gen + 1",
+                "INSERT INTO conversations (page_id, user_psid, staged_gen, waiting_since_ms)
+                 VALUES ($1, $2, 1, $3)
+                 ON CONFLICT (page_id, user_psid) DO UPDATE SET
+                   staged_gen = conversations.staged_gen + 1,
+                   waiting_since_ms = CASE
+                     WHEN conversations.staged_gen = conversations.flushed_gen
+                       OR excluded.waiting_since_ms < conversations.waiting_since_ms
+                     THEN excluded.waiting_since_ms ELSE conversations.waiting_since_ms END",
             )
             .bind(key.page_id.as_str())
             .bind(key.user_psid.as_str())
+            .bind(*oldest)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         // Outside the transaction: a Page's row is hot, and holding it for a whole batch would
         // serialise every worker staging for that Page.
-        let mut pages: Vec<_> = touched.iter().map(|key| &key.page_id).collect();
+        let mut pages: Vec<_> = touched.iter().map(|(key, _)| &key.page_id).collect();
         pages.dedup();
         for page_id in pages {
             self.mark_page_event(page_id, now).await?;
