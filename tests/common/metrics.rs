@@ -42,15 +42,24 @@ pub async fn scrape(client: &reqwest::Client, url: &str) -> String {
 /// was recorded or it lies beyond the last finite bound.
 #[allow(dead_code)] // Only the reliability target's benchmarks read histograms.
 pub fn histogram_quantile(before: &str, now: &str, name: &str, q: f64) -> Option<f64> {
+    // Summed over every page in `page` (several workers' pages, one after the other).
     let buckets = |page: &str| -> Vec<(f64, f64)> {
         let prefix = format!("{name}_bucket{{le=\"");
-        page.lines()
-            .filter_map(|line| {
-                let rest = line.strip_prefix(&prefix)?;
-                let (bound, value) = rest.split_once("\"} ")?;
-                Some((bound.parse().ok()?, value.parse().ok()?))
-            })
-            .collect()
+        let mut sums: Vec<(f64, f64)> = Vec::new();
+        for line in page.lines() {
+            let Some((bound, value)) = line
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once("\"} "))
+                .and_then(|(b, v)| Some((b.parse::<f64>().ok()?, v.parse::<f64>().ok()?)))
+            else {
+                continue;
+            };
+            match sums.iter_mut().find(|(b, _)| *b == bound) {
+                Some((_, sum)) => *sum += value,
+                None => sums.push((bound, value)),
+            }
+        }
+        sums
     };
     let (earlier, later) = (buckets(before), buckets(now));
     let count = |bound: f64, list: &[(f64, f64)]| {

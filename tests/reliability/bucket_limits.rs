@@ -20,119 +20,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::common::metrics::{histogram_quantile, sample, scrape, total};
-use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
-use crate::common::process::FbsyncProcess;
-use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
-use crate::common::webhook::{Delivery, accepted, message_delivery, post_at_rate, webhook_client};
+use crate::bench_pipeline::{Bench, VISIBILITY, round_robin};
+use crate::common::metrics::{histogram_quantile, sample};
+use crate::common::pipeline::DbKind;
+use crate::common::spaces_limits::SpacesLimits;
+use crate::common::webhook::{accepted, post_at_rate};
 use crate::shared_services::serial;
-
-const VISIBILITY: &str = "fbsync_visibility_seconds";
-
-/// A pipeline (ingest and one worker on SQLite) writing through a limits layer.
-struct Bench {
-    pipeline: Pipeline,
-    layer: SpacesLimitLayer,
-    ingest: FbsyncProcess,
-    worker: FbsyncProcess,
-    webhook: String,
-    metrics: String,
-    client: reqwest::Client,
-}
-
-impl Bench {
-    async fn start(limits: SpacesLimits) -> Self {
-        let layer = SpacesLimitLayer::start(&s3_endpoint(), limits).await;
-        let mut pipeline = Pipeline::new(
-            DbKind::Sqlite,
-            StoreKind::S3 {
-                endpoint: Some(layer.endpoint()),
-            },
-        )
-        .await;
-        for (key, value) in [
-            (
-                "SPACES_OBJECT_PUTS_PER_5MIN",
-                limits.object_puts.to_string(),
-            ),
-            (
-                "SPACES_OBJECT_PUT_WINDOW_SECS",
-                limits.object_window.as_secs().to_string(),
-            ),
-            (
-                "SPACES_WRITES_PER_SEC",
-                limits.bucket_writes_per_second.to_string(),
-            ),
-            (
-                "SPACES_OPS_PER_SEC",
-                limits.bucket_operations_per_second.to_string(),
-            ),
-            ("WORKER_METRICS_ADDR", "127.0.0.1:0".to_string()),
-            ("WORKER_FLUSH_INTERVAL_MS", "100".to_string()),
-            ("RUST_LOG", "warn,fbsync=info".to_string()),
-        ] {
-            pipeline.set(key, &value);
-        }
-        pipeline.register_page(PAGE_ID).await;
-        let (ingest, urls) = pipeline.spawn_ingest().await;
-        let mut worker = pipeline.spawn(&["worker"]);
-        let listening = worker
-            .wait_for_log("worker metrics listening", Duration::from_secs(30))
-            .await;
-        let metrics = format!(
-            "http://{}/metrics",
-            listening["fields"]["addr"]
-                .as_str()
-                .expect("metrics address")
-        );
-        pipeline
-            .wait_for_consuming(&mut worker, Duration::from_secs(30))
-            .await;
-        Self {
-            pipeline,
-            layer,
-            ingest,
-            worker,
-            webhook: urls.webhook,
-            metrics,
-            client: webhook_client(),
-        }
-    }
-
-    async fn scrape(&self) -> String {
-        scrape(&self.client, &self.metrics).await
-    }
-
-    /// Events stored since `before` (one visibility observation per stored event).
-    fn stored_since(before: &str, now: &str) -> u64 {
-        let count = format!("{VISIBILITY}_count");
-        (total(now, &count) - total(before, &count)).max(0.0) as u64
-    }
-
-    async fn stop(mut self) {
-        self.worker.stop().await;
-        self.ingest.stop().await;
-        self.pipeline.cleanup().await;
-    }
-}
-
-/// `per_conversation` messages to each of `conversations` users, round-robin, timestamps rising.
-fn round_robin(tag: &str, conversations: usize, per_conversation: usize) -> Vec<Delivery> {
-    let mut deliveries = Vec::with_capacity(conversations * per_conversation);
-    for n in 0..per_conversation {
-        for c in 0..conversations {
-            let user = format!("{tag}user{c}");
-            let mid = format!("m_{tag}_{c}_{n}");
-            deliveries.push(Delivery {
-                body: message_delivery(PAGE_ID, &user, &mid, 1_000 + n as i64, false),
-                page_id: PAGE_ID.to_string(),
-                user,
-                mid,
-            });
-        }
-    }
-    deliveries
-}
 
 /// Writes and operations per whole second from `from` (ms since the epoch) to `to`, from the
 /// layer's admitted requests.
@@ -163,7 +56,7 @@ fn fmt_bound(bound: Option<f64>) -> String {
 async fn spaces_burst() {
     let _serial = serial().await;
     let limits = SpacesLimits::default();
-    let bench = Bench::start(limits).await;
+    let bench = Bench::start(DbKind::Sqlite, Some(limits), 1).await;
     let (conversations, per_conversation, rate) = (1_000, 20, 2_000.0);
     let deliveries = Arc::new(round_robin("burst", conversations, per_conversation));
     let before = bench.scrape().await;
@@ -177,14 +70,14 @@ async fn spaces_burst() {
     let (mut page, mut stored_after) = (bench.scrape().await, None);
     while started.elapsed() < Duration::from_secs(330) {
         page = bench.scrape().await;
-        if Bench::stored_since(&before, &page) >= sent {
+        if bench.stored_since(&before, &page) >= sent {
             stored_after = Some(started.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stored = Bench::stored_since(&before, &page);
-    let arrivals = bench.layer.arrivals();
+    let stored = bench.stored_since(&before, &page);
+    let arrivals = bench.layer().arrivals();
     let writes: Vec<i64> = arrivals
         .iter()
         .filter(|(_, write)| *write)
@@ -255,10 +148,15 @@ async fn spaces_burst() {
     );
     println!(
         "| requests over a limit | {} | 0 | - |",
-        bench.layer.throttled()
+        bench.layer().throttled()
     );
     println!();
-    assert_eq!(bench.layer.throttled(), 0, "{:?}", bench.layer.violations());
+    assert_eq!(
+        bench.layer().throttled(),
+        0,
+        "{:?}",
+        bench.layer().violations()
+    );
     assert_eq!(stored, sent, "every accepted message stored");
     bench.stop().await;
 }
@@ -281,7 +179,7 @@ async fn beyond_capacity() {
         bucket_writes_per_second: 10,
         bucket_operations_per_second: 16,
     };
-    let bench = Bench::start(limits).await;
+    let bench = Bench::start(DbKind::Sqlite, Some(limits), 1).await;
     let conversations = 1_200;
     let every = Duration::from_secs(30);
     let seconds = capacity_seconds();
@@ -308,11 +206,11 @@ async fn beyond_capacity() {
     while started.elapsed() < Duration::from_secs(seconds + 900) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         page = bench.scrape().await;
-        let stored = Bench::stored_since(&before, &page);
+        let stored = bench.stored_since(&before, &page);
         let done = sender.is_finished() && stored >= deliveries.len() as u64;
         if started.elapsed() >= sample_every * (timeline.len() as u32 + 1) || done {
             let writes = bench
-                .layer
+                .layer()
                 .arrivals()
                 .iter()
                 .filter(|(_, write)| *write)
@@ -335,9 +233,9 @@ async fn beyond_capacity() {
     }
     let answers = sender.await.expect("sender");
     let sent = accepted(&answers) as u64;
-    let stored = Bench::stored_since(&before, &page);
+    let stored = bench.stored_since(&before, &page);
     let writes = bench
-        .layer
+        .layer()
         .arrivals()
         .iter()
         .filter(|(at, write)| *write && *at >= started_ms)
@@ -385,10 +283,15 @@ async fn beyond_capacity() {
     );
     println!(
         "| stored of sent; requests over a limit | {stored} of {sent}; {} | - | - |",
-        bench.layer.throttled()
+        bench.layer().throttled()
     );
     println!();
-    assert_eq!(bench.layer.throttled(), 0, "{:?}", bench.layer.violations());
+    assert_eq!(
+        bench.layer().throttled(),
+        0,
+        "{:?}",
+        bench.layer().violations()
+    );
     assert_eq!(stored, sent, "every accepted message stored");
     bench.stop().await;
 }

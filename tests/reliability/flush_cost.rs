@@ -10,17 +10,18 @@
 //!   flush cost before appending.
 //!
 //! Each figure is the worker process's CPU time from the delivery to the stored write, less
-//! what the idle worker used in as long (its flusher looks for due conversations every 50 ms).
+//! what the idle worker used in as long (its flusher looks for due conversations every 100 ms).
 //! It prints one table: CPU per flush, CPU per MB of the object, and the worker's peak RSS.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind, conversation_key};
-use crate::common::process::FbsyncProcess;
+use crate::bench_pipeline::Bench;
+use crate::common::metrics::sample;
+use crate::common::pipeline::{DbKind, PAGE_ID, conversation_key};
 use crate::common::spaces_limits::{s3_client, s3_endpoint};
-use crate::common::webhook::{message_delivery, post_signed, webhook_client};
+use crate::common::webhook::{message_delivery, post_signed};
 use crate::shared_services::serial;
 
 /// Conversation sizes, in events.
@@ -44,6 +45,8 @@ struct Costs {
     append_ms: Vec<f64>,
     out_of_order_ms: f64,
     peak_rss_mb: f64,
+    /// Merges that appended, and that parsed the whole file (the worker's own count).
+    merges: (f64, f64),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,14 +59,14 @@ async fn flush_cost() {
     }
     println!();
     println!(
-        "| events | object, MB | first flush (read + full merge), ms CPU | append flush, ms CPU (3) | out-of-order flush (full merge), ms CPU | append / full merge | append, ms CPU per MB | worker peak RSS, MB |"
+        "| events | object, MB | first flush (read + full merge), ms CPU | append flush, ms CPU (3) | out-of-order flush (full merge), ms CPU | append / full merge | append, ms CPU per MB | worker peak RSS, MB | merges: append / full |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let mb = row.object_bytes as f64 / 1e6;
         let append = median(&row.append_ms);
         println!(
-            "| {} | {mb:.1} | {:.1} | {} (median {append:.1}) | {:.1} | {:.3} | {:.2} | {:.0} |",
+            "| {} | {mb:.1} | {:.1} | {} (median {append:.1}) | {:.1} | {:.3} | {:.2} | {:.0} | {} / {} |",
             row.events,
             row.first_ms,
             row.append_ms
@@ -75,47 +78,37 @@ async fn flush_cost() {
             append / row.out_of_order_ms,
             append / mb,
             row.peak_rss_mb,
+            row.merges.0,
+            row.merges.1,
         );
     }
     println!();
 }
 
 async fn measure(events: usize) -> Costs {
-    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::S3 { endpoint: None }).await;
-    for (key, value) in [
-        ("SPACES_OBJECT_PUTS_PER_5MIN", "0"),
-        ("SPACES_WRITES_PER_SEC", "0"),
-        ("SPACES_OPS_PER_SEC", "0"),
-        ("RUST_LOG", "warn"),
-    ] {
-        pipeline.set(key, value);
-    }
-    pipeline.register_page(PAGE_ID).await;
-    let bucket = pipeline.bucket.clone().expect("an S3 store");
+    let mut bench = Bench::start(DbKind::Sqlite, None, 1).await;
+    let bucket = bench.pipeline.bucket.clone().expect("an S3 store");
     let key = conversation_key(PAGE_ID, USER);
-    let stored = stored_conversation(events);
     s3_client(&s3_endpoint())
         .put_object()
         .bucket(&bucket)
         .key(&key)
-        .body(stored.into_bytes().into())
+        .body(stored_conversation(events).into_bytes().into())
         .send()
         .await
         .expect("put the stored conversation");
-    let (mut ingest, urls) = pipeline.spawn_ingest().await;
-    let mut worker = pipeline.spawn_worker().await;
-    let client = webhook_client();
-    let idle_ns_per_s = idle_cpu(&worker).await;
+    let worker = &bench.workers[0].0;
+    let idle_ns_per_s = idle_cpu(&bench).await;
     let last_ms = events as i64 * STEP_MS;
     let flush = async |n: usize, timestamp: i64| {
-        let before_len = object_length(&bucket, &key).await;
+        let before = bench.scrape().await;
         let (started, cpu_before) = (Instant::now(), worker.cpu_time_ns());
         let body = message_delivery(PAGE_ID, USER, &format!("m_new_{n}"), timestamp, false);
-        assert_eq!(post_signed(&client, &urls.webhook, &body).await, 200);
+        assert_eq!(post_signed(&bench.client, &bench.webhook, &body).await, 200);
         let deadline = started + Duration::from_secs(60);
-        while object_length(&bucket, &key).await == before_len {
+        while bench.stored_since(&before, &bench.scrape().await) == 0 {
             assert!(Instant::now() < deadline, "message {n} was not stored");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(POLL).await;
         }
         let idle = idle_ns_per_s * started.elapsed().as_secs_f64();
         (worker.cpu_time_ns() - cpu_before) as f64 - idle
@@ -128,7 +121,8 @@ async fn measure(events: usize) -> Costs {
     }
     let out_of_order_ms = ms(flush(4, last_ms / 2 + STEP_MS / 2).await);
 
-    let written = pipeline
+    let written = bench
+        .pipeline
         .object(&key)
         .await
         .expect("the conversation is stored");
@@ -140,9 +134,17 @@ async fn measure(events: usize) -> Costs {
         .collect();
     assert!(timestamps.is_sorted(), "events in timestamp order");
     let peak_rss_mb = worker.peak_rss_kib() as f64 / 1024.0;
-    worker.stop().await;
-    ingest.stop().await;
-    pipeline.cleanup().await;
+    let page = bench.scrape().await;
+    let merges = (
+        sample(&page, "fbsync_merges_total{way=\"append\"}").unwrap_or(0.0),
+        sample(&page, "fbsync_merges_total{way=\"full\"}").unwrap_or(0.0),
+    );
+    if std::env::var("FBSYNC_BENCH_LOG").is_ok() {
+        for line in bench.workers[0].0.take_lines() {
+            println!("{line}");
+        }
+    }
+    bench.stop().await;
     Costs {
         events,
         object_bytes: written.len(),
@@ -150,6 +152,7 @@ async fn measure(events: usize) -> Costs {
         append_ms,
         out_of_order_ms,
         peak_rss_mb,
+        merges,
     }
 }
 
@@ -167,25 +170,21 @@ fn stored_conversation(events: usize) -> String {
     format!("[{}]", texts.join(","))
 }
 
-/// The worker's CPU use while idle, in ns per second (measured over 2 s).
-async fn idle_cpu(worker: &FbsyncProcess) -> f64 {
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (started, before) = (Instant::now(), worker.cpu_time_ns());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    (worker.cpu_time_ns() - before) as f64 / started.elapsed().as_secs_f64()
-}
+/// How often the benchmark asks the worker whether the message is stored (its metrics page;
+/// not the object, whose HEAD during a PUT would load the store).
+const POLL: Duration = Duration::from_millis(10);
 
-/// The object's length (HEAD), 0 when absent.
-async fn object_length(bucket: &str, key: &str) -> i64 {
-    s3_client(&s3_endpoint())
-        .head_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .ok()
-        .and_then(|head| head.content_length())
-        .unwrap_or(0)
+/// The worker's CPU use while idle and asked for its metrics every [`POLL`], in ns per second
+/// (measured over 2 s).
+async fn idle_cpu(bench: &Bench) -> f64 {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let worker = &bench.workers[0].0;
+    let (started, before) = (Instant::now(), worker.cpu_time_ns());
+    while started.elapsed() < Duration::from_secs(2) {
+        bench.scrape().await;
+        tokio::time::sleep(POLL).await;
+    }
+    (worker.cpu_time_ns() - before) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -12,6 +12,7 @@
 mod common;
 
 mod backfill;
+mod bench_pipeline;
 mod broker_restart;
 mod bucket_limits;
 mod chaos;
@@ -23,4 +24,5 @@ mod slow_store;
 mod stalled_worker;
 mod table;
 mod visibility;
+mod worker_cost;
 mod worker_crash;

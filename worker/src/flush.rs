@@ -287,6 +287,7 @@ impl Flusher {
         }
         let object_key = conversation_key(&user_uuid, &key);
         let mut remembered = self.last_written.take(&object_key, claim.generation());
+        let mut stored_read = false;
         let (stored, index) =
             if let Some(object) = remembered.as_mut().and_then(|r| r.object.take()) {
                 // This worker wrote it, and no claim came in between: it is still as written.
@@ -318,6 +319,7 @@ impl Flusher {
                 };
                 // Still the version this worker wrote (the object was too big to keep, or another
                 // claim came in between and wrote nothing): its index spares the parse.
+                stored_read = true;
                 let index = remembered.and_then(|r| r.index_of(stored.as_ref()));
                 (stored, index)
             };
@@ -340,14 +342,16 @@ impl Flusher {
                 return Ok(FlushOutcome::SetAside);
             }
         };
+        tracing::debug!(page_id = %key.page_id, user_psid = %key.user_psid, events = merged.index.events, appended = merged.appended, read = stored_read, "merged");
         let way = if merged.appended { "append" } else { "full" };
         metrics::counter!(MERGES, "way" => way).increment(1);
         if !merged.changed {
-            claim.finish(&seqs, now, now).await?;
+            // Remembered before the claim ends: the next claim may start the moment it does.
             if let Some(object) = stored {
                 self.last_written
                     .remember(&object_key, claim.generation(), object, merged.index);
             }
+            claim.finish(&seqs, now, now).await?;
             metrics::counter!(FLUSHES, "outcome" => "unchanged").increment(1);
             return Ok(FlushOutcome::Unchanged);
         }
@@ -383,12 +387,15 @@ impl Flusher {
         self.health.set_store_up(true);
         let written_at = now_ms();
         let due_at = claim.next_put_at(&self.put_budget, written_at);
-        claim.finish(&seqs, due_at, written_at).await?;
+        // Remembered before the claim ends: the next claim may start the moment it does. (If
+        // the claim turns out lost, the entry's generation and version keep it from misleading
+        // anyone.)
         if let Some(version) = version {
             let written = StoredObject { body, version };
             self.last_written
                 .remember(&object_key, claim.generation(), written, merged.index);
         }
+        claim.finish(&seqs, due_at, written_at).await?;
         metrics::counter!(FLUSHES, "outcome" => "written").increment(1);
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
         record_visibility(&staged, written_at);
