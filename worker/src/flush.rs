@@ -149,7 +149,10 @@ impl Flusher {
     /// One unit of work: claims up to a batch of due conversations and flushes them
     /// concurrently. Tests call this directly; the worker runs [`Flusher::run`].
     pub async fn flush_due(&self) -> Result<FlushReport, DbError> {
-        let (claims, claim_error) = self.claim_due(self.batch).await;
+        let claims = self
+            .db
+            .claim_due_conversations(&self.owner, now_ms(), self.lease, self.batch)
+            .await?;
         let mut report = FlushReport {
             claimed: claims.len(),
             ..Default::default()
@@ -159,9 +162,6 @@ impl Flusher {
             .buffer_unordered(self.batch as usize)
             .collect()
             .await;
-        if let Some(e) = claim_error {
-            return Err(e);
-        }
         for outcome in outcomes {
             report.count(outcome?);
         }
@@ -183,10 +183,14 @@ impl Flusher {
         while !shutdown.is_cancelled() {
             let free = batch - in_flight.len();
             if free >= refill_at || in_flight.is_empty() {
-                let (claims, claim_error) = self.claim_due(free as u32).await;
-                if let Some(e) = claim_error {
-                    tracing::warn!(error = %e, "flusher could not reach the database");
-                }
+                let claims = self
+                    .db
+                    .claim_due_conversations(&self.owner, now_ms(), self.lease, free as u32)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "flusher could not reach the database");
+                        Vec::new()
+                    });
                 for claim in claims {
                     let flusher = self.clone();
                     in_flight.spawn(async move { flusher.flush(claim).await });
@@ -205,30 +209,6 @@ impl Flusher {
             }
         }
         while in_flight.join_next().await.is_some() {}
-    }
-
-    /// Claims up to `limit` due conversations. A database error stops the claiming, not the
-    /// caller: the claims already won are returned with it, to be flushed (or given back),
-    /// never left to expire with their lease.
-    async fn claim_due(&self, limit: u32) -> (Vec<ConversationClaim>, Option<DbError>) {
-        let now = now_ms();
-        let due = match self.db.due_conversations(now, limit).await {
-            Ok(due) => due,
-            Err(e) => return (Vec::new(), Some(e)),
-        };
-        let mut claims = Vec::with_capacity(due.len());
-        for key in due {
-            match self
-                .db
-                .claim_conversation(&key, &self.owner, now, self.lease)
-                .await
-            {
-                Ok(Some(claim)) => claims.push(claim),
-                Ok(None) => {}
-                Err(e) => return (claims, Some(e)),
-            }
-        }
-        (claims, None)
     }
 
     /// Flushes one claimed conversation. A lost claim is an outcome, not an error: the worker

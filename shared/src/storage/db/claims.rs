@@ -61,6 +61,9 @@ pub struct ConversationClaim {
     /// A listing showed the object absent and nothing has written it since: the flush may
     /// write without reading it first.
     object_absent: bool,
+    /// When its oldest waiting event was received: claims of one round are flushed oldest
+    /// first.
+    waiting_since: i64,
     /// How long a claim lasts from its last renewal.
     lease: Duration,
     /// When this process must consider the lease gone, by its own clock (a monotonic clock
@@ -83,11 +86,14 @@ struct ConversationRow {
 
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
+    page_id: String,
+    user_psid: String,
     lease_gen: i64,
     staged_gen: i64,
     recent_puts: String,
     failures: i64,
     object_absent: i64,
+    waiting_since_ms: i64,
     user_uuid: Option<String>,
 }
 
@@ -153,14 +159,11 @@ impl Database {
         lease: Duration,
     ) -> Result<Option<ConversationClaim>, DbError> {
         let local_deadline = Instant::now() + lease;
-        let row = sqlx::query_as::<_, ClaimedRow>(
+        let row = sqlx::query_as::<_, ClaimedRow>(&format!(
             "UPDATE conversations SET lease_owner = $3, lease_until_ms = $4, lease_gen = lease_gen + 1
-             WHERE page_id = $1 AND user_psid = $2 AND lease_until_ms < $5 AND due_at_ms <= $5
-               AND staged_gen > flushed_gen AND set_aside_reason IS NULL
-             RETURNING lease_gen, staged_gen, recent_puts, failures, object_absent,
-                 (SELECT p.user_uuid FROM pages p WHERE p.page_id = conversations.page_id)
-                     AS user_uuid",
-        )
+             WHERE page_id = $1 AND user_psid = $2 AND {CLAIMABLE}
+             RETURNING {CLAIMED}"
+        ))
         .bind(key.page_id.as_str())
         .bind(key.user_psid.as_str())
         .bind(owner)
@@ -168,28 +171,93 @@ impl Database {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
+        row.map(|row| self.claim_of(row, lease, local_deadline))
+            .transpose()
+    }
+
+    /// Claims up to `limit` due conversations at once (one statement, not one per
+    /// conversation), the one whose oldest event has waited longest first; each claim as
+    /// [`Database::claim_conversation`] makes it.
+    pub async fn claim_due_conversations(
+        &self,
+        owner: &str,
+        now: i64,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<ConversationClaim>, DbError> {
+        let local_deadline = Instant::now() + lease;
+        // The outer condition is checked again on each row as it is updated: a conversation
+        // another worker claimed between the inner select and the update is skipped.
+        let rows = sqlx::query_as::<_, ClaimedRow>(&format!(
+            "UPDATE conversations SET lease_owner = $1, lease_until_ms = $2, lease_gen = lease_gen + 1
+             WHERE (page_id, user_psid) IN (
+                 SELECT page_id, user_psid FROM conversations
+                 WHERE staged_gen > flushed_gen AND due_at_ms <= $3 AND lease_until_ms < $3
+                   AND set_aside_reason IS NULL
+                 ORDER BY waiting_since_ms LIMIT $4)
+               AND {CLAIMABLE_AT_3}
+             RETURNING {CLAIMED}"
+        ))
+        .bind(owner)
+        .bind(now + millis(lease))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claims = rows
+            .into_iter()
+            .map(|row| self.claim_of(row, lease, local_deadline))
+            .collect::<Result<Vec<_>, _>>()?;
+        claims.sort_by_key(|claim| claim.waiting_since);
+        Ok(claims)
+    }
+
+    fn claim_of(
+        &self,
+        row: ClaimedRow,
+        lease: Duration,
+        local_deadline: Instant,
+    ) -> Result<ConversationClaim, DbError> {
         let owner = match row.user_uuid.as_deref().map(UserUuid::parse) {
             Some(Ok(owner)) => Some(owner),
             Some(Err(e)) => return Err(DbError::Query(sqlx::Error::Decode(Box::new(e)))),
             None => None,
         };
-        Ok(Some(ConversationClaim {
+        let key = ConversationKey {
+            page_id: PageId::parse(&row.page_id)
+                .map_err(|e| DbError::Query(sqlx::Error::Decode(Box::new(e))))?,
+            user_psid: Psid::parse(&row.user_psid)
+                .map_err(|e| DbError::Query(sqlx::Error::Decode(Box::new(e))))?,
+        };
+        Ok(ConversationClaim {
             db: self.clone(),
-            key: key.clone(),
+            key,
             generation: row.lease_gen,
             staged_gen: row.staged_gen,
             recent_puts: RecentPuts::decode(&row.recent_puts),
             failures: row.failures,
             object_absent: row.object_absent != 0,
+            waiting_since: row.waiting_since_ms,
             owner,
             lease,
             local_deadline,
-        }))
+        })
     }
 }
+
+/// A conversation may be claimed: events wait, its budget allows a write now (`$5`), nobody
+/// holds it and it is not set aside.
+const CLAIMABLE: &str = "lease_until_ms < $5 AND due_at_ms <= $5 AND staged_gen > flushed_gen
+    AND set_aside_reason IS NULL";
+
+/// [`CLAIMABLE`], with the time in `$3`.
+const CLAIMABLE_AT_3: &str = "lease_until_ms < $3 AND due_at_ms <= $3 AND staged_gen > flushed_gen
+    AND set_aside_reason IS NULL";
+
+/// What a claim returns about the conversation it won.
+const CLAIMED: &str = "page_id, user_psid, lease_gen, staged_gen, recent_puts, failures,
+    object_absent, waiting_since_ms,
+    (SELECT p.user_uuid FROM pages p WHERE p.page_id = conversations.page_id) AS user_uuid";
 
 /// A conversation set aside, as operators see it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -578,6 +646,49 @@ mod tests {
                 ["u3", "u2", "u1"],
                 "{backend}: by the oldest waiting event (2,000, 3,000, 5,000), not by the last write"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_claim_takes_the_longest_waiting_and_never_one_already_held() {
+        for (backend, db) in backends().await {
+            for (i, psid) in ["u5", "u4", "u3", "u2", "u1"].iter().enumerate() {
+                stage(&db, &key(psid), "e1", 1_000 + i as i64).await;
+            }
+            let held = db
+                .claim_conversation(&key("u4"), "x", 2_000, LEASE)
+                .await
+                .expect("claim")
+                .expect("due");
+            let first = db
+                .claim_due_conversations("a", 2_000, LEASE, 2)
+                .await
+                .expect("claim");
+            let psids = |claims: &[ConversationClaim]| -> Vec<String> {
+                claims
+                    .iter()
+                    .map(|c| c.key().user_psid.to_string())
+                    .collect()
+            };
+            assert_eq!(
+                psids(&first),
+                ["u5", "u3"],
+                "{backend}: oldest first, u4 is held"
+            );
+            let rest = db
+                .claim_due_conversations("b", 2_000, LEASE, 10)
+                .await
+                .expect("claim");
+            assert_eq!(psids(&rest), ["u2", "u1"], "{backend}");
+            assert!(
+                db.claim_due_conversations("c", 2_000, LEASE, 10)
+                    .await
+                    .expect("claim")
+                    .is_empty(),
+                "{backend}: every conversation is held"
+            );
+            assert!(first.iter().chain(&rest).all(|c| c.generation() > 0));
+            drop(held);
         }
     }
 
