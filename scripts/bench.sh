@@ -7,7 +7,8 @@
 #
 # Scenarios:
 #   ingest        open-throttle webhook deliveries into `fbsync ingest`, against the broker's own
-#                 confirmed-publish rate (the load generator publishing straight to RabbitMQ)
+#                 confirmed-publish rate (the load generator publishing straight to RabbitMQ),
+#                 and the ingest process's CPU time (user + system) per accepted delivery
 #   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
 #                 deliveries over 50 conversations, against the ingest-only rate above
 #   spaces        `fbsync up` with Spaces' limits (5 PUTs per object per 300 s, 150 writes/s,
@@ -35,6 +36,9 @@ row() { rows+=("| $1 | $2 | $3 | $4 |"); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 # The number after "$2" on the line of $1 that starts with it.
 field() { awk -v key="$2" 'index($0, key) == 1 { sub(key, ""); print $1; exit }' "$1"; }
+# utime + stime of process $1 in clock ticks (fields 14 and 15 of /proc/PID/stat, counted after
+# the command name, which may hold spaces).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
 ingest_rate=""
 if [[ $skip != *" ingest "* ]]; then
@@ -45,13 +49,19 @@ if [[ $skip != *" ingest "* ]]; then
     INGEST_METRICS_ADDR=127.0.0.1:0 RUST_LOG=warn "$target/fbsync" ingest &
   ingest=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  cpu_before=$(cpu_ticks "$ingest")
   FACEBOOK_APP_SECRET=bench "$target/examples/loadgen" --url "http://127.0.0.1:$port/facebook/webhook" \
     --rate 0 --concurrency 128 --duration-secs 10 | tee "$out/ingest.txt"
+  cpu_after=$(cpu_ticks "$ingest")
   kill "$ingest"; wait "$ingest" || true
   "$target/examples/loadgen" --delete-topology "$run" >/dev/null
   broker=$(field "$out/raw.txt" "accepted/s")
   ingest_rate=$(field "$out/ingest.txt" "accepted/s")
   row "ingest: deliveries/s, open throttle, 128 in flight" "$ingest_rate" "$broker (broker's confirmed publishes/s)" "$(ratio "$ingest_rate" "$broker")"
+  accepted=$(field "$out/ingest.txt" "accepted ")
+  cpu_us=$(awk -v t="$((cpu_after - cpu_before))" -v hz="$(getconf CLK_TCK)" -v n="$accepted" \
+    'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "-" }')
+  row "ingest: CPU per delivery, µs (ingest process, user + system)" "$cpu_us" "-" "-"
 fi
 
 if [[ $skip != *" e2e "* ]]; then

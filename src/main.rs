@@ -1,7 +1,8 @@
 //! The `fbsync` command line: one subcommand per role, plus the ops tools.
 //!
 //! Everything here is wiring: it reads the configuration, refuses to start with one clear line
-//! per problem, and hands over to the role's library.
+//! per problem, and hands over to the role's library. Every Rust allocation of every role goes
+//! through mimalloc (the global allocator below), not glibc's malloc.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 mod commands;
 
 use commands::{backup, check, dlq, pages, poll};
+
+/// mimalloc for every role: cheaper per allocation than glibc's malloc under ingest's load (see
+/// the workspace's Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -6,6 +6,13 @@
 //! echoes, `postback.mid`, `reaction.mid` + action + emoji + timestamp for reactions (each
 //! reaction event is kept), `message_edit.mid` + `num_edit` for edits (each version kept), kind
 //! + watermark for deliveries and reads, and a hash of the canonical JSON for anything else.
+//!
+//! Ingest splits every delivery, so the split reads only what it needs: the envelope borrows
+//! from the body (`&RawValue` for `object`, `id` and each event) and a messaging event's facts
+//! come from the few keys that decide them ([`EventFacts::of_raw`]), without building a
+//! `serde_json::Value` of the event. Whatever that reading cannot be sure of (a key given twice,
+//! an identity that falls back to the hash, an escaped Page id) goes through the `Value` path,
+//! which stays the one definition: both give the same facts for every event.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -177,24 +184,30 @@ pub enum DeliveryError {
     NotPage(String),
 }
 
+/// A delivery's envelope, borrowed from the body.
 #[derive(Deserialize)]
-struct Delivery {
-    object: Value,
-    #[serde(default)]
-    entry: Vec<Entry>,
+struct Delivery<'a> {
+    /// Must be the string `"page"`; its text is enough to tell in the usual case.
+    #[serde(borrow)]
+    object: &'a RawValue,
+    #[serde(default, borrow)]
+    entry: Vec<Entry<'a>>,
 }
 
+/// One Page's part of a delivery; the events stay text until they are described.
 #[derive(Deserialize)]
-struct Entry {
-    id: Value,
+struct Entry<'a> {
+    /// The Page id, a string (or a number) as sent.
+    #[serde(borrow)]
+    id: &'a RawValue,
     #[serde(default)]
     time: Option<i64>,
-    #[serde(default)]
-    messaging: Vec<Box<RawValue>>,
-    #[serde(default)]
-    standby: Vec<Box<RawValue>>,
-    #[serde(default)]
-    changes: Vec<Box<RawValue>>,
+    #[serde(default, borrow)]
+    messaging: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    standby: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    changes: Vec<&'a RawValue>,
 }
 
 /// Splits a delivery into its events: messaging, standby and page changes.
@@ -204,21 +217,27 @@ pub fn split_delivery(
 ) -> Result<Vec<EventMessage>, DeliveryError> {
     let delivery: Delivery =
         serde_json::from_slice(body).map_err(|e| DeliveryError::NotJson(e.to_string()))?;
-    match &delivery.object {
-        Value::String(object) if object == "page" => {}
-        other => return Err(DeliveryError::NotPage(other.to_string())),
+    if delivery.object.get() != r#""page""# {
+        // Not the plain text `"page"`: decide on the value (an escaped "page" is one too).
+        match serde_json::from_str::<Value>(delivery.object.get()) {
+            Ok(Value::String(object)) if object == "page" => {}
+            Ok(other) => return Err(DeliveryError::NotPage(other.to_string())),
+            Err(e) => return Err(DeliveryError::NotJson(e.to_string())),
+        }
     }
-    let mut events = Vec::new();
+    let events = delivery
+        .entry
+        .iter()
+        .map(|entry| entry.messaging.len() + entry.standby.len() + entry.changes.len())
+        .sum();
+    let mut events = Vec::with_capacity(events);
     for entry in delivery.entry {
-        let page_id = match &entry.id {
-            Value::String(id) => id.clone(),
-            Value::Number(id) => id.to_string(),
-            _ => String::new(),
-        };
+        let page_id = page_id_text(entry.id);
         let streams = [(entry.messaging, false), (entry.standby, true)];
         for (raw_events, standby) in streams {
             for raw in raw_events {
-                let mut message = describe_messaging_event(&page_id, raw, received_at_ms);
+                let mut message =
+                    describe_messaging_event(&page_id, raw.to_owned(), received_at_ms);
                 message.standby = standby;
                 events.push(message);
             }
@@ -237,11 +256,25 @@ pub fn split_delivery(
                 standby: false,
                 source: EventSource::Webhook,
                 received_at_ms,
-                event: raw,
+                event: raw.to_owned(),
             });
         }
     }
     Ok(events)
+}
+
+/// An entry's Page id as text: a string as it reads, a number in its JSON form, anything else
+/// empty.
+fn page_id_text(id: &RawValue) -> String {
+    if let Ok(plain) = serde_json::from_str::<&str>(id.get()) {
+        return plain.to_string();
+    }
+    // Escaped, a number, or not an id at all.
+    match serde_json::from_str::<Value>(id.get()) {
+        Ok(Value::String(id)) => id,
+        Ok(Value::Number(id)) => id.to_string(),
+        _ => String::new(),
+    }
 }
 
 /// Identity, kind, conversation partner and time of one messaging event.
@@ -250,8 +283,7 @@ pub fn describe_messaging_event(
     raw: Box<RawValue>,
     received_at_ms: i64,
 ) -> EventMessage {
-    let value: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-    let facts = EventFacts::of(page_id, &value);
+    let facts = EventFacts::of_raw(page_id, &raw);
     EventMessage {
         page_id: page_id.to_string(),
         kind: facts.kind,
@@ -282,11 +314,7 @@ impl EventFacts {
             for key in path {
                 node = node.get(key)?;
             }
-            match node {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            }
+            scalar_text(node)
         };
         let sender = str_at(&["sender", "id"]);
         let recipient = str_at(&["recipient", "id"]);
@@ -376,6 +404,172 @@ impl EventFacts {
             timestamp_ms,
         }
     }
+
+    /// The same facts as [`EventFacts::of`], read from the event's text: the keys that decide
+    /// them, without a `Value` of the whole event when it has the usual shape.
+    pub fn of_raw(page_id: &str, event: &RawValue) -> Self {
+        Self::of_keys(page_id, event).unwrap_or_else(|| {
+            let value: Value = serde_json::from_str(event.get()).unwrap_or(Value::Null);
+            Self::of(page_id, &value)
+        })
+    }
+
+    /// [`EventFacts::of`]'s rules on the deciding keys alone; `None` for an event these cannot
+    /// settle (not an object, a key given twice, an identity that is a hash).
+    fn of_keys(page_id: &str, event: &RawValue) -> Option<Self> {
+        let keys: EventKeys = keys_of(Some(event))??;
+        let id_of = |party: Option<&RawValue>| -> Option<Option<String>> {
+            Some(keys_of::<InnerKeys>(party)?.and_then(|party| text_of(party.id)))
+        };
+        let sender = id_of(keys.sender)?;
+        let recipient = id_of(keys.recipient)?;
+        let user_psid = match (sender, recipient) {
+            (Some(s), _) if s != page_id => Some(s),
+            (_, Some(r)) if r != page_id => Some(r),
+            _ => None,
+        };
+        let timestamp_ms = value_of(keys.timestamp)
+            .as_ref()
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let (kind, identity) = if keys.message.is_some() {
+            let message = keys_of::<InnerKeys>(keys.message)??;
+            let is_echo = value_of(message.is_echo)
+                .as_ref()
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let kind = if is_echo {
+                EventKind::Echo
+            } else {
+                EventKind::Message
+            };
+            (kind, format!("mid:{}", text_of(message.mid)?))
+        } else if keys.postback.is_some() {
+            let postback = keys_of::<InnerKeys>(keys.postback)??;
+            (
+                EventKind::Postback,
+                format!("postback:{}", text_of(postback.mid)?),
+            )
+        } else if keys.reaction.is_some() {
+            let reaction = keys_of::<InnerKeys>(keys.reaction)??;
+            let mid = text_of(reaction.mid)?;
+            let action = text_of(reaction.action).unwrap_or_default();
+            let emoji = text_of(reaction.reaction).unwrap_or_default();
+            (
+                EventKind::Reaction,
+                format!("reaction:{mid}:{action}:{emoji}:{timestamp_ms}"),
+            )
+        } else if keys.message_edit.is_some() {
+            let edit = keys_of::<InnerKeys>(keys.message_edit)??;
+            let (mid, num_edit) = (text_of(edit.mid)?, text_of(edit.num_edit)?);
+            (EventKind::Edit, format!("edit:{mid}:{num_edit}"))
+        } else if let Some(watermark) =
+            keys_of::<InnerKeys>(keys.delivery)?.and_then(|d| d.watermark)
+        {
+            (
+                EventKind::Delivery,
+                format!("delivery:{}", value_of(Some(watermark))?),
+            )
+        } else if let Some(watermark) = keys_of::<InnerKeys>(keys.read)?.and_then(|d| d.watermark) {
+            (
+                EventKind::Read,
+                format!("read:{}", value_of(Some(watermark))?),
+            )
+        } else {
+            // Anything else is named by its hash, over the whole event.
+            return None;
+        };
+        Some(EventFacts {
+            kind,
+            identity,
+            user_psid,
+            timestamp_ms,
+        })
+    }
+}
+
+/// The text of an identity part: a string as it reads, a number in its JSON form; `None` for
+/// anything else.
+fn scalar_text(node: &Value) -> Option<String> {
+    match node {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The keys of a messaging event that decide its facts, as their JSON text. `None` means the
+/// key is absent; a `null` is present (the `Value` path tells `"message": null` from no
+/// message). A key given twice fails the read, and the caller falls back to the `Value` path
+/// (which keeps the last).
+#[derive(Deserialize)]
+struct EventKeys<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    sender: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    recipient: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    postback: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    reaction: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    message_edit: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    delivery: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    read: Option<&'a RawValue>,
+}
+
+/// The keys one level down that the facts read (`sender.id`, `message.mid`, `reaction.action`,
+/// `delivery.watermark`, ...), one struct for every parent: a parent only reads its own.
+#[derive(Deserialize)]
+struct InnerKeys<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    mid: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    is_echo: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    action: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    reaction: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    num_edit: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    watermark: Option<&'a RawValue>,
+}
+
+/// A key that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// The keys of `raw` when it is an object; `Some(None)` when it is absent or not an object
+/// (looking a key up in it finds nothing, as `Value::get` does); `None` when it cannot be read
+/// this way (a key given twice), for the caller to fall back.
+fn keys_of<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<Option<T>> {
+    match raw {
+        // Only an object: a struct would also read an array, by position.
+        Some(raw) if raw.get().starts_with('{') => serde_json::from_str(raw.get()).ok().map(Some),
+        _ => Some(None),
+    }
+}
+
+/// The value of a key's text (scalars here: no allocation but a string's).
+fn value_of(raw: Option<&RawValue>) -> Option<Value> {
+    serde_json::from_str(raw?.get()).ok()
+}
+
+/// [`scalar_text`] of a key's text.
+fn text_of(raw: Option<&RawValue>) -> Option<String> {
+    scalar_text(&value_of(raw)?)
 }
 
 /// SHA-256 of the JSON with object keys sorted at every level, so two copies of the same event
@@ -508,6 +702,132 @@ mod tests {
             split_delivery(br#"{"object":"user","entry":[]}"#, 1).err(),
             Some(DeliveryError::NotPage("\"user\"".into()))
         );
+    }
+
+    /// The keys-only reading gives the `Value` path's facts for every shape, and settles the
+    /// usual ones by itself.
+    #[test]
+    fn facts_from_the_text_are_the_facts_from_the_value() {
+        let usual = [
+            r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":5,"message":{"mid":"m","text":"a"}}"#,
+            r#"{"sender":{"id":"p"},"recipient":{"id":"u"},"timestamp":5,"message":{"mid":"m","is_echo":true}}"#,
+            r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":5,"message":{"mid":"\u0041b","is_echo":"true"}}"#,
+            r#"{"sender":{"id":7},"recipient":{"id":1.5},"timestamp":5.5,"message":{"mid":12}}"#,
+            r#"{"sender":{"id":null},"recipient":["p"],"timestamp":"5","message":{"mid":"m"}}"#,
+            r#"{"sender":{"id":"p"},"recipient":{"id":"p"},"message":{"mid":"m"},"postback":{}}"#,
+            r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":9,"postback":{"mid":"pb","title":"x"}}"#,
+            r#"{"sender":{"id":"u"},"timestamp":9,"reaction":{"mid":"m","action":"react","reaction":"love"}}"#,
+            r#"{"sender":{"id":"u"},"timestamp":9,"reaction":{"mid":"m","reaction":{"x":1}}}"#,
+            r#"{"sender":{"id":"u"},"message_edit":{"mid":"m","num_edit":2}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"mids":["a"],"watermark":1468152706921}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"watermark":"1e3"}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"watermark":null}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"watermark":{"b":1, "a":[2]}}}"#,
+            r#"{"sender":{"id":"u"},"delivery":[1],"read":{"watermark":1e3}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"seq":1},"read":{"watermark":-0}}"#,
+        ];
+        let unusual = [
+            r#"{"sender":{"id":"u"},"message":null}"#,
+            r#"{"sender":{"id":"u"},"message":"m"}"#,
+            r#"{"sender":{"id":"u"},"message":["m"]}"#,
+            r#"{"sender":{"id":"u"},"message":{"text":"no mid"}}"#,
+            r#"{"sender":{"id":"u"},"message":{"mid":"a"},"message":{"mid":"b"}}"#,
+            r#"{"sender":{"id":"u"},"message":{"mid":"a","mid":"b"}}"#,
+            r#"{"sender":{"id":"u"},"sender":{"id":"v"},"message":{"mid":"a"}}"#,
+            r#"{"sender":{"id":"u","id":"v"},"message":{"mid":"a"}}"#,
+            r#"{"sender":{"id":"u"},"postback":{"title":"no mid"}}"#,
+            r#"{"sender":{"id":"u"},"postback":null}"#,
+            r#"{"sender":{"id":"u"},"reaction":{"action":"react"}}"#,
+            r#"{"sender":{"id":"u"},"message_edit":{"mid":"m"}}"#,
+            r#"{"sender":{"id":"u"},"delivery":{"seq":1}}"#,
+            r#"{"sender":{"id":"u"},"referral":{"ref":"x"}}"#,
+            r#"{"sender":{"id":"u"},"optin":{"ref":"x"}}"#,
+            r#"{"sender":{"id":"u"},"pass_thread_control":{}}"#,
+            r#"{"sender":{"id":"u"},"something_new":{}}"#,
+            r#"["sender","message"]"#,
+            r#"{}"#,
+            r#"null"#,
+            r#"3"#,
+        ];
+        let fixtures = [
+            "message.json",
+            "echo.json",
+            "delivery.json",
+            "read.json",
+            "quick_reply.json",
+            "postback.json",
+            "message_edit.json",
+        ];
+        let mut fixture_events = Vec::new();
+        for name in fixtures {
+            let body: Value = serde_json::from_slice(&fixture(name)).expect(name);
+            for event in body["entry"][0]["messaging"].as_array().expect(name) {
+                fixture_events.push(event.to_string());
+            }
+        }
+        let all = usual
+            .iter()
+            .chain(&unusual)
+            .map(|text| text.to_string())
+            .chain(fixture_events);
+        for text in all {
+            let raw = RawValue::from_string(text.clone()).expect("valid JSON");
+            let value: Value = serde_json::from_str(&text).expect("valid JSON");
+            for page in [PAGE, "p", "u"] {
+                assert_eq!(
+                    EventFacts::of_raw(page, &raw),
+                    EventFacts::of(page, &value),
+                    "{text}"
+                );
+            }
+        }
+        for text in usual {
+            let raw = RawValue::from_string(text.to_string()).expect("valid JSON");
+            assert!(EventFacts::of_keys("p", &raw).is_some(), "{text}");
+        }
+        for text in unusual {
+            let raw = RawValue::from_string(text.to_string()).expect("valid JSON");
+            assert!(EventFacts::of_keys("p", &raw).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn envelopes_read_as_before() {
+        let split = |body: &str| split_delivery(body.as_bytes(), 1);
+        let ids = |body: &str| -> Vec<String> {
+            split(body)
+                .expect(body)
+                .into_iter()
+                .map(|e| e.page_id)
+                .collect()
+        };
+        assert_eq!(
+            ids(
+                r#"{"object":"page","entry":[{"id":"1","messaging":[{}]},{"id":2,"changes":[{}]},{"id":"\u0033","standby":[{}]},{"id":null,"messaging":[{}]}]}"#
+            ),
+            ["1", "2", "3", ""]
+        );
+        assert_eq!(
+            ids(r#"{"object":"p\u0061ge","entry":[]}"#),
+            Vec::<String>::new()
+        );
+        assert_eq!(ids(r#"{"object":"page"}"#), Vec::<String>::new());
+        assert_eq!(
+            split(r#"{"object":{"a": 1}}"#).err(),
+            Some(DeliveryError::NotPage(r#"{"a":1}"#.into()))
+        );
+        for refused in [
+            r#"{"entry":[]}"#,
+            r#"{"object":"page","entry":[{"time":1}]}"#,
+            r#"{"object":"page","object":"page"}"#,
+            r#"{"object":"page","entry":null}"#,
+            r#"{"object":"page","entry":[{"id":"1","messaging":null}]}"#,
+        ] {
+            assert!(
+                matches!(split(refused), Err(DeliveryError::NotJson(_))),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
