@@ -2,7 +2,7 @@
 # Every benchmark in one command, printing one table: each figure beside the bound it is held
 # to, measured in the same run on the same machine, and their ratio.
 #
-#   scripts/bench.sh                 # all scenarios (about 15 minutes after the build)
+#   scripts/bench.sh                 # all scenarios (about 30 minutes after the build)
 #   BENCH_SKIP="chaos backfill" scripts/bench.sh
 #
 # Scenarios:
@@ -11,9 +11,17 @@
 #                 and the ingest process's CPU time (user + system) per accepted delivery
 #   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
 #                 deliveries over 50 conversations, against the ingest-only rate above
-#   spaces        `fbsync up` with Spaces' limits (5 PUTs per object per 300 s, 150 writes/s,
-#                 240 operations/s), 20,000 messages over 1,000 conversations at 2,000/s: the
-#                 writes per second against the bucket's 150
+#   worker        the workers' CPU per 1,000 stored messages at 2,000 messages/s over 50
+#                 conversations, SQLite and PostgreSQL, one and two workers
+#                 (scripts/bench-worker-cost.sh)
+#   flush         the worker's CPU for one flush into conversations of 1,000, 10,000 and 100,000
+#                 events, appended and fully merged (scripts/bench-flush-cost.sh)
+#   spaces        ingest and a worker through Spaces' limits (5 PUTs per object per 300 s, 150
+#                 writes/s, 240 operations/s, counted by the tests' limits layer), 20,000
+#                 messages over 1,000 conversations at 2,000/s: writes/s against the bucket's 150,
+#                 the last message against writes made / 150 per s (scripts/bench-bucket.sh)
+#   capacity      twice the bucket's capacity (10 writes/s, 1,200 busy conversations): backlog
+#                 and oldest staged age over time, visibility (scripts/bench-bucket.sh)
 #   backfill      a Page of 10,000 conversations x 20 messages from the fake Graph API through
 #                 Spaces' limits, against 10,000 writes at 150/s (scripts/bench-backfill.sh)
 #   chaos         100,000 deliveries under every fault (scripts/chaos.sh; restarts RabbitMQ)
@@ -73,25 +81,44 @@ if [[ $skip != *" e2e "* ]]; then
   row "end to end: worker peak RSS" "$(grep -m1 '^worker mem' "$out/e2e.txt" | awk '{print $4 " " $5}')" "-" "-"
 fi
 
+# Rows of a benchmark's "| label | figure | bound | ratio |" tables, each label prefixed.
+table_rows() {
+  awk -v prefix="$2" -F'|' 'NF == 6 && $2 !~ /^-/ && $3 !~ /figure/ && $2 !~ /^ *(database|events|s) *$/ {
+    printf "| %s:%s|%s|%s|%s|\n", prefix, $2, $3, $4, $5 }' "$1"
+}
+# Whole tables a benchmark printed (its lines that start with "|"), kept for the end.
+extra_tables=()
+keep_tables() { extra_tables+=("" "$1:" "$(grep '^|' "$2")"); }
+
+if [[ $skip != *" worker "* ]]; then
+  echo "== worker"
+  scripts/bench-worker-cost.sh | tee "$out/worker.txt"
+  keep_tables "workers' CPU per 1,000 stored messages (2,000 messages/s, 50 conversations, no store limits)" "$out/worker.txt"
+fi
+
+if [[ $skip != *" flush "* ]]; then
+  echo "== flush"
+  scripts/bench-flush-cost.sh | tee "$out/flush.txt"
+  big=$(awk -F'|' '$2 ~ /^ *100000 *$/ { print $5; exit }' "$out/flush.txt" | sed 's/.*median \([0-9.]*\)).*/\1/')
+  full=$(awk -F'|' '$2 ~ /^ *100000 *$/ { gsub(/ /, "", $6); print $6; exit }' "$out/flush.txt")
+  if [ -n "$big" ]; then
+    row "flush: worker CPU for one new message appended to 100,000 events (21 MB), ms" "$big" "100 (the goal); $full (full merge, same run)" "$(ratio "$big" 100)"
+  fi
+  keep_tables "flush cost (worker CPU per flush, by conversation size)" "$out/flush.txt"
+fi
+
 if [[ $skip != *" spaces "* ]]; then
   echo "== spaces"
-  start=$(date +%s.%N)
-  scripts/bench-e2e.sh 2000 10 1000 5 | tee "$out/spaces.txt"
-  secs=$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i == "in") { print $(i + 1); exit } }' "$out/spaces.txt")
-  got=$(awk '/^stored/ { print $2; exit }' "$out/spaces.txt")
-  sent=$(awk '/^stored/ { print $4; exit }' "$out/spaces.txt")
-  writes=$(awk '/^writes/ { print $2; exit }' "$out/spaces.txt")
-  wps=$(awk -v w="$writes" -v s="$secs" 'BEGIN { printf "%.0f", w / s }')
-  bound=$(awk -v w="$writes" 'BEGIN { printf "%.1f", w / 150 }')
-  row "Spaces' limits: writes/s, 20,000 messages over 1,000 conversations" "$wps" "150 (the bucket's write limit)" "$(ratio "$wps" 150)"
-  if [ "$got" = "$sent" ]; then
-    row "Spaces' limits: seconds to store everything" "$secs" "$bound ($writes writes at 150/s)" "$(ratio "$secs" "$bound")"
-  else
-    # The load generator stops following after 30 s without progress: the rest wait for their
-    # object's 5 PUTs per 300 s window.
-    row "Spaces' limits: stored within $secs s (the rest wait for their object's 300 s window)" "$got of $sent" "$bound s ($writes writes at 150/s)" "-"
-  fi
-  row "Spaces' limits: visibility p50 / p99, s" "$(grep -m1 '^visibility' "$out/spaces.txt" | awk '{print $4 " / " $8}')" "-" "-"
+  scripts/bench-bucket.sh spaces_burst | tee "$out/spaces.txt"
+  while IFS= read -r line; do rows+=("$line"); done < <(table_rows "$out/spaces.txt" "Spaces' limits burst")
+  keep_tables "Spaces' limits burst" "$out/spaces.txt"
+fi
+
+if [[ $skip != *" capacity "* ]]; then
+  echo "== capacity"
+  scripts/bench-bucket.sh beyond_capacity | tee "$out/capacity.txt"
+  while IFS= read -r line; do rows+=("$line"); done < <(table_rows "$out/capacity.txt" "beyond capacity")
+  keep_tables "beyond capacity (10 writes/s, 1,200 busy conversations)" "$out/capacity.txt"
 fi
 
 if [[ $skip != *" backfill "* ]]; then
@@ -119,3 +146,4 @@ echo "machine: $machine"
 echo "| scenario | figure | bound (same run) | ratio |"
 echo "|---|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"
+for line in "${extra_tables[@]}"; do echo "$line"; done

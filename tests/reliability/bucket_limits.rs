@@ -150,6 +150,14 @@ async fn spaces_burst() {
         "| requests over a limit | {} | 0 | - |",
         bench.layer().throttled()
     );
+    println!(
+        "writes (operations) per second from the first write: {}",
+        seconds
+            .iter()
+            .map(|(w, o)| format!("{w} ({o})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     assert_eq!(
         bench.layer().throttled(),

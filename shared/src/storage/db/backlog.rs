@@ -14,13 +14,16 @@ pub struct Backlog {
 }
 
 impl Database {
-    /// Staged events not yet stored, and the oldest one's receive time.
+    /// Staged events not yet stored, and the oldest one's receive time (from the conversations
+    /// waiting, in the order of their index, instead of a scan of every staged event).
     pub async fn backlog(&self) -> Result<Backlog, DbError> {
         let backlog = sqlx::query_as::<_, Backlog>(
-            "SELECT COUNT(*) AS events, MIN(received_at_ms) AS oldest_received_ms,
+            "SELECT (SELECT COUNT(*) FROM staged_events) AS events,
+                    (SELECT MIN(waiting_since_ms) FROM conversations
+                     WHERE staged_gen > flushed_gen AND waiting_since_ms > 0)
+                        AS oldest_received_ms,
                     (SELECT COUNT(*) FROM conversations WHERE set_aside_reason IS NOT NULL)
-                        AS set_aside
-             FROM staged_events",
+                        AS set_aside",
         )
         .fetch_one(&self.pool)
         .await?;

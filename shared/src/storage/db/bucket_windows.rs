@@ -65,13 +65,13 @@ impl Database {
         .bind(ops)
         .bind(unlimited(budget.writes_per_window))
         .bind(unlimited(budget.ops_per_window))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.relaxed_pool)
         .await?;
         if window % (budget.window_ms * 100) == 0 {
             // Old windows are useless; trimming now and then keeps the table tiny.
             sqlx::query("DELETE FROM bucket_budget WHERE window_ms < $1")
                 .bind(window - 10_000)
-                .execute(&self.pool)
+                .execute(&self.relaxed_pool)
                 .await?;
         }
         Ok(taken.is_some())

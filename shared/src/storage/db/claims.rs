@@ -377,7 +377,7 @@ impl ConversationClaim {
             )
             .bind(recent.encode())
             .bind(now + millis(self.lease));
-        fenced(statement.execute(&self.db.pool).await)?;
+        fenced(statement.execute(&self.db.relaxed_pool).await)?;
         self.recent_puts = recent;
         self.local_deadline = local_deadline;
         Ok(())
@@ -401,7 +401,7 @@ impl ConversationClaim {
         due_at: i64,
         now: i64,
     ) -> Result<(), ClaimError> {
-        let mut tx = self.db.pool.begin().await.map_err(DbError::from)?;
+        let mut tx = self.db.relaxed_pool.begin().await.map_err(DbError::from)?;
         let mark_flushed = self
             .statement(
                 "UPDATE conversations SET flushed_gen = $4, due_at_ms = $5, lease_owner = NULL,

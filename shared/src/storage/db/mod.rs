@@ -75,11 +75,28 @@ pub enum Backend {
     Postgres,
 }
 
+/// Whether a pool's commits wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Full,
+    Relaxed,
+}
+
 /// A pool plus its dialect.
 #[derive(Debug, Clone)]
 pub struct Database {
     /// The connection pool.
     pool: AnyPool,
+    /// Connections whose commits do not wait for the disk (SQLite `synchronous=NORMAL` in WAL
+    /// mode, PostgreSQL `synchronous_commit=off`), for the flush's own bookkeeping, whose last
+    /// commits a crash of the database may lose without losing or doubling anything: the
+    /// bucket's budget windows (a lost count costs at most a refused request, retried), a
+    /// claim's PUT records and renewals (the lease generation that fences a claim is never
+    /// written here), and a flush's end (lost, the stored rows come back and merge into the
+    /// object as no change). Four synced commits per flush held SQLite's flush rate to about
+    /// 90 a second while it staged 2,000 messages a second; the stage and the claims stay
+    /// synced.
+    relaxed_pool: AnyPool,
     /// Chosen from the URL; decides the migrations.
     pub backend: Backend,
 }
@@ -125,33 +142,63 @@ impl Database {
         }
         let options =
             AnyConnectOptions::from_str(&url).map_err(|e| DbError::BadUrl(e.to_string()))?;
+        // FULL: a commit is on disk when it returns, so a message acked after its staging
+        // commit survives a power cut (WAL's NORMAL may lose the last commits).
+        let pool = Self::pool(
+            backend,
+            &options,
+            if backend == Backend::Sqlite { 4 } else { 8 },
+            Durability::Full,
+        )
+        .await?;
+        let relaxed_pool = Self::pool(backend, &options, 2, Durability::Relaxed).await?;
+        Ok(Self {
+            pool,
+            relaxed_pool,
+            backend,
+        })
+    }
+
+    async fn pool(
+        backend: Backend,
+        options: &AnyConnectOptions,
+        connections: u32,
+        durability: Durability,
+    ) -> Result<AnyPool, DbError> {
         let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .max_connections(connections)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |connection, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
+                    let settings: &[&str] = match (backend, durability) {
                         // WAL lets readers and one writer work at once; the busy timeout makes
                         // other processes wait for the write lock instead of failing.
-                        sqlx::query("PRAGMA journal_mode=WAL")
-                            .execute(&mut *connection)
-                            .await?;
-                        sqlx::query("PRAGMA busy_timeout=10000")
-                            .execute(&mut *connection)
-                            .await?;
-                        // FULL: a commit is on disk when it returns, so a message acked after
-                        // its staging commit survives a power cut (WAL's NORMAL may lose the
-                        // last commits).
-                        sqlx::query("PRAGMA synchronous=FULL")
-                            .execute(&mut *connection)
-                            .await?;
+                        (Backend::Sqlite, Durability::Full) => &[
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA busy_timeout=10000",
+                            "PRAGMA synchronous=FULL",
+                        ],
+                        // NORMAL in WAL mode: commits are not synced one by one, and the
+                        // database is never corrupted.
+                        (Backend::Sqlite, Durability::Relaxed) => &[
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA busy_timeout=10000",
+                            "PRAGMA synchronous=NORMAL",
+                        ],
+                        (Backend::Postgres, Durability::Full) => &[],
+                        (Backend::Postgres, Durability::Relaxed) => {
+                            &["SET synchronous_commit = off"]
+                        }
+                    };
+                    for setting in settings {
+                        sqlx::query(setting).execute(&mut *connection).await?;
                     }
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool, backend })
+        Ok(pool)
     }
 
     /// Migrations this build knows that the database has not applied (empty when current).
@@ -200,9 +247,10 @@ impl Database {
         Ok(())
     }
 
-    /// Closes the pool (waits for connections to return).
+    /// Closes the pools (waits for connections to return).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.relaxed_pool.close().await;
     }
 }
 
@@ -231,6 +279,8 @@ pub(crate) mod test_support {
             .await
             .expect("in-memory SQLite");
         let database = Database {
+            // One in-memory database: both share its only connection.
+            relaxed_pool: pool.clone(),
             pool,
             backend: Backend::Sqlite,
         };

@@ -92,23 +92,31 @@ impl Database {
                 _ => touched.push((&event.key, event.received_at_ms)),
             }
         }
-        for (key, oldest) in &touched {
-            // Nothing was waiting (staged = flushed): the wait starts with this batch.
-            sqlx::query(
-                "INSERT INTO conversations (page_id, user_psid, staged_gen, waiting_since_ms)
-                 VALUES ($1, $2, 1, $3)
+        // One statement for every conversation touched, not one each. Nothing was waiting
+        // (staged = flushed): the wait starts with this batch.
+        for chunk in touched.chunks(100) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({}, 1)", placeholders(i * 3 + 1, 3)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO conversations (page_id, user_psid, waiting_since_ms, staged_gen)
+                 VALUES {}
                  ON CONFLICT (page_id, user_psid) DO UPDATE SET
                    staged_gen = conversations.staged_gen + 1,
                    waiting_since_ms = CASE
                      WHEN conversations.staged_gen = conversations.flushed_gen
                        OR excluded.waiting_since_ms < conversations.waiting_since_ms
                      THEN excluded.waiting_since_ms ELSE conversations.waiting_since_ms END",
-            )
-            .bind(key.page_id.as_str())
-            .bind(key.user_psid.as_str())
-            .bind(*oldest)
-            .execute(&mut *tx)
-            .await?;
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (key, oldest) in chunk {
+                query = query
+                    .bind(key.page_id.as_str())
+                    .bind(key.user_psid.as_str())
+                    .bind(*oldest);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         // Outside the transaction: a Page's row is hot, and holding it for a whole batch would
