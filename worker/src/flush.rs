@@ -268,6 +268,9 @@ impl Flusher {
         let object_key = conversation_key(&user_uuid, &key);
         let mut remembered = self.last_written.take(&object_key, claim.generation());
         let mut stored_read = false;
+        // The bucket window that holds the PUT's share of the budget, when it was taken with
+        // the GET's.
+        let mut put_taken_in: Option<i64> = None;
         let (stored, index) =
             if let Some(object) = remembered.as_mut().and_then(|r| r.object.take()) {
                 // This worker wrote it, and no claim came in between: it is still as written.
@@ -278,13 +281,20 @@ impl Flusher {
                 // refused, the flush fails, and the next one reads first.
                 (None, None)
             } else {
-                // The bucket's budget is charged right before each request is sent, so the
-                // request lands in the window it was counted in.
-                if !self
-                    .db
-                    .wait_for_bucket_slot(&self.bucket_budget, 0, 1, 0, || false)
-                    .await?
+                // The bucket's budget is charged right before the GET is sent, for the GET and
+                // the PUT that follows it within milliseconds: a flush that has read never
+                // waits for the budget again, so when more flushes are due than the bucket
+                // allows, no operation is spent on a read whose write then finds no room.
+                let now = now_ms();
+                let limited = !self.bucket_budget.is_unlimited();
+                if limited
+                    && self
+                        .db
+                        .take_bucket_budget(now, 1, 2, &self.bucket_budget)
+                        .await?
                 {
+                    put_taken_in = Some(self.bucket_budget.window_start(now));
+                } else if limited {
                     claim
                         .defer(self.bucket_budget.next_window(now_ms()))
                         .await?;
@@ -326,6 +336,7 @@ impl Flusher {
         let way = if merged.appended { "append" } else { "full" };
         metrics::counter!(MERGES, "way" => way).increment(1);
         if !merged.changed {
+            self.give_back_put_share(put_taken_in).await;
             // Remembered before the claim ends: the next claim may start the moment it does.
             if let Some(object) = stored {
                 self.last_written
@@ -339,17 +350,21 @@ impl Flusher {
         // gone, or about to go, it is not sent at all.
         if let PutReservation::NotBefore(at) = claim.reserve_put(&self.put_budget, now_ms()).await?
         {
+            self.give_back_put_share(put_taken_in).await;
             claim.defer(at).await?;
             return Ok(FlushOutcome::Deferred);
         }
         // The PUT's object budget is reserved already: wait a few windows for the bucket's
-        // rather than giving the reservation up, while the claim can still send.
-        let slot =
-            self.db
+        // (unless it was taken with the GET's) rather than giving the reservation up, while the
+        // claim can still send.
+        let slot = put_taken_in.is_some()
+            || self
+                .db
                 .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || {
                     claim.held_for(self.put_margin)
-                });
-        if !slot.await? {
+                })
+                .await?;
+        if !slot {
             claim
                 .defer(self.bucket_budget.next_window(now_ms()))
                 .await?;
@@ -380,6 +395,16 @@ impl Flusher {
         metrics::counter!(OBJECT_WRITES, "object" => "conversation").increment(1);
         record_visibility(&staged, written_at);
         Ok(FlushOutcome::Written)
+    }
+
+    /// Returns the PUT's share of the bucket's budget, taken with the GET's, when no PUT
+    /// follows (best effort: a window that has passed keeps it, which only wastes it).
+    async fn give_back_put_share(&self, taken_in: Option<i64>) {
+        if let Some(window) = taken_in
+            && let Err(e) = self.db.give_back_bucket_budget(window, 1, 1).await
+        {
+            tracing::debug!(error = %e, "could not give an unused write back to the bucket's budget");
+        }
     }
 
     /// The conversation's Page was removed after its events were staged: the events go to the

@@ -76,4 +76,71 @@ impl Database {
         }
         Ok(taken.is_some())
     }
+
+    /// Gives `writes` and `ops` taken in `window` back (a request that was counted and then not
+    /// sent); nothing when the window is gone.
+    pub async fn give_back_bucket_budget(
+        &self,
+        window: i64,
+        writes: i64,
+        ops: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE bucket_budget SET writes = writes - $2, ops = ops - $3
+             WHERE window_ms = $1 AND writes >= $2 AND ops >= $3",
+        )
+        .bind(window)
+        .bind(writes)
+        .bind(ops)
+        .execute(&self.relaxed_pool)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::budget::BucketBudget;
+    use crate::storage::db::test_support::backends;
+
+    #[tokio::test]
+    async fn a_share_given_back_can_be_taken_again_in_its_window_only() {
+        for (backend, db) in backends().await {
+            let budget = BucketBudget {
+                window_ms: 100,
+                writes_per_window: 1,
+                ops_per_window: 2,
+            };
+            let now = 1_000_050;
+            assert!(
+                db.take_bucket_budget(now, 1, 2, &budget)
+                    .await
+                    .expect("take")
+            );
+            assert!(
+                !db.take_bucket_budget(now, 0, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: the window is full"
+            );
+            db.give_back_bucket_budget(budget.window_start(now), 1, 1)
+                .await
+                .expect("give back");
+            assert!(
+                db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: the write given back is there again"
+            );
+            db.give_back_bucket_budget(budget.window_start(now) - 100, 1, 1)
+                .await
+                .expect("give back");
+            assert!(
+                !db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: nothing given back to another window"
+            );
+        }
+    }
 }
