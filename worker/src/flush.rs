@@ -282,9 +282,9 @@ impl Flusher {
                 (None, None)
             } else {
                 // The bucket's budget is charged right before the GET is sent, for the GET and
-                // the PUT that follows it within milliseconds: a flush that has read never
-                // waits for the budget again, so when more flushes are due than the bucket
-                // allows, no operation is spent on a read whose write then finds no room.
+                // the PUT that usually follows it in the same window: when more flushes are due
+                // than the bucket allows, no operation is spent on a read whose write then
+                // finds no room.
                 let now = now_ms();
                 let limited = !self.bucket_budget.is_unlimited();
                 if limited
@@ -355,9 +355,11 @@ impl Flusher {
             return Ok(FlushOutcome::Deferred);
         }
         // The PUT's object budget is reserved already: wait a few windows for the bucket's
-        // (unless it was taken with the GET's) rather than giving the reservation up, while the
-        // claim can still send.
-        let slot = put_taken_in.is_some()
+        // rather than giving the reservation up, while the claim can still send; unless it was
+        // taken with the GET's in the window that holds now (a request must land in the window
+        // it was counted in: after a slow GET, that share is left unused in its window).
+        let in_window = |window: i64| self.bucket_budget.window_start(now_ms()) == window;
+        let slot = put_taken_in.is_some_and(in_window)
             || self
                 .db
                 .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || {
