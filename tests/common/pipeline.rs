@@ -238,6 +238,24 @@ impl Pipeline {
         worker
     }
 
+    /// Starts `fbsync worker` (set `WORKER_METRICS_ADDR` to `127.0.0.1:0` first); returns it
+    /// once it consumes, with the URL of its operator listener (`/metrics`, `/readyz`).
+    #[allow(dead_code)] // Only the reliability target asks a worker's operator listener.
+    pub async fn spawn_worker_with_operator(&self) -> (FbsyncProcess, String) {
+        let mut worker = self.spawn(&["worker"]);
+        let listening = worker
+            .wait_for_log("worker metrics listening", START_LIMIT)
+            .await;
+        let operator = format!(
+            "http://{}",
+            listening["fields"]["addr"]
+                .as_str()
+                .expect("metrics address")
+        );
+        self.wait_for_consuming(&mut worker, START_LIMIT).await;
+        (worker, operator)
+    }
+
     /// Waits for the worker's next `consuming` line for this pipeline's conversation queue
     /// (at start, and again after it reconnected to the broker).
     pub async fn wait_for_consuming(&self, worker: &mut FbsyncProcess, limit: Duration) {

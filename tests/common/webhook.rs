@@ -112,6 +112,24 @@ pub fn accepted(answers: &[Answer]) -> usize {
     answers.iter().filter(|a| a.status == 200).count()
 }
 
+/// Posts delivery number `index` signed, and times its answer.
+async fn post_timed(
+    client: &reqwest::Client,
+    url: &str,
+    delivery: &Delivery,
+    index: usize,
+) -> Answer {
+    let sent = Instant::now();
+    let status = post_signed(client, url, &delivery.body).await;
+    let at = Instant::now();
+    Answer {
+        index,
+        status,
+        at,
+        took: at - sent,
+    }
+}
+
 /// Posts every delivery once from `posters` concurrent senders, each resting `pace` after a
 /// post (so a burst lasts long enough for the faults injected into it) and 500 ms after a
 /// refusal (a sender backing off); `answered` counts answers as they come (fault injectors
@@ -135,15 +153,9 @@ pub async fn post_burst(
                 let Some(delivery) = deliveries.get(index) else {
                     return answers;
                 };
-                let sent = Instant::now();
-                let status = post_signed(&client, &url, &delivery.body).await;
-                let at = Instant::now();
-                answers.push(Answer {
-                    index,
-                    status,
-                    at,
-                    took: at - sent,
-                });
+                let answer = post_timed(&client, &url, delivery, index).await;
+                let status = answer.status;
+                answers.push(answer);
                 answered.fetch_add(1, Ordering::SeqCst);
                 let rest = if status == 200 {
                     pace
@@ -188,15 +200,7 @@ pub async fn post_at_rate(
                 };
                 tokio::time::sleep_until(start + Duration::from_secs_f64(index as f64 / rate))
                     .await;
-                let sent = Instant::now();
-                let status = post_signed(&client, &url, &delivery.body).await;
-                let at = Instant::now();
-                answers.push(Answer {
-                    index,
-                    status,
-                    at,
-                    took: at - sent,
-                });
+                answers.push(post_timed(&client, &url, delivery, index).await);
             }
         })
     });

@@ -2,8 +2,6 @@
 //! page), on SQLite or PostgreSQL, writing to the S3 test server, through the Spaces-limits
 //! layer when limits are given (and with no store limits otherwise).
 
-use std::time::Duration;
-
 use crate::common::metrics::{scrape, total};
 use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::FbsyncProcess;
@@ -66,20 +64,8 @@ impl Bench {
         let (ingest, urls) = pipeline.spawn_ingest().await;
         let mut started = Vec::new();
         for _ in 0..workers {
-            let mut worker = pipeline.spawn(&["worker"]);
-            let listening = worker
-                .wait_for_log("worker metrics listening", Duration::from_secs(30))
-                .await;
-            let metrics = format!(
-                "http://{}/metrics",
-                listening["fields"]["addr"]
-                    .as_str()
-                    .expect("metrics address")
-            );
-            pipeline
-                .wait_for_consuming(&mut worker, Duration::from_secs(30))
-                .await;
-            started.push((worker, metrics));
+            let (worker, operator) = pipeline.spawn_worker_with_operator().await;
+            started.push((worker, format!("{operator}/metrics")));
         }
         Self {
             pipeline,
@@ -114,6 +100,18 @@ impl Bench {
     /// CPU time of all workers, in ns.
     pub fn workers_cpu_ns(&self) -> u64 {
         self.workers.iter().map(|(w, _)| w.cpu_time_ns()).sum()
+    }
+
+    /// Asserts that no request went over a limit and that all `sent` were stored, then stops.
+    pub async fn stop_all_stored_within_limits(self, stored: u64, sent: u64) {
+        assert_eq!(
+            self.layer().throttled(),
+            0,
+            "{:?}",
+            self.layer().violations()
+        );
+        assert_eq!(stored, sent, "every accepted message stored");
+        self.stop().await;
     }
 
     pub async fn stop(mut self) {

@@ -32,19 +32,7 @@ async fn a_long_database_outage_delays_but_never_dead_letters() {
     // The worker reaches PostgreSQL through a proxy that the test cuts.
     let database_path = pipeline.database_through_proxy().await;
     let (mut ingest, urls) = pipeline.spawn_ingest().await;
-    let mut worker = pipeline.spawn(&["worker"]);
-    let listening = worker
-        .wait_for_log("worker metrics listening", Duration::from_secs(30))
-        .await;
-    let operator = format!(
-        "http://{}",
-        listening["fields"]["addr"]
-            .as_str()
-            .expect("metrics address")
-    );
-    pipeline
-        .wait_for_consuming(&mut worker, Duration::from_secs(30))
-        .await;
+    let (mut worker, operator) = pipeline.spawn_worker_with_operator().await;
     let client = webhook_client();
     let ready = |client: reqwest::Client, operator: String| async move {
         client
