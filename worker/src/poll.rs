@@ -91,6 +91,9 @@ struct Walk<'a> {
     since: Option<i64>,
     token: &'a SecretString,
     shutdown: &'a CancellationToken,
+    /// The Page's conversation objects a listing found (backfills with conditional writes):
+    /// the others are marked absent before their events are staged.
+    existing: Option<&'a HashSet<String>>,
 }
 
 /// How a walk through the conversations ended without a failure.
@@ -233,6 +236,7 @@ impl PollJob {
             since,
             token: &token,
             shutdown,
+            existing: existing.as_ref(),
         };
         let mut next = lease.resume_url.clone();
         loop {
@@ -244,7 +248,6 @@ impl PollJob {
                 .await?;
             let mut counts = PollCounts::default();
             let mut reached_cutoff = false;
-            let mut staged_psids = Vec::new();
             for conversation in &conversations.data {
                 let updated = conversation.updated_ms();
                 if let (Some(since), Some(updated)) = (since, updated)
@@ -253,22 +256,12 @@ impl PollJob {
                     reached_cutoff = true;
                     break;
                 }
-                let read = self
-                    .read_conversation(&walk, conversation, &mut staged_psids)
-                    .await?;
+                let read = self.read_conversation(&walk, conversation).await?;
                 let Some(read) = read else {
                     return Ok(WalkEnd::TakenOver);
                 };
                 counts += read;
                 report.conversations += 1;
-            }
-            if let Some(existing) = &existing {
-                let absent: Vec<&Psid> = staged_psids
-                    .iter()
-                    .filter(|psid| !existing.contains(psid.as_str()))
-                    .collect();
-                self.db_step(shutdown, || self.db.mark_objects_absent(page_id, &absent))
-                    .await?;
             }
             let following = match Paging::next_of(&conversations.paging) {
                 Some(link) if !reached_cutoff => Some(self.kept_link(page_id, link).await?),
@@ -296,13 +289,11 @@ impl PollJob {
         }
     }
 
-    /// Stages one conversation's messages, page by page, and notes whose conversation was
-    /// staged in `staged_psids`; `None` when the lease was lost.
+    /// Stages one conversation's messages, page by page; `None` when the lease was lost.
     async fn read_conversation(
         &self,
         walk: &Walk<'_>,
         conversation: &Conversation,
-        staged_psids: &mut Vec<Psid>,
     ) -> Result<Option<PollCounts>, JobFailure> {
         let Walk {
             page_id,
@@ -310,6 +301,7 @@ impl PollJob {
             since,
             token,
             shutdown,
+            existing,
         } = *walk;
         let mut counts = PollCounts::default();
         let mut messages: MessagesPage = conversation.messages.clone().unwrap_or_default();
@@ -334,16 +326,26 @@ impl PollJob {
                     events.push(event);
                 }
             }
+            if let Some(existing) = existing
+                && !events.is_empty()
+            {
+                // Marked before staging: a flush claiming the conversation in between would
+                // read the object.
+                let mut absent: Vec<&Psid> = events
+                    .iter()
+                    .map(|event| &event.key.user_psid)
+                    .filter(|psid| !existing.contains(psid.as_str()))
+                    .collect();
+                absent.sort();
+                absent.dedup();
+                self.db_step(shutdown, || self.db.mark_objects_absent(page_id, &absent))
+                    .await?;
+            }
             if !events.is_empty() {
                 let staged = self
                     .db_step(shutdown, || self.db.stage_events(&events, now_ms()))
                     .await?;
                 counts.new += staged as i64;
-                for event in &events {
-                    if !staged_psids.contains(&event.key.user_psid) {
-                        staged_psids.push(event.key.user_psid.clone());
-                    }
-                }
             }
             let next = Paging::next_of(&messages.paging).filter(|_| !older_than_since);
             let Some(next) = next else {

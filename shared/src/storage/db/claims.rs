@@ -125,8 +125,8 @@ impl Database {
             .collect())
     }
 
-    /// Records that a listing of the bucket, made before these conversations were staged,
-    /// showed their objects absent: each that no flush has written yet may be written
+    /// Records that a listing of the bucket, made before these conversations' events are
+    /// staged, showed their objects absent: each that no flush has written yet may be written
     /// without being read first. Returns how many were marked.
     pub async fn mark_objects_absent(
         &self,
@@ -134,11 +134,17 @@ impl Database {
         user_psids: &[&Psid],
     ) -> Result<u64, DbError> {
         let mut marked = 0;
+        // The row is made when missing (nothing staged yet, so not due): a conversation is
+        // marked before its events are staged, so no flush can claim it in between and read.
         for chunk in user_psids.chunks(200) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("($1, ${}, 1)", i + 2))
+                .collect();
             let sql = format!(
-                "UPDATE conversations SET object_absent = 1
-                 WHERE page_id = $1 AND flushed_gen = 0 AND user_psid IN ({})",
-                placeholders(2, chunk.len())
+                "INSERT INTO conversations (page_id, user_psid, object_absent) VALUES {}
+                 ON CONFLICT (page_id, user_psid) DO UPDATE SET object_absent = 1
+                 WHERE conversations.flushed_gen = 0",
+                rows.join(", ")
             );
             let mut query = sqlx::query(&sql).bind(page_id.as_str());
             for psid in chunk {
