@@ -427,6 +427,82 @@ async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it
     pipeline.cleanup().await;
 }
 
+/// A burst of people new to the bucket: one listing of the Page's folder spares a read per
+/// new conversation (each is written with `If-None-Match: *`, one request instead of two),
+/// while a conversation whose object exists already (written before fbsync) is still read and
+/// merged, never overwritten.
+#[tokio::test]
+async fn new_conversations_claimed_together_are_written_after_one_listing_without_reads() {
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let pipeline = Pipeline::new(
+        DbKind::Sqlite,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    pipeline.register_page(PAGE_ID).await;
+    // Two conversations stored before fbsync (the Python app wrote them).
+    let s3 = crate::common::spaces_limits::s3_client(&s3_endpoint());
+    for psid in ["u-old-0", "u-old-1"] {
+        let before = serde_json::json!([{"sender":{"id":psid},"recipient":{"id":PAGE_ID},"timestamp":500,"message":{"mid":format!("m_before_{psid}"),"text":"before"}}]);
+        s3.put_object()
+            .bucket(pipeline.bucket.as_deref().expect("S3"))
+            .key(crate::common::pipeline::conversation_key(PAGE_ID, psid))
+            .body(serde_json::to_vec(&before).expect("json").into())
+            .send()
+            .await
+            .expect("put");
+    }
+    // Every message waits in the queue, so the worker claims the conversations together.
+    let (mut ingest, urls) = pipeline.spawn_ingest().await;
+    let client = webhook_client();
+    let new: Vec<String> = (0..30).map(|n| format!("u-new-{n}")).collect();
+    let old = ["u-old-0".to_string(), "u-old-1".to_string()];
+    for (n, psid) in new.iter().chain(&old).enumerate() {
+        let delivery = message_delivery(PAGE_ID, psid, &format!("m_l{n}"), 1_000 + n as i64, false);
+        assert_eq!(post_signed(&client, &urls.webhook, &delivery).await, 200);
+    }
+    let mut worker = pipeline.spawn_worker().await;
+    for psid in &new {
+        let stored = pipeline
+            .wait_for_conversation(PAGE_ID, psid, 1, Duration::from_secs(30))
+            .await;
+        assert_eq!(stored.len(), 1, "{psid}");
+    }
+    for psid in &old {
+        let stored = pipeline
+            .wait_for_conversation(PAGE_ID, psid, 2, Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            mids(&stored)[0],
+            format!("m_before_{psid}"),
+            "merged, not overwritten"
+        );
+    }
+    let reads_of_new: u64 = new
+        .iter()
+        .map(|psid| layer.gets_for(&format!("/{psid}.json")))
+        .sum();
+    assert_eq!(reads_of_new, 0, "new conversations are written unread");
+    for psid in &old {
+        assert_eq!(
+            layer.gets_for(&format!("/{psid}.json")),
+            1,
+            "{psid} was read"
+        );
+    }
+    assert!(
+        (1..=2).contains(&layer.lists()),
+        "one listing for the round (at most one more if staging split it): {}",
+        layer.lists()
+    );
+    assert_eq!(layer.throttled(), 0);
+    worker.stop().await;
+    ingest.stop().await;
+    pipeline.cleanup().await;
+}
+
 /// Storage answers 503 while deliveries arrive: nothing is lost or dead-lettered, and
 /// everything is stored once it is back.
 #[tokio::test]

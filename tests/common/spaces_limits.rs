@@ -117,6 +117,8 @@ struct Counters {
     puts: HashMap<String, u64>,
     /// GET requests of an object that arrived, per `bucket/key`, ever.
     gets: HashMap<String, u64>,
+    /// LIST requests (GET on the bucket root) that arrived, ever.
+    lists: u64,
     /// Requests forwarded to the real server.
     forwarded: u64,
     /// Requests answered 503 SlowDown.
@@ -286,6 +288,12 @@ impl SpacesLimitLayer {
             .sum()
     }
 
+    /// LIST requests that arrived.
+    #[allow(dead_code)] // Used by the api target only.
+    pub fn lists(&self) -> u64 {
+        self.counters().lists
+    }
+
     /// Every admitted request so far, in arrival order: when it arrived (wall clock, ms since
     /// the epoch, comparable with the app's budget windows) and whether it is a write (PUT,
     /// POST, DELETE, LIST). Refused requests are not included.
@@ -377,6 +385,8 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
             && let Some(object) = object_of(parts.uri.path())
         {
             *counters.gets.entry(object).or_default() += 1;
+        } else if parts.method == Method::GET && target.write {
+            counters.lists += 1;
         }
         match counters.admit(&state.limits, &target, now) {
             Ok(()) => {

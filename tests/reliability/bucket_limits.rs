@@ -256,13 +256,12 @@ async fn beyond_capacity() {
         println!("| {at} | {stored} | {backlog:.0} | {oldest:.0} | {writes_per_s:.1} |");
     }
     // A conversation the worker did not write within the last 120 s is read before it is
-    // written: two operations a flush, at the operations the budget's windows allow (at these
-    // small rates, 4 in each 500 ms window: 8 a second, not 16).
+    // written: two operations a flush, at the operations the budget sustains.
     let budget = BucketBudget::for_rates(
         limits.bucket_writes_per_second as i64,
         limits.bucket_operations_per_second as i64,
     );
-    let ops_per_second = budget.ops_per_window as f64 * 1000.0 / budget.window_ms as f64;
+    let ops_per_second = budget.sustained(budget.ops_per_second);
     let cycle = conversations as f64 / (ops_per_second / 2.0);
     println!();
     println!("| beyond capacity | figure | bound | ratio |");

@@ -45,14 +45,17 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
     let client = webhook_client();
 
     // The killer: a third into the burst, at a moment when both workers hold a conversation
-    // lease if one comes within 1 s, so the victim dies mid-flush as well as mid-consume.
+    // lease if one comes within 1 s (and before two thirds are answered), so the victim dies
+    // mid-flush as well as mid-consume.
     let killer = async {
         while answered.load(Ordering::SeqCst) < deliveries.len() / 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let look_until = Instant::now() + Duration::from_secs(1);
         let mut leases = live_leases(&database_url).await;
-        while Instant::now() < look_until {
+        while Instant::now() < look_until
+            && answered.load(Ordering::SeqCst) < deliveries.len() * 2 / 3
+        {
             let owners: BTreeSet<&str> = leases.iter().map(|(_, o, _)| o.as_str()).collect();
             if owners.len() >= 2 {
                 break;
@@ -67,9 +70,18 @@ async fn a_worker_killed_mid_burst_loses_and_duplicates_nothing() {
         let orphaned = leases.iter().filter(|lease| later.contains(lease)).count();
         (at, orphaned)
     };
+    // Each poster rests between deliveries so the burst lasts several seconds however fast
+    // ingest is: the kill must land inside it.
     let burst_started = Instant::now();
     let (answers, (killed_at, orphaned)) = tokio::join!(
-        post_burst(&client, &url, &deliveries, 16, Duration::ZERO, &answered),
+        post_burst(
+            &client,
+            &url,
+            &deliveries,
+            16,
+            Duration::from_millis(30),
+            &answered
+        ),
         killer
     );
     let burst_secs = answers

@@ -9,12 +9,13 @@
 //! schedules the conversation again with backoff: a storage outage delays, it never loses or
 //! dead-letters.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fbsync_shared::config::{RetrySettings, Settings};
 use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage, JobKind};
-use fbsync_shared::ids::ConversationKey;
+use fbsync_shared::ids::{ConversationKey, PageId, Psid, UserUuid};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Outgoing;
 use fbsync_shared::retry::{RetryClass, delay_after_failures, retry};
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::folder_listing::{FolderListing, list_conversations};
 use crate::health::Health;
 use crate::last_written::LastWritten;
 use crate::merge::{IncomingEvent, merge_events};
@@ -113,6 +115,9 @@ pub struct Flusher {
     /// showed absent is written with `If-None-Match: *` without reading it first. Without
     /// them, every flush reads first.
     write_absent_unread: bool,
+    /// Keys each Page's folder held at its last listing (at least): a Page is listed again
+    /// only when the reads a listing may spare outnumber its requests.
+    folder_sizes: Mutex<HashMap<PageId, usize>>,
 }
 
 /// How long the events of a removed Page wait before dead-lettering them is tried again.
@@ -120,6 +125,14 @@ const REMOVED_PAGE_RETRY_MS: i64 = 10_000;
 
 /// Budget windows a reserved PUT waits for a slot of the bucket's rate before it is deferred.
 const BUCKET_SLOT_WINDOWS: usize = 20;
+
+/// Never-flushed conversations of one Page in one round that make listing its folder worth it.
+const LIST_FROM_NEW: usize = 4;
+
+/// Keys a listing may read per read it may spare: a listing request returns up to 1,000 keys
+/// for one write, so at 125 keys per spared read a listing costs at most an eighth of the
+/// requests it spares (and a listing that grows past that stops).
+const LISTED_KEYS_PER_SPARED_READ: usize = 125;
 
 impl Flusher {
     pub fn new(
@@ -143,16 +156,18 @@ impl Flusher {
             retry: settings.retry.clone(),
             write_absent_unread: settings.storage.conditional_writes,
             last_written: LastWritten::default(),
+            folder_sizes: Mutex::default(),
         }
     }
 
     /// One unit of work: claims up to a batch of due conversations and flushes them
     /// concurrently. Tests call this directly; the worker runs [`Flusher::run`].
     pub async fn flush_due(&self) -> Result<FlushReport, DbError> {
-        let claims = self
+        let mut claims = self
             .db
             .claim_due_conversations(&self.owner, now_ms(), self.lease, self.batch)
             .await?;
+        self.learn_absent_objects(&mut claims).await;
         let mut report = FlushReport {
             claimed: claims.len(),
             ..Default::default()
@@ -183,7 +198,7 @@ impl Flusher {
         while !shutdown.is_cancelled() {
             let free = batch - in_flight.len();
             if free >= refill_at || in_flight.is_empty() {
-                let claims = self
+                let mut claims = self
                     .db
                     .claim_due_conversations(&self.owner, now_ms(), self.lease, free as u32)
                     .await
@@ -191,6 +206,7 @@ impl Flusher {
                         tracing::warn!(error = %e, "flusher could not reach the database");
                         Vec::new()
                     });
+                self.learn_absent_objects(&mut claims).await;
                 for claim in claims {
                     let flusher = self.clone();
                     in_flight.spawn(async move { flusher.flush(claim).await });
@@ -209,6 +225,79 @@ impl Flusher {
             }
         }
         while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Spares the reads of new conversations: when a round claims several conversations of
+    /// one Page that nothing has flushed yet (a burst of new people), one listing of the Page's
+    /// folder tells which objects are absent, and those are written without a read (see
+    /// [`crate::folder_listing`]). Only with conditional writes; a Page whose folder is too
+    /// big for the reads it would spare is not listed. A failed listing changes nothing: the
+    /// flushes read first.
+    async fn learn_absent_objects(&self, claims: &mut [ConversationClaim]) {
+        if !self.write_absent_unread {
+            return;
+        }
+        let mut new_by_page: HashMap<(UserUuid, PageId), Vec<usize>> = HashMap::new();
+        for (at, claim) in claims.iter().enumerate() {
+            if let Some(owner) = claim.owner()
+                && claim.never_flushed()
+                && !claim.object_known_absent()
+            {
+                let page = (owner.clone(), claim.key().page_id.clone());
+                new_by_page.entry(page).or_default().push(at);
+            }
+        }
+        for ((user_uuid, page_id), new) in new_by_page {
+            let max_keys = new.len() * LISTED_KEYS_PER_SPARED_READ;
+            let known_size = self.folder_size(&page_id);
+            if new.len() < LIST_FROM_NEW || known_size > max_keys {
+                continue;
+            }
+            let listing = list_conversations(
+                &self.db,
+                self.store.as_ref(),
+                &self.bucket_budget,
+                &user_uuid,
+                &page_id,
+                max_keys,
+            )
+            .await;
+            let existing = match listing {
+                FolderListing::Complete(existing) => existing,
+                FolderListing::TooLong(seen) => {
+                    self.set_folder_size(&page_id, seen);
+                    continue;
+                }
+                FolderListing::Failed => continue,
+            };
+            self.set_folder_size(&page_id, existing.len());
+            let absent: Vec<usize> = new
+                .into_iter()
+                .filter(|&at| !existing.contains(claims[at].key().user_psid.as_str()))
+                .collect();
+            let psids: Vec<&Psid> = absent
+                .iter()
+                .map(|&at| &claims[at].key().user_psid)
+                .collect();
+            if let Err(e) = self.db.mark_objects_absent(&page_id, &psids).await {
+                tracing::debug!(%page_id, error = %e, "could not record the listing; the flushes read first");
+                continue;
+            }
+            tracing::debug!(%page_id, new = psids.len(), listed = existing.len(), "listed the Page's folder for new conversations");
+            for at in absent {
+                claims[at].object_listed_absent();
+            }
+        }
+    }
+
+    fn folder_size(&self, page_id: &PageId) -> usize {
+        let sizes = self.folder_sizes.lock().unwrap_or_else(|e| e.into_inner());
+        sizes.get(page_id).copied().unwrap_or(0)
+    }
+
+    fn set_folder_size(&self, page_id: &PageId, keys: usize) {
+        let mut sizes = self.folder_sizes.lock().unwrap_or_else(|e| e.into_inner());
+        sizes.insert(page_id.clone(), keys);
     }
 
     /// Flushes one claimed conversation. A lost claim is an outcome, not an error: the worker

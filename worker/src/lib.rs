@@ -8,6 +8,7 @@
 pub mod consume;
 pub mod dead_letter;
 pub mod flush;
+pub mod folder_listing;
 pub mod forward;
 pub mod health;
 pub mod job;

@@ -24,19 +24,20 @@ use fbsync_shared::facebook::conversations::{
 };
 use fbsync_shared::facebook::event::{EventSource, JobKind, PollRequest};
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
-use fbsync_shared::ids::{ConversationKey, PageId, Psid, UserUuid};
+use fbsync_shared::ids::{ConversationKey, PageId, Psid};
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
 use fbsync_shared::storage::db::{
     Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
 };
-use fbsync_shared::storage::object_store::{ObjectStore, conversations_prefix};
+use fbsync_shared::storage::object_store::ObjectStore;
 use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::folder_listing::{FolderListing, list_conversations};
 use crate::job::{JobFailure, flag_rejected_token};
 use crate::page_data::PageDataJob;
 
@@ -66,9 +67,6 @@ pub struct PollJob {
 /// A listing stops (and the flusher reads every object first) beyond this many keys, so a
 /// backfill's memory stays bounded whatever the Page's size.
 const LISTED_KEYS_MAX: usize = 200_000;
-
-/// Budget windows a listing request waits in place for a slot of the bucket's rate.
-const LIST_SLOT_WINDOWS: usize = 50;
 
 /// What a poll did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,7 +224,19 @@ impl PollJob {
         // a read per new conversation.
         let existing = match since {
             None if self.list_before_backfill => {
-                self.existing_conversations(page_id, &page.user_uuid).await
+                match list_conversations(
+                    &self.db,
+                    self.store.as_ref(),
+                    &self.bucket_budget,
+                    &page.user_uuid,
+                    page_id,
+                    LISTED_KEYS_MAX,
+                )
+                .await
+                {
+                    FolderListing::Complete(existing) => Some(existing),
+                    FolderListing::TooLong(_) | FolderListing::Failed => None,
+                }
             }
             _ => None,
         };
@@ -368,48 +378,6 @@ impl PollJob {
             messages = self
                 .graph_step(page_id, shutdown, || self.graph.messages(&link, token))
                 .await?;
-        }
-    }
-
-    /// The people whose conversation objects exist under the Page's folder, from a listing of
-    /// it (its requests take the bucket's budget); `None` when the listing failed or is too
-    /// long to hold, and then every first flush reads before it writes.
-    async fn existing_conversations(
-        &self,
-        page_id: &PageId,
-        user_uuid: &UserUuid,
-    ) -> Option<HashSet<String>> {
-        let prefix = conversations_prefix(user_uuid, page_id);
-        let mut existing = HashSet::new();
-        let mut continuation = None;
-        loop {
-            match self
-                .db
-                .wait_for_bucket_slot(&self.bucket_budget, 1, 1, LIST_SLOT_WINDOWS, || true)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) | Err(_) => return None,
-            }
-            let listing = match self.store.list(&prefix, continuation).await {
-                Ok(listing) => listing,
-                Err(e) => {
-                    tracing::info!(%page_id, error = %e, "could not list the Page's conversations; every first flush reads first");
-                    return None;
-                }
-            };
-            existing.extend(listing.keys.iter().filter_map(|key| {
-                key.strip_prefix(&prefix)?
-                    .strip_suffix(".json")
-                    .map(String::from)
-            }));
-            if existing.len() > LISTED_KEYS_MAX {
-                return None;
-            }
-            match listing.next {
-                Some(next) => continuation = Some(next),
-                None => return Some(existing),
-            }
         }
     }
 

@@ -2,10 +2,13 @@
 //!
 //! Per object: at most `puts_per_window` PUTs in any sliding window (5 per 300 s on Spaces).
 //! Each PUT is recorded before it is sent; a safety margin covers the time between recording
-//! and the request reaching the store. Per bucket: writes and operations per second, taken from
-//! 100 ms windows in the database so every worker shares one budget (see
-//! `Database::take_bucket_budget`), at 90% of the configured rate so that any sliding second
-//! stays under it (longer windows when the rates are too small for 100 ms ones).
+//! and the request reaching the store. Per bucket: writes and operations per second, counted
+//! in 50 ms windows in the database so every worker shares one budget (see
+//! `Database::take_bucket_budget`). A sliding second touches 21 windows; each window's cap is
+//! the rate less what the 20 windows before it took, so any 21 consecutive windows stay within
+//! 90% of the rate (the rest absorbs requests that reach the store a little after their
+//! window), and a window never takes more than twice its even share (no burst the size of a
+//! whole second).
 
 use crate::config::StorageSettings;
 
@@ -20,15 +23,15 @@ pub struct PutBudget {
     pub margin_ms: i64,
 }
 
-/// The bucket budget, per fixed window of `window_ms`.
+/// The bucket budget: per second, counted in windows of `window_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketBudget {
-    /// Length of one budget window (100 ms for Spaces' default rates; longer for small rates).
+    /// Length of one budget window: a request is counted in the window it is sent in.
     pub window_ms: i64,
-    /// Writes per window; 0 means no limit.
-    pub writes_per_window: i64,
-    /// Operations of any kind per window; 0 means no limit.
-    pub ops_per_window: i64,
+    /// Writes allowed in any run of windows one sliding second touches; 0 means no limit.
+    pub writes_per_second: i64,
+    /// Operations of any kind allowed likewise; 0 means no limit.
+    pub ops_per_second: i64,
 }
 
 impl PutBudget {
@@ -58,8 +61,10 @@ impl PutBudget {
 }
 
 impl BucketBudget {
-    /// Window lengths tried, shortest (smoothest) first.
-    const WINDOWS_MS: [i64; 6] = [100, 200, 250, 500, 1000, 2000];
+    /// The window: short enough that the window a sliding second only partly covers costs
+    /// little of the rate (a twentieth), long enough that a GET and the PUT after it usually
+    /// fall in one.
+    pub const WINDOW_MS: i64 = 50;
 
     pub fn from_settings(settings: &StorageSettings) -> Self {
         Self::for_rates(
@@ -68,45 +73,15 @@ impl BucketBudget {
         )
     }
 
-    /// Chooses the window that lets the most requests through while any sliding second, which
-    /// overlaps at most `ceil(1000 / window) + 1` windows, stays within 90% of both rates (the
-    /// rest absorbs requests that reach the store a little after their window).
+    /// The budget for Spaces' rates: 90% of each (at least one request), so that requests
+    /// reaching the store a little after their window stay within the rate.
     pub fn for_rates(writes_per_sec: i64, ops_per_sec: i64) -> Self {
-        let capacity = |rate: i64, window_ms: i64| -> i64 {
-            if rate == 0 {
-                return 0;
-            }
-            let overlapping = (1000 + window_ms - 1) / window_ms + 1;
-            (rate * 9 / 10).max(1) / overlapping
-        };
-        let mut best = Self {
-            window_ms: 1000,
-            writes_per_window: writes_per_sec.min(1),
-            ops_per_window: ops_per_sec.min(1),
-        };
-        let mut best_rate = 0;
-        for window_ms in Self::WINDOWS_MS {
-            let (writes, ops) = (
-                capacity(writes_per_sec, window_ms),
-                capacity(ops_per_sec, window_ms),
-            );
-            let fits = (writes_per_sec == 0 || writes >= 1) && (ops_per_sec == 0 || ops >= 1);
-            let limiting = [(writes_per_sec, writes), (ops_per_sec, ops)]
-                .iter()
-                .filter(|(rate, _)| *rate > 0)
-                .map(|(_, per_window)| per_window * 1000 / window_ms)
-                .min()
-                .unwrap_or(i64::MAX);
-            if fits && limiting > best_rate {
-                best_rate = limiting;
-                best = Self {
-                    window_ms,
-                    writes_per_window: writes,
-                    ops_per_window: ops,
-                };
-            }
+        let budget = |rate: i64| if rate == 0 { 0 } else { (rate * 9 / 10).max(1) };
+        Self {
+            window_ms: Self::WINDOW_MS,
+            writes_per_second: budget(writes_per_sec),
+            ops_per_second: budget(ops_per_sec),
         }
-        best
     }
 
     /// Start (ms) of the window that holds `now`.
@@ -119,8 +94,27 @@ impl BucketBudget {
         self.window_start(now) + self.window_ms
     }
 
+    /// Start of the earliest window that one sliding second can touch together with
+    /// `window`: the windows from there up to `window` hold at most the per-second budget.
+    pub fn second_before(&self, window: i64) -> i64 {
+        window - 1000
+    }
+
+    /// The most one window may take of a per-second budget: twice its even share, and never
+    /// less than a GET with the PUT after it.
+    pub fn most_in_one_window(&self, per_second: i64) -> i64 {
+        ((2 * per_second * self.window_ms + 999) / 1000).max(2)
+    }
+
+    /// Requests per second the budget sustains when it is used to the full (a second's
+    /// budget over the 21 windows a sliding second touches, 20 of them a second long).
+    pub fn sustained(&self, per_second: i64) -> f64 {
+        let windows = (1000 / self.window_ms) as f64;
+        per_second as f64 * windows / (windows + 1.0)
+    }
+
     pub fn is_unlimited(&self) -> bool {
-        self.writes_per_window == 0 && self.ops_per_window == 0
+        self.writes_per_second == 0 && self.ops_per_second == 0
     }
 }
 
@@ -154,13 +148,19 @@ mod tests {
     }
 
     #[test]
-    fn bucket_windows_stay_under_the_rate() {
+    fn bucket_budgets_stay_under_the_rate_and_never_reach_zero() {
         let settings = crate::config::Settings::from_map(&Default::default())
             .expect("defaults")
             .storage;
         let budget = BucketBudget::from_settings(&settings);
-        // Any sliding second overlaps at most 11 windows of 100 ms.
-        assert!(budget.writes_per_window * 11 <= 150);
-        assert!(budget.ops_per_window * 11 <= 240);
+        assert_eq!(
+            (budget.writes_per_second, budget.ops_per_second),
+            (135, 216)
+        );
+        assert_eq!(budget.most_in_one_window(135), 14);
+        assert!(budget.sustained(135) > 128.0 && budget.sustained(135) < 135.0);
+        let small = BucketBudget::for_rates(1, 0);
+        assert_eq!((small.writes_per_second, small.ops_per_second), (1, 0));
+        assert_eq!(small.most_in_one_window(1), 2);
     }
 }

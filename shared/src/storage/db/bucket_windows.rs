@@ -1,5 +1,8 @@
-//! The bucket's request rate, shared by every worker: one row per budget window (100 ms for
-//! Spaces' default rates), filled up to the window's share of the rate.
+//! The bucket's request rate, shared by every worker: one row per budget window (50 ms), whose
+//! caps are set when the row is made: the per-second budget less what the windows of the
+//! second before it took (at most twice the window's even share). Those windows are over, so
+//! their counts are final (a request given back only lowers them), and any run of windows one
+//! sliding second touches stays within the budget.
 
 use std::time::Duration;
 
@@ -46,35 +49,63 @@ impl Database {
         budget: &BucketBudget,
     ) -> Result<bool, DbError> {
         let window = budget.window_start(now);
-        let unlimited = |per_window: i64| {
-            if per_window == 0 {
-                i64::MAX / 2
+        if self.take_from_window(window, writes, ops).await? {
+            return Ok(true);
+        }
+        // The window's row is missing (its first request) or full. Made when missing, with its
+        // caps, by whichever worker comes first; then taken from once more.
+        let unlimited = |per_second: i64| {
+            if per_second == 0 {
+                (i64::MAX / 4, i64::MAX / 4)
             } else {
-                per_window
+                (per_second, budget.most_in_one_window(per_second))
             }
         };
-        let taken = sqlx::query(
-            "INSERT INTO bucket_budget (window_ms, writes, ops) VALUES ($1, $2, $3)
-             ON CONFLICT (window_ms) DO UPDATE SET writes = bucket_budget.writes + excluded.writes,
-                 ops = bucket_budget.ops + excluded.ops
-             WHERE bucket_budget.writes + excluded.writes <= $4 AND bucket_budget.ops + excluded.ops <= $5
-             RETURNING window_ms",
+        let (writes_per_second, most_writes) = unlimited(budget.writes_per_second);
+        let (ops_per_second, most_ops) = unlimited(budget.ops_per_second);
+        sqlx::query(
+            "INSERT INTO bucket_budget (window_ms, writes, ops, writes_cap, ops_cap)
+             SELECT $1, 0, 0,
+                 CASE WHEN $2 - COALESCE(SUM(writes), 0) < $3
+                     THEN $2 - COALESCE(SUM(writes), 0) ELSE $3 END,
+                 CASE WHEN $4 - COALESCE(SUM(ops), 0) < $5
+                     THEN $4 - COALESCE(SUM(ops), 0) ELSE $5 END
+             FROM bucket_budget WHERE window_ms >= $6 AND window_ms < $1
+             ON CONFLICT (window_ms) DO NOTHING",
         )
         .bind(window)
-        .bind(writes)
-        .bind(ops)
-        .bind(unlimited(budget.writes_per_window))
-        .bind(unlimited(budget.ops_per_window))
-        .fetch_optional(&self.relaxed_pool)
+        .bind(writes_per_second)
+        .bind(most_writes)
+        .bind(ops_per_second)
+        .bind(most_ops)
+        .bind(budget.second_before(window))
+        .execute(&self.relaxed_pool)
         .await?;
-        if window % (budget.window_ms * 100) == 0 {
+        if window % (budget.window_ms * 200) == 0 {
             // Old windows are useless; trimming now and then keeps the table tiny.
             sqlx::query("DELETE FROM bucket_budget WHERE window_ms < $1")
                 .bind(window - 10_000)
                 .execute(&self.relaxed_pool)
                 .await?;
         }
-        Ok(taken.is_some())
+        self.take_from_window(window, writes, ops).await
+    }
+
+    /// Takes from the row of `window`, within its caps; false when the row is missing or full,
+    /// or when a later window has begun (its caps were set from this one's count: a request
+    /// counted here now, by a worker whose statement ran late, would escape them).
+    async fn take_from_window(&self, window: i64, writes: i64, ops: i64) -> Result<bool, DbError> {
+        let taken = sqlx::query(
+            "UPDATE bucket_budget SET writes = writes + $2, ops = ops + $3
+             WHERE window_ms = $1 AND writes + $2 <= writes_cap AND ops + $3 <= ops_cap
+               AND NOT EXISTS (SELECT 1 FROM bucket_budget later WHERE later.window_ms > $1)",
+        )
+        .bind(window)
+        .bind(writes)
+        .bind(ops)
+        .execute(&self.relaxed_pool)
+        .await?;
+        Ok(taken.rows_affected() == 1)
     }
 
     /// Gives `writes` and `ops` taken in `window` back (a request that was counted and then not
@@ -107,11 +138,11 @@ mod tests {
     async fn a_share_given_back_can_be_taken_again_in_its_window_only() {
         for (backend, db) in backends().await {
             let budget = BucketBudget {
-                window_ms: 100,
-                writes_per_window: 1,
-                ops_per_window: 2,
+                window_ms: 50,
+                writes_per_second: 1,
+                ops_per_second: 2,
             };
-            let now = 1_000_050;
+            let now = 1_000_020;
             assert!(
                 db.take_bucket_budget(now, 1, 2, &budget)
                     .await
@@ -132,7 +163,7 @@ mod tests {
                     .expect("take"),
                 "{backend}: the write given back is there again"
             );
-            db.give_back_bucket_budget(budget.window_start(now) - 100, 1, 1)
+            db.give_back_bucket_budget(budget.window_start(now) - 50, 1, 1)
                 .await
                 .expect("give back");
             assert!(
@@ -140,6 +171,59 @@ mod tests {
                     .await
                     .expect("take"),
                 "{backend}: nothing given back to another window"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_windows_one_sliding_second_touches_never_take_more_than_the_second_allows() {
+        for (backend, db) in backends().await {
+            let budget = BucketBudget {
+                window_ms: 50,
+                writes_per_second: 10,
+                ops_per_second: 0,
+            };
+            let start = 2_000_000;
+            // Every window takes what it can, as a saturated bucket does: each takes at most
+            // twice its even share (1), and the windows of any second at most 10 in all.
+            let mut taken = Vec::new();
+            for window in 0..60 {
+                let at = start + window * 50 + 10;
+                let mut count: i64 = 0;
+                while db
+                    .take_bucket_budget(at, 1, 1, &budget)
+                    .await
+                    .expect("take")
+                {
+                    count += 1;
+                    assert!(count <= 1_000, "{backend}: a window with no cap");
+                }
+                taken.push(count);
+            }
+            assert!(taken.iter().all(|&n| n <= 2), "{backend}: {taken:?}");
+            for run in taken.windows(21) {
+                assert!(run.iter().sum::<i64>() <= 10, "{backend}: {taken:?}");
+            }
+            // Saturated, it still sustains the rate: 10 in 21 windows.
+            let total: i64 = taken.iter().sum();
+            assert!(total >= 25, "{backend}: {total} in 3 s: {taken:?}");
+            // A worker whose statement runs after the next window began takes nothing from the
+            // window it meant: that window's count already set the next one's caps.
+            let late = start + 60 * 50 + 10;
+            let budget = BucketBudget {
+                writes_per_second: 1_000,
+                ..budget
+            };
+            assert!(
+                db.take_bucket_budget(late + 50, 1, 1, &budget)
+                    .await
+                    .expect("take")
+            );
+            assert!(
+                !db.take_bucket_budget(late, 1, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: a take into a window that is over"
             );
         }
     }

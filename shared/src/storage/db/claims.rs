@@ -61,6 +61,9 @@ pub struct ConversationClaim {
     /// A listing showed the object absent and nothing has written it since: the flush may
     /// write without reading it first.
     object_absent: bool,
+    /// No flush has finished on this conversation yet: its object, if any, was not written
+    /// by fbsync, so a listing of its Page's folder may spare the read.
+    never_flushed: bool,
     /// When its oldest waiting event was received: claims of one round are flushed oldest
     /// first.
     waiting_since: i64,
@@ -93,6 +96,7 @@ struct ClaimedRow {
     recent_puts: String,
     failures: i64,
     object_absent: i64,
+    flushed_gen: i64,
     waiting_since_ms: i64,
     user_uuid: Option<String>,
 }
@@ -243,6 +247,7 @@ impl Database {
             recent_puts: RecentPuts::decode(&row.recent_puts),
             failures: row.failures,
             object_absent: row.object_absent != 0,
+            never_flushed: row.flushed_gen == 0,
             waiting_since: row.waiting_since_ms,
             owner,
             lease,
@@ -262,7 +267,7 @@ const CLAIMABLE_AT_3: &str = "lease_until_ms < $3 AND due_at_ms <= $3 AND staged
 
 /// What a claim returns about the conversation it won.
 const CLAIMED: &str = "page_id, user_psid, lease_gen, staged_gen, recent_puts, failures,
-    object_absent, waiting_since_ms,
+    object_absent, flushed_gen, waiting_since_ms,
     (SELECT p.user_uuid FROM pages p WHERE p.page_id = conversations.page_id) AS user_uuid";
 
 /// A conversation set aside, as operators see it.
@@ -331,6 +336,17 @@ impl ConversationClaim {
     /// Whether a listing showed the object absent and nothing has written it since.
     pub fn object_known_absent(&self) -> bool {
         self.object_absent
+    }
+
+    /// Whether no flush has finished on this conversation yet.
+    pub fn never_flushed(&self) -> bool {
+        self.never_flushed
+    }
+
+    /// A listing made while this claim is held showed the object absent (and
+    /// [`Database::mark_objects_absent`] recorded it for the claims after this one).
+    pub fn object_listed_absent(&mut self) {
+        self.object_absent = true;
     }
 
     /// Consecutive failed flushes before this one.
