@@ -492,11 +492,7 @@ async fn new_conversations_claimed_together_are_written_after_one_listing_withou
             "{psid} was read"
         );
     }
-    assert!(
-        (1..=2).contains(&layer.lists()),
-        "one listing for the round (at most one more if staging split it): {}",
-        layer.lists()
-    );
+    assert_eq!(layer.lists(), 1, "one listing serves every round");
     assert_eq!(layer.throttled(), 0);
     worker.stop().await;
     ingest.stop().await;

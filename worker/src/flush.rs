@@ -10,7 +10,7 @@
 //! dead-letters.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fbsync_shared::config::{RetrySettings, Settings};
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::folder_listing::{FolderListing, list_conversations};
+use crate::folder_listing::{NextStep, RecentListings, list_conversations};
 use crate::health::Health;
 use crate::last_written::LastWritten;
 use crate::merge::{IncomingEvent, merge_events};
@@ -115,24 +115,16 @@ pub struct Flusher {
     /// showed absent is written with `If-None-Match: *` without reading it first. Without
     /// them, every flush reads first.
     write_absent_unread: bool,
-    /// Keys each Page's folder held at its last listing (at least): a Page is listed again
-    /// only when the reads a listing may spare outnumber its requests.
-    folder_sizes: Mutex<HashMap<PageId, usize>>,
+    /// Recent listings of Pages' folders, which spare the reads of new conversations.
+    listings: RecentListings,
 }
 
 /// How long the events of a removed Page wait before dead-lettering them is tried again.
 const REMOVED_PAGE_RETRY_MS: i64 = 10_000;
 
-/// Budget windows a reserved PUT waits for a slot of the bucket's rate before it is deferred.
-const BUCKET_SLOT_WINDOWS: usize = 20;
-
-/// Never-flushed conversations of one Page in one round that make listing its folder worth it.
-const LIST_FROM_NEW: usize = 4;
-
-/// Keys a listing may read per read it may spare: a listing request returns up to 1,000 keys
-/// for one write, so at 125 keys per spared read a listing costs at most an eighth of the
-/// requests it spares (and a listing that grows past that stops).
-const LISTED_KEYS_PER_SPARED_READ: usize = 125;
+/// How long a reserved PUT waits for a slot of the bucket's rate before it is deferred (and
+/// what it would have written is read again).
+const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(2);
 
 impl Flusher {
     pub fn new(
@@ -156,7 +148,7 @@ impl Flusher {
             retry: settings.retry.clone(),
             write_absent_unread: settings.storage.conditional_writes,
             last_written: LastWritten::default(),
-            folder_sizes: Mutex::default(),
+            listings: RecentListings::default(),
         }
     }
 
@@ -228,11 +220,11 @@ impl Flusher {
     }
 
     /// Spares the reads of new conversations: when a round claims several conversations of
-    /// one Page that nothing has flushed yet (a burst of new people), one listing of the Page's
-    /// folder tells which objects are absent, and those are written without a read (see
-    /// [`crate::folder_listing`]). Only with conditional writes; a Page whose folder is too
-    /// big for the reads it would spare is not listed. A failed listing changes nothing: the
-    /// flushes read first.
+    /// one Page that nothing has flushed yet (a burst of new people), a listing of the Page's
+    /// folder (kept for the rounds after it) tells which objects are absent, and those are
+    /// written without a read (see [`crate::folder_listing`]). Only with conditional writes; a
+    /// Page whose folder is too big for the reads it would spare is not listed. A failed
+    /// listing changes nothing: the flushes read first.
     async fn learn_absent_objects(&self, claims: &mut [ConversationClaim]) {
         if !self.write_absent_unread {
             return;
@@ -248,29 +240,26 @@ impl Flusher {
             }
         }
         for ((user_uuid, page_id), new) in new_by_page {
-            let max_keys = new.len() * LISTED_KEYS_PER_SPARED_READ;
-            let known_size = self.folder_size(&page_id);
-            if new.len() < LIST_FROM_NEW || known_size > max_keys {
-                continue;
-            }
-            let listing = list_conversations(
-                &self.db,
-                self.store.as_ref(),
-                &self.bucket_budget,
-                &user_uuid,
-                &page_id,
-                max_keys,
-            )
-            .await;
-            let existing = match listing {
-                FolderListing::Complete(existing) => existing,
-                FolderListing::TooLong(seen) => {
-                    self.set_folder_size(&page_id, seen);
-                    continue;
+            let existing = match self.listings.next_step(&page_id, new.len()) {
+                NextStep::Known(existing) => existing,
+                NextStep::ReadEach => continue,
+                NextStep::List { max_keys } => {
+                    let listing = list_conversations(
+                        &self.db,
+                        self.store.as_ref(),
+                        &self.bucket_budget,
+                        &user_uuid,
+                        &page_id,
+                        max_keys,
+                    )
+                    .await;
+                    let Some(existing) = self.listings.record(&page_id, listing) else {
+                        continue;
+                    };
+                    tracing::debug!(%page_id, listed = existing.len(), "listed the Page's folder for new conversations");
+                    existing
                 }
-                FolderListing::Failed => continue,
             };
-            self.set_folder_size(&page_id, existing.len());
             let absent: Vec<usize> = new
                 .into_iter()
                 .filter(|&at| !existing.contains(claims[at].key().user_psid.as_str()))
@@ -283,21 +272,10 @@ impl Flusher {
                 tracing::debug!(%page_id, error = %e, "could not record the listing; the flushes read first");
                 continue;
             }
-            tracing::debug!(%page_id, new = psids.len(), listed = existing.len(), "listed the Page's folder for new conversations");
             for at in absent {
                 claims[at].object_listed_absent();
             }
         }
-    }
-
-    fn folder_size(&self, page_id: &PageId) -> usize {
-        let sizes = self.folder_sizes.lock().unwrap_or_else(|e| e.into_inner());
-        sizes.get(page_id).copied().unwrap_or(0)
-    }
-
-    fn set_folder_size(&self, page_id: &PageId, keys: usize) {
-        let mut sizes = self.folder_sizes.lock().unwrap_or_else(|e| e.into_inner());
-        sizes.insert(page_id.clone(), keys);
     }
 
     /// Flushes one claimed conversation. A lost claim is an outcome, not an error: the worker
@@ -451,7 +429,7 @@ impl Flusher {
         let slot = put_taken_in.is_some_and(in_window)
             || self
                 .db
-                .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || {
+                .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WAIT, || {
                     claim.held_for(self.put_margin)
                 })
                 .await?;

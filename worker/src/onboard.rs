@@ -33,8 +33,8 @@ use crate::forward::Forwarder;
 use crate::job::{AttemptError, JobFailure};
 use crate::page_data::{PageDataJob, PageDataOutcome};
 
-/// Budget windows a request waits in place for a slot of the bucket's rate.
-const BUCKET_SLOT_WINDOWS: usize = 50;
+/// How long a request waits in place for a slot of the bucket's rate.
+const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// What the backfill step records once its poll job is queued (the poll's own progress shows
 /// as the Page's last poll).
@@ -246,7 +246,7 @@ impl OnboardJob {
     async fn take_bucket_slot(&self) -> Result<(), AttemptError> {
         let taken = self
             .db
-            .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WINDOWS, || true)
+            .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WAIT, || true)
             .await?;
         if taken {
             return Ok(());

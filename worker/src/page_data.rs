@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::DeadLetterInfo;
 use crate::job::{AttemptError, JobFailure};
 
-/// Budget windows a request waits in place for a slot of the bucket's rate.
-const BUCKET_SLOT_WINDOWS: usize = 50;
+/// How long a request waits in place for a slot of the bucket's rate.
+const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// What a refresh did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,13 +101,7 @@ impl PageDataJob {
     async fn take_bucket_slot(&self, writes: i64, ops: i64) -> Result<(), AttemptError> {
         let taken = self
             .db
-            .wait_for_bucket_slot(
-                &self.bucket_budget,
-                writes,
-                ops,
-                BUCKET_SLOT_WINDOWS,
-                || true,
-            )
+            .wait_for_bucket_slot(&self.bucket_budget, writes, ops, BUCKET_SLOT_WAIT, || true)
             .await?;
         if taken {
             return Ok(());

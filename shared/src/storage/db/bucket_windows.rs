@@ -12,25 +12,26 @@ use crate::storage::budget::BucketBudget;
 
 impl Database {
     /// Takes `writes` and `ops` for a request about to be sent: from the current window, or
-    /// from one of the next `windows` ones, sleeping until each starts, for as long as
-    /// `keep_waiting` says so. True when taken (always, for an unlimited budget).
+    /// from one of the windows that start within `wait`, sleeping until each starts, for as
+    /// long as `keep_waiting` says so. True when taken (always, for an unlimited budget).
     pub async fn wait_for_bucket_slot(
         &self,
         budget: &BucketBudget,
         writes: i64,
         ops: i64,
-        windows: usize,
+        wait: Duration,
         keep_waiting: impl Fn() -> bool,
     ) -> Result<bool, DbError> {
         if budget.is_unlimited() {
             return Ok(true);
         }
-        for waited in 0..=windows {
+        let until = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
+        loop {
             let now = now_ms();
             if self.take_bucket_budget(now, writes, ops, budget).await? {
                 return Ok(true);
             }
-            if waited == windows || !keep_waiting() {
+            if budget.next_window(now) > until || !keep_waiting() {
                 break;
             }
             let wait = (budget.next_window(now) - now).max(1);
