@@ -424,16 +424,6 @@ impl ConversationClaim {
         now: i64,
     ) -> Result<(), ClaimError> {
         let mut tx = self.db.relaxed_pool.begin().await.map_err(DbError::from)?;
-        let mark_flushed = self
-            .statement(
-                "UPDATE conversations SET flushed_gen = $4, due_at_ms = $5, lease_owner = NULL,
-                     lease_until_ms = 0, failures = 0, last_error = NULL, object_absent = 0
-                 WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
-            )
-            .bind(self.staged_gen)
-            .bind(due_at);
-        // A lost claim returns here; dropping the transaction rolls it back: nothing changes.
-        fenced(mark_flushed.execute(&mut *tx).await)?;
         for chunk in stored_seqs.chunks(500) {
             let sql = format!(
                 "DELETE FROM staged_events WHERE seq IN ({})",
@@ -446,18 +436,20 @@ impl ConversationClaim {
             query.execute(&mut *tx).await.map_err(DbError::from)?;
         }
         // Events staged while this flush ran wait on: from the oldest of them.
-        let still_waiting = sqlx::query(
-            "UPDATE conversations SET waiting_since_ms = COALESCE(
-                 (SELECT MIN(received_at_ms) FROM staged_events
-                  WHERE page_id = $1 AND user_psid = $2), 0)
-             WHERE page_id = $1 AND user_psid = $2",
-        )
-        .bind(self.key.page_id.as_str())
-        .bind(self.key.user_psid.as_str());
-        still_waiting
-            .execute(&mut *tx)
-            .await
-            .map_err(DbError::from)?;
+        let mark_flushed = self
+            .statement(
+                "UPDATE conversations SET flushed_gen = $4, due_at_ms = $5, lease_owner = NULL,
+                     lease_until_ms = 0, failures = 0, last_error = NULL, object_absent = 0,
+                     waiting_since_ms = COALESCE(
+                         (SELECT MIN(received_at_ms) FROM staged_events
+                          WHERE page_id = $1 AND user_psid = $2), 0)
+                 WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+            )
+            .bind(self.staged_gen)
+            .bind(due_at);
+        // A lost claim returns here; dropping the transaction rolls the deletes back: nothing
+        // changes.
+        fenced(mark_flushed.execute(&mut *tx).await)?;
         tx.commit().await.map_err(DbError::from)?;
         // The Page's "last flush" figure is for operators; failing to record it loses nothing.
         if let Err(e) = self.db.mark_page_flushed(&self.key.page_id, now).await {

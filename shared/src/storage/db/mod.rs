@@ -26,14 +26,17 @@ pub mod sessions;
 pub mod staging;
 pub mod users;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::AnyPool;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 
+use crate::ids::PageId;
 use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
@@ -97,6 +100,9 @@ pub struct Database {
     /// 90 a second while it staged 2,000 messages a second; the stage and the claims stay
     /// synced.
     relaxed_pool: AnyPool,
+    /// When this process last set each Page's time columns (last event, last flush), which are
+    /// set at most once a second: one entry per Page and column.
+    page_times_set: Arc<Mutex<HashMap<(PageId, &'static str), i64>>>,
     /// Chosen from the URL; decides the migrations.
     pub backend: Backend,
 }
@@ -155,6 +161,7 @@ impl Database {
         Ok(Self {
             pool,
             relaxed_pool,
+            page_times_set: Arc::default(),
             backend,
         })
     }
@@ -282,6 +289,7 @@ pub(crate) mod test_support {
             // One in-memory database: both share its only connection.
             relaxed_pool: pool.clone(),
             pool,
+            page_times_set: Arc::default(),
             backend: Backend::Sqlite,
         };
         database.migrate().await.expect("migrations");

@@ -310,13 +310,25 @@ impl Database {
     }
 
     /// Sets one of a Page's time columns to `now`, at most once a second: the row is shared by
-    /// all the Page's conversations and workers, and is hot.
+    /// all the Page's conversations and workers, and is hot. Within a second of this process's
+    /// last setting of it, the statement is not even sent.
     async fn touch_page_time(
         &self,
         page_id: &PageId,
         column: &'static str,
         now: i64,
     ) -> Result<(), DbError> {
+        {
+            let mut set = self
+                .page_times_set
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let last = set.entry((page_id.clone(), column)).or_insert(i64::MIN / 2);
+            if now - *last < 1000 {
+                return Ok(());
+            }
+            *last = now;
+        }
         let sql = format!(
             "UPDATE pages SET {column} = $2 WHERE page_id = $1 AND COALESCE({column}, 0) < $2 - 1000"
         );
