@@ -93,9 +93,10 @@ async fn flushes_through_a_slow_store_stay_within_the_bucket_rates() {
     pipeline.cleanup().await;
 }
 
-/// Length of the budget windows. The test also checks that every window it reads from
+/// Length of the budget windows for Spaces' default rates (150 writes, 240 operations per
+/// second), which this test keeps. The test also checks that every window it reads from
 /// `bucket_budget` starts on a multiple of it.
-const WINDOW_MS: i64 = fbsync_shared::storage::budget::BucketBudget::WINDOW_MS;
+const WINDOW_MS: i64 = 50;
 /// How long the store takes to answer every request.
 const SLOW_ANSWER: Duration = Duration::from_secs(1);
 /// Conversations of the one wave, a message each.

@@ -3,12 +3,11 @@
 //! Per object: at most `puts_per_window` PUTs in any sliding window (5 per 300 s on Spaces).
 //! Each PUT is recorded before it is sent; a safety margin covers the time between recording
 //! and the request reaching the store. Per bucket: writes and operations per second, counted
-//! in 50 ms windows in the database so every worker shares one budget (see
-//! `Database::take_bucket_budget`). A sliding second touches 21 windows; each window's cap is
-//! the rate less what the 20 windows before it took, so any 21 consecutive windows stay within
-//! 90% of the rate (the rest absorbs requests that reach the store a little after their
-//! window), and a window never takes more than twice its even share (no burst the size of a
-//! whole second).
+//! in short windows in the database so every worker shares one budget (see
+//! `Database::take_bucket_budget`). Each window's cap is 90% of the rate less what the windows
+//! of the second and one window before it took, so the windows a sliding second touches, and
+//! one more for requests that reach the store after their window, stay within 90% of the rate;
+//! a window never takes more than twice its even share (no burst the size of a whole second).
 
 use crate::config::StorageSettings;
 
@@ -61,10 +60,11 @@ impl PutBudget {
 }
 
 impl BucketBudget {
-    /// The window: short enough that the window a sliding second only partly covers costs
-    /// little of the rate (a twentieth), long enough that a GET and the PUT after it usually
-    /// fall in one.
-    pub const WINDOW_MS: i64 = 50;
+    /// Window lengths tried, shortest first: the shortest in which a flush that reads (a GET
+    /// and the PUT after it, taken together) fits in its even share. Short windows cost little
+    /// of the rate (a sliding second touches one more window than fits in it, and one more is
+    /// kept for late requests); at small rates longer ones keep a GET and its PUT in one window.
+    const WINDOWS_MS: [i64; 5] = [50, 100, 250, 500, 1000];
 
     pub fn from_settings(settings: &StorageSettings) -> Self {
         Self::for_rates(
@@ -77,10 +77,17 @@ impl BucketBudget {
     /// reaching the store a little after their window stay within the rate.
     pub fn for_rates(writes_per_sec: i64, ops_per_sec: i64) -> Self {
         let budget = |rate: i64| if rate == 0 { 0 } else { (rate * 9 / 10).max(1) };
+        let (writes_per_second, ops_per_second) = (budget(writes_per_sec), budget(ops_per_sec));
+        let fits =
+            |per_second: i64, window_ms: i64| per_second == 0 || per_second * window_ms >= 2000;
+        let window_ms = Self::WINDOWS_MS
+            .into_iter()
+            .find(|&w| fits(writes_per_second, w) && fits(ops_per_second, w))
+            .unwrap_or(1000);
         Self {
-            window_ms: Self::WINDOW_MS,
-            writes_per_second: budget(writes_per_sec),
-            ops_per_second: budget(ops_per_sec),
+            window_ms,
+            writes_per_second,
+            ops_per_second,
         }
     }
 
@@ -94,10 +101,12 @@ impl BucketBudget {
         self.window_start(now) + self.window_ms
     }
 
-    /// Start of the earliest window that one sliding second can touch together with
-    /// `window`: the windows from there up to `window` hold at most the per-second budget.
+    /// Start of the earliest window whose requests may arrive in a sliding second that also
+    /// holds requests of `window`: those a second can touch, and one more for requests that
+    /// reach the store after their window ends. The windows from there up to `window` hold at
+    /// most the per-second budget.
     pub fn second_before(&self, window: i64) -> i64 {
-        window - 1000
+        window - 1000 - self.window_ms
     }
 
     /// The most one window may take of a per-second budget: twice its even share, and never
@@ -106,11 +115,11 @@ impl BucketBudget {
         ((2 * per_second * self.window_ms + 999) / 1000).max(2)
     }
 
-    /// Requests per second the budget sustains when it is used to the full (a second's
-    /// budget over the 21 windows a sliding second touches, 20 of them a second long).
+    /// Requests per second the budget sustains when it is used to the full: a second's budget
+    /// over the windows of [`Self::second_before`] (two more than fit in a second).
     pub fn sustained(&self, per_second: i64) -> f64 {
         let windows = (1000 / self.window_ms) as f64;
-        per_second as f64 * windows / (windows + 1.0)
+        per_second as f64 * windows / (windows + 2.0)
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -157,10 +166,15 @@ mod tests {
             (budget.writes_per_second, budget.ops_per_second),
             (135, 216)
         );
+        assert_eq!(budget.window_ms, 50);
         assert_eq!(budget.most_in_one_window(135), 14);
-        assert!(budget.sustained(135) > 128.0 && budget.sustained(135) < 135.0);
+        assert!(budget.sustained(135) > 122.0 && budget.sustained(135) < 135.0);
+        // At small rates a window holds a GET and its PUT (2 operations) at the even rate.
+        let scaled_down = BucketBudget::for_rates(10, 16);
+        assert_eq!(scaled_down.window_ms, 250);
         let small = BucketBudget::for_rates(1, 0);
         assert_eq!((small.writes_per_second, small.ops_per_second), (1, 0));
+        assert_eq!(small.window_ms, 1000);
         assert_eq!(small.most_in_one_window(1), 2);
     }
 }

@@ -1,6 +1,7 @@
-//! The bucket's request rate, shared by every worker: one row per budget window (50 ms), whose
-//! caps are set when the row is made: the per-second budget less what the windows of the
-//! second before it took (at most twice the window's even share). Those windows are over, so
+//! The bucket's request rate, shared by every worker: one row per budget window (50 ms at
+//! Spaces' rates), whose caps are set when the row is made: the per-second budget less what the
+//! windows of the second (and one window) before it took, at most twice the window's even
+//! share. Those windows are over, so
 //! their counts are final (a request given back only lowers them), and any run of windows one
 //! sliding second touches stays within the budget.
 
@@ -186,7 +187,8 @@ mod tests {
             };
             let start = 2_000_000;
             // Every window takes what it can, as a saturated bucket does: each takes at most
-            // twice its even share (1), and the windows of any second at most 10 in all.
+            // twice its even share (1, but never less than 2), and the windows of any second,
+            // with one more for late requests (22), at most 10 in all.
             let mut taken = Vec::new();
             for window in 0..60 {
                 let at = start + window * 50 + 10;
@@ -202,12 +204,12 @@ mod tests {
                 taken.push(count);
             }
             assert!(taken.iter().all(|&n| n <= 2), "{backend}: {taken:?}");
-            for run in taken.windows(21) {
+            for run in taken.windows(22) {
                 assert!(run.iter().sum::<i64>() <= 10, "{backend}: {taken:?}");
             }
-            // Saturated, it still sustains the rate: 10 in 21 windows.
+            // Saturated, it still sustains the rate: 10 in 22 windows.
             let total: i64 = taken.iter().sum();
-            assert!(total >= 25, "{backend}: {total} in 3 s: {taken:?}");
+            assert!(total >= 24, "{backend}: {total} in 3 s: {taken:?}");
             // A worker whose statement runs after the next window began takes nothing from the
             // window it meant: that window's count already set the next one's caps.
             let late = start + 60 * 50 + 10;
