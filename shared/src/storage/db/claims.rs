@@ -53,6 +53,9 @@ pub struct ConversationClaim {
     staged_gen: i64,
     /// Times of recent PUTs to the conversation's object, as of the claim.
     recent_puts: RecentPuts,
+    /// The PUT times before this claim reserved its PUT, while that PUT is not sent: a
+    /// deferral puts them back, so a PUT never sent does not use the object's budget.
+    before_unsent_put: Option<RecentPuts>,
     /// Consecutive failed flushes before this one, for the backoff.
     failures: i64,
     /// The Page's owner as the claim was taken (whose folder the object is in); `None` when
@@ -245,6 +248,7 @@ impl Database {
             generation: row.lease_gen,
             staged_gen: row.staged_gen,
             recent_puts: RecentPuts::decode(&row.recent_puts),
+            before_unsent_put: None,
             failures: row.failures,
             object_absent: row.object_absent != 0,
             never_flushed: row.flushed_gen == 0,
@@ -383,9 +387,11 @@ impl ConversationClaim {
         if next > now {
             return Ok(PutReservation::NotBefore(next));
         }
-        let mut recent = self.recent_puts.clone();
+        let before = self.recent_puts.clone();
+        let mut recent = before.clone();
         recent.record(now, budget.puts_per_window as usize);
         self.record_and_renew(recent, now).await?;
+        self.before_unsent_put = Some(before);
         Ok(PutReservation::Reserved)
     }
 
@@ -459,8 +465,24 @@ impl ConversationClaim {
     }
 
     /// Gives the claim back without counting a failure: the conversation waits until `due_at`
-    /// (its budget's next slot).
-    pub async fn defer(&self, due_at: i64) -> Result<(), ClaimError> {
+    /// (its budget's next slot). Called only before a PUT is sent: a PUT this claim reserved
+    /// (and then found no room in the bucket's budget for) is taken back off the object's
+    /// budget. Kept there, such PUTs used up an object's 5 per 300 s and stalled the
+    /// conversation for a whole window.
+    pub async fn defer(&mut self, due_at: i64) -> Result<(), ClaimError> {
+        if let Some(before) = self.before_unsent_put.take() {
+            let statement = self
+                .statement(
+                    "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0,
+                         recent_puts = $5
+                     WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
+                )
+                .bind(due_at)
+                .bind(before.encode());
+            fenced(statement.execute(&self.db.pool).await)?;
+            self.recent_puts = before;
+            return Ok(());
+        }
         self.give_back(
             "UPDATE conversations SET due_at_ms = $4, lease_owner = NULL, lease_until_ms = 0
              WHERE page_id = $1 AND user_psid = $2 AND lease_gen = $3",
@@ -498,7 +520,7 @@ impl ConversationClaim {
     }
 
     /// Gives the claim back at once, unchanged (shutdown): another worker may take it now.
-    pub async fn release(&self) -> Result<(), ClaimError> {
+    pub async fn release(&mut self) -> Result<(), ClaimError> {
         let now = crate::now_ms();
         self.defer(now).await
     }
@@ -747,7 +769,7 @@ mod tests {
                 .await
                 .expect("page");
             stage(&db, &key, "e1", 1_000).await;
-            let claim = db
+            let mut claim = db
                 .claim_conversation(&key, "a", 1_000, LEASE)
                 .await
                 .expect("claim")
@@ -818,6 +840,34 @@ mod tests {
                 .expect("claim")
                 .expect("due again when the budget allows");
             assert_eq!(later.recent_puts.times().len(), 5, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reserved_put_that_is_deferred_unsent_leaves_the_object_budget_as_it_was() {
+        let budget = PutBudget {
+            puts_per_window: 1,
+            window_ms: 300_000,
+            margin_ms: 1_000,
+        };
+        for (backend, db) in backends().await {
+            let key = key("u-unsent");
+            stage(&db, &key, "e1", 1_000).await;
+            for attempt in 0..3 {
+                let now = 1_000 + attempt * 100;
+                let mut claim = db
+                    .claim_conversation(&key, "a", now, LEASE)
+                    .await
+                    .expect("claim")
+                    .expect("due");
+                assert_eq!(
+                    claim.reserve_put(&budget, now).await.expect("reserve"),
+                    PutReservation::Reserved,
+                    "{backend}: attempt {attempt}: no PUT was ever sent"
+                );
+                // No room in the bucket's budget: deferred before the PUT is sent.
+                claim.defer(now).await.expect("defer");
+            }
         }
     }
 
