@@ -1,6 +1,7 @@
 //! A confirming publisher that survives broker outages: every message persistent, every
 //! publish waits for the broker's confirm, and the connection is kept alive in the background.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -294,17 +295,78 @@ pub async fn publish_each(
             .await?;
         confirms.push(confirm);
     }
-    let mut outcomes = Vec::with_capacity(confirms.len());
+    let mut confirmed = Vec::with_capacity(confirms.len());
     for confirmation in join_all(confirms).await {
-        outcomes.push(match confirmation? {
-            lapin::Confirmation::Ack(None) => Ok(()),
-            lapin::Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
-            lapin::Confirmation::Nack(_) | lapin::Confirmation::NotRequested => {
-                Err(PublishError::Nacked)
-            }
-        });
+        confirmed.push(Confirmed::from(confirmation?));
     }
-    Ok(outcomes)
+    Ok(outcomes(messages, confirmed))
+}
+
+/// A publish's confirm as [`outcomes`] reads it.
+#[derive(Debug)]
+struct Confirmed {
+    /// The broker acked the message (a nack, or confirms not requested, is a refusal).
+    acked: bool,
+    /// The message the broker returned as unroutable, when lapin handed one over with this
+    /// confirm: its routing key and message id.
+    returned: Option<(String, String)>,
+}
+
+impl From<lapin::Confirmation> for Confirmed {
+    fn from(confirmation: lapin::Confirmation) -> Self {
+        let acked = confirmation.is_ack();
+        let returned = confirmation.take_message().map(|message| {
+            let delivery = message.delivery;
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            (delivery.routing_key.to_string(), id)
+        });
+        Self { acked, returned }
+    }
+}
+
+/// Each message's outcome from the confirms, in order. A returned (unroutable) message is
+/// matched to the message it is by routing key and message id, never by the confirm it came
+/// with: lapin hands a return to whichever confirm it resolves next, and one multiple-ack
+/// resolves several confirms in no set order, so the return of one message can come with
+/// another's confirm. (Trusting that once marked a routable letter unroutable and removed
+/// the unroutable one from the dead-letter queue.) Messages sharing a routing key and id with
+/// a returned one are all reported unroutable: kept, never lost.
+fn outcomes(messages: &[Outgoing], confirmed: Vec<Confirmed>) -> Vec<Result<(), PublishError>> {
+    let mut returned: HashSet<(String, String)> = HashSet::new();
+    let mut acked = Vec::with_capacity(confirmed.len());
+    for confirm in confirmed {
+        returned.extend(confirm.returned);
+        acked.push(confirm.acked);
+    }
+    let identity = |message: &Outgoing| {
+        (
+            message.routing_key.clone(),
+            truncate(&message.message_id, 255).to_string(),
+        )
+    };
+    let ours: HashSet<(String, String)> = messages.iter().map(identity).collect();
+    for (routing_key, message_id) in returned.difference(&ours) {
+        // Another publish on the same channel sent it; its confirm came with one of ours.
+        tracing::error!(%routing_key, %message_id, "a message of another publish on this channel was returned unroutable; that publish is not told");
+    }
+    messages
+        .iter()
+        .zip(acked)
+        .map(|(message, acked)| {
+            if !acked {
+                Err(PublishError::Nacked)
+            } else if returned.contains(&identity(message)) {
+                Err(PublishError::Unroutable)
+            } else {
+                Ok(())
+            }
+        })
+        .collect()
 }
 
 fn truncate(text: &str, max: usize) -> &str {
@@ -316,4 +378,63 @@ fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(routing_key: &str, message_id: &str) -> Outgoing {
+        Outgoing {
+            exchange: "events".into(),
+            routing_key: routing_key.into(),
+            body: Vec::new(),
+            message_id: message_id.into(),
+            headers: FieldTable::default(),
+            expiration: None,
+        }
+    }
+
+    fn ack(returned: Option<(&str, &str)>) -> Confirmed {
+        Confirmed {
+            acked: true,
+            returned: returned.map(|(key, id)| (key.to_string(), id.to_string())),
+        }
+    }
+
+    #[test]
+    fn a_returned_message_is_the_one_it_names_not_the_one_whose_confirm_it_came_with() {
+        let messages = [
+            message("conversation", "m1"),
+            message("conversation", "m2"),
+            message("gone", "m3"),
+        ];
+        // One multiple-ack resolved the three confirms, and lapin gave m3's return to m1's.
+        let confirmed = vec![ack(Some(("gone", "m3"))), ack(None), ack(None)];
+        let outcomes: Vec<&str> = outcomes(&messages, confirmed)
+            .iter()
+            .map(|outcome| match outcome {
+                Ok(()) => "ok",
+                Err(PublishError::Unroutable) => "unroutable",
+                Err(_) => "other",
+            })
+            .collect();
+        assert_eq!(outcomes, ["ok", "ok", "unroutable"]);
+    }
+
+    #[test]
+    fn a_nack_is_a_refusal_and_a_return_of_another_publish_changes_nothing_here() {
+        let messages = [message("conversation", "m1"), message("conversation", "m2")];
+        let refused = Confirmed {
+            acked: false,
+            returned: None,
+        };
+        let confirmed = vec![refused, ack(Some(("conversation", "of-another-publish")))];
+        let outcomes = outcomes(&messages, confirmed);
+        assert!(
+            matches!(outcomes[0], Err(PublishError::Nacked)),
+            "{outcomes:?}"
+        );
+        assert!(outcomes[1].is_ok(), "{outcomes:?}");
+    }
 }
