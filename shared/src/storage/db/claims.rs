@@ -15,7 +15,7 @@ use sqlx::any::{AnyArguments, AnyQueryResult};
 use sqlx::query::Query;
 
 use super::put_budget::{PutReservation, RecentPuts};
-use super::{Database, DbError, placeholders};
+use super::{Backend, Database, DbError, placeholders};
 use crate::ids::{ConversationKey, PageId, Psid, UserUuid};
 use crate::storage::budget::PutBudget;
 
@@ -201,22 +201,44 @@ impl Database {
         let local_deadline = Instant::now() + lease;
         // The outer condition is checked again on each row as it is updated: a conversation
         // another worker claimed between the inner select and the update is skipped.
-        let rows = sqlx::query_as::<_, ClaimedRow>(&format!(
-            "UPDATE conversations SET lease_owner = $1, lease_until_ms = $2, lease_gen = lease_gen + 1
-             WHERE (page_id, user_psid) IN (
-                 SELECT page_id, user_psid FROM conversations
-                 WHERE staged_gen > flushed_gen AND due_at_ms <= $3 AND lease_until_ms < $3
-                   AND set_aside_reason IS NULL
-                 ORDER BY waiting_since_ms LIMIT $4)
-               AND {CLAIMABLE_AT_3}
-             RETURNING {CLAIMED}"
-        ))
-        .bind(owner)
-        .bind(now + millis(lease))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = match self.backend {
+            // The select locks the rows it picks and passes over rows another transaction
+            // holds (a worker's claim, staging's upsert): two claims that locked the same rows
+            // in different orders deadlocked (the chaos benchmark saw 16 in a run), and a claim
+            // never waits for a row it can take next round. Picked once, in a materialized CTE:
+            // as an `IN` subquery, a locking select may run again for each row updated, each
+            // time finding the next rows, and claim more than `$4`.
+            Backend::Postgres => format!(
+                "WITH picked AS MATERIALIZED (
+                     SELECT page_id AS picked_page, user_psid AS picked_psid FROM conversations
+                     WHERE staged_gen > flushed_gen AND due_at_ms <= $3 AND lease_until_ms < $3
+                       AND set_aside_reason IS NULL
+                     ORDER BY waiting_since_ms LIMIT $4
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE conversations SET lease_owner = $1, lease_until_ms = $2, lease_gen = lease_gen + 1
+                 FROM picked
+                 WHERE page_id = picked_page AND user_psid = picked_psid AND {CLAIMABLE_AT_3}
+                 RETURNING {CLAIMED}"
+            ),
+            // One writer at a time: nothing to pass over.
+            Backend::Sqlite => format!(
+                "UPDATE conversations SET lease_owner = $1, lease_until_ms = $2, lease_gen = lease_gen + 1
+                 WHERE (page_id, user_psid) IN (
+                     SELECT page_id, user_psid FROM conversations
+                     WHERE staged_gen > flushed_gen AND due_at_ms <= $3 AND lease_until_ms < $3
+                       AND set_aside_reason IS NULL
+                     ORDER BY waiting_since_ms LIMIT $4)
+                   AND {CLAIMABLE_AT_3}
+                 RETURNING {CLAIMED}"
+            ),
+        };
+        let rows = sqlx::query_as::<_, ClaimedRow>(&sql)
+            .bind(owner)
+            .bind(now + millis(lease))
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         let mut claims = rows
             .into_iter()
             .map(|row| self.claim_of(row, lease, local_deadline))
@@ -575,6 +597,40 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_claim_passes_over_a_conversation_another_transaction_holds_instead_of_waiting() {
+        for (backend, db) in backends().await {
+            if backend != "postgres" {
+                continue; // SQLite: one writer at a time, nothing to pass over.
+            }
+            let (held, free) = (key("u1"), key("u2"));
+            stage(&db, &held, "e1", 1_000).await;
+            stage(&db, &free, "e1", 1_001).await;
+            // Another transaction (staging, another worker's claim) holds u1's row.
+            let mut holder = db.pool.begin().await.expect("begin");
+            sqlx::query("UPDATE conversations SET failures = failures WHERE user_psid = 'u1'")
+                .execute(&mut *holder)
+                .await
+                .expect("lock u1");
+            let claims = tokio::time::timeout(
+                Duration::from_secs(5),
+                db.claim_due_conversations("a", 2_000, LEASE, 10),
+            )
+            .await
+            .expect("the claim does not wait for the held row")
+            .expect("claim");
+            let claimed: Vec<&str> = claims.iter().map(|c| c.key().user_psid.as_str()).collect();
+            assert_eq!(claimed, ["u2"], "{backend}");
+            holder.rollback().await.expect("rollback");
+            let claims = db
+                .claim_due_conversations("a", 2_000, LEASE, 10)
+                .await
+                .expect("claim");
+            let claimed: Vec<&str> = claims.iter().map(|c| c.key().user_psid.as_str()).collect();
+            assert_eq!(claimed, ["u1"], "{backend}: taken once it is free");
+        }
+    }
 
     #[tokio::test]
     async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_forgets_it() {
