@@ -189,6 +189,7 @@ async fn beyond_capacity() {
     let rate = conversations as f64 / every.as_secs_f64();
     let deliveries = Arc::new(round_robin("busy", conversations, per_conversation));
     let before = bench.scrape().await;
+    let worker_cpu_before = bench.workers[0].0.cpu_time_ns();
     let started = Instant::now();
     let started_ms = fbsync_shared::now_ms();
     let sender = {
@@ -233,6 +234,7 @@ async fn beyond_capacity() {
             break;
         }
     }
+    let worker_cpu_s = (bench.workers[0].0.cpu_time_ns() - worker_cpu_before) as f64 / 1e9;
     let answers = sender.await.expect("sender");
     let sent = accepted(&answers) as u64;
     let stored = bench.stored_since(&before, &page);
@@ -292,6 +294,11 @@ async fn beyond_capacity() {
     println!(
         "| stored of sent; requests over a limit | {stored} of {sent}; {} | - | - |",
         bench.layer().throttled()
+    );
+    // Saturated, most flushes find no room in the bucket: what they cost the worker.
+    println!(
+        "| worker CPU over the run, s; per write, ms | {worker_cpu_s:.1}; {:.1} | - | - |",
+        worker_cpu_s * 1000.0 / writes.max(1) as f64
     );
     println!();
     bench.stop_all_stored_within_limits(stored, sent).await;

@@ -4,12 +4,47 @@
 //! share. Those windows are over, so
 //! their counts are final (a request given back only lowers them), and any run of windows one
 //! sliding second touches stays within the budget.
+//!
+//! A saturated bucket refuses most takes; this process remembers a window it found full (until
+//! it gives something back to it) and the latest window whose row it has seen, so a refused take
+//! costs no statement or one, not three.
 
 use std::time::Duration;
 
 use super::{Database, DbError};
 use crate::now_ms;
 use crate::storage::budget::BucketBudget;
+
+/// What this process has seen of the budget's windows, to spare statements that cannot take
+/// anything. Only ever errs towards refusing: another process's give-back is not seen until
+/// the next window.
+#[derive(Debug, Default)]
+pub(crate) struct WindowsSeen {
+    /// The latest window whose row this process made or took from (or found refusing after
+    /// making it): a refused take from it or an earlier window means full, not missing.
+    latest_with_row: i64,
+    /// A window found full, and the smallest (writes, ops) refused there: a request as large
+    /// is refused too, since counts only grow (but for give-backs, which forget it).
+    full: Option<(i64, i64, i64)>,
+}
+
+impl WindowsSeen {
+    fn known_full(&self, window: i64, writes: i64, ops: i64) -> bool {
+        self.full
+            .is_some_and(|(w, fw, fo)| w == window && writes >= fw && ops >= fo)
+    }
+
+    fn found_full(&mut self, window: i64, writes: i64, ops: i64) {
+        let smaller = match self.full {
+            Some((w, fw, fo)) if w == window => writes <= fw && ops <= fo,
+            Some((w, _, _)) => window > w,
+            None => true,
+        };
+        if smaller {
+            self.full = Some((window, writes, ops));
+        }
+    }
+}
 
 impl Database {
     /// Takes `writes` and `ops` for a request about to be sent: from the current window, or
@@ -51,8 +86,21 @@ impl Database {
         budget: &BucketBudget,
     ) -> Result<bool, DbError> {
         let window = budget.window_start(now);
-        if self.take_from_window(window, writes, ops).await? {
-            return Ok(true);
+        if self.windows_seen(|seen| seen.known_full(window, writes, ops)) {
+            return Ok(false);
+        }
+        let taken = self.take_from_window(window, writes, ops).await?;
+        let had_row = self.windows_seen(|seen| {
+            let had_row = seen.latest_with_row >= window;
+            if taken {
+                seen.latest_with_row = seen.latest_with_row.max(window);
+            } else if had_row {
+                seen.found_full(window, writes, ops);
+            }
+            had_row
+        });
+        if taken || had_row {
+            return Ok(taken);
         }
         // The window's row is missing (its first request) or full. Made when missing, with its
         // caps, by whichever worker comes first; then taken from once more.
@@ -90,7 +138,18 @@ impl Database {
                 .execute(&self.relaxed_pool)
                 .await?;
         }
-        self.take_from_window(window, writes, ops).await
+        let taken = self.take_from_window(window, writes, ops).await?;
+        self.windows_seen(|seen| {
+            seen.latest_with_row = seen.latest_with_row.max(window);
+            if !taken {
+                seen.found_full(window, writes, ops);
+            }
+        });
+        Ok(taken)
+    }
+
+    fn windows_seen<T>(&self, look: impl FnOnce(&mut WindowsSeen) -> T) -> T {
+        look(&mut self.windows_seen.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Takes from the row of `window`, within its caps; false when the row is missing or full,
@@ -127,6 +186,11 @@ impl Database {
         .bind(ops)
         .execute(&self.relaxed_pool)
         .await?;
+        self.windows_seen(|seen| {
+            if seen.full.is_some_and(|(full, _, _)| full == window) {
+                seen.full = None;
+            }
+        });
         Ok(())
     }
 }
@@ -227,6 +291,55 @@ mod tests {
                     .await
                     .expect("take"),
                 "{backend}: a take into a window that is over"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_window_found_full_is_not_asked_again_until_this_process_gives_some_back() {
+        for (backend, db) in backends().await {
+            let budget = BucketBudget {
+                window_ms: 50,
+                writes_per_second: 1,
+                ops_per_second: 1,
+            };
+            let now = 3_000_020;
+            assert!(
+                db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take")
+            );
+            assert!(
+                !db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take")
+            );
+            // Another process gives back; this one does not ask the database again.
+            sqlx::query("UPDATE bucket_budget SET writes = 0, ops = 0")
+                .execute(&db.pool)
+                .await
+                .expect("give back behind its back");
+            assert!(
+                !db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: a window found full is refused without a statement"
+            );
+            assert!(
+                !db.take_bucket_budget(now, 1, 2, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: and so is a larger request"
+            );
+            // A give-back of its own makes it ask again.
+            db.give_back_bucket_budget(budget.window_start(now), 0, 0)
+                .await
+                .expect("give back");
+            assert!(
+                db.take_bucket_budget(now, 1, 1, &budget)
+                    .await
+                    .expect("take"),
+                "{backend}: asked again after its own give-back"
             );
         }
     }

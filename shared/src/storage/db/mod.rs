@@ -103,6 +103,9 @@ pub struct Database {
     /// When this process last set each Page's time columns (last event, last flush), which are
     /// set at most once a second: one entry per Page and column.
     page_times_set: Arc<Mutex<HashMap<(PageId, &'static str), i64>>>,
+    /// What this process has seen of the bucket's budget windows (a window found full), so
+    /// a saturated bucket's refusals cost few statements.
+    windows_seen: Arc<Mutex<bucket_windows::WindowsSeen>>,
     /// Chosen from the URL; decides the migrations.
     pub backend: Backend,
 }
@@ -162,6 +165,7 @@ impl Database {
             pool,
             relaxed_pool,
             page_times_set: Arc::default(),
+            windows_seen: Arc::default(),
             backend,
         })
     }
@@ -290,6 +294,7 @@ pub(crate) mod test_support {
             relaxed_pool: pool.clone(),
             pool,
             page_times_set: Arc::default(),
+            windows_seen: Arc::default(),
             backend: Backend::Sqlite,
         };
         database.migrate().await.expect("migrations");
