@@ -19,6 +19,7 @@ mod chaos;
 mod database_outage;
 mod durability;
 mod flush_cost;
+mod saturated_bucket;
 mod shared_services;
 mod slow_store;
 mod stalled_worker;
