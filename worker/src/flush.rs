@@ -254,9 +254,14 @@ impl Flusher {
         if paced.window != window {
             *paced = PacedClaims { window, claimed: 0 };
         }
-        let per_window = self
-            .bucket_budget
-            .most_in_one_window(self.bucket_budget.writes_per_second);
+        // A flush takes at least a write and an operation: the tighter of the limited rates.
+        let budget = &self.bucket_budget;
+        let per_window = [budget.writes_per_second, budget.ops_per_second]
+            .into_iter()
+            .filter(|&per_second| per_second > 0)
+            .map(|per_second| budget.most_in_one_window(per_second))
+            .min()
+            .unwrap_or(i64::MAX);
         let per_window = usize::try_from(per_window).unwrap_or(usize::MAX);
         per_window.saturating_sub(paced.claimed).min(free)
     }
