@@ -141,11 +141,12 @@ struct Uncovered {
 }
 
 /// How many windows after the one it was counted in a request may still reach the store: its
-/// own window's end plus this many more (200 ms in all). The budget's caps count one window
-/// of such lateness and its 10% margin the rest; a busy 2-core machine delays a request by tens
-/// of ms between its statement and the store. The fault this test guards against is far
-/// larger: a PUT charged when its flush started reaches the store a whole slow answer (1 s,
-/// the GET before it) after its window.
+/// own window's end plus this many more (200 ms in all). A busy 2-core machine delays a request
+/// by tens of ms between its statement and the store; the budget's caps count one window of
+/// such lateness and its 10% margin about one more (the rate itself is checked by the limits
+/// layer's count, which must stay 0). The fault this test guards against is far larger: a PUT
+/// charged when its flush started reaches the store a whole slow answer (1 s, the GET before
+/// it) after its window.
 const LATE_WINDOWS: i64 = 3;
 
 /// Walks the windows in time order: the requests that arrived in a window must be covered by

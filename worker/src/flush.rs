@@ -126,7 +126,7 @@ pub struct Flusher {
 /// Claims made in one budget window, while the bucket's budget refuses flushes.
 #[derive(Debug, Default)]
 struct PacedClaims {
-    /// The window (its start, ms) the count is for.
+    /// The window (its start, ms) the count is for; 0 while claims are not paced.
     window: i64,
     /// Conversations claimed in it.
     claimed: usize,
@@ -205,6 +205,15 @@ impl Flusher {
         while !shutdown.is_cancelled() {
             let free = batch - in_flight.len();
             let wanted = self.claims_wanted(free, &mut paced);
+            // Paced, with this window's claims made: look again when the next window begins.
+            let look_again = if wanted == 0 && paced.window != 0 {
+                let until_next = self.bucket_budget.next_window(now_ms()) - now_ms();
+                interval.min(Duration::from_millis(
+                    until_next.clamp(1, 1_000).unsigned_abs(),
+                ))
+            } else {
+                interval
+            };
             if wanted > 0 && (free >= refill_at || in_flight.is_empty()) {
                 let mut claims = self
                     .db
@@ -230,7 +239,7 @@ impl Flusher {
                         Ok(Ok(_)) => {}
                     }
                 }
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(look_again) => {}
             }
         }
         while in_flight.join_next().await.is_some() {}
@@ -247,7 +256,9 @@ impl Flusher {
         // Refusals come at the start of a window (what was deferred comes due then): paced
         // until a second and two windows pass without one.
         let paced_for = 1_000 + 2 * self.bucket_budget.window_ms;
-        if self.bucket_budget.is_unlimited() || now - refused_at >= paced_for {
+        // (A clock stepped back makes the refusal look to come from the future: not lately.)
+        if self.bucket_budget.is_unlimited() || !(0..paced_for).contains(&(now - refused_at)) {
+            *paced = PacedClaims::default();
             return free;
         }
         let window = self.bucket_budget.window_start(now);

@@ -308,8 +308,8 @@ struct Confirmed {
     /// The broker acked the message (a nack, or confirms not requested, is a refusal).
     acked: bool,
     /// The message the broker returned as unroutable, when lapin handed one over with this
-    /// confirm: its routing key and message id.
-    returned: Option<(String, String)>,
+    /// confirm: its identity (see [`outcomes`]).
+    returned: Option<Identity>,
 }
 
 impl From<lapin::Confirmation> for Confirmed {
@@ -323,21 +323,28 @@ impl From<lapin::Confirmation> for Confirmed {
                 .as_ref()
                 .map(|id| id.to_string())
                 .unwrap_or_default();
-            (delivery.routing_key.to_string(), id)
+            (
+                delivery.exchange.to_string(),
+                delivery.routing_key.to_string(),
+                id,
+            )
         });
         Self { acked, returned }
     }
 }
 
+/// A message as a return names it: exchange, routing key and message id.
+type Identity = (String, String, String);
+
 /// Each message's outcome from the confirms, in order. A returned (unroutable) message is
-/// matched to the message it is by routing key and message id, never by the confirm it came
+/// matched to the message it is by exchange, routing key and message id, never by the confirm it came
 /// with: lapin hands a return to whichever confirm it resolves next, and one multiple-ack
 /// resolves several confirms in no set order, so the return of one message can come with
 /// another's confirm. (Trusting that once marked a routable letter unroutable and removed
-/// the unroutable one from the dead-letter queue.) Messages sharing a routing key and id with
+/// the unroutable one from the dead-letter queue.) Messages sharing that identity with
 /// a returned one are all reported unroutable: kept, never lost.
 fn outcomes(messages: &[Outgoing], confirmed: Vec<Confirmed>) -> Vec<Result<(), PublishError>> {
-    let mut returned: HashSet<(String, String)> = HashSet::new();
+    let mut returned: HashSet<Identity> = HashSet::new();
     let mut acked = Vec::with_capacity(confirmed.len());
     for confirm in confirmed {
         returned.extend(confirm.returned);
@@ -345,14 +352,15 @@ fn outcomes(messages: &[Outgoing], confirmed: Vec<Confirmed>) -> Vec<Result<(), 
     }
     let identity = |message: &Outgoing| {
         (
+            message.exchange.clone(),
             message.routing_key.clone(),
             truncate(&message.message_id, 255).to_string(),
         )
     };
-    let ours: HashSet<(String, String)> = messages.iter().map(identity).collect();
-    for (routing_key, message_id) in returned.difference(&ours) {
+    let ours: HashSet<Identity> = messages.iter().map(identity).collect();
+    for (exchange, routing_key, message_id) in returned.difference(&ours) {
         // Another publish on the same channel sent it; its confirm came with one of ours.
-        tracing::error!(%routing_key, %message_id, "a message of another publish on this channel was returned unroutable; that publish is not told");
+        tracing::error!(%exchange, %routing_key, %message_id, "a message of another publish on this channel was returned unroutable; that publish is not told");
     }
     messages
         .iter()
@@ -398,7 +406,8 @@ mod tests {
     fn ack(returned: Option<(&str, &str)>) -> Confirmed {
         Confirmed {
             acked: true,
-            returned: returned.map(|(key, id)| (key.to_string(), id.to_string())),
+            returned: returned
+                .map(|(key, id)| ("events".to_string(), key.to_string(), id.to_string())),
         }
     }
 

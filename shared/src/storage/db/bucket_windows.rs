@@ -16,13 +16,16 @@ use crate::now_ms;
 use crate::storage::budget::BucketBudget;
 
 /// What this process has seen of the budget's windows, to spare statements that cannot take
-/// anything. Only ever errs towards refusing: another process's give-back is not seen until
-/// the next window.
+/// anything. A window is marked full only from a refusal whose statement ran when the row was
+/// known to exist and no give-back of this process came between; it errs towards refusing
+/// only in that another process's give-back is not seen until the next window.
 #[derive(Debug, Default)]
 pub(crate) struct WindowsSeen {
     /// The latest window whose row this process made or took from (or found refusing after
-    /// making it): a refused take from it or an earlier window means full, not missing.
+    /// making it): a take from it or an earlier window, refused, means full, not missing.
     latest_with_row: i64,
+    /// Give-backs this process made: a refusal read before one of them says nothing after it.
+    give_backs: u64,
     /// A window found full, and the smallest (writes, ops) refused there: a request as large
     /// is refused too, since counts only grow (but for give-backs, which forget it).
     full: Option<(i64, i64, i64)>,
@@ -89,15 +92,17 @@ impl Database {
         if self.windows_seen(|seen| seen.known_full(window, writes, ops)) {
             return Ok(false);
         }
+        // Known before the statement runs: a row another task makes meanwhile must not turn
+        // this take's refusal (for want of a row) into "full".
+        let (had_row, give_backs) =
+            self.windows_seen(|seen| (seen.latest_with_row >= window, seen.give_backs));
         let taken = self.take_from_window(window, writes, ops).await?;
-        let had_row = self.windows_seen(|seen| {
-            let had_row = seen.latest_with_row >= window;
+        self.windows_seen(|seen| {
             if taken {
                 seen.latest_with_row = seen.latest_with_row.max(window);
-            } else if had_row {
+            } else if had_row && seen.give_backs == give_backs {
                 seen.found_full(window, writes, ops);
             }
-            had_row
         });
         if taken || had_row {
             return Ok(taken);
@@ -138,10 +143,12 @@ impl Database {
                 .execute(&self.relaxed_pool)
                 .await?;
         }
+        let give_backs = self.windows_seen(|seen| seen.give_backs);
         let taken = self.take_from_window(window, writes, ops).await?;
         self.windows_seen(|seen| {
+            // The row exists now (made here or by whoever came first).
             seen.latest_with_row = seen.latest_with_row.max(window);
-            if !taken {
+            if !taken && seen.give_backs == give_backs {
                 seen.found_full(window, writes, ops);
             }
         });
@@ -187,6 +194,7 @@ impl Database {
         .execute(&self.relaxed_pool)
         .await?;
         self.windows_seen(|seen| {
+            seen.give_backs += 1;
             if seen.full.is_some_and(|(full, _, _)| full == window) {
                 seen.full = None;
             }
