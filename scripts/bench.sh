@@ -8,8 +8,9 @@
 # Scenarios:
 #   ingest        open-throttle webhook deliveries into `fbsync ingest`, against the broker's own
 #                 confirmed-publish rate (the load generator publishing straight to RabbitMQ),
-#                 and the CPU time (user + system) per message of ingest, the broker and the
-#                 load generator
+#                 the CPU time (user + system) per message of ingest, the broker and the load
+#                 generator, and (with valgrind) ingest's instructions per delivery
+#                 (scripts/bench-ingest-instructions.sh)
 #   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
 #                 deliveries over 50 conversations, against the ingest-only rate above
 #   worker        the workers' CPU per 1,000 stored messages at 2,000 messages/s over 50
@@ -102,6 +103,11 @@ if [[ $skip != *" ingest "* ]]; then
     "$(per_message "$broker_ticks_ingest" "$accepted") / $(per_message "$broker_ticks_raw" "$published")" "-" "-"
   row "the load generator's CPU per message, µs (median): posting to ingest / publishing" \
     "$(median "${loadgen_ingest[@]}") / $(median "${loadgen_raw[@]}")" "-" "-"
+  if command -v valgrind >/dev/null; then
+    scripts/bench-ingest-instructions.sh | tee "$out/instructions.txt"
+    row "ingest: instructions per delivery (callgrind; barely moved by the machine's load)" \
+      "$(sed -n 's/^instructions per delivery *//p' "$out/instructions.txt")" "-" "-"
+  fi
 fi
 
 if [[ $skip != *" e2e "* ]]; then

@@ -15,8 +15,9 @@
 
 pub mod owner;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -26,7 +27,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fbsync_shared::config::{Settings, WebhookSecrets};
-use fbsync_shared::facebook::event::{EventMessage, split_delivery};
+use fbsync_shared::facebook::event::{EventKind, EventMessage, split_delivery};
 use fbsync_shared::facebook::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Publisher, Topology};
@@ -35,6 +36,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use lapin::types::{AMQPValue, FieldTable};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -50,6 +52,8 @@ pub struct IngestState {
     pub verify_token: SecretString,
     /// Where events are published.
     pub topology: Topology,
+    /// The events exchange's name, made once (every event is published to it).
+    pub events_exchange: String,
     /// The confirming publisher (reconnects by itself).
     pub publisher: Publisher,
     /// Longest wait for a delivery's confirms before answering 503.
@@ -60,6 +64,8 @@ pub struct IngestState {
     pub read_timeout: Duration,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
+    /// The deliveries' counters and histogram, kept once registered.
+    delivery_metrics: DeliveryMetrics,
     /// The owner routes' state; `None` when the owner settings are not configured (the
     /// routes are then not served).
     pub owner: Option<Arc<owner::OwnerState>>,
@@ -77,11 +83,13 @@ impl IngestState {
             app_secret: secrets.app_secret,
             verify_token: secrets.verify_token,
             topology: Topology::new(&settings.broker.queue_prefix),
+            events_exchange: Topology::new(&settings.broker.queue_prefix).events_exchange(),
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
             in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
             read_timeout: settings.ingest.read_timeout,
             metrics,
+            delivery_metrics: DeliveryMetrics::default(),
             owner: None,
         }
     }
@@ -211,11 +219,12 @@ async fn verify_subscription(
 /// POST /facebook/webhook: verify, split, publish with confirms, answer.
 async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Request) -> Response {
     // A slot first: beyond the limit nothing is read at all.
+    let answer = |outcome, status, text| state.delivery_metrics.answer(outcome, status, text);
     let Ok(_slot) = state.in_flight.clone().try_acquire_owned() else {
         return answer(
-            "overloaded",
+            Outcome::Overloaded,
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests in flight; try again later",
+            "too many requests in flight; try again later".into(),
         );
     };
     // Only the signature headers are read after the body: cheap clones of their bytes, not of
@@ -228,17 +237,17 @@ async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Reques
         Ok(Err(rejection)) => {
             let status = rejection.status();
             let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
+                Outcome::TooLarge
             } else {
-                "bad_request"
+                Outcome::BadRequest
             };
-            return answer(outcome, status, "body could not be read");
+            return answer(outcome, status, "body could not be read".into());
         }
         Err(_) => {
             return answer(
-                "too_slow",
+                Outcome::TooSlow,
                 StatusCode::REQUEST_TIMEOUT,
-                "the body was not sent in time",
+                "the body was not sent in time".into(),
             );
         }
     };
@@ -250,21 +259,25 @@ async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Reques
     ) {
         tracing::warn!(reason = %e, "webhook delivery refused");
         return answer(
-            "bad_signature",
+            Outcome::BadSignature,
             StatusCode::UNAUTHORIZED,
-            "invalid signature",
+            "invalid signature".into(),
         );
     }
     let events = match split_delivery(&body, now_ms()) {
         Ok(events) => events,
         Err(e) => {
             tracing::warn!(reason = %e, "webhook delivery is not a page delivery");
-            return answer("bad_request", StatusCode::BAD_REQUEST, e.to_string());
+            return answer(
+                Outcome::BadRequest,
+                StatusCode::BAD_REQUEST,
+                e.to_string().into(),
+            );
         }
     };
     let outgoing: Vec<Outgoing> = events
         .iter()
-        .map(|event| to_outgoing(&state.topology, event))
+        .map(|event| outgoing_message(&state.events_exchange, event))
         .collect();
     let started = Instant::now();
     match state
@@ -273,27 +286,33 @@ async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Reques
         .await
     {
         Ok(()) => {
-            metrics::histogram!(PUBLISH_CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
+            let metrics = &state.delivery_metrics;
+            metrics.confirmed(started.elapsed());
             for event in &events {
-                metrics::counter!(EVENTS_PUBLISHED, "kind" => event.kind.as_str()).increment(1);
+                metrics.published(event.kind);
             }
-            answer("accepted", StatusCode::OK, "EVENT_RECEIVED")
+            answer(Outcome::Accepted, StatusCode::OK, "EVENT_RECEIVED".into())
         }
         Err(e) => {
             if !matches!(e, PublishError::Unavailable) {
                 tracing::warn!(error = %e, events = events.len(), "delivery not confirmed; answering 503");
             }
             answer(
-                "unavailable",
+                Outcome::Unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,
-                "try again later",
+                "try again later".into(),
             )
         }
     }
 }
 
-/// The queue message of one event.
+/// The queue message of one event, for the events exchange of `topology`.
 pub fn to_outgoing(topology: &Topology, event: &EventMessage) -> Outgoing {
+    outgoing_message(&topology.events_exchange(), event)
+}
+
+/// The queue message of one event, for the events exchange named `events_exchange`.
+fn outgoing_message(events_exchange: &str, event: &EventMessage) -> Outgoing {
     let mut headers = FieldTable::default();
     headers.insert(
         "page_id".into(),
@@ -304,7 +323,7 @@ pub fn to_outgoing(topology: &Topology, event: &EventMessage) -> Outgoing {
         AMQPValue::LongString(event.kind.as_str().into()),
     );
     Outgoing {
-        exchange: topology.events_exchange(),
+        exchange: events_exchange.to_string(),
         routing_key: event.kind.job_kind().as_str().to_string(),
         body: message_body(event),
         message_id: event.event_id.clone(),
@@ -333,11 +352,80 @@ fn message_body(event: &EventMessage) -> Vec<u8> {
     body
 }
 
-/// Counts the delivery's outcome and answers it with `text` (plain text; a `&'static str` is
-/// sent without a copy).
-fn answer(outcome: &'static str, status: StatusCode, text: impl IntoResponse) -> Response {
-    metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
-    (status, text).into_response()
+/// How a delivery was answered: the `outcome` label of `fbsync_webhook_deliveries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Accepted,
+    BadSignature,
+    BadRequest,
+    TooLarge,
+    TooSlow,
+    Overloaded,
+    Unavailable,
+}
+
+impl Outcome {
+    /// Every outcome, in declaration order (`outcome as usize` indexes this).
+    const ALL: [Outcome; 7] = [
+        Outcome::Accepted,
+        Outcome::BadSignature,
+        Outcome::BadRequest,
+        Outcome::TooLarge,
+        Outcome::TooSlow,
+        Outcome::Overloaded,
+        Outcome::Unavailable,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::BadSignature => "bad_signature",
+            Outcome::BadRequest => "bad_request",
+            Outcome::TooLarge => "too_large",
+            Outcome::TooSlow => "too_slow",
+            Outcome::Overloaded => "overloaded",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The deliveries' metrics, each registered with the recorder on its first use and kept: a
+/// labelled metric looked up by name and labels on every delivery cost ingest more than the
+/// count itself. (Registered on first use, not at start, so a series appears once it counts
+/// something, as it did when looked up each time.)
+#[derive(Default)]
+struct DeliveryMetrics {
+    /// `fbsync_webhook_deliveries_total`, indexed by [`Outcome`].
+    deliveries: [OnceLock<Counter>; Outcome::ALL.len()],
+    /// `fbsync_events_published_total`, indexed by [`EventKind`].
+    events_published: [OnceLock<Counter>; EventKind::ALL.len()],
+    /// `fbsync_publish_confirm_seconds`.
+    confirm_seconds: OnceLock<Histogram>,
+}
+
+impl DeliveryMetrics {
+    /// Counts the delivery's outcome and answers it with `text` (plain text; a `&'static str`
+    /// is sent without a copy).
+    fn answer(&self, outcome: Outcome, status: StatusCode, text: Cow<'static, str>) -> Response {
+        self.deliveries[outcome as usize]
+            .get_or_init(|| metrics::counter!(DELIVERIES, "outcome" => outcome.as_str()))
+            .increment(1);
+        (status, text).into_response()
+    }
+
+    /// An event of `kind` was confirmed by the broker.
+    fn published(&self, kind: EventKind) {
+        self.events_published[kind as usize]
+            .get_or_init(|| metrics::counter!(EVENTS_PUBLISHED, "kind" => kind.as_str()))
+            .increment(1);
+    }
+
+    /// A delivery's confirms all came, `elapsed` after its first publish.
+    fn confirmed(&self, elapsed: Duration) {
+        self.confirm_seconds
+            .get_or_init(|| metrics::histogram!(PUBLISH_CONFIRM_SECONDS))
+            .record(elapsed.as_secs_f64());
+    }
 }
 
 /// GET /readyz: 200 while the broker connection is up.
@@ -356,4 +444,16 @@ async fn render_metrics(State(state): State<Arc<IngestState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_as_a_number_is_its_place_in_the_list_of_all_outcomes() {
+        for (place, outcome) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome as usize, place, "{outcome:?}");
+        }
+    }
 }

@@ -78,6 +78,22 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order (`kind as usize` indexes this).
+    pub const ALL: [EventKind; 12] = [
+        EventKind::Message,
+        EventKind::Echo,
+        EventKind::Delivery,
+        EventKind::Read,
+        EventKind::Postback,
+        EventKind::Reaction,
+        EventKind::Edit,
+        EventKind::Referral,
+        EventKind::Optin,
+        EventKind::Handover,
+        EventKind::Other,
+        EventKind::PageChange,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Message => "message",
@@ -623,6 +639,13 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+    }
+
+    #[test]
+    fn a_kind_as_a_number_is_its_place_in_the_list_of_all_kinds() {
+        for (place, kind) in EventKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, place, "{kind:?}");
+        }
     }
 
     #[test]

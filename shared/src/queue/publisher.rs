@@ -344,6 +344,20 @@ type Identity = (String, String, String);
 /// the unroutable one from the dead-letter queue.) Messages sharing that identity with
 /// a returned one are all reported unroutable: kept, never lost.
 fn outcomes(messages: &[Outgoing], confirmed: Vec<Confirmed>) -> Vec<Result<(), PublishError>> {
+    if confirmed.iter().all(|confirm| confirm.returned.is_none()) {
+        // The usual case, on every delivery ingest accepts: nothing came back, so there is
+        // nothing to match (and no identities to build).
+        return confirmed
+            .into_iter()
+            .map(|confirm| {
+                if confirm.acked {
+                    Ok(())
+                } else {
+                    Err(PublishError::Nacked)
+                }
+            })
+            .collect();
+    }
     let mut returned: HashSet<Identity> = HashSet::new();
     let mut acked = Vec::with_capacity(confirmed.len());
     for confirm in confirmed {
@@ -429,6 +443,21 @@ mod tests {
             })
             .collect();
         assert_eq!(outcomes, ["ok", "ok", "unroutable"]);
+    }
+
+    #[test]
+    fn without_returns_each_confirm_is_the_outcome_of_its_own_message() {
+        let messages = [message("conversation", "m1"), message("conversation", "m2")];
+        let refused = Confirmed {
+            acked: false,
+            returned: None,
+        };
+        let outcomes = outcomes(&messages, vec![ack(None), refused]);
+        assert!(outcomes[0].is_ok(), "{outcomes:?}");
+        assert!(
+            matches!(outcomes[1], Err(PublishError::Nacked)),
+            "{outcomes:?}"
+        );
     }
 
     #[test]
