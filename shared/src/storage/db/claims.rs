@@ -15,7 +15,7 @@ use sqlx::any::{AnyArguments, AnyQueryResult};
 use sqlx::query::Query;
 
 use super::put_budget::{PutReservation, RecentPuts};
-use super::{Backend, Database, DbError, placeholders};
+use super::{Backend, Database, DbError};
 use crate::ids::{ConversationKey, PageId, Psid, UserUuid};
 use crate::storage::budget::PutBudget;
 
@@ -455,7 +455,7 @@ impl ConversationClaim {
         for chunk in stored_seqs.chunks(500) {
             let sql = format!(
                 "DELETE FROM staged_events WHERE seq IN ({})",
-                placeholders(1, chunk.len())
+                self.db.backend.placeholders(1, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for seq in chunk {

@@ -3,7 +3,7 @@
 //! polled reconstruction staged before it (the webhook copy is what Facebook sent, and is what
 //! the file keeps); each conversation's staging generation says that events are waiting.
 
-use super::{Database, DbError, placeholders};
+use super::{Database, DbError};
 use crate::facebook::event::EventSource;
 use crate::ids::ConversationKey;
 
@@ -56,7 +56,13 @@ impl Database {
         // Many rows per statement: one round trip per 100 events, not one per event.
         for chunk in ordered.chunks(100) {
             let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(i * STAGED_COLUMNS + 1, STAGED_COLUMNS)))
+                .map(|i| {
+                    format!(
+                        "({})",
+                        self.backend
+                            .placeholders(i * STAGED_COLUMNS + 1, STAGED_COLUMNS)
+                    )
+                })
                 .collect();
             let sql = format!(
                 "INSERT INTO staged_events
@@ -96,7 +102,7 @@ impl Database {
         // (staged = flushed): the wait starts with this batch.
         for chunk in touched.chunks(100) {
             let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({}, 1)", placeholders(i * 3 + 1, 3)))
+                .map(|i| format!("({}, 1)", self.backend.placeholders(i * 3 + 1, 3)))
                 .collect();
             let sql = format!(
                 "INSERT INTO conversations (page_id, user_psid, waiting_since_ms, staged_gen)
@@ -186,6 +192,45 @@ mod tests {
                 staged[0].body, "webhook",
                 "{backend}: the first webhook copy stays"
             );
+        }
+    }
+
+    /// Hundreds of events take several multi-row statements (100 rows each, 8 values a row,
+    /// anonymous `?` on SQLite): every value lands in its own row and column.
+    #[tokio::test]
+    async fn a_batch_of_hundreds_stages_every_event_with_its_own_values() {
+        for (backend, db) in backends().await {
+            let keys: Vec<ConversationKey> = (0..3)
+                .map(|c| ConversationKey {
+                    page_id: PageId::parse("1").expect("page"),
+                    user_psid: Psid::parse(&format!("u{c}")).expect("psid"),
+                })
+                .collect();
+            let events: Vec<NewStagedEvent> = (0..250_i64)
+                .map(|n| NewStagedEvent {
+                    key: keys[n as usize % 3].clone(),
+                    event_id: format!("mid:m_{n}"),
+                    source: EventSource::Webhook,
+                    timestamp_ms: 1_000 + n,
+                    received_at_ms: 2_000 + n,
+                    body: format!("{{\"n\":{n}}}"),
+                })
+                .collect();
+            let staged = db.stage_events(&events, 5).await.expect("stage");
+            assert_eq!(staged, 250, "{backend}");
+            for (c, key) in keys.iter().enumerate() {
+                let rows = db.staged_events(key).await.expect("staged");
+                let expected = events.iter().filter(|e| &e.key == key).count();
+                assert_eq!(rows.len(), expected, "{backend}: conversation {c}");
+                for row in rows {
+                    let n: i64 = row.event_id["mid:m_".len()..].parse().expect("n");
+                    assert_eq!(n as usize % 3, c, "{backend}: {row:?}");
+                    assert_eq!(row.timestamp_ms, 1_000 + n, "{backend}: {row:?}");
+                    assert_eq!(row.received_at_ms, 2_000 + n, "{backend}: {row:?}");
+                    assert_eq!(row.body, format!("{{\"n\":{n}}}"), "{backend}: {row:?}");
+                    assert_eq!(row.source, EventSource::Webhook, "{backend}");
+                }
+            }
         }
     }
 }
