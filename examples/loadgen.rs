@@ -286,10 +286,7 @@ fn random_run_id() -> String {
 // Webhook mode
 
 /// Builds the deliveries of one run: delivery `n` holds messages `n * per .. (n + 1) * per`.
-///
-/// The JSON is written straight into one buffer from pieces escaped once at the start (no
-/// `serde_json::Value` per delivery): the generator shares the machine's cores with ingest and
-/// the broker, and every microsecond it spends is one they do not get.
+/// The JSON is written straight into one buffer from pieces escaped once at the start.
 struct Deliveries {
     /// The run id as it goes inside a JSON string (escaped, no quotes).
     run_id: String,
@@ -319,25 +316,19 @@ impl Deliveries {
         let timestamp = now_ms();
         let (run, page) = (&self.run_id, &self.page_id);
         let mut body = Vec::with_capacity(160 + 200 * self.events_per_delivery as usize);
-        let write = |body: &mut Vec<u8>, text: std::fmt::Arguments| {
-            body.write_fmt(text).expect("writing to a Vec cannot fail")
-        };
-        write(
-            &mut body,
-            format_args!(
-                r#"{{"object":"page","entry":[{{"id":{page},"time":{timestamp},"messaging":["#
-            ),
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            body,
+            r#"{{"object":"page","entry":[{{"id":{page},"time":{timestamp},"messaging":["#
         );
         let first = n * self.events_per_delivery;
         for m in first..first + self.events_per_delivery {
             // A text message from one of the senders to the Page.
             let comma = if m == first { "" } else { "," };
             let sender = m % self.conversations;
-            write(
-                &mut body,
-                format_args!(
-                    r#"{comma}{{"sender":{{"id":"9{sender:015}"}},"recipient":{{"id":{page}}},"timestamp":{timestamp},"message":{{"mid":"m_{run}_{m}","text":"loadgen message {m} of run {run}"}}}}"#
-                ),
+            let _ = write!(
+                body,
+                r#"{comma}{{"sender":{{"id":"9{sender:015}"}},"recipient":{{"id":{page}}},"timestamp":{timestamp},"message":{{"mid":"m_{run}_{m}","text":"loadgen message {m} of run {run}"}}}}"#
             );
         }
         body.extend_from_slice(b"]}]}");
@@ -367,7 +358,8 @@ async fn webhook_load(args: &Args, run_id: &str) -> anyhow::Result<Tally> {
         args.events_per_delivery
     );
     // One keep-alive connection per load worker, opened on its first request and again after
-    // any failure.
+    // any failure. Worker `i` alone uses slot `i`: the mutex is never contended, it only lets
+    // the slot live in the shared closure.
     let connections: Arc<Vec<tokio::sync::Mutex<Option<Connection>>>> = Arc::new(
         (0..args.concurrency.max(1))
             .map(|_| tokio::sync::Mutex::new(None))
@@ -397,10 +389,11 @@ async fn webhook_load(args: &Args, run_id: &str) -> anyhow::Result<Tally> {
     Ok(drive(Schedule::new(args), args.concurrency, post).await)
 }
 
-/// Where deliveries go: the address to connect to and what the request line and `Host` say.
+/// Where deliveries go.
 struct Target {
-    address: String,
-    host: String,
+    /// `host:port`: what is connected to, and what the `Host` header says.
+    authority: String,
+    /// The request line's target (path and query).
     path: String,
 }
 
@@ -411,15 +404,14 @@ impl Target {
             url.scheme() == "http",
             "--url must be plain http:// (the load generator speaks HTTP/1.1 without TLS)"
         );
-        let host = url.host_str().context("--url has no host")?.to_string();
+        let host = url.host_str().context("--url has no host")?;
         let port = url.port_or_known_default().unwrap_or(80);
         let path = match url.query() {
             Some(query) => format!("{}?{query}", url.path()),
             None => url.path().to_string(),
         };
         Ok(Self {
-            address: format!("{host}:{port}"),
-            host: format!("{host}:{port}"),
+            authority: format!("{host}:{port}"),
             path,
         })
     }
@@ -427,8 +419,7 @@ impl Target {
 
 /// A keep-alive HTTP/1.1 connection to ingest, written and read by hand: one `write` per
 /// request (head and body in one buffer), the answer's status and `Content-Length` read from
-/// its head. A general-purpose client (pools, header maps, URL handling per request) cost the
-/// generator about as much CPU per delivery as ingest itself spends, on the cores they share.
+/// its head, one request at a time.
 struct Connection {
     stream: tokio::net::TcpStream,
     /// The request being written, reused from one request to the next.
@@ -437,59 +428,89 @@ struct Connection {
     answer: Vec<u8>,
 }
 
+impl Connection {
+    async fn open(target: &Target) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(&target.authority).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            request: Vec::with_capacity(1024),
+            answer: Vec::with_capacity(512),
+        })
+    }
+
+    /// Sends one request and reads its whole answer: the status, and whether the server
+    /// closes the connection after it.
+    async fn exchange(
+        &mut self,
+        target: &Target,
+        body: &[u8],
+        signature: &str,
+    ) -> std::io::Result<(u16, bool)> {
+        use std::io::Write as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        self.request.clear();
+        self.answer.clear();
+        write!(
+            self.request,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             {SHA256_HEADER}: {signature}\r\nContent-Length: {}\r\n\r\n",
+            target.path,
+            target.authority,
+            body.len()
+        )?;
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await?;
+        loop {
+            if let Some(head_end) = self.answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let (status, length, close) = parse_answer_head(&self.answer[..head_end])?;
+                let body_end = head_end + 4 + length;
+                while self.answer.len() < body_end {
+                    if self.stream.read_buf(&mut self.answer).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                // One request at a time: anything beyond this answer means the two sides no
+                // longer agree where answers end.
+                let in_step = self.answer.len() == body_end;
+                return Ok((status, close || !in_step));
+            }
+            if self.stream.read_buf(&mut self.answer).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
 /// Posts a delivery on the worker's connection (opening one when it has none) and reads the
-/// whole answer; returns its status. On an error the caller drops the connection.
+/// whole answer; returns its status. A kept connection that fails before a byte of the answer
+/// came was closed by the server while idle (ingest closes a connection that sends nothing for
+/// its read timeout): the request goes once more on a new connection. On any other error the
+/// caller drops the connection.
 async fn post_delivery(
     target: &Target,
     slot: &mut Option<Connection>,
     body: &[u8],
     signature: &str,
 ) -> std::io::Result<u16> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    if slot.is_none() {
-        let stream = tokio::net::TcpStream::connect(&target.address).await?;
-        stream.set_nodelay(true)?;
-        *slot = Some(Connection {
-            stream,
-            request: Vec::with_capacity(1024),
-            answer: Vec::with_capacity(512),
-        });
-    }
-    let connection = slot.as_mut().expect("a connection was just opened");
-    let request = &mut connection.request;
-    request.clear();
-    request.extend_from_slice(
-        format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             {SHA256_HEADER}: {signature}\r\nContent-Length: {}\r\n\r\n",
-            target.path,
-            target.host,
-            body.len()
-        )
-        .as_bytes(),
-    );
-    request.extend_from_slice(body);
-    connection.stream.write_all(request).await?;
-    let answer = &mut connection.answer;
-    answer.clear();
-    loop {
-        if let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let (status, length, close) = parse_answer_head(&answer[..head_end])?;
-            let body_end = head_end + 4 + length;
-            while answer.len() < body_end {
-                if connection.stream.read_buf(answer).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+    if let Some(connection) = slot.as_mut() {
+        match connection.exchange(target, body, signature).await {
+            Ok((status, close)) => {
+                if close {
+                    *slot = None;
                 }
+                return Ok(status);
             }
-            if close {
-                *slot = None;
-            }
-            return Ok(status);
-        }
-        if connection.stream.read_buf(answer).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            Err(e) if !connection.answer.is_empty() => return Err(e),
+            Err(_) => *slot = None,
         }
     }
+    let connection = slot.insert(Connection::open(target).await?);
+    let (status, close) = connection.exchange(target, body, signature).await?;
+    if close {
+        *slot = None;
+    }
+    Ok(status)
 }
 
 /// The status, `Content-Length` and whether the server closes the connection, from an answer's
@@ -500,21 +521,24 @@ fn parse_answer_head(head: &[u8]) -> std::io::Result<(u16, usize, bool)> {
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let head = std::str::from_utf8(head).map_err(|_| invalid("answer head is not text"))?;
     let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
+    let status_line = lines.next().ok_or_else(|| invalid("no status line"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| invalid("no status line"))?;
-    let (mut length, mut close) = (None, false);
+    // HTTP/1.0 closes after the answer unless told otherwise.
+    let (mut length, mut close) = (None, status_line.starts_with("HTTP/1.0"));
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
-        let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            length = value.parse().ok();
+            length = value.trim().parse().ok();
         } else if name.eq_ignore_ascii_case("connection") {
-            close = value.eq_ignore_ascii_case("close");
+            close = value
+                .split(',')
+                .any(|option| option.trim().eq_ignore_ascii_case("close"));
         }
     }
     let length = length.ok_or_else(|| invalid("answer without Content-Length"))?;

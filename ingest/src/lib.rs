@@ -79,11 +79,12 @@ impl IngestState {
         publisher: Publisher,
         metrics: PrometheusHandle,
     ) -> Self {
+        let topology = Topology::new(&settings.broker.queue_prefix);
         Self {
             app_secret: secrets.app_secret,
             verify_token: secrets.verify_token,
-            topology: Topology::new(&settings.broker.queue_prefix),
-            events_exchange: Topology::new(&settings.broker.queue_prefix).events_exchange(),
+            events_exchange: topology.events_exchange(),
+            topology,
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
             in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
@@ -218,8 +219,8 @@ async fn verify_subscription(
 
 /// POST /facebook/webhook: verify, split, publish with confirms, answer.
 async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Request) -> Response {
-    // A slot first: beyond the limit nothing is read at all.
     let answer = |outcome, status, text| state.delivery_metrics.answer(outcome, status, text);
+    // A slot first: beyond the limit nothing is read at all.
     let Ok(_slot) = state.in_flight.clone().try_acquire_owned() else {
         return answer(
             Outcome::Overloaded,
@@ -407,17 +408,21 @@ impl DeliveryMetrics {
     /// Counts the delivery's outcome and answers it with `text` (plain text; a `&'static str`
     /// is sent without a copy).
     fn answer(&self, outcome: Outcome, status: StatusCode, text: Cow<'static, str>) -> Response {
-        self.deliveries[outcome as usize]
-            .get_or_init(|| metrics::counter!(DELIVERIES, "outcome" => outcome.as_str()))
-            .increment(1);
+        count(
+            &self.deliveries,
+            outcome as usize,
+            || metrics::counter!(DELIVERIES, "outcome" => outcome.as_str()),
+        );
         (status, text).into_response()
     }
 
     /// An event of `kind` was confirmed by the broker.
     fn published(&self, kind: EventKind) {
-        self.events_published[kind as usize]
-            .get_or_init(|| metrics::counter!(EVENTS_PUBLISHED, "kind" => kind.as_str()))
-            .increment(1);
+        count(
+            &self.events_published,
+            kind as usize,
+            || metrics::counter!(EVENTS_PUBLISHED, "kind" => kind.as_str()),
+        );
     }
 
     /// A delivery's confirms all came, `elapsed` after its first publish.
@@ -425,6 +430,16 @@ impl DeliveryMetrics {
         self.confirm_seconds
             .get_or_init(|| metrics::histogram!(PUBLISH_CONFIRM_SECONDS))
             .record(elapsed.as_secs_f64());
+    }
+}
+
+/// Adds one to the counter kept in `cells[index]`, registering it with `register` on first use.
+/// An index beyond the cells (a kind added to its enum but not to its `ALL`) is registered
+/// each time instead: still counted, never a panic.
+fn count(cells: &[OnceLock<Counter>], index: usize, register: impl FnOnce() -> Counter) {
+    match cells.get(index) {
+        Some(cell) => cell.get_or_init(register).increment(1),
+        None => register().increment(1),
     }
 }
 

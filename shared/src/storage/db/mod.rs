@@ -79,12 +79,15 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The placeholders of `count` values numbered from `first`, in a statement whose every
-    /// parameter is bound in order (a multi-row statement): `$first, $first+1, ...` on
-    /// PostgreSQL, bare `?` on SQLite. SQLite keeps named parameters (`$N`) in a list it
-    /// searches from the start for each name, and sqlx asks for every parameter's name when it
-    /// binds, so a statement of hundreds of `$N` cost time quadratic in their number (4% of
-    /// `fbsync up`'s CPU under load); bare `?` have no names and are numbered in order.
+    /// The placeholders of `count` values numbered from `first`, for a multi-row statement:
+    /// `$first, $first+1, ...` on PostgreSQL, bare `?` on SQLite. SQLite keeps named
+    /// parameters (`$N`) in a list it searches from the start for each name, and sqlx asks for
+    /// every parameter's name when it binds, so a statement of hundreds of `$N` cost time
+    /// quadratic in their number (4% of `fbsync up`'s CPU under load); bare `?` have no names.
+    ///
+    /// Only for a statement whose placeholders all come from here, bound in order: on SQLite
+    /// `first` is ignored and bare `?` are numbered 1, 2, ... whatever `$N` stand beside them,
+    /// so `WHERE page_id = $1 AND seq IN (<placeholders(2, n)>)` would bind the wrong values.
     fn placeholders(self, first: usize, count: usize) -> String {
         match self {
             Backend::Sqlite => vec!["?"; count].join(", "),
