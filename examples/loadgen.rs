@@ -814,3 +814,70 @@ fn describe_rate(rate: f64) -> String {
         "open throttle".to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server that answers each connection's first request with 200 and then closes it, as
+    /// ingest closes a connection left idle for its read timeout; counts the connections.
+    async fn answer_once_then_close() -> (Target, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let address = listener.local_addr().expect("its address");
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut request = Vec::new();
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    if stream.read_buf(&mut request).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nEVENT_RECEIVED")
+                    .await;
+            }
+        });
+        let target = Target::parse(&format!("http://{address}/facebook/webhook")).expect("a URL");
+        (target, connections)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_the_server_closed_while_idle_costs_a_reconnect_not_a_failure() {
+        let (target, connections) = answer_once_then_close().await;
+        let mut slot = None;
+        for n in 0..3 {
+            let status = post_delivery(&target, &mut slot, b"{}", "sha256=00").await;
+            assert_eq!(status.ok(), Some(200), "delivery {n}");
+            // Let the server's close reach this side before the connection is used again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn an_answer_head_gives_its_status_length_and_whether_the_connection_closes() {
+        let head = |text: &str| parse_answer_head(text.as_bytes()).ok();
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\ncontent-length: 14"),
+            Some((200, 14, false))
+        );
+        assert_eq!(
+            head(
+                "HTTP/1.1 503 Service Unavailable\r\nConnection: keep-alive, close\r\nContent-Length: 15"
+            ),
+            Some((503, 15, true))
+        );
+        assert_eq!(
+            head("HTTP/1.0 200 OK\r\nContent-Length: 2"),
+            Some((200, 2, true))
+        );
+        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"), None);
+        assert_eq!(head("garbage"), None);
+    }
+}
