@@ -50,9 +50,7 @@ pub struct IngestState {
     pub app_secret: SecretString,
     /// Answers the subscription handshake.
     pub verify_token: SecretString,
-    /// Where events are published.
-    pub topology: Topology,
-    /// The events exchange's name, made once (every event is published to it).
+    /// Where events are published: the events exchange's name, made once.
     pub events_exchange: String,
     /// The confirming publisher (reconnects by itself).
     pub publisher: Publisher,
@@ -79,12 +77,10 @@ impl IngestState {
         publisher: Publisher,
         metrics: PrometheusHandle,
     ) -> Self {
-        let topology = Topology::new(&settings.broker.queue_prefix);
         Self {
             app_secret: secrets.app_secret,
             verify_token: secrets.verify_token,
-            events_exchange: topology.events_exchange(),
-            topology,
+            events_exchange: Topology::new(&settings.broker.queue_prefix).events_exchange(),
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
             in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
