@@ -12,7 +12,8 @@
 #                 generator, and (with valgrind) ingest's instructions per delivery
 #                 (scripts/bench-ingest-instructions.sh)
 #   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
-#                 deliveries over 50 conversations, against the ingest-only rate above
+#                 deliveries over 50 conversations, against the ingest-only rate above (median
+#                 of BENCH_E2E_ROUNDS runs, default 3)
 #   worker        the workers' CPU per 1,000 stored messages at 2,000 messages/s over 50
 #                 conversations, SQLite and PostgreSQL, one and two workers
 #                 (scripts/bench-worker-cost.sh)
@@ -43,6 +44,7 @@ echo "machine: $machine"
 cargo build --release --bin fbsync --example loadgen
 rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 |"); }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 # The number after "$2" on the line of $1 that starts with it.
 field() { awk -v key="$2" 'index($0, key) == 1 { sub(key, ""); print $1; exit }' "$1"; }
@@ -93,7 +95,6 @@ if [[ $skip != *" ingest "* ]]; then
   done
   kill "$ingest"; wait "$ingest" || true
   "$target/examples/loadgen" --delete-topology "$run" >/dev/null
-  median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
   broker=$(median "${brokers[@]}")
   ingest_rate=$(median "${ingests[@]}")
   row "ingest: deliveries/s, open throttle, 128 in flight (median of $rounds alternated rounds)" "$ingest_rate" "$broker (broker's confirmed publishes/s)" "$(median "${ratios[@]}") (rounds: ${ratios[*]})"
@@ -115,11 +116,19 @@ fi
 
 if [[ $skip != *" e2e "* ]]; then
   echo "== e2e"
-  scripts/bench-e2e.sh 0 10 50 0 | tee "$out/e2e.txt"
-  stored=$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i ~ /^\(/) { gsub(/[(\/s]/, "", $i); print $i; exit } }' "$out/e2e.txt")
-  row "end to end: messages stored/s, open throttle, 50 conversations, no store limits" "$stored" "${ingest_rate:-?} (ingest alone)" "$(ratio "$stored" "${ingest_rate:-0}")"
-  row "end to end: visibility p50 / p99, s" "$(grep -m1 '^visibility' "$out/e2e.txt" | awk '{print $4 " / " $8}')" "-" "-"
-  row "end to end: worker peak RSS" "$(grep -m1 '^worker mem' "$out/e2e.txt" | awk '{print $4 " " $5}')" "-" "-"
+  # Rounds, like ingest's: one 10 s run moves with the machine's load by a tenth either way.
+  rounds=${BENCH_E2E_ROUNDS:-3}
+  stored_rates=() e2e_ratios=()
+  for round in $(seq 1 "$rounds"); do
+    scripts/bench-e2e.sh 0 10 50 0 | tee "$out/e2e-$round.txt"
+    stored_rates+=("$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i ~ /^\(/) { gsub(/[(\/s]/, "", $i); print $i; exit } }' "$out/e2e-$round.txt")")
+    e2e_ratios+=("$(ratio "${stored_rates[-1]}" "${ingest_rate:-0}")")
+    echo "round $round: stored ${stored_rates[-1]}/s end to end"
+  done
+  stored=$(median "${stored_rates[@]}")
+  row "end to end: messages stored/s, open throttle, 50 conversations, no store limits (median of $rounds runs)" "$stored" "${ingest_rate:-?} (ingest alone)" "$(ratio "$stored" "${ingest_rate:-0}") (runs: ${e2e_ratios[*]})"
+  row "end to end: visibility p50 / p99, s (each run)" "$(for f in "$out"/e2e-*.txt; do grep -m1 '^visibility' "$f" | awk '{printf "%s / %s; ", $4, $8}'; done | sed 's/; $//')" "-" "-"
+  row "end to end: worker peak RSS (each run)" "$(for f in "$out"/e2e-*.txt; do grep -m1 '^worker mem' "$f" | awk '{printf "%s %s; ", $4, $5}'; done | sed 's/; $//')" "-" "-"
 fi
 
 # Rows of a benchmark's "| label | figure | bound | ratio |" tables, each label prefixed.

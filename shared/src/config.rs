@@ -159,6 +159,7 @@ pub const VARIABLES: &[Variable] = &[
     var("WORKER_PARK_AFTER_MS", Some("60000"), "worker, up"),
     var("WORKER_FLUSH_INTERVAL_MS", Some("200"), "worker, up"),
     var("WORKER_FLUSH_BATCH", Some("64"), "worker, up"),
+    var("WORKER_OBJECT_WRITE_GAP_MS", Some("1000"), "worker, up"),
     var("WORKER_LEASE_MS", Some("60000"), "worker, up"),
     var("WORKER_METRICS_ADDR", None, "worker (unset: not served)"),
     var("WORKER_POLL_CONCURRENCY", Some("2"), "worker, up"),
@@ -317,6 +318,12 @@ pub struct WorkerSettings {
     pub flush_interval: Duration,
     /// Conversations one flusher claims at once.
     pub flush_batch: u32,
+    /// The least time between two writes of one conversation object. Each write copies the
+    /// whole object, so a busy conversation rewritten as fast as the flusher can go costs
+    /// CPU and requests in proportion to its size times its write rate; with a gap, events
+    /// that arrive meanwhile go into the next write together. It binds only where the
+    /// object's PUT budget does not (no budget, or its first PUTs in a window).
+    pub object_write_gap: Duration,
     /// How long a claim on a conversation lasts before another worker may take it over.
     pub lease: Duration,
     /// Where the worker serves /metrics and /healthz (none when unset).
@@ -504,6 +511,9 @@ impl Settings {
                 prefetch: reader.parsed("WORKER_PREFETCH"),
                 flush_interval: Duration::from_millis(reader.parsed("WORKER_FLUSH_INTERVAL_MS")),
                 flush_batch: reader.parsed("WORKER_FLUSH_BATCH"),
+                object_write_gap: Duration::from_millis(
+                    reader.parsed("WORKER_OBJECT_WRITE_GAP_MS"),
+                ),
                 lease: Duration::from_millis(reader.parsed("WORKER_LEASE_MS")),
                 metrics_addr: reader.optional_parsed("WORKER_METRICS_ADDR"),
                 poll_concurrency: reader.parsed("WORKER_POLL_CONCURRENCY"),

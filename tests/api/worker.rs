@@ -427,6 +427,62 @@ async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it
     pipeline.cleanup().await;
 }
 
+/// A busy conversation is not copied whole as often as the flusher can: after a write, the
+/// events that arrive within WORKER_OBJECT_WRITE_GAP_MS wait, and go into the next write
+/// together (one PUT for three messages).
+#[tokio::test]
+async fn events_arriving_within_the_write_gap_wait_and_share_the_next_write() {
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let mut pipeline = Pipeline::new(
+        DbKind::Sqlite,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    let gap = Duration::from_secs(5);
+    pipeline.set("WORKER_OBJECT_WRITE_GAP_MS", &gap.as_millis().to_string());
+    pipeline.register_page(PAGE_ID).await;
+    let (mut process, ingest) = pipeline.up().await;
+    let client = webhook_client();
+    let psid = "u-gap";
+    let first = message_delivery(PAGE_ID, psid, "m_g1", 1_000, false);
+    assert_eq!(post_signed(&client, &ingest.webhook, &first).await, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pipeline.conversation(PAGE_ID, psid).await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the first message was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first write happened before now: the gap holds until at least now + gap.
+    let first_seen = Instant::now();
+    for (i, mid) in ["m_g2", "m_g3", "m_g4"].into_iter().enumerate() {
+        let delivery = message_delivery(PAGE_ID, psid, mid, 2_000 + i as i64, false);
+        assert_eq!(post_signed(&client, &ingest.webhook, &delivery).await, 200);
+    }
+    tokio::time::sleep_until(first_seen + gap / 2).await;
+    let during_gap = pipeline.conversation(PAGE_ID, psid).await.expect("stored");
+    assert_eq!(
+        mids(&during_gap),
+        ["m_g1"],
+        "no second write within the gap"
+    );
+    let stored = pipeline
+        .wait_for_conversation(PAGE_ID, psid, 4, Duration::from_secs(60))
+        .await;
+    assert_eq!(mids(&stored), ["m_g1", "m_g2", "m_g3", "m_g4"]);
+    assert_eq!(
+        layer.puts_for(&format!("{psid}.json")),
+        2,
+        "the three messages of the gap went into one write"
+    );
+    assert_eq!(layer.throttled(), 0);
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
 /// A burst of people new to the bucket: one listing of the Page's folder spares a read per
 /// new conversation (each is written with `If-None-Match: *`, one request instead of two),
 /// while a conversation whose object exists already (written before fbsync) is still read and

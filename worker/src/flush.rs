@@ -104,6 +104,10 @@ pub struct Flusher {
     put_margin: Duration,
     /// Conversations claimed (and flushed concurrently) per round.
     batch: u32,
+    /// The least time between two writes of one object (ms, WORKER_OBJECT_WRITE_GAP_MS):
+    /// under load, events gather into fewer, larger writes instead of the object being
+    /// copied whole as often as the flusher can.
+    write_gap_ms: i64,
     /// Backoff for failed flushes.
     retry: RetrySettings,
     /// Where the events of a removed Page go.
@@ -158,6 +162,8 @@ impl Flusher {
             lease: settings.worker.lease,
             put_margin: REQUEST_TIMEOUT.min(settings.worker.lease / 2),
             batch: settings.worker.flush_batch.max(1),
+            write_gap_ms: i64::try_from(settings.worker.object_write_gap.as_millis())
+                .unwrap_or(i64::MAX),
             retry: settings.retry.clone(),
             write_absent_unread: settings.storage.conditional_writes,
             last_written: LastWritten::default(),
@@ -521,7 +527,9 @@ impl Flusher {
         };
         self.health.set_store_up(true);
         let written_at = now_ms();
-        let due_at = claim.next_put_at(&self.put_budget, written_at);
+        let due_at = claim
+            .next_put_at(&self.put_budget, written_at)
+            .max(written_at.saturating_add(self.write_gap_ms));
         // Remembered before the claim ends: the next claim may start the moment it does. (If
         // the claim turns out lost, the entry's generation and version keep it from misleading
         // anyone.)
