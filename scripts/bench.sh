@@ -59,6 +59,7 @@ if [[ $skip != *" ingest "* ]]; then
   # figures taken seconds apart, so a machine whose speed drifts (it is shared) moves both.
   # The figures reported are the medians of the rounds.
   rounds=${BENCH_INGEST_ROUNDS:-3}
+  if ! (( rounds >= 1 )); then echo "BENCH_INGEST_ROUNDS must be at least 1" >&2; exit 2; fi
   port=$((5600 + RANDOM % 100)) run=bench-ingest-$RANDOM
   FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=v QUEUE_PREFIX=$run INGEST_ADDR=127.0.0.1:$port \
     INGEST_METRICS_ADDR=127.0.0.1:0 RUST_LOG=warn "$target/fbsync" ingest &
@@ -118,6 +119,7 @@ if [[ $skip != *" e2e "* ]]; then
   echo "== e2e"
   # Rounds, like ingest's: one 10 s run moves with the machine's load by a tenth either way.
   rounds=${BENCH_E2E_ROUNDS:-3}
+  if ! (( rounds >= 1 )); then echo "BENCH_E2E_ROUNDS must be at least 1" >&2; exit 2; fi
   stored_rates=() e2e_ratios=()
   for round in $(seq 1 "$rounds"); do
     scripts/bench-e2e.sh 0 10 50 0 | tee "$out/e2e-$round.txt"
@@ -127,8 +129,8 @@ if [[ $skip != *" e2e "* ]]; then
   done
   stored=$(median "${stored_rates[@]}")
   row "end to end: messages stored/s, open throttle, 50 conversations, no store limits (median of $rounds runs)" "$stored" "${ingest_rate:-?} (ingest alone)" "$(ratio "$stored" "${ingest_rate:-0}") (runs: ${e2e_ratios[*]})"
-  row "end to end: visibility p50 / p99, s (each run)" "$(for f in "$out"/e2e-*.txt; do grep -m1 '^visibility' "$f" | awk '{printf "%s / %s; ", $4, $8}'; done | sed 's/; $//')" "-" "-"
-  row "end to end: worker peak RSS (each run)" "$(for f in "$out"/e2e-*.txt; do grep -m1 '^worker mem' "$f" | awk '{printf "%s %s; ", $4, $5}'; done | sed 's/; $//')" "-" "-"
+  row "end to end: visibility p50 / p99, s (each run)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^visibility' "$out/e2e-$round.txt" | awk '{printf "%s / %s; ", $4, $8}'; done | sed 's/; $//')" "-" "-"
+  row "end to end: worker peak RSS (each run)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^worker mem' "$out/e2e-$round.txt" | awk '{printf "%s %s; ", $4, $5}'; done | sed 's/; $//')" "-" "-"
 fi
 
 # Rows of a benchmark's "| label | figure | bound | ratio |" tables, each label prefixed.

@@ -310,6 +310,11 @@ pub struct RetrySettings {
     pub park_after: Duration,
 }
 
+/// The longest WORKER_OBJECT_WRITE_GAP_MS accepted: a message waits up to the gap to be
+/// stored, and past half of the 120 s for which a worker merges into what it wrote without
+/// reading it, the gap would cost every flush a read.
+pub const MAX_OBJECT_WRITE_GAP: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Unacked messages a worker holds at once per queue.
@@ -533,6 +538,12 @@ impl Settings {
             reader
                 .problems
                 .push("WORKER_POLL_CONCURRENCY must be at least 1".into());
+        }
+        if settings.worker.object_write_gap > MAX_OBJECT_WRITE_GAP {
+            reader.problems.push(format!(
+                "WORKER_OBJECT_WRITE_GAP_MS must be at most {}: a busy conversation's messages wait up to the gap to be stored",
+                MAX_OBJECT_WRITE_GAP.as_millis()
+            ));
         }
         if settings.ingest.max_in_flight == 0 {
             reader
@@ -923,6 +934,17 @@ mod tests {
             settings.facebook.graph_url,
             "https://graph.facebook.com/v25.0"
         );
+    }
+
+    #[test]
+    fn a_write_gap_over_a_minute_is_refused() {
+        let err = Settings::from_map(&vars(&[("WORKER_OBJECT_WRITE_GAP_MS", "60001")]))
+            .expect_err("too long a gap");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].contains("WORKER_OBJECT_WRITE_GAP_MS must be at most 60000"));
+        let settings = Settings::from_map(&vars(&[("WORKER_OBJECT_WRITE_GAP_MS", "60000")]))
+            .expect("a minute is allowed");
+        assert_eq!(settings.worker.object_write_gap, MAX_OBJECT_WRITE_GAP);
     }
 
     #[test]

@@ -456,7 +456,8 @@ async fn events_arriving_within_the_write_gap_wait_and_share_the_next_write() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The first write happened before now: the gap holds until at least now + gap.
+    // The first write ended about now (seen within the polling's 20 ms): the gap holds until
+    // about now + gap, and the check below comes at half of it.
     let first_seen = Instant::now();
     for (i, mid) in ["m_g2", "m_g3", "m_g4"].into_iter().enumerate() {
         let delivery = message_delivery(PAGE_ID, psid, mid, 2_000 + i as i64, false);

@@ -8,6 +8,10 @@ use crate::common::process::FbsyncProcess;
 use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
 use crate::common::webhook::{Delivery, message_delivery, webhook_client};
 
+/// The workers' WORKER_OBJECT_WRITE_GAP_MS, set explicitly (it is the default) so that a
+/// benchmark waiting it out cannot drift from it.
+pub const WRITE_GAP: std::time::Duration = std::time::Duration::from_millis(1_000);
+
 /// The histogram with one observation per stored event.
 pub const VISIBILITY: &str = "fbsync_visibility_seconds";
 
@@ -58,6 +62,10 @@ impl Bench {
         pipeline.set("WORKER_METRICS_ADDR", "127.0.0.1:0");
         // The worker's default: the tests' 50 ms would cost CPU that production does not spend.
         pipeline.set("WORKER_FLUSH_INTERVAL_MS", "100");
+        pipeline.set(
+            "WORKER_OBJECT_WRITE_GAP_MS",
+            &WRITE_GAP.as_millis().to_string(),
+        );
         let log = std::env::var("FBSYNC_BENCH_LOG").unwrap_or_else(|_| "warn,fbsync=info".into());
         pipeline.set("RUST_LOG", &log);
         pipeline.register_page(PAGE_ID).await;

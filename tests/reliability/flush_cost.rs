@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::bench_pipeline::Bench;
+use crate::bench_pipeline::{Bench, WRITE_GAP};
 use crate::common::metrics::sample;
 use crate::common::pipeline::{DbKind, PAGE_ID, conversation_key};
 use crate::common::spaces_limits::{s3_client, s3_endpoint};
@@ -36,10 +36,6 @@ const USER: &str = "psid-long";
 
 /// Milliseconds between stored messages; the new ones come after the last.
 const STEP_MS: i64 = 1_000;
-
-/// The worker's default WORKER_OBJECT_WRITE_GAP_MS: each measured message is sent once it has
-/// passed since the last write, so the measured span holds the flush, not the wait for it.
-const WRITE_GAP: Duration = Duration::from_millis(1_000);
 
 /// The figures of one conversation size.
 struct Costs {
@@ -105,6 +101,8 @@ async fn measure(events: usize) -> Costs {
     let idle_ns_per_s = idle_cpu(&bench).await;
     let last_ms = events as i64 * STEP_MS;
     let flush = async |n: usize, timestamp: i64| {
+        // Sent once the write gap has passed since the last write: the measured span holds the
+        // flush, not the wait for it.
         tokio::time::sleep(WRITE_GAP).await;
         let before = bench.scrape().await;
         let (started, cpu_before) = (Instant::now(), worker.cpu_time_ns());
