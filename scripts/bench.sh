@@ -12,8 +12,8 @@
 #                 generator, and (with valgrind) ingest's instructions per delivery
 #                 (scripts/bench-ingest-instructions.sh)
 #   e2e           `fbsync up` (SQLite, local store, no store limits), 10 s of open-throttle
-#                 deliveries over 50 conversations, against the ingest-only rate above (median
-#                 of BENCH_E2E_ROUNDS runs, default 3)
+#                 deliveries over 50 conversations, against ingest alone (5 s, as above) in
+#                 BENCH_E2E_ROUNDS alternated rounds (default 3), reported as medians
 #   worker        the workers' CPU per 1,000 stored messages at 2,000 messages/s over 50
 #                 conversations, SQLite and PostgreSQL, one and two workers
 #                 (scripts/bench-worker-cost.sh)
@@ -52,6 +52,31 @@ field() { awk -v key="$2" 'index($0, key) == 1 { sub(key, ""); print $1; exit }'
 # the command name, which may hold spaces).
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
+# `fbsync ingest` on its own, for the ingest-alone rounds of the ingest and e2e scenarios.
+ingest="" ingest_port="" ingest_run=""
+start_ingest() {
+  ingest_port=$((5600 + RANDOM % 100)) ingest_run=bench-ingest-$RANDOM
+  FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=v QUEUE_PREFIX=$ingest_run \
+    INGEST_ADDR=127.0.0.1:$ingest_port INGEST_METRICS_ADDR=127.0.0.1:0 RUST_LOG=warn \
+    "$target/fbsync" ingest &
+  ingest=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$ingest_port/readyz" >/dev/null && break; sleep 0.1; done
+}
+stop_ingest() {
+  if [ -n "$ingest" ]; then
+    kill "$ingest"; wait "$ingest" || true
+    "$target/examples/loadgen" --delete-topology "$ingest_run" >/dev/null
+    ingest=""
+  fi
+}
+trap 'stop_ingest; rm -rf "$out"' EXIT
+# One round of ingest alone: 5 s of open-throttle deliveries, 128 in flight; the load
+# generator's report goes to $1.
+ingest_round() {
+  FACEBOOK_APP_SECRET=bench "$target/examples/loadgen" --url "http://127.0.0.1:$ingest_port/facebook/webhook" \
+    --rate 0 --concurrency 128 --duration-secs 5 | tee "$1"
+}
+
 ingest_rate=""
 if [[ $skip != *" ingest "* ]]; then
   echo "== ingest"
@@ -60,11 +85,7 @@ if [[ $skip != *" ingest "* ]]; then
   # The figures reported are the medians of the rounds.
   rounds=${BENCH_INGEST_ROUNDS:-3}
   if ! (( rounds >= 1 )); then echo "BENCH_INGEST_ROUNDS must be at least 1" >&2; exit 2; fi
-  port=$((5600 + RANDOM % 100)) run=bench-ingest-$RANDOM
-  FACEBOOK_APP_SECRET=bench FACEBOOK_VERIFY_TOKEN=v QUEUE_PREFIX=$run INGEST_ADDR=127.0.0.1:$port \
-    INGEST_METRICS_ADDR=127.0.0.1:0 RUST_LOG=warn "$target/fbsync" ingest &
-  ingest=$!
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  start_ingest
   # The broker's CPU is read around each round too (its oldest Erlang VM process, when it runs
   # on this machine), and the load generator prints its own: the three share the machine's
   # cores, so what the generator and the broker spend per message bounds both rates. (The
@@ -78,8 +99,7 @@ if [[ $skip != *" ingest "* ]]; then
     "$target/examples/loadgen" --raw-publish --rate 0 --concurrency 128 --duration-secs 5 | tee "$out/raw.txt"
     b1=$(broker_cpu)
     cpu_before=$(cpu_ticks "$ingest")
-    FACEBOOK_APP_SECRET=bench "$target/examples/loadgen" --url "http://127.0.0.1:$port/facebook/webhook" \
-      --rate 0 --concurrency 128 --duration-secs 5 | tee "$out/ingest.txt"
+    ingest_round "$out/ingest.txt"
     cpu_after=$(cpu_ticks "$ingest")
     b2=$(broker_cpu)
     ticks=$((ticks + cpu_after - cpu_before))
@@ -94,8 +114,7 @@ if [[ $skip != *" ingest "* ]]; then
     ratios+=("$(ratio "${ingests[-1]}" "${brokers[-1]}")")
     echo "round $round: ingest ${ingests[-1]}/s, broker ${brokers[-1]}/s, ratio ${ratios[-1]}"
   done
-  kill "$ingest"; wait "$ingest" || true
-  "$target/examples/loadgen" --delete-topology "$run" >/dev/null
+  stop_ingest
   broker=$(median "${brokers[@]}")
   ingest_rate=$(median "${ingests[@]}")
   row "ingest: deliveries/s, open throttle, 128 in flight (median of $rounds alternated rounds)" "$ingest_rate" "$broker (broker's confirmed publishes/s)" "$(median "${ratios[@]}") (rounds: ${ratios[*]})"
@@ -117,20 +136,24 @@ fi
 
 if [[ $skip != *" e2e "* ]]; then
   echo "== e2e"
-  # Rounds, like ingest's: one 10 s run moves with the machine's load by a tenth either way.
+  # Rounds of ingest alone (as in the ingest scenario, 5 s) and of the whole pipeline (10 s),
+  # alternated like ingest's and the broker's: each ratio compares figures taken seconds apart.
   rounds=${BENCH_E2E_ROUNDS:-3}
   if ! (( rounds >= 1 )); then echo "BENCH_E2E_ROUNDS must be at least 1" >&2; exit 2; fi
-  stored_rates=() e2e_ratios=()
+  stored_rates=() alone_rates=() e2e_ratios=()
   for round in $(seq 1 "$rounds"); do
+    start_ingest
+    ingest_round "$out/e2e-alone-$round.txt"
+    stop_ingest
+    alone_rates+=("$(field "$out/e2e-alone-$round.txt" "accepted/s")")
     scripts/bench-e2e.sh 0 10 50 0 | tee "$out/e2e-$round.txt"
     stored_rates+=("$(awk '/^stored/ { for (i = 1; i <= NF; i++) if ($i ~ /^\(/) { gsub(/[(\/s]/, "", $i); print $i; exit } }' "$out/e2e-$round.txt")")
-    e2e_ratios+=("$(ratio "${stored_rates[-1]}" "${ingest_rate:-0}")")
-    echo "round $round: stored ${stored_rates[-1]}/s end to end"
+    e2e_ratios+=("$(ratio "${stored_rates[-1]}" "${alone_rates[-1]}")")
+    echo "round $round: stored ${stored_rates[-1]}/s end to end, ingest alone ${alone_rates[-1]}/s, ratio ${e2e_ratios[-1]}"
   done
-  stored=$(median "${stored_rates[@]}")
-  row "end to end: messages stored/s, open throttle, 50 conversations, no store limits (median of $rounds runs)" "$stored" "${ingest_rate:-?} (ingest alone)" "$(ratio "$stored" "${ingest_rate:-0}") (runs: ${e2e_ratios[*]})"
-  row "end to end: visibility p50 / p99, s (each run)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^visibility' "$out/e2e-$round.txt" | awk '{printf "%s / %s; ", $4, $8}'; done | sed 's/; $//')" "-" "-"
-  row "end to end: worker peak RSS (each run)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^worker mem' "$out/e2e-$round.txt" | awk '{printf "%s %s; ", $4, $5}'; done | sed 's/; $//')" "-" "-"
+  row "end to end: messages stored/s, open throttle, 50 conversations, no store limits (median of $rounds alternated rounds)" "$(median "${stored_rates[@]}")" "$(median "${alone_rates[@]}") (ingest alone, the same rounds)" "$(median "${e2e_ratios[@]}") (rounds: ${e2e_ratios[*]})"
+  row "end to end: visibility p50 / p99, s (each round)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^visibility' "$out/e2e-$round.txt" | awk '{printf "%s / %s; ", $4, $8}'; done | sed 's/; $//')" "-" "-"
+  row "end to end: worker peak RSS (each round)" "$(for round in $(seq 1 "$rounds"); do grep -m1 '^worker mem' "$out/e2e-$round.txt" | awk '{printf "%s %s; ", $4, $5}'; done | sed 's/; $//')" "-" "-"
 fi
 
 # Rows of a benchmark's "| label | figure | bound | ratio |" tables, each label prefixed.
