@@ -18,7 +18,7 @@ use crate::common::broker::queue_depth;
 use crate::common::fake_graph::{Failure, FakeGraph, FakeMessage};
 use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, conversation_key};
 use crate::common::process::FbsyncProcess;
-use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_client, s3_endpoint};
+use crate::common::spaces_limits::{SpacesLimits, s3_client, s3_endpoint};
 use crate::common::webhook::post_signed;
 
 /// How long any one step may take.
@@ -188,14 +188,8 @@ async fn a_backfill_follows_every_page_at_both_levels_and_stores_each_message_on
 #[tokio::test]
 async fn a_backfill_writes_new_conversations_unread_and_merges_into_objects_already_stored() {
     let fake = FakeGraph::start().await;
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Sqlite, SpacesLimits::default()).await;
     pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
     fake.set_page(PAGE_ID, "Handmade Shop");
     pipeline.register_page(PAGE_ID).await;

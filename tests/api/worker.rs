@@ -16,7 +16,7 @@ use crate::common::fixtures::fixture;
 use crate::common::metrics::{sample, scrape, total};
 use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
 use crate::common::process::{FbsyncProcess, log_summary};
-use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::spaces_limits::{SpacesLimits, s3_endpoint};
 use crate::common::tally::{expected_mids, mids, sorted_by_timestamp};
 use crate::common::webhook::{
     accepted, conversation_burst, message_delivery, post_burst, post_signed, webhook_client,
@@ -312,14 +312,7 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
         bucket_writes_per_second: 20,
         bucket_operations_per_second: 30,
     };
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), limits).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) = Pipeline::behind_spaces_limits(DbKind::Sqlite, limits).await;
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "5");
     pipeline.set("SPACES_OBJECT_PUT_WINDOW_SECS", "10");
     pipeline.set("SPACES_WRITES_PER_SEC", "20");
@@ -365,14 +358,8 @@ async fn a_burst_within_spaces_limits_is_stored_without_a_throttled_request() {
 /// write, then read and merged: never overwritten.
 #[tokio::test]
 async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it_did_not_make() {
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Sqlite, SpacesLimits::default()).await;
     pipeline.register_page(PAGE_ID).await;
     let (mut process, ingest) = pipeline.up().await;
     let client = webhook_client();
@@ -432,14 +419,8 @@ async fn a_worker_rewrites_its_own_write_unread_and_never_overwrites_a_change_it
 /// together (one PUT for three messages).
 #[tokio::test]
 async fn events_arriving_within_the_write_gap_wait_and_share_the_next_write() {
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Sqlite, SpacesLimits::default()).await;
     let gap = Duration::from_secs(5);
     pipeline.set("WORKER_OBJECT_WRITE_GAP_MS", &gap.as_millis().to_string());
     pipeline.register_page(PAGE_ID).await;
@@ -490,14 +471,8 @@ async fn events_arriving_within_the_write_gap_wait_and_share_the_next_write() {
 /// merged, never overwritten.
 #[tokio::test]
 async fn new_conversations_claimed_together_are_written_after_one_listing_without_reads() {
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Sqlite, SpacesLimits::default()).await;
     pipeline.register_page(PAGE_ID).await;
     // Two conversations stored before fbsync (the Python app wrote them).
     let s3 = crate::common::spaces_limits::s3_client(&s3_endpoint());
@@ -560,14 +535,8 @@ async fn new_conversations_claimed_together_are_written_after_one_listing_withou
 /// everything is stored once it is back.
 #[tokio::test]
 async fn a_storage_outage_delays_but_loses_nothing() {
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Sqlite,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Sqlite, SpacesLimits::default()).await;
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
     pipeline.register_page(PAGE_ID).await;
     let (mut process, ingest) = pipeline.up().await;

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 
 use super::broker::{TcpProxy, delete_topology, queue_depth, unique_prefix};
 use super::process::{FbsyncProcess, fbsync_command, traced_fbsync_command};
-use super::spaces_limits::{create_bucket, read_object, s3_endpoint, unique_bucket};
+use super::spaces_limits::{
+    SpacesLimitLayer, SpacesLimits, create_bucket, read_object, s3_endpoint, unique_bucket,
+};
 use super::webhook::{APP_SECRET, VERIFY_TOKEN};
 
 /// 32 bytes, base64: the tests' token key.
@@ -142,6 +144,23 @@ impl Pipeline {
             bucket,
             vars,
         }
+    }
+
+    /// A pipeline whose S3 store sits behind the tests' Spaces-limits layer, which counts every
+    /// request and refuses those over `limits`; the layer comes with it.
+    pub async fn behind_spaces_limits(
+        db: DbKind,
+        limits: SpacesLimits,
+    ) -> (Self, SpacesLimitLayer) {
+        let layer = SpacesLimitLayer::start(&s3_endpoint(), limits).await;
+        let pipeline = Self::new(
+            db,
+            StoreKind::S3 {
+                endpoint: Some(layer.endpoint()),
+            },
+        )
+        .await;
+        (pipeline, layer)
     }
 
     /// Sets (or overrides) a variable.

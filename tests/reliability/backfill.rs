@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::common::broker::queue_depth;
 use crate::common::fake_graph::FakeGraph;
-use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
-use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, list_keys, s3_endpoint};
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline};
+use crate::common::spaces_limits::{SpacesLimits, list_keys, s3_endpoint};
 use crate::shared_services::serial;
 
 /// Conversations of the Page, and messages in each (all with details: the 20 most recent).
@@ -44,14 +44,8 @@ async fn backfill() {
             start_ms + i as i64 * 60_000,
         );
     }
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Postgres,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Postgres, SpacesLimits::default()).await;
     pipeline.set("FACEBOOK_GRAPH_URL", &fake.url());
     pipeline.register_page(PAGE_ID).await;
     let mut worker = pipeline.spawn_worker().await;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::common::broker::queue_depth;
-use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline, StoreKind};
+use crate::common::pipeline::{DbKind, PAGE_ID, Pipeline};
 use crate::common::process::{FbsyncProcess, log_summary};
-use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, s3_endpoint};
+use crate::common::spaces_limits::SpacesLimits;
 use crate::common::tally::{expected_mids, tally};
 use crate::common::webhook::{conversation_burst, post_burst, retry_refused, webhook_client};
 use crate::shared_services::{BrokerOutage, serial};
@@ -42,14 +42,8 @@ struct Faults {
 async fn chaos() {
     let _serial = serial().await;
     let started = Instant::now();
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
-    let mut pipeline = Pipeline::new(
-        DbKind::Postgres,
-        StoreKind::S3 {
-            endpoint: Some(layer.endpoint()),
-        },
-    )
-    .await;
+    let (mut pipeline, layer) =
+        Pipeline::behind_spaces_limits(DbKind::Postgres, SpacesLimits::default()).await;
     // Spaces' limits as they are: 5 PUTs per object per 300 s, 150 writes and 240 operations a
     // second (the defaults).
     pipeline.set("WORKER_LEASE_MS", &LEASE.as_millis().to_string());
