@@ -77,7 +77,6 @@ ingest_round() {
     --rate 0 --concurrency 128 --duration-secs 5 | tee "$1"
 }
 
-ingest_rate=""
 if [[ $skip != *" ingest "* ]]; then
   echo "== ingest"
   # Rounds of the broker's own rate and ingest's, alternated, 5 s each: each ratio compares
