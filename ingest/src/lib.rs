@@ -29,13 +29,13 @@ use axum::routing::get;
 use fbsync_shared::config::{Settings, WebhookSecrets};
 use fbsync_shared::facebook::event::{EventKind, EventMessage, split_delivery};
 use fbsync_shared::facebook::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
+use fbsync_shared::jobs::Envelope;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Publisher, Topology};
 use fbsync_shared::telemetry::{DELIVERIES, EVENTS_PUBLISHED, PUBLISH_CONFIRM_SECONDS};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use lapin::types::{AMQPValue, FieldTable};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
@@ -274,7 +274,7 @@ async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Reques
     };
     let outgoing: Vec<Outgoing> = events
         .iter()
-        .map(|event| outgoing_message(&state.events_exchange, event))
+        .map(|event| Outgoing::envelope(state.events_exchange.clone(), Envelope::of_event(event)))
         .collect();
     let started = Instant::now();
     match state
@@ -305,48 +305,12 @@ async fn receive_delivery(State(state): State<Arc<IngestState>>, request: Reques
 
 /// The queue message of one event, for the events exchange of `topology`.
 pub fn to_outgoing(topology: &Topology, event: &EventMessage) -> Outgoing {
-    outgoing_message(&topology.events_exchange(), event)
-}
-
-/// The queue message of one event, for the events exchange named `events_exchange`.
-fn outgoing_message(events_exchange: &str, event: &EventMessage) -> Outgoing {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "page_id".into(),
-        AMQPValue::LongString(event.page_id.as_str().into()),
-    );
-    headers.insert(
-        "kind".into(),
-        AMQPValue::LongString(event.kind.as_str().into()),
-    );
-    Outgoing {
-        exchange: events_exchange.to_string(),
-        routing_key: event.kind.job_kind().as_str().to_string(),
-        body: message_body(event),
-        message_id: event.event_id.clone(),
-        headers,
-        expiration: None,
-    }
+    Outgoing::envelope(topology.events_exchange(), Envelope::of_event(event))
 }
 
 /// A header's value as text, when it is visible ASCII.
 fn header_str(value: Option<&HeaderValue>) -> Option<&str> {
     value.and_then(|v| v.to_str().ok())
-}
-
-/// The JSON body of an event's queue message, in one allocation: the event's text and room for
-/// the fields around it.
-fn message_body(event: &EventMessage) -> Vec<u8> {
-    /// The field names, the kind, the source and the numbers: under 200 bytes.
-    const AROUND: usize = 200;
-    let size = event.event.get().len()
-        + event.page_id.len()
-        + event.event_id.len()
-        + event.user_psid.as_ref().map_or(0, String::len)
-        + AROUND;
-    let mut body = Vec::with_capacity(size);
-    serde_json::to_writer(&mut body, event).expect("an event message always serialises");
-    body
 }
 
 /// How a delivery was answered: the `outcome` label of `fbsync_webhook_deliveries_total`.

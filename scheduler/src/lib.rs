@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fbsync_shared::config::{SchedulerSettings, Settings};
-use fbsync_shared::facebook::event::PollRequest;
 use fbsync_shared::ids::PageId;
+use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::db::{Database, DbError};
 use fbsync_shared::telemetry::POLLS_ENQUEUED;
@@ -210,7 +210,7 @@ impl Scheduler {
             requested_by: "scheduler".into(),
             requested_at_ms: period_ms,
         };
-        let job = self.topology.poll_job(&request);
+        let job = self.topology.job(&Job::Poll(request));
         match self
             .publisher
             .publish_all(std::slice::from_ref(&job), PUBLISH_TIMEOUT)

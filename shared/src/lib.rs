@@ -1,6 +1,7 @@
 //! Everything the fbsync roles share, by layer:
 //!
 //! - [`facebook`]: the webhook event model, signatures and the Graph API client.
+//! - [`jobs`]: every unit of work on the broker and its one wire codec.
 //! - [`queue`]: the RabbitMQ topology and the confirming publisher.
 //! - [`storage`]: the database, the object store and Spaces' request budgets.
 //! - [`ids`]: validated Page, user and conversation-partner ids.
@@ -11,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod facebook;
 pub mod ids;
+pub mod jobs;
 pub mod queue;
 pub mod retry;
 pub mod storage;

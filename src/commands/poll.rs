@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use fbsync_shared::config::Settings;
-use fbsync_shared::facebook::event::PollRequest;
 use fbsync_shared::ids::PageId;
+use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::db::{Database, PageStatus};
@@ -80,12 +80,12 @@ pub async fn run(settings: Settings, command: PollCommand) -> anyhow::Result<Exi
     let jobs: Vec<_> = pages
         .iter()
         .map(|page_id| {
-            topology.poll_job(&PollRequest {
+            topology.job(&Job::Poll(PollRequest {
                 page_id: page_id.as_str().to_string(),
                 backfill: command.backfill,
                 requested_by: "operator".into(),
                 requested_at_ms,
-            })
+            }))
         })
         .collect();
     for batch in jobs.chunks(PUBLISH_BATCH) {

@@ -35,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 use crate::folder_listing::{NextStep, RecentListings, list_conversations};
-use crate::health::Health;
 use crate::last_written::LastWritten;
 use crate::merge::{IncomingEvent, merge_events};
+use crate::runtime::health::Health;
 
 /// What happened to one claimed conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,19 +5,17 @@
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
 
-pub mod consume;
 pub mod dead_letter;
 pub mod flush;
 pub mod folder_listing;
-pub mod forward;
-pub mod health;
 pub mod job;
+pub mod jobs;
 pub mod last_written;
 pub mod merge;
 pub mod onboard;
 pub mod page_data;
-pub mod park;
 pub mod poll;
+pub mod runtime;
 pub mod stage;
 
 use std::sync::Arc;
@@ -25,8 +23,8 @@ use std::time::Duration;
 
 use fbsync_shared::config::{Settings, StoreLocation};
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::facebook::event::JobKind;
 use fbsync_shared::facebook::graph::GraphClient;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
@@ -37,15 +35,17 @@ use fbsync_shared::telemetry::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::consume::{ConsumerContext, consume_forever};
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
-use crate::forward::Forwarder;
-use crate::health::Health;
+use crate::jobs::Env;
 use crate::onboard::OnboardJob;
 use crate::page_data::PageDataJob;
-use crate::park::Parker;
 use crate::poll::PollJob;
+use crate::runtime::consume::{ConsumerContext, consume_forever};
+use crate::runtime::forward::Forwarder;
+use crate::runtime::health::Health;
+use crate::runtime::park::Parker;
+use crate::runtime::settle::Settler;
 use crate::stage::Stager;
 
 /// The parts of a worker, opened from settings.
@@ -125,14 +125,18 @@ impl Worker {
             topology,
             prefetch: settings.worker.prefetch,
             poll_concurrency: settings.worker.poll_concurrency,
-            dead_letters: dead_letters.clone(),
             retry: settings.retry.clone(),
             health: health.clone(),
-            parker,
+            settler: Settler {
+                dead_letters: dead_letters.clone(),
+                parker,
+            },
             stager: Stager::new(db.clone()),
-            page_data,
-            poller,
-            onboard,
+            env: Env {
+                page_data,
+                poller,
+                onboard,
+            },
         });
         let flusher = Arc::new(Flusher::new(
             settings,

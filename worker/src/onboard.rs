@@ -17,21 +17,20 @@ use std::time::Duration;
 
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::facebook::event::{JobKind, PollRequest};
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::ids::PageId;
+use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::retry::{RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
 use fbsync_shared::storage::db::{Database, OnboardStep};
 use fbsync_shared::storage::object_store::{ObjectStore, user_prefix};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::forward::Forwarder;
-use crate::job::{AttemptError, JobFailure};
+use crate::job::AttemptError;
 use crate::page_data::{PageDataJob, PageDataOutcome};
+use crate::runtime::forward::Forwarder;
+use crate::runtime::settle::{JobError, page_step, step};
 
 /// How long a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
@@ -70,31 +69,27 @@ impl OnboardJob {
         page_id: &PageId,
         page_data: &PageDataJob,
         shutdown: &CancellationToken,
-    ) -> Result<(), JobFailure> {
-        let first_failure = now_ms();
-        let subscribed = retry(&self.retry, "subscribe", shutdown, || {
-            self.subscribe_once(page_id)
-        })
+    ) -> Result<(), JobError> {
+        let subscribed = page_step(
+            &self.db,
+            page_id,
+            &self.retry,
+            "subscribe",
+            shutdown,
+            || self.subscribe_once(page_id),
+        )
         .await;
         match subscribed {
             Ok(outcome) => self.record(page_id, OnboardStep::Subscribe, outcome).await,
-            Err(RetryError::Cancelled) => return Err(JobFailure::GiveBack),
-            Err(RetryError::Park { wait }) => return Err(JobFailure::Park(wait)),
-            Err(RetryError::Failed { error, attempts }) => {
-                self.record(page_id, OnboardStep::Subscribe, &format!("failed: {error}"))
-                    .await;
-                let reason = error.dead_reason(&self.db, page_id).await;
-                return Err(JobFailure::DeadLetter(DeadLetterInfo::new(
-                    reason,
-                    error.to_string(),
-                    attempts,
-                    JobKind::Onboard.as_str(),
-                    first_failure,
-                    now_ms(),
-                )));
+            Err(error) => {
+                if let JobError::Failed { .. } = error {
+                    let outcome = format!("failed: {error}");
+                    self.record(page_id, OnboardStep::Subscribe, &outcome).await;
+                }
+                return Err(error);
             }
         }
-        match page_data.refresh(page_id, JobKind::Onboard, shutdown).await {
+        match page_data.refresh(page_id, shutdown).await {
             Ok(PageDataOutcome::Written) => {
                 self.record(page_id, OnboardStep::PageData, "written").await
             }
@@ -106,17 +101,14 @@ impl OnboardJob {
                 )
                 .await
             }
-            Err(JobFailure::DeadLetter(info)) => {
-                self.record(
-                    page_id,
-                    OnboardStep::PageData,
-                    &format!("failed: {}", info.error),
-                )
-                .await;
+            Err(error) => {
+                if let JobError::Failed { .. } = error {
+                    let outcome = format!("failed: {error}");
+                    self.record(page_id, OnboardStep::PageData, &outcome).await;
+                }
                 // Dead-lettered as an onboard job: a replay runs the whole onboarding again.
-                return Err(JobFailure::DeadLetter(info));
+                return Err(error);
             }
-            Err(other) => return Err(other),
         }
         self.start_backfill(page_id).await?;
         tracing::info!(%page_id, "Page onboarded");
@@ -127,16 +119,16 @@ impl OnboardJob {
     /// whole history (`backfill`), confirmed by the broker, then the step recorded. When the
     /// broker cannot confirm, the onboarding job is parked and runs again later (its other steps
     /// repeat nothing).
-    pub async fn start_backfill(&self, page_id: &PageId) -> Result<(), JobFailure> {
-        let job = self.topology.poll_job(&PollRequest {
+    pub async fn start_backfill(&self, page_id: &PageId) -> Result<(), JobError> {
+        let job = self.topology.job(&Job::Poll(PollRequest {
             page_id: page_id.as_str().to_string(),
             backfill: true,
             requested_by: "onboarding".into(),
             requested_at_ms: now_ms(),
-        });
+        }));
         if let Err(e) = self.forwarder.publish_once(&[job]).await {
             tracing::warn!(%page_id, error = %e, "the backfill poll job was not confirmed; parked");
-            return Err(JobFailure::Park(self.retry.max_delay));
+            return Err(JobError::Wait(self.retry.max_delay));
         }
         self.record(page_id, OnboardStep::Backfill, BACKFILL_STARTED)
             .await;
@@ -176,9 +168,8 @@ impl OnboardJob {
         &self,
         confirmation_code: &str,
         shutdown: &CancellationToken,
-    ) -> Result<(), JobFailure> {
-        let first_failure = now_ms();
-        let deleted = retry(&self.retry, "delete_user_data", shutdown, || {
+    ) -> Result<(), JobError> {
+        let deleted = step(&self.retry, "delete_user_data", shutdown, || {
             self.delete_once(confirmation_code)
         })
         .await;
@@ -187,21 +178,14 @@ impl OnboardJob {
                 tracing::info!(objects = count, "a user's data was deleted");
                 Ok(())
             }
-            Err(RetryError::Cancelled) => Err(JobFailure::GiveBack),
-            Err(RetryError::Park { wait }) => Err(JobFailure::Park(wait)),
-            Err(RetryError::Failed { error, attempts }) => {
-                let _ = self
-                    .db
-                    .fail_data_deletion(confirmation_code, &error.to_string())
-                    .await;
-                Err(JobFailure::DeadLetter(DeadLetterInfo::new(
-                    DeadReason::AttemptsExhausted,
-                    error.to_string(),
-                    attempts,
-                    JobKind::Onboard.as_str(),
-                    first_failure,
-                    now_ms(),
-                )))
+            Err(error) => {
+                if let JobError::Failed { .. } = error {
+                    let _ = self
+                        .db
+                        .fail_data_deletion(confirmation_code, &error.to_string())
+                        .await;
+                }
+                Err(error)
             }
         }
     }

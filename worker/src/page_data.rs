@@ -12,19 +12,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
-use fbsync_shared::facebook::event::JobKind;
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
-use fbsync_shared::retry::{RetryClass, RetryError, retry};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
 use fbsync_shared::storage::db::{Database, PutReservation};
 use fbsync_shared::storage::object_store::{ObjectStore, WriteCondition, page_data_key};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DeadLetterInfo;
-use crate::job::{AttemptError, JobFailure};
+use crate::job::AttemptError;
+use crate::runtime::settle::{JobError, page_step};
 
 /// How long a request waits in place for a slot of the bucket's rate.
 const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
@@ -48,51 +46,28 @@ pub struct PageDataJob {
 }
 
 impl PageDataJob {
-    /// Refreshes `page_data.json` of `page_id`, for a job of `kind` (the queue a dead letter
-    /// is replayed to).
+    /// Refreshes `page_data.json` of `page_id`: fetch, compare and write, retried together.
     pub async fn refresh(
         &self,
         page_id: &PageId,
-        kind: JobKind,
         shutdown: &CancellationToken,
-    ) -> Result<PageDataOutcome, JobFailure> {
-        let first_failure = now_ms();
-        let outcome = retry(&self.retry, "page_data", shutdown, || {
-            self.refresh_once(page_id)
-        })
-        .await;
-        let (error, attempts) = match outcome {
-            Ok(outcome) => {
-                if outcome == PageDataOutcome::Written {
-                    metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
-                    if let Err(e) = self.db.mark_page_flushed(page_id, now_ms()).await {
-                        tracing::warn!(%page_id, error = %e, "could not record the flush time");
-                    }
-                }
-                return Ok(outcome);
+    ) -> Result<PageDataOutcome, JobError> {
+        let outcome = page_step(
+            &self.db,
+            page_id,
+            &self.retry,
+            "page_data",
+            shutdown,
+            || self.refresh_once(page_id),
+        )
+        .await?;
+        if outcome == PageDataOutcome::Written {
+            metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
+            if let Err(e) = self.db.mark_page_flushed(page_id, now_ms()).await {
+                tracing::warn!(%page_id, error = %e, "could not record the flush time");
             }
-            Err(RetryError::Cancelled) => return Err(JobFailure::GiveBack),
-            Err(RetryError::Park { wait }) => return Err(JobFailure::Park(wait)),
-            // An outage of the database or the store delays the job; it never dead-letters it.
-            Err(RetryError::Failed { error, .. })
-                if matches!(error, AttemptError::Db(_) | AttemptError::Store(_))
-                    && error.is_transient() =>
-            {
-                tracing::warn!(%page_id, %error, "page metadata waits for the database or the store; parked");
-                return Err(JobFailure::Park(self.retry.max_delay));
-            }
-            Err(RetryError::Failed { error, attempts }) => (error, attempts),
-        };
-        let reason = error.dead_reason(&self.db, page_id).await;
-        let info = DeadLetterInfo::new(
-            reason,
-            error.to_string(),
-            attempts,
-            kind.as_str(),
-            first_failure,
-            now_ms(),
-        );
-        Err(JobFailure::DeadLetter(info))
+        }
+        Ok(outcome)
     }
 
     /// Takes `writes` and `ops` for a request about to be sent, waiting a few budget windows

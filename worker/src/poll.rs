@@ -22,11 +22,12 @@ use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::conversations::{
     Conversation, ConversationsPage, GraphMessage, MessagesPage, Paging, reconstruct,
 };
-use fbsync_shared::facebook::event::{EventSource, JobKind, PollRequest};
+use fbsync_shared::facebook::event::EventSource;
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::ids::{ConversationKey, PageId, Psid};
+use fbsync_shared::jobs::PollRequest;
 use fbsync_shared::now_ms;
-use fbsync_shared::retry::{RetryClass, RetryError, retry};
+use fbsync_shared::retry::{RetryError, retry};
 use fbsync_shared::storage::budget::BucketBudget;
 use fbsync_shared::storage::db::{
     Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
@@ -36,10 +37,10 @@ use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
+use crate::dead_letter::DeadReason;
 use crate::folder_listing::{FolderListing, list_conversations};
-use crate::job::{JobFailure, flag_rejected_token};
 use crate::page_data::PageDataJob;
+use crate::runtime::settle::{JobError, page_step, page_step_failed, step};
 
 /// Everything a poll job needs.
 pub struct PollJob {
@@ -108,10 +109,9 @@ impl PollJob {
         &self,
         request: &PollRequest,
         shutdown: &CancellationToken,
-    ) -> Result<PollReport, JobFailure> {
-        let first_failure = now_ms();
-        let page_id = PageId::parse(&request.page_id)
-            .map_err(|e| dead_letter(DeadReason::Malformed, e.to_string(), 1, first_failure))?;
+    ) -> Result<PollReport, JobError> {
+        let page_id =
+            PageId::parse(&request.page_id).map_err(|e| JobError::malformed(e.to_string()))?;
         let lease_ms = self.lease.as_millis() as i64;
         let begun = self
             .db_step(shutdown, || {
@@ -125,7 +125,7 @@ impl PollJob {
                 // Another worker polls this Page; come back when its lease would have ended.
                 let wait = (until_ms - now_ms()).max(0) as u64 + 1_000;
                 tracing::info!(%page_id, wait_ms = wait, "the Page is being polled by another worker; parked");
-                return Err(JobFailure::Park(Duration::from_millis(wait)));
+                return Err(JobError::Wait(Duration::from_millis(wait)));
             }
         };
         metrics::counter!(POLLS, "outcome" => "started").increment(1);
@@ -164,9 +164,9 @@ impl PollJob {
                 if let Err(e) = self.db.release_poll(&page_id, &lease).await {
                     tracing::warn!(%page_id, error = %e, "could not release the poll's lease; it ends by itself");
                 }
-                if let JobFailure::DeadLetter(info) = &failure {
+                if let JobError::Failed { .. } = &failure {
                     // `fbsync poll --wait` recognises a failed poll by this prefix.
-                    let note = format!("poll failed: {}", info.error);
+                    let note = format!("poll failed: {failure}");
                     if let Err(e) = self
                         .db
                         .mark_page_error(&page_id, None, &note, now_ms())
@@ -175,12 +175,10 @@ impl PollJob {
                         tracing::warn!(%page_id, error = %e, "could not record the poll's failure");
                     }
                 }
-                let outcome = match failure {
-                    JobFailure::DeadLetter(_) => "failed",
-                    JobFailure::Park(_) => "parked",
-                    JobFailure::GiveBack => "given_back",
-                };
-                metrics::counter!(POLLS, "outcome" => outcome).increment(1);
+                if let JobError::Wait(wait) = &failure {
+                    tracing::info!(%page_id, wait_secs = wait.as_secs(), "the poll is parked and resumes where it stopped");
+                }
+                metrics::counter!(POLLS, "outcome" => failure.outcome()).increment(1);
                 Err(failure)
             }
         }
@@ -193,31 +191,24 @@ impl PollJob {
         lease: &PollLease,
         report: &mut PollReport,
         shutdown: &CancellationToken,
-    ) -> Result<WalkEnd, JobFailure> {
-        let started = now_ms();
+    ) -> Result<WalkEnd, JobError> {
         let Some(page) = self.db_step(shutdown, || self.db.page(page_id)).await? else {
-            return Err(dead_letter(
+            return Err(JobError::failed(
                 DeadReason::UnknownPage,
                 format!("page {page_id} is not registered"),
-                1,
-                started,
             ));
         };
         if page.status == PageStatus::NeedsReauth {
-            return Err(dead_letter(
+            return Err(JobError::failed(
                 DeadReason::TokenError,
                 "the Page's token was rejected before; the owner must connect the Page again",
-                1,
-                started,
             ));
         }
         let token = self
             .cipher
             .open(page_id.as_str(), &page.token_sealed)
-            .map_err(|e| dead_letter(DeadReason::TokenError, e.to_string(), 1, started))?;
-        self.page_data
-            .refresh(page_id, JobKind::Poll, shutdown)
-            .await?;
+            .map_err(|e| JobError::failed(DeadReason::TokenError, e.to_string()))?;
+        self.page_data.refresh(page_id, shutdown).await?;
 
         let since = (!lease.is_backfill()).then_some(lease.since_ms).flatten();
         // Reading the whole history: most of it is new to the bucket, and one listing spares
@@ -304,7 +295,7 @@ impl PollJob {
         &self,
         walk: &Walk<'_>,
         conversation: &Conversation,
-    ) -> Result<Option<PollCounts>, JobFailure> {
+    ) -> Result<Option<PollCounts>, JobError> {
         let Walk {
             page_id,
             lease,
@@ -389,7 +380,7 @@ impl PollJob {
         message: &GraphMessage,
         token: &SecretString,
         shutdown: &CancellationToken,
-    ) -> Result<Option<GraphMessage>, JobFailure> {
+    ) -> Result<Option<GraphMessage>, JobError> {
         if message.has_details() {
             return Ok(Some(message.clone()));
         }
@@ -408,7 +399,9 @@ impl PollJob {
                 tracing::debug!(%page_id, message_id = %message.id, %reason, "message details withheld");
                 Ok(None)
             }
-            Err(failure) => Err(self.retry_failure(page_id, failure, started).await),
+            Err(failure) => {
+                Err(page_step_failed(&self.db, page_id, failure, &self.retry, started).await)
+            }
         }
     }
 
@@ -431,70 +424,28 @@ impl PollJob {
 
     /// A `paging.next` link as it may be followed and kept; one that leaves the Graph API ends
     /// the poll.
-    async fn kept_link(&self, page_id: &PageId, link: &str) -> Result<String, JobFailure> {
+    async fn kept_link(&self, page_id: &PageId, link: &str) -> Result<String, JobError> {
         match self.graph.paging_link(link) {
             Ok(link) => Ok(link),
-            Err(error) => Err(self.graph_failure(page_id, error, 1, now_ms()).await),
+            Err(error) => {
+                let failure = RetryError::Failed { error, attempts: 1 };
+                Err(page_step_failed(&self.db, page_id, failure, &self.retry, now_ms()).await)
+            }
         }
     }
 
-    /// A Graph call under the retry policy.
+    /// A Graph call for the Page under the retry policy.
     async fn graph_step<T, F, Fut>(
         &self,
         page_id: &PageId,
         shutdown: &CancellationToken,
         call: F,
-    ) -> Result<T, JobFailure>
+    ) -> Result<T, JobError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, GraphError>>,
     {
-        let started = now_ms();
-        match retry(&self.retry, "poll_graph", shutdown, call).await {
-            Ok(value) => Ok(value),
-            Err(failure) => Err(self.retry_failure(page_id, failure, started).await),
-        }
-    }
-
-    /// What a Graph call that did not succeed means for the job.
-    async fn retry_failure(
-        &self,
-        page_id: &PageId,
-        failure: RetryError<GraphError>,
-        started: i64,
-    ) -> JobFailure {
-        match failure {
-            RetryError::Cancelled => JobFailure::GiveBack,
-            RetryError::Park { wait } => {
-                tracing::info!(%page_id, wait_secs = wait.as_secs(), "Graph API asks to wait; the poll is parked and resumes where it stopped");
-                JobFailure::Park(wait)
-            }
-            RetryError::Failed { error, attempts } => {
-                self.graph_failure(page_id, error, attempts, started).await
-            }
-        }
-    }
-
-    /// A Graph error that ends the poll: a dead letter with its reason. A rejected token marks
-    /// the Page `needs_reauth`, so later rounds skip it until it is connected again.
-    async fn graph_failure(
-        &self,
-        page_id: &PageId,
-        error: GraphError,
-        attempts: u32,
-        started: i64,
-    ) -> JobFailure {
-        let reason = match &error {
-            GraphError::TokenInvalid { .. } => {
-                flag_rejected_token(&self.db, page_id, &error).await;
-                DeadReason::TokenError
-            }
-            GraphError::Permanent(_) => DeadReason::GraphError,
-            GraphError::RateLimited { .. } | GraphError::Transient(_) => {
-                DeadReason::AttemptsExhausted
-            }
-        };
-        dead_letter(reason, error.to_string(), attempts, started)
+        page_step(&self.db, page_id, &self.retry, "poll_graph", shutdown, call).await
     }
 
     /// A database step under the retry policy. An outage delays the job (parked); it never
@@ -502,42 +453,12 @@ impl PollJob {
     async fn db_step<T, F, Fut>(
         &self,
         shutdown: &CancellationToken,
-        step: F,
-    ) -> Result<T, JobFailure>
+        operation: F,
+    ) -> Result<T, JobError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, DbError>>,
     {
-        match retry(&self.retry, "poll_db", shutdown, step).await {
-            Ok(value) => Ok(value),
-            Err(RetryError::Cancelled) => Err(JobFailure::GiveBack),
-            Err(RetryError::Park { wait }) => Err(JobFailure::Park(wait)),
-            Err(RetryError::Failed { error, .. }) if error.is_transient() => {
-                tracing::warn!(%error, "a poll waits for the database; parked");
-                Err(JobFailure::Park(self.retry.max_delay))
-            }
-            Err(RetryError::Failed { error, attempts }) => Err(dead_letter(
-                DeadReason::AttemptsExhausted,
-                error.to_string(),
-                attempts,
-                now_ms(),
-            )),
-        }
+        step(&self.retry, "poll_db", shutdown, operation).await
     }
-}
-
-fn dead_letter(
-    reason: DeadReason,
-    error: impl Into<String>,
-    attempts: u32,
-    first_failure: i64,
-) -> JobFailure {
-    JobFailure::DeadLetter(DeadLetterInfo::new(
-        reason,
-        error,
-        attempts,
-        JobKind::Poll.as_str(),
-        first_failure,
-        now_ms(),
-    ))
 }

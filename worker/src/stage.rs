@@ -7,28 +7,23 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::EventMessage;
 use fbsync_shared::ids::{ConversationKey, PageId, Psid};
+use fbsync_shared::jobs::MalformedJob;
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::db::{Database, DbError, NewStagedEvent};
 use fbsync_shared::telemetry::EVENTS_STAGED;
 
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
-
-/// One message taken from the conversation queue.
-#[derive(Debug, Clone)]
-pub struct QueuedMessage {
-    /// The body as published.
-    pub body: Vec<u8>,
-}
+use crate::dead_letter::DeadReason;
+use crate::runtime::settle::JobError;
 
 /// What to do with one message of a batch.
 #[derive(Debug, Clone)]
 pub enum Decision {
     /// Staged (or already staged): ack.
     Staged,
-    /// Park it in the DLQ with this information, then ack.
-    DeadLetter(DeadLetterInfo),
+    /// Dead-letter it (a [`JobError::Failed`]), then ack.
+    DeadLetter(JobError),
 }
 
 /// Stages conversation events.
@@ -47,29 +42,29 @@ impl Stager {
         }
     }
 
-    /// Decides and stages a batch; returns one decision per message, in order. An error means
-    /// nothing was staged and the whole batch should be retried.
-    pub async fn stage_batch(&self, batch: &[QueuedMessage]) -> Result<Vec<Decision>, DbError> {
+    /// Decides and stages a batch of decoded conversation messages; returns one decision per
+    /// message, in order. An error means nothing was staged and the whole batch should be
+    /// retried.
+    pub async fn stage_batch(
+        &self,
+        batch: &[Result<EventMessage, MalformedJob>],
+    ) -> Result<Vec<Decision>, DbError> {
         let now = now_ms();
         let mut decisions = Vec::with_capacity(batch.len());
         let mut to_stage = Vec::new();
         let mut registered: HashMap<PageId, bool> = HashMap::new();
         for message in batch {
-            let event: EventMessage = match serde_json::from_slice(&message.body) {
+            let event = match message {
                 Ok(event) => event,
-                Err(e) => {
-                    decisions.push(dead(
-                        DeadReason::Malformed,
-                        format!("not an event message: {e}"),
-                        now,
-                    ));
+                Err(malformed) => {
+                    decisions.push(dead(DeadReason::Malformed, malformed.to_string()));
                     continue;
                 }
             };
-            let key = match conversation_of(&event) {
+            let key = match conversation_of(event) {
                 Ok(key) => key,
                 Err(error) => {
-                    decisions.push(dead(DeadReason::Malformed, error, now));
+                    decisions.push(dead(DeadReason::Malformed, error));
                     continue;
                 }
             };
@@ -86,14 +81,13 @@ impl Stager {
                 decisions.push(dead(
                     DeadReason::UnknownPage,
                     format!("page {} is not registered", key.page_id),
-                    now,
                 ));
                 continue;
             }
             metrics::counter!(EVENTS_STAGED, "kind" => event.kind.as_str()).increment(1);
             to_stage.push(NewStagedEvent {
                 key,
-                event_id: event.event_id,
+                event_id: event.event_id.clone(),
                 source: event.source,
                 timestamp_ms: event.timestamp_ms,
                 received_at_ms: event.received_at_ms,
@@ -132,13 +126,6 @@ fn conversation_of(event: &EventMessage) -> Result<ConversationKey, String> {
     })
 }
 
-fn dead(reason: DeadReason, error: impl Into<String>, now: i64) -> Decision {
-    Decision::DeadLetter(DeadLetterInfo::new(
-        reason,
-        error,
-        1,
-        JobKind::Conversation.as_str(),
-        now,
-        now,
-    ))
+fn dead(reason: DeadReason, error: impl Into<String>) -> Decision {
+    Decision::DeadLetter(JobError::failed(reason, error))
 }

@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::facebook::login::{AppCredentials, ConnectedPage, LOGIN_SCOPES};
 use fbsync_shared::ids::UserUuid;
+use fbsync_shared::jobs::{Job, OnboardPage};
 use fbsync_shared::now_ms;
-use fbsync_shared::queue::owner_jobs::OwnerJob;
 use fbsync_shared::storage::db::OnboardStep;
 use secrecy::SecretString;
 
@@ -257,10 +257,9 @@ async fn queue_onboarding(state: &OwnerState, pages: &[ConnectedPage]) -> bool {
     let jobs: Vec<_> = pages
         .iter()
         .map(|page| {
-            OwnerJob::OnboardPage {
-                page_id: page.page_id.as_str().to_string(),
-            }
-            .to_outgoing(&state.topology)
+            state.topology.job(&Job::OnboardPage(OnboardPage {
+                page_id: page.page_id.clone(),
+            }))
         })
         .collect();
     match state

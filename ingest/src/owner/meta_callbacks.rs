@@ -16,8 +16,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fbsync_shared::jobs::{DeleteUserData, Job};
 use fbsync_shared::now_ms;
-use fbsync_shared::queue::owner_jobs::OwnerJob;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -157,10 +157,9 @@ pub async fn data_deletion(
         return failed(&e);
     }
     if !users.is_empty() {
-        let job = OwnerJob::DeleteUserData {
+        let outgoing = state.topology.job(&Job::DeleteUserData(DeleteUserData {
             confirmation_code: code.clone(),
-        };
-        let outgoing = job.to_outgoing(&state.topology);
+        }));
         if let Err(e) = state
             .publisher
             .publish_all(&[outgoing], state.publish_timeout)

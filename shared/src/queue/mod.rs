@@ -1,6 +1,6 @@
-//! RabbitMQ: the topology every role declares, the confirming publisher, and the owners' jobs.
+//! RabbitMQ: the topology every role declares and the confirming publisher; what travels on
+//! it is a [`crate::jobs::Job`].
 
-pub mod owner_jobs;
 mod publisher;
 mod topology;
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use secrecy::SecretString;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Topology, connect};
+use crate::jobs::Envelope;
 use crate::retry::{RetryClass, endless_backoff};
 
 /// One message to publish.
@@ -31,6 +32,31 @@ pub struct Outgoing {
     pub headers: FieldTable,
     /// How long the message may wait in its queue (a parked job's delay); `None`: for ever.
     pub expiration: Option<Duration>,
+}
+
+impl Outgoing {
+    /// The message of a job's envelope, for the events exchange named `events_exchange`
+    /// (ingest names it once; everyone else goes through [`Topology::job`]).
+    pub fn envelope(events_exchange: String, envelope: Envelope) -> Self {
+        let Envelope {
+            kind,
+            message_id,
+            headers,
+            body,
+        } = envelope;
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert(name.into(), AMQPValue::LongString(value.into()));
+        }
+        Outgoing {
+            exchange: events_exchange,
+            routing_key: kind.as_str().to_string(),
+            body,
+            message_id,
+            headers: table,
+            expiration: None,
+        }
+    }
 }
 
 /// Why a publish did not get its confirms.

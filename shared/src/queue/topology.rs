@@ -1,7 +1,7 @@
 //! The queue topology every role declares, idempotently, at start.
 //!
 //! For prefix `P`:
-//! - `P.events`: direct exchange; routing key = [`JobKind::as_str`].
+//! - `P.events`: direct exchange; routing key = [`crate::jobs::JobKind`].
 //! - `P.conversation`, `P.page_change`: durable quorum queues bound to it by their kind.
 //! - `P.delay.<kind>`: durable queues where parked jobs wait out a long delay (a per-message
 //!   TTL), then go back to `P.events` with their kind as routing key.
@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use super::Outgoing;
-use crate::facebook::event::{JobKind, PollRequest};
+use crate::jobs::{Job, JobKind};
 
 /// Deliveries of one message before the broker gives up and dead-letters it. Workers
 /// dead-letter poison on purpose long before this; the limit is for crash loops (a message that
@@ -39,19 +39,9 @@ impl Topology {
         format!("{}.events", self.prefix)
     }
 
-    /// A poll job for the events exchange, routed to the poll queue.
-    pub fn poll_job(&self, request: &PollRequest) -> Outgoing {
-        Outgoing {
-            exchange: self.events_exchange(),
-            routing_key: JobKind::Poll.as_str().into(),
-            body: serde_json::to_vec(request).expect("a poll request serialises"),
-            message_id: format!(
-                "poll:{}:{}:{}",
-                request.page_id, request.requested_by, request.requested_at_ms
-            ),
-            headers: FieldTable::default(),
-            expiration: None,
-        }
+    /// The message that carries `job` to its queue, through the events exchange.
+    pub fn job(&self, job: &Job) -> Outgoing {
+        Outgoing::envelope(self.events_exchange(), job.envelope())
     }
 
     pub fn queue(&self, kind: JobKind) -> String {

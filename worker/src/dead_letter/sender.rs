@@ -1,5 +1,5 @@
 //! Sends dead letters: from the consumers, a delivery moves to `<prefix>.dead` with its reason
-//! (see [`crate::forward`] for how a move waits for the broker); from the flusher, the staged
+//! (see [`crate::runtime::forward`] for how a move waits for the broker); from the flusher, the staged
 //! events of a removed Page are published as letters.
 
 use fbsync_shared::queue::{Outgoing, PublishError, Topology};
@@ -8,7 +8,7 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeadLetterInfo, message_id};
-use crate::forward::Forwarder;
+use crate::runtime::forward::Forwarder;
 
 /// Publishes dead letters with confirms for one worker.
 pub struct DeadLetterSender {

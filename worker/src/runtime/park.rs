@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::{Outgoing, Topology};
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::message_id;
-use crate::forward::Forwarder;
+use crate::runtime::forward::Forwarder;
 
 /// Parks jobs in their delay queue.
 #[derive(Clone)]

@@ -1,6 +1,7 @@
-//! The AMQP side of the worker: consume a queue, hand messages to staging, page-change, poll or
-//! owner jobs (onboarding, data deletion), dead-letter poison with its reason, ack only when
-//! the work is durable.
+//! The AMQP side of the worker: consume a queue, decode each message with the one job codec
+//! ([`Job::decode`]), stage conversation events in batches and run every other job through its
+//! handler ([`crate::jobs::run`]), then settle the message ([`Settler`]): ack only when the work
+//! is durable.
 //!
 //! A consumer session ends when the broker goes away; the loop reconnects with backoff, and
 //! whatever was unacked is redelivered (harmless: staging is idempotent). On shutdown it cancels
@@ -10,30 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbsync_shared::config::RetrySettings;
-use fbsync_shared::facebook::event::{EventMessage, JobKind, PollRequest};
-use fbsync_shared::ids::PageId;
-use fbsync_shared::queue::owner_jobs::OwnerJob;
+use fbsync_shared::jobs::{Job, JobKind};
 use fbsync_shared::queue::{Topology, connect};
 use fbsync_shared::retry::{RetryError, endless_backoff, retry_while_transient};
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::sender::DeadLetterSender;
-use crate::dead_letter::{DeadLetterInfo, DeadReason};
-use crate::health::Health;
-use crate::job::JobFailure;
-use crate::onboard::OnboardJob;
-use crate::page_data::PageDataJob;
-use crate::park::Parker;
-use crate::poll::PollJob;
-use crate::stage::{Decision, QueuedMessage, Stager};
+use crate::jobs::{self, Env};
+use crate::runtime::health::Health;
+use crate::runtime::settle::{JobError, Settler, give_back};
+use crate::stage::{Decision, Stager};
 
 /// Most conversation messages staged in one transaction.
 const STAGE_BATCH: usize = 200;
@@ -52,18 +44,12 @@ pub struct ConsumerContext {
     pub retry: RetrySettings,
     /// Whether the database and the store are up; consumers wait while they are not.
     pub health: Arc<Health>,
-    /// Parks jobs that must wait long.
-    pub parker: Parker,
-    /// Publishes dead letters with confirms.
-    pub dead_letters: Arc<DeadLetterSender>,
+    /// Acks, dead-letters, parks or gives back each message once its work is done.
+    pub settler: Settler,
     /// Conversation staging.
     pub stager: Stager,
-    /// Page-change jobs.
-    pub page_data: Arc<PageDataJob>,
-    /// Poll jobs.
-    pub poller: PollJob,
-    /// The owners' jobs: onboarding, data deletion.
-    pub onboard: OnboardJob,
+    /// What the job handlers share.
+    pub env: Env,
 }
 
 /// Consumes `kind` until shutdown, reconnecting whenever the broker goes away.
@@ -186,11 +172,9 @@ async fn handle_conversation_batch(
     batch: Vec<Delivery>,
     shutdown: &CancellationToken,
 ) {
-    let messages: Vec<QueuedMessage> = batch
+    let messages: Vec<_> = batch
         .iter()
-        .map(|delivery| QueuedMessage {
-            body: delivery.data.clone(),
-        })
+        .map(|delivery| Job::decode_event(&delivery.data))
         .collect();
     let staged = retry_while_transient(&context.retry, "stage", shutdown, || async {
         let staged = context.stager.stage_batch(&messages).await;
@@ -217,12 +201,7 @@ async fn handle_conversation_batch(
                 }
             }
             for delivery in &batch {
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
+                give_back(delivery).await;
             }
             return;
         }
@@ -231,7 +210,13 @@ async fn handle_conversation_batch(
     for (delivery, decision) in batch.iter().zip(decisions) {
         match decision {
             Decision::Staged => last_staged = Some(delivery),
-            Decision::DeadLetter(info) => context.dead_letters.send(delivery, info, shutdown).await,
+            Decision::DeadLetter(error) => {
+                let kind = JobKind::Conversation;
+                context
+                    .settler
+                    .dead_letter(delivery, kind, &error, shutdown)
+                    .await
+            }
         }
     }
     // One ack for every staged message of the batch: the deliveries of a channel are acked
@@ -241,104 +226,32 @@ async fn handle_conversation_batch(
     }
 }
 
-/// Runs one page-change or poll job and settles its message: ack, dead letter, park or give
-/// back.
+/// Decodes one job, runs it through its handler and settles its message.
 async fn handle_job(
     context: &ConsumerContext,
     kind: JobKind,
     delivery: Delivery,
     shutdown: &CancellationToken,
 ) {
-    let outcome = match kind {
-        JobKind::PageChange => run_page_change(context, &delivery.data, shutdown).await,
-        JobKind::Poll => run_poll(context, &delivery.data, shutdown).await,
-        JobKind::Onboard => run_owner_job(context, &delivery.data, shutdown).await,
-        // Never sent here: conversation messages are staged in batches.
-        JobKind::Conversation => Err(malformed(kind, "not a job message".into())),
+    let outcome = match Job::decode(kind, &delivery.data) {
+        Ok(job) => {
+            let span = tracing::info_span!(
+                "job",
+                job = job.name(),
+                page_id = job.page_id().unwrap_or_default(),
+                message_id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str())
+                    .unwrap_or_default(),
+            );
+            tracing::Instrument::instrument(jobs::run(job, &context.env, shutdown), span).await
+        }
+        Err(malformed) => Err(JobError::malformed(malformed.to_string())),
     };
-    match outcome {
-        Ok(()) => {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(JobFailure::DeadLetter(info)) => {
-            context.dead_letters.send(&delivery, info, shutdown).await
-        }
-        Err(JobFailure::Park(wait)) => context.parker.park(&delivery, kind, wait, shutdown).await,
-        Err(JobFailure::GiveBack) => {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-        }
-    }
-}
-
-/// A page-change event: refresh the Page's `page_data.json`.
-async fn run_page_change(
-    context: &ConsumerContext,
-    body: &[u8],
-    shutdown: &CancellationToken,
-) -> Result<(), JobFailure> {
-    let page_id = match serde_json::from_slice::<EventMessage>(body) {
-        Ok(event) => PageId::parse(&event.page_id).map_err(|e| e.to_string()),
-        Err(e) => Err(format!("not an event message: {e}")),
-    };
-    let page_id = page_id.map_err(|error| malformed(JobKind::PageChange, error))?;
-    let outcome = context
-        .page_data
-        .refresh(&page_id, JobKind::PageChange, shutdown)
-        .await?;
-    tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
-    Ok(())
-}
-
-/// A poll job: the Page's metadata and conversations from the Graph API.
-async fn run_poll(
-    context: &ConsumerContext,
-    body: &[u8],
-    shutdown: &CancellationToken,
-) -> Result<(), JobFailure> {
-    let request = serde_json::from_slice::<PollRequest>(body)
-        .map_err(|e| malformed(JobKind::Poll, format!("not a poll job: {e}")))?;
-    context.poller.run(&request, shutdown).await.map(|_| ())
-}
-
-/// An owner job: onboard a Page, or delete a user's data.
-async fn run_owner_job(
-    context: &ConsumerContext,
-    body: &[u8],
-    shutdown: &CancellationToken,
-) -> Result<(), JobFailure> {
-    let job = serde_json::from_slice::<OwnerJob>(body)
-        .map_err(|e| malformed(JobKind::Onboard, format!("not an owner job: {e}")))?;
-    match job {
-        OwnerJob::OnboardPage { page_id } => {
-            let page_id =
-                PageId::parse(&page_id).map_err(|e| malformed(JobKind::Onboard, e.to_string()))?;
-            context
-                .onboard
-                .onboard_page(&page_id, &context.page_data, shutdown)
-                .await
-        }
-        OwnerJob::DeleteUserData { confirmation_code } => {
-            context
-                .onboard
-                .delete_user_data(&confirmation_code, shutdown)
-                .await
-        }
-    }
-}
-
-fn malformed(kind: JobKind, error: String) -> JobFailure {
-    let now = fbsync_shared::now_ms();
-    JobFailure::DeadLetter(DeadLetterInfo::new(
-        DeadReason::Malformed,
-        error,
-        1,
-        kind.as_str(),
-        now,
-        now,
-    ))
+    context
+        .settler
+        .settle(&delivery, kind, outcome, shutdown)
+        .await
 }

@@ -1,0 +1,57 @@
+//! The job handlers: what the worker does with each kind of [`Job`].
+//!
+//! [`run`] is the registration: one line per job kind, naming the handler that carries it
+//! out. A handler answers `Ok(())` or a [`JobError`] whose variant is its retry class; the
+//! message is then settled in one place (`runtime::settle`), never by the handler. Conversation
+//! events are the one kind not run here: they are staged in batches (`crate::stage`), since a
+//! busy Page sends thousands a second.
+
+use std::sync::Arc;
+
+use fbsync_shared::ids::PageId;
+use fbsync_shared::jobs::Job;
+use tokio_util::sync::CancellationToken;
+
+use crate::onboard::OnboardJob;
+use crate::page_data::PageDataJob;
+use crate::poll::PollJob;
+use crate::runtime::settle::JobError;
+
+/// What the handlers share: the database, the store, the Graph API and the token cipher,
+/// through the parts that use them.
+pub struct Env {
+    /// Page metadata (`page_data.json`): page changes, and the first step of polls and
+    /// onboarding.
+    pub page_data: Arc<PageDataJob>,
+    /// Graph API polls of a Page's conversations.
+    pub poller: PollJob,
+    /// The owners' jobs.
+    pub onboard: OnboardJob,
+}
+
+/// Carries out one job: the one line per kind that registers its handler.
+pub async fn run(job: Job, env: &Env, shutdown: &CancellationToken) -> Result<(), JobError> {
+    match job {
+        Job::Conversation(_) => Err(JobError::malformed(
+            "conversation events are staged in batches, not run as jobs",
+        )),
+        Job::PageChange(event) => {
+            let page_id =
+                PageId::parse(&event.page_id).map_err(|e| JobError::malformed(e.to_string()))?;
+            let outcome = env.page_data.refresh(&page_id, shutdown).await?;
+            tracing::debug!(%page_id, ?outcome, "page metadata refreshed");
+            Ok(())
+        }
+        Job::Poll(request) => env.poller.run(&request, shutdown).await.map(|_| ()),
+        Job::OnboardPage(job) => {
+            env.onboard
+                .onboard_page(&job.page_id, &env.page_data, shutdown)
+                .await
+        }
+        Job::DeleteUserData(job) => {
+            env.onboard
+                .delete_user_data(&job.confirmation_code, shutdown)
+                .await
+        }
+    }
+}
