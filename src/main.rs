@@ -86,7 +86,7 @@ enum PagesCommand {
         /// The Facebook Page id (digits).
         #[arg(long)]
         page_id: String,
-        /// The owner's user UUID: objects go under users/<uuid>/.
+        /// The owner's user UUID: objects go under `users/<uuid>/`.
         #[arg(long)]
         user_uuid: String,
         /// The Page access token (stored encrypted). Prefer FBSYNC_PAGE_TOKEN over the command
