@@ -76,7 +76,7 @@ impl FilterArgs {
         let reason = self.reason.as_deref().and_then(|text| {
             let reason = DeadReason::parse(text);
             if reason.is_none() {
-                let known: Vec<&str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+                let known: Vec<&str> = DeadReason::all().map(DeadReason::as_str).collect();
                 problems.push(format!(
                     "--reason {text:?} is not a reason ({})",
                     known.join(", ")

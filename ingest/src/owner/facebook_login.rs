@@ -271,7 +271,7 @@ async fn queue_onboarding(state: &OwnerState, pages: &[ConnectedPage]) -> bool {
         Err(e) => {
             tracing::warn!(error = %e, "onboarding jobs could not be queued");
             for page in pages {
-                for step in OnboardStep::ALL {
+                for step in OnboardStep::all() {
                     let _ = state
                         .db
                         .set_onboard_step(

@@ -89,7 +89,8 @@ pub struct PageSummary {
 }
 
 /// The steps of a Page's onboarding, each with its outcome on the Page's row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum OnboardStep {
     /// Subscribe the app to the Page's webhooks.
     Subscribe,
@@ -100,19 +101,14 @@ pub enum OnboardStep {
 }
 
 impl OnboardStep {
-    pub const ALL: [OnboardStep; 3] = [
-        OnboardStep::Subscribe,
-        OnboardStep::PageData,
-        OnboardStep::Backfill,
-    ];
-
     /// The step's name, as `pages list` and the status page show it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            OnboardStep::Subscribe => "subscribe",
-            OnboardStep::PageData => "page_data",
-            OnboardStep::Backfill => "backfill",
-        }
+        self.into()
+    }
+
+    /// Every step, in the order onboarding runs them.
+    pub fn all() -> impl Iterator<Item = OnboardStep> {
+        <OnboardStep as strum::IntoEnumIterator>::iter()
     }
 
     /// The column that holds its outcome.
