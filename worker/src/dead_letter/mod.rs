@@ -240,4 +240,22 @@ mod tests {
         let headers = info.to_headers(None);
         assert_eq!(DeadLetterInfo::from_headers(Some(&headers), "x"), info);
     }
+
+    #[test]
+    fn reasons_keep_their_names_on_the_wire() {
+        let names: Vec<&str> = DeadReason::all().map(DeadReason::as_str).collect();
+        let documented = [
+            "malformed",
+            "unknown_page",
+            "token_error",
+            "attempts_exhausted",
+            "graph_error",
+            "delivery_limit",
+            "page_removed",
+        ];
+        assert_eq!(names, documented, "letters in queues and dashboards use these");
+        for reason in DeadReason::all() {
+            assert_eq!(DeadReason::parse(reason.as_str()), Some(reason));
+        }
+    }
 }
