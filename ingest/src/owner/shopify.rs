@@ -18,7 +18,7 @@ use super::page::{escape, html, problem, redirect_with, unavailable};
 use super::state::{self, Flow};
 use super::{OwnerState, session};
 
-/// GET /shopify/login?shop=<name>.myshopify.com
+/// GET /shopify/login?shop=`<name>.myshopify.com`
 pub async fn login(
     State(state): State<Arc<OwnerState>>,
     Query(query): Query<Vec<(String, String)>>,
