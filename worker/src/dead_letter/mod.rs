@@ -253,7 +253,10 @@ mod tests {
             "delivery_limit",
             "page_removed",
         ];
-        assert_eq!(names, documented, "letters in queues and dashboards use these");
+        assert_eq!(
+            names, documented,
+            "letters in queues and dashboards use these"
+        );
         for reason in DeadReason::all() {
             assert_eq!(DeadReason::parse(reason.as_str()), Some(reason));
         }
