@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use fbsync_shared::config::{OwnerSettings, Settings, StoreLocation, WebhookSecrets, all_of};
+use fbsync_shared::config::{OwnerSettings, Problems, Settings, StoreLocation, WebhookSecrets};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::telemetry;
@@ -180,7 +180,13 @@ fn required<T>(checked: Result<T, Vec<String>>) -> Result<T, ExitCode> {
 
 /// What a worker requires: the token cipher and the object store's location.
 fn worker_requirements(settings: &Settings) -> Result<(TokenCipher, StoreLocation), Vec<String>> {
-    all_of(settings.token_cipher(), settings.store_location())
+    let mut problems = Problems::default();
+    let cipher = problems.take(settings.token_cipher());
+    let store = problems.take(settings.store_location());
+    let (Some(cipher), Some(store)) = (cipher, store) else {
+        return Err(problems.into_lines());
+    };
+    Ok((cipher, store))
 }
 
 /// The owner routes' settings and the cipher for their tokens, when they are configured.
@@ -191,11 +197,20 @@ type OwnerRequirements = Option<(OwnerSettings, TokenCipher)>;
 fn ingest_requirements(
     settings: &Settings,
 ) -> Result<(WebhookSecrets, OwnerRequirements), Vec<String>> {
-    let owner = settings.owner_settings().and_then(|owner| match owner {
-        None => Ok(None),
-        Some(owner) => settings.token_cipher().map(|cipher| Some((owner, cipher))),
-    });
-    all_of(settings.webhook_secrets(), owner)
+    let mut problems = Problems::default();
+    let secrets = problems.take(settings.webhook_secrets());
+    let owner = problems
+        .take(settings.owner_settings())
+        .and_then(|owner| match owner {
+            None => Some(None),
+            Some(owner) => problems
+                .take(settings.token_cipher())
+                .map(|cipher| Some((owner, cipher))),
+        });
+    let (Some(secrets), Some(owner)) = (secrets, owner) else {
+        return Err(problems.into_lines());
+    };
+    Ok((secrets, owner))
 }
 
 /// Cancels the token on SIGTERM or Ctrl-C.
@@ -298,13 +313,11 @@ async fn run_scheduler(settings: Settings, once: bool) -> anyhow::Result<ExitCod
 
 /// Ingest, a worker and the scheduler in one process.
 async fn run_up(settings: Settings) -> anyhow::Result<ExitCode> {
-    let checked = all_of(
-        ingest_requirements(&settings),
-        worker_requirements(&settings),
-    );
-    let ((secrets, owner), (cipher, store)) = match required(checked) {
-        Ok(required) => required,
-        Err(code) => return Ok(code),
+    let mut problems = Problems::default();
+    let ingest = problems.take(ingest_requirements(&settings));
+    let worker = problems.take(worker_requirements(&settings));
+    let (Some((secrets, owner)), Some((cipher, store))) = (ingest, worker) else {
+        return Ok(refuse(&problems.into_lines()));
     };
     let shutdown = shutdown_on_signal();
     let worker = fbsync_worker::Worker::open(&settings, cipher, &store, &shutdown).await?;

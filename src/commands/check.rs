@@ -7,14 +7,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fbsync_shared::config::{Settings, all_of};
+use fbsync_shared::config::{Problems, Settings};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::queue::{Topology, connect};
+use fbsync_shared::storage::budget::BucketBudget;
+use fbsync_shared::storage::budgeted_store::{BudgetedError, BudgetedStore};
 use fbsync_shared::storage::db::{Database, PageStatus};
-use fbsync_shared::storage::object_store::{
-    ObjectStore, PROBE_PREFIX, StoreError, WriteCondition, open_store,
-};
+use fbsync_shared::storage::object_store::{ObjectKey, PROBE_PREFIX, WriteCondition, open_store};
 
 use crate::refuse;
 
@@ -42,13 +42,13 @@ fn fail(line: impl Into<String>) -> Outcome {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
-    let checked = all_of(
-        all_of(settings.webhook_secrets(), settings.owner_settings()),
-        all_of(settings.token_cipher(), settings.store_location()),
-    );
-    let ((_, owner), (cipher, store)) = match checked {
-        Ok(required) => required,
-        Err(problems) => return Ok(refuse(&problems)),
+    let mut problems = Problems::default();
+    let secrets = problems.take(settings.webhook_secrets());
+    let owner = problems.take(settings.owner_settings());
+    let cipher = problems.take(settings.token_cipher());
+    let store = problems.take(settings.store_location());
+    let (Some(_), Some(owner), Some(cipher), Some(store)) = (secrets, owner, cipher, store) else {
+        return Ok(refuse(&problems.into_lines()));
     };
     println!("ok   configuration: every required setting is present and valid");
     if owner.is_none() {
@@ -66,10 +66,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    if let Some(database) = &database {
-        outcomes.push(check_migrations(database).await);
-    }
-    outcomes.push(check_store(open_store(&store).as_ref()).await);
+    let migrated = match &database {
+        Some(database) => {
+            let migrations = check_migrations(database).await;
+            let passed = migrations.passed;
+            outcomes.push(migrations);
+            passed.then_some(database)
+        }
+        None => None,
+    };
+    // The probe's requests take the bucket's budget like every other request, and the budget
+    // is kept in the database.
+    outcomes.push(match migrated {
+        Some(database) => {
+            let budget = BucketBudget::from_settings(&settings.storage);
+            check_store(&BudgetedStore::new(open_store(&store), database.clone(), budget)).await
+        }
+        None => fail(
+            "object store: not checked: the bucket's request budget is kept in the database, which is not ready",
+        ),
+    });
     if let Some(database) = &database {
         outcomes.extend(check_tokens(database, &cipher, &settings).await);
         database.close().await;
@@ -120,8 +136,8 @@ async fn check_migrations(database: &Database) -> Outcome {
     }
 }
 
-async fn check_store(store: &dyn ObjectStore) -> Outcome {
-    let key = format!("{PROBE_PREFIX}{}.json", uuid::Uuid::new_v4().simple());
+async fn check_store(store: &BudgetedStore) -> Outcome {
+    let key = ObjectKey::probe();
     let body = Bytes::from_static(b"{\"probe\":true}");
     let describe = store.describe();
     let attempt = async {
@@ -130,7 +146,7 @@ async fn check_store(store: &dyn ObjectStore) -> Outcome {
             .await?;
         let read = store.get(&key).await?;
         store.delete(&key).await?;
-        Ok::<_, StoreError>(read)
+        Ok::<_, BudgetedError>(read)
     };
     match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
         Ok(Ok(Some(read))) if read.body == body => pass(format!(

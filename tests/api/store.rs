@@ -2,13 +2,16 @@
 //! round trips, missing objects, and conditional writes that refuse a lost update.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use fbsync_shared::config::Settings;
-use fbsync_shared::storage::object_store::{ObjectStore, StoreError, WriteCondition, open_store};
+use fbsync_shared::storage::object_store::{
+    ObjectKey, ObjectStore, StoreError, WriteCondition, open_store,
+};
 
 use crate::common::spaces_limits::{create_bucket, s3_endpoint, unique_bucket};
 
-async fn s3_store() -> Box<dyn ObjectStore> {
+async fn s3_store() -> Arc<dyn ObjectStore> {
     let bucket = unique_bucket();
     create_bucket(&s3_endpoint(), &bucket).await;
     let vars: HashMap<String, String> = [
@@ -29,7 +32,7 @@ async fn s3_store() -> Box<dyn ObjectStore> {
     )
 }
 
-fn local_store() -> Box<dyn ObjectStore> {
+fn local_store() -> Arc<dyn ObjectStore> {
     let dir = std::env::temp_dir().join(format!("fbsync-store-{}", uuid::Uuid::new_v4().simple()));
     let vars: HashMap<String, String> =
         [("DATA_DIR".to_string(), dir.display().to_string())].into();
@@ -41,8 +44,8 @@ fn local_store() -> Box<dyn ObjectStore> {
     )
 }
 
-async fn conditional_writes_refuse_lost_updates(store: Box<dyn ObjectStore>) {
-    let key = "users/u/facebook_messenger/p/conversations/c.json";
+async fn conditional_writes_refuse_lost_updates(store: Arc<dyn ObjectStore>) {
+    let key = &ObjectKey::from_text("users/u/facebook_messenger/p/conversations/c.json");
     assert_eq!(store.get(key).await.expect("get"), None);
     store
         .put(key, "[1]".into(), &WriteCondition::Absent)
@@ -90,7 +93,7 @@ async fn local_store_refuses_keys_that_leave_its_directory() {
     let store = local_store();
     let refused = store
         .put(
-            "users/../../etc/x.json",
+            &ObjectKey::from_text("users/../../etc/x.json"),
             "[]".into(),
             &WriteCondition::Absent,
         )

@@ -17,12 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fbsync_shared::ids::{PageId, UserUuid};
-use fbsync_shared::storage::budget::BucketBudget;
-use fbsync_shared::storage::db::Database;
-use fbsync_shared::storage::object_store::{ObjectStore, conversations_prefix};
-
-/// How long a listing request waits in place for a slot of the bucket's rate.
-const LIST_SLOT_WAIT: Duration = Duration::from_secs(5);
+use fbsync_shared::storage::budgeted_store::{BudgetedError, BudgetedStore};
+use fbsync_shared::storage::object_store::KeyPrefix;
 
 /// How long a listing serves the flusher. What existed then is all that can exist now, apart
 /// from what fbsync wrote since (those conversations are no longer never-flushed, so they are
@@ -55,31 +51,23 @@ pub enum FolderListing {
 
 /// Lists the conversation objects under a Page's folder, up to `max_keys` keys.
 pub async fn list_conversations(
-    db: &Database,
-    store: &dyn ObjectStore,
-    bucket_budget: &BucketBudget,
+    store: &BudgetedStore,
     user_uuid: &UserUuid,
     page_id: &PageId,
     max_keys: usize,
 ) -> FolderListing {
-    let prefix = conversations_prefix(user_uuid, page_id);
+    let prefix = KeyPrefix::conversations(user_uuid, page_id);
     let mut existing = HashSet::new();
     let mut continuation = None;
     loop {
-        match db
-            .wait_for_bucket_slot(bucket_budget, 1, 1, LIST_SLOT_WAIT, || true)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return FolderListing::Failed,
-            Err(e) => {
+        let listing = match store.list(&prefix, continuation).await {
+            Ok(listing) => listing,
+            Err(BudgetedError::NoRoom { .. }) => return FolderListing::Failed,
+            Err(BudgetedError::Budget(e)) => {
                 tracing::info!(%page_id, error = %e, "no bucket budget for a listing; every first flush reads first");
                 return FolderListing::Failed;
             }
-        }
-        let listing = match store.list(&prefix, continuation).await {
-            Ok(listing) => listing,
-            Err(e) => {
+            Err(BudgetedError::Store(e)) => {
                 tracing::info!(%page_id, error = %e, "could not list the Page's conversations; every first flush reads first");
                 return FolderListing::Failed;
             }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::retry::RetryClass;
+use fbsync_shared::storage::budgeted_store::BudgetedError;
 use fbsync_shared::storage::db::DbError;
 use fbsync_shared::storage::object_store::StoreError;
 
@@ -29,6 +30,16 @@ pub enum AttemptError {
     Db(#[from] DbError),
     #[error("waiting for the store's request budget")]
     Budget(Duration),
+}
+
+impl From<BudgetedError> for AttemptError {
+    fn from(error: BudgetedError) -> Self {
+        match error {
+            BudgetedError::Store(e) => AttemptError::Store(e),
+            BudgetedError::Budget(e) => AttemptError::Db(e),
+            BudgetedError::NoRoom { retry_in } => AttemptError::Budget(retry_in),
+        }
+    }
 }
 
 impl RetryClass for AttemptError {

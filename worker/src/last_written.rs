@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fbsync_shared::storage::object_store::StoredObject;
+use fbsync_shared::storage::object_store::{ObjectKey, StoredObject};
 
 use crate::merge::FileIndex;
 
@@ -63,10 +63,10 @@ impl Remembered {
 #[derive(Default)]
 struct Entries {
     /// By object key.
-    by_key: HashMap<String, Entry>,
+    by_key: HashMap<ObjectKey, Entry>,
     /// Keys in the order they were remembered, with the stamp they were remembered under (a
     /// key remembered again is found here twice; only the newest stamp counts).
-    order: VecDeque<(String, u64)>,
+    order: VecDeque<(ObjectKey, u64)>,
     /// Bytes of the bodies and indexes kept.
     bytes: usize,
     /// Numbers each remembering.
@@ -94,7 +94,7 @@ impl Entry {
 impl LastWritten {
     /// What this worker left in the object; its body only when the claim of `generation`
     /// comes right after the one that left it, and recently. Taken out either way.
-    pub fn take(&self, key: &str, generation: i64) -> Option<Remembered> {
+    pub fn take(&self, key: &ObjectKey, generation: i64) -> Option<Remembered> {
         let mut entries = self.lock();
         let entry = entries.by_key.remove(key)?;
         entries.bytes -= entry.bytes();
@@ -109,7 +109,13 @@ impl LastWritten {
     }
 
     /// Remembers the object as the claim of `generation` left it, with its merge index.
-    pub fn remember(&self, key: &str, generation: i64, mut object: StoredObject, index: FileIndex) {
+    pub fn remember(
+        &self,
+        key: &ObjectKey,
+        generation: i64,
+        mut object: StoredObject,
+        index: FileIndex,
+    ) {
         if object.body.len() > MAX_OBJECT_BYTES {
             object.body = bytes::Bytes::new();
         }
@@ -127,10 +133,10 @@ impl LastWritten {
             return;
         }
         entries.bytes += entry.bytes();
-        if let Some(old) = entries.by_key.insert(key.to_string(), entry) {
+        if let Some(old) = entries.by_key.insert(key.clone(), entry) {
             entries.bytes -= old.bytes();
         }
-        entries.order.push_back((key.to_string(), stamp));
+        entries.order.push_back((key.clone(), stamp));
         while entries.bytes > MAX_BYTES || entries.order.len() > 4 * entries.by_key.len() + 64 {
             let Some((oldest, stamp)) = entries.order.pop_front() else {
                 break;
@@ -156,6 +162,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn key(text: &str) -> ObjectKey {
+        ObjectKey::from_text(text)
+    }
+
     fn object(body: &str, version: &str) -> StoredObject {
         StoredObject {
             body: Bytes::from(body.to_string()),
@@ -170,25 +180,25 @@ mod tests {
     #[test]
     fn a_body_serves_only_the_next_claim_and_only_once() {
         let written = LastWritten::default();
-        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
-        let later = written.take("a", 9).expect("the index is kept");
+        written.remember(&key("a"), 7, object("[1]", "v1"), FileIndex::default());
+        let later = written.take(&key("a"), 9).expect("the index is kept");
         assert!(later.object.is_none(), "a claim came in between");
-        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
-        let taken = written.take("a", 8).expect("the next claim");
+        written.remember(&key("a"), 7, object("[1]", "v1"), FileIndex::default());
+        let taken = written.take(&key("a"), 8).expect("the next claim");
         assert_eq!(taken.version, "v1");
         assert_eq!(body_of(Some(taken)).as_deref(), Some(b"[1]".as_ref()));
-        assert!(written.take("a", 8).is_none(), "used once");
-        assert!(written.take("b", 1).is_none());
+        assert!(written.take(&key("a"), 8).is_none(), "used once");
+        assert!(written.take(&key("b"), 1).is_none());
     }
 
     #[test]
     fn the_index_serves_only_the_version_it_describes() {
         let written = LastWritten::default();
-        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
-        let remembered = written.take("a", 20).expect("kept");
+        written.remember(&key("a"), 7, object("[1]", "v1"), FileIndex::default());
+        let remembered = written.take(&key("a"), 20).expect("kept");
         assert!(remembered.index_of(Some(&object("[1,2]", "v2"))).is_none());
-        written.remember("a", 7, object("[1]", "v1"), FileIndex::default());
-        let remembered = written.take("a", 20).expect("kept");
+        written.remember(&key("a"), 7, object("[1]", "v1"), FileIndex::default());
+        let remembered = written.take(&key("a"), 20).expect("kept");
         assert!(remembered.index_of(Some(&object("[1]", "v1"))).is_some());
     }
 
@@ -199,21 +209,24 @@ mod tests {
         let kept = MAX_BYTES / MAX_OBJECT_BYTES;
         for i in 0..(kept + 3) {
             written.remember(
-                &format!("k{i}"),
+                &key(&format!("k{i}")),
                 1,
                 object(&body, "v"),
                 FileIndex::default(),
             );
         }
         assert!(written.lock().bytes <= MAX_BYTES);
-        assert!(written.take("k0", 2).is_none(), "the oldest went first");
-        assert!(body_of(written.take(&format!("k{}", kept + 2), 2)).is_some());
+        assert!(
+            written.take(&key("k0"), 2).is_none(),
+            "the oldest went first"
+        );
+        assert!(body_of(written.take(&key(&format!("k{}", kept + 2)), 2)).is_some());
         let big = "y".repeat(MAX_OBJECT_BYTES + 1);
-        written.remember("big", 1, object(&big, "v"), FileIndex::default());
-        let remembered = written.take("big", 2).expect("its index is kept");
+        written.remember(&key("big"), 1, object(&big, "v"), FileIndex::default());
+        let remembered = written.take(&key("big"), 2).expect("its index is kept");
         assert!(remembered.object.is_none(), "too big to keep the body");
         for _ in 0..1_000 {
-            written.remember("same", 1, object("[]", "v"), FileIndex::default());
+            written.remember(&key("same"), 1, object("[]", "v"), FileIndex::default());
         }
         assert!(
             written.lock().order.len() < 200,

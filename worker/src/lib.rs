@@ -28,8 +28,9 @@ use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::Database;
-use fbsync_shared::storage::object_store::{ObjectStore, open_store};
+use fbsync_shared::storage::object_store::open_store;
 use fbsync_shared::telemetry::{
     CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
 };
@@ -73,7 +74,11 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let db = Database::connect(&settings.database_url).await?;
-        let store: Arc<dyn ObjectStore> = Arc::from(open_store(store));
+        let store = BudgetedStore::new(
+            open_store(store),
+            db.clone(),
+            BucketBudget::from_settings(&settings.storage),
+        );
         tracing::info!(store = %store.describe(), "object store");
         let topology = Topology::new(&settings.broker.queue_prefix);
         // One confirming publisher for everything a worker moves or queues: dead letters, parked
@@ -93,7 +98,6 @@ impl Worker {
             graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),
             retry: settings.retry.clone(),
-            bucket_budget: BucketBudget::from_settings(&settings.storage),
             forwarder: forwarder.clone(),
             topology: topology.clone(),
         };
@@ -104,7 +108,6 @@ impl Worker {
             graph: graph.clone(),
             retry: settings.retry.clone(),
             put_budget: PutBudget::from_settings(&settings.storage),
-            bucket_budget: BucketBudget::from_settings(&settings.storage),
         });
         let poller = PollJob {
             db: db.clone(),
@@ -114,7 +117,6 @@ impl Worker {
             lease: settings.worker.lease,
             page_data: page_data.clone(),
             store: store.clone(),
-            bucket_budget: BucketBudget::from_settings(&settings.storage),
             list_before_backfill: settings.storage.conditional_writes,
         };
         let parker = Parker::new(forwarder.clone(), topology.clone());

@@ -12,9 +12,6 @@
 //! Deleting a user's data (Meta's data-deletion callback) lists `users/<uuid>/` and deletes
 //! each object, every LIST and DELETE taken from the bucket's shared request budget.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
@@ -22,18 +19,15 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::storage::budget::BucketBudget;
+use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::{Database, OnboardStep};
-use fbsync_shared::storage::object_store::{ObjectStore, user_prefix};
+use fbsync_shared::storage::object_store::KeyPrefix;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::AttemptError;
 use crate::page_data::{PageDataJob, PageDataOutcome};
 use crate::runtime::forward::Forwarder;
 use crate::runtime::settle::{JobError, page_step, step};
-
-/// How long a request waits in place for a slot of the bucket's rate.
-const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// What the backfill step records once its poll job is queued (the poll's own progress shows
 /// as the Page's last poll).
@@ -43,8 +37,9 @@ pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 pub struct OnboardJob {
     /// Pages (their sealed tokens, the steps' outcomes) and deletion requests.
     pub db: Database,
-    /// Where a user's objects are listed and deleted.
-    pub store: Arc<dyn ObjectStore>,
+    /// Where a user's objects are listed and deleted, each request within the bucket's
+    /// budget.
+    pub store: BudgetedStore,
     /// Opens the Page tokens.
     pub cipher: TokenCipher,
     /// The subscription calls.
@@ -54,8 +49,6 @@ pub struct OnboardJob {
     pub app_id: Option<String>,
     /// Transient failures are retried under the one policy.
     pub retry: RetrySettings,
-    /// Every LIST and DELETE is taken from the bucket's shared write budget.
-    pub bucket_budget: BucketBudget,
     /// Publishes the backfill's poll job with a confirm.
     pub forwarder: Forwarder,
     /// Where the poll job goes.
@@ -205,16 +198,14 @@ impl OnboardJob {
             // The request removed the user's Pages already (this job may run first): without
             // them, no flush claimed from now on writes under the prefix being emptied.
             self.db.remove_pages_of_user(&user).await?;
-            let prefix = user_prefix(&user);
+            let prefix = KeyPrefix::user(&user);
             // Deleting changes the listing: list from the start until a listing is empty.
             loop {
-                self.take_bucket_slot().await?;
                 let listing = self.store.list(&prefix, None).await?;
                 if listing.keys.is_empty() {
                     break;
                 }
                 for key in &listing.keys {
-                    self.take_bucket_slot().await?;
                     self.store.delete(key).await?;
                     deleted += 1;
                 }
@@ -224,18 +215,5 @@ impl OnboardJob {
             .complete_data_deletion(confirmation_code, deleted, now_ms())
             .await?;
         Ok(deleted)
-    }
-
-    /// One write (a LIST or a DELETE) from the bucket's budget, waiting a few windows for it.
-    async fn take_bucket_slot(&self) -> Result<(), AttemptError> {
-        let taken = self
-            .db
-            .wait_for_bucket_slot(&self.bucket_budget, 1, 1, BUCKET_SLOT_WAIT, || true)
-            .await?;
-        if taken {
-            return Ok(());
-        }
-        let window = Duration::from_millis(self.bucket_budget.window_ms.unsigned_abs());
-        Err(AttemptError::Budget(window))
     }
 }

@@ -6,7 +6,6 @@
 //! object's or the bucket's budget) never stores metadata fetched before the wait. What cannot
 //! succeed comes back as a dead letter; work interrupted by shutdown is given back.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,17 +14,15 @@ use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
-use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::storage::budget::PutBudget;
+use fbsync_shared::storage::budgeted_store::{BudgetedStore, PutShare};
 use fbsync_shared::storage::db::{Database, PutReservation};
-use fbsync_shared::storage::object_store::{ObjectStore, WriteCondition, page_data_key};
+use fbsync_shared::storage::object_store::{ObjectKey, WriteCondition};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::AttemptError;
 use crate::runtime::settle::{JobError, page_step};
-
-/// How long a request waits in place for a slot of the bucket's rate.
-const BUCKET_SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// What a refresh did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,12 +34,11 @@ pub enum PageDataOutcome {
 /// Everything a page-change job needs.
 pub struct PageDataJob {
     pub db: Database,
-    pub store: Arc<dyn ObjectStore>,
+    pub store: BudgetedStore,
     pub cipher: TokenCipher,
     pub graph: GraphClient,
     pub retry: RetrySettings,
     pub put_budget: PutBudget,
-    pub bucket_budget: BucketBudget,
 }
 
 impl PageDataJob {
@@ -70,21 +66,6 @@ impl PageDataJob {
         Ok(outcome)
     }
 
-    /// Takes `writes` and `ops` for a request about to be sent, waiting a few budget windows
-    /// for them in place (so what was fetched and read is not thrown away), or asks the retry
-    /// loop to wait.
-    async fn take_bucket_slot(&self, writes: i64, ops: i64) -> Result<(), AttemptError> {
-        let taken = self
-            .db
-            .wait_for_bucket_slot(&self.bucket_budget, writes, ops, BUCKET_SLOT_WAIT, || true)
-            .await?;
-        if taken {
-            return Ok(());
-        }
-        let window = Duration::from_millis(self.bucket_budget.window_ms.unsigned_abs());
-        Err(AttemptError::Budget(window))
-    }
-
     /// One attempt: fetch, compare, write.
     async fn refresh_once(&self, page_id: &PageId) -> Result<PageDataOutcome, AttemptError> {
         let Some(page) = self.db.page(page_id).await? else {
@@ -99,10 +80,8 @@ impl PageDataJob {
         };
         let metadata = self.graph.page_metadata(page_id.as_str(), &token).await?;
         let body = Bytes::from(serde_json::to_vec(&metadata).expect("JSON values serialise"));
-        let key = page_data_key(&page.user_uuid, page_id);
+        let key = ObjectKey::page_data(&page.user_uuid, page_id);
 
-        // The bucket's budget is charged right before each request is sent.
-        self.take_bucket_slot(0, 1).await?;
         let current = self.store.get(&key).await?;
         if current.as_ref().is_some_and(|object| object.body == body) {
             return Ok(PageDataOutcome::Unchanged);
@@ -116,7 +95,7 @@ impl PageDataJob {
         }
         // The bucket's slot first: a reserved PUT of the object is never wasted on a full
         // window (a slot that goes unused only makes the bucket's rate more conservative).
-        self.take_bucket_slot(1, 1).await?;
+        let slot = self.store.put_slot(PutShare::none(), || true).await?;
         let reserved = self
             .db
             .reserve_object_put(&key, &self.put_budget, now_ms())
@@ -126,7 +105,7 @@ impl PageDataJob {
                 (at - now_ms()).max(0) as u64,
             )));
         }
-        self.store.put(&key, body, &condition).await?;
+        slot.put(&key, body, &condition).await?;
         Ok(PageDataOutcome::Written)
     }
 }

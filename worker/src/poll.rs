@@ -28,11 +28,10 @@ use fbsync_shared::ids::{ConversationKey, PageId, Psid};
 use fbsync_shared::jobs::PollRequest;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryError, retry};
-use fbsync_shared::storage::budget::BucketBudget;
+use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::{
     Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
 };
-use fbsync_shared::storage::object_store::ObjectStore;
 use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -56,10 +55,9 @@ pub struct PollJob {
     pub lease: Duration,
     /// The poll's first step: `page_data.json`, written only when it changed.
     pub page_data: Arc<PageDataJob>,
-    /// Where a backfill lists the conversation objects that exist already.
-    pub store: Arc<dyn ObjectStore>,
-    /// The bucket's request budget, which the listing's requests take from.
-    pub bucket_budget: BucketBudget,
+    /// Where a backfill lists the conversation objects that exist already (each listing
+    /// request within the bucket's budget).
+    pub store: BudgetedStore,
     /// The store honours conditional writes: a backfill lists what exists, and the first
     /// flush of a conversation whose object is absent writes without reading.
     pub list_before_backfill: bool,
@@ -215,15 +213,8 @@ impl PollJob {
         // a read per new conversation.
         let existing = match since {
             None if self.list_before_backfill => {
-                match list_conversations(
-                    &self.db,
-                    self.store.as_ref(),
-                    &self.bucket_budget,
-                    &page.user_uuid,
-                    page_id,
-                    LISTED_KEYS_MAX,
-                )
-                .await
+                match list_conversations(&self.store, &page.user_uuid, page_id, LISTED_KEYS_MAX)
+                    .await
                 {
                     FolderListing::Complete(existing) => Some(existing),
                     FolderListing::TooLong(_) | FolderListing::Failed => None,

@@ -11,6 +11,29 @@
 
 use crate::config::StorageSettings;
 
+/// What a request costs from the bucket's budget: Spaces limits writes (PUT, COPY, POST and
+/// LIST; fbsync counts a DELETE as one too) apart from operations of any kind (every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requests {
+    /// Requests of the write class.
+    pub writes: i64,
+    /// Requests of any kind.
+    pub ops: i64,
+}
+
+impl Requests {
+    /// One GET.
+    pub const GET: Requests = Requests { writes: 0, ops: 1 };
+    /// One PUT.
+    pub const PUT: Requests = Requests { writes: 1, ops: 1 };
+    /// One LIST (a write on Spaces).
+    pub const LIST: Requests = Requests { writes: 1, ops: 1 };
+    /// One DELETE.
+    pub const DELETE: Requests = Requests { writes: 1, ops: 1 };
+    /// A GET and the PUT that usually follows it in the same window (a flush that reads).
+    pub const GET_THEN_PUT: Requests = Requests { writes: 1, ops: 2 };
+}
+
 /// The per-object PUT budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutBudget {

@@ -9,11 +9,8 @@
 //! it gives something back to it) and the latest window whose row it has seen, so a refused take
 //! costs no statement or one, not three.
 
-use std::time::Duration;
-
 use super::{Database, DbError};
-use crate::now_ms;
-use crate::storage::budget::BucketBudget;
+use crate::storage::budget::{BucketBudget, Requests};
 
 /// What this process has seen of the budget's windows, to spare statements that cannot take
 /// anything. A window is marked full only from a refusal whose statement ran when the row was
@@ -50,44 +47,15 @@ impl WindowsSeen {
 }
 
 impl Database {
-    /// Takes `writes` and `ops` for a request about to be sent: from the current window, or
-    /// from one of the windows that start within `wait`, sleeping until each starts, for as
-    /// long as `keep_waiting` says so. True when taken (always, for an unlimited budget).
-    pub async fn wait_for_bucket_slot(
-        &self,
-        budget: &BucketBudget,
-        writes: i64,
-        ops: i64,
-        wait: Duration,
-        keep_waiting: impl Fn() -> bool,
-    ) -> Result<bool, DbError> {
-        if budget.is_unlimited() {
-            return Ok(true);
-        }
-        let until = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
-        loop {
-            let now = now_ms();
-            if self.take_bucket_budget(now, writes, ops, budget).await? {
-                return Ok(true);
-            }
-            if budget.next_window(now) > until || !keep_waiting() {
-                break;
-            }
-            let wait = (budget.next_window(now) - now).max(1);
-            tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
-        }
-        Ok(false)
-    }
-
-    /// Takes `writes` writes and `ops` operations from the bucket's budget window that holds
-    /// `now`; false (nothing taken) when that window is full.
+    /// Takes `requests` from the bucket's budget window that holds `now`; false (nothing taken)
+    /// when that window is full.
     pub async fn take_bucket_budget(
         &self,
         now: i64,
-        writes: i64,
-        ops: i64,
+        requests: Requests,
         budget: &BucketBudget,
     ) -> Result<bool, DbError> {
+        let Requests { writes, ops } = requests;
         let window = budget.window_start(now);
         if self.windows_seen(|seen| seen.known_full(window, writes, ops)) {
             return Ok(false);
@@ -176,14 +144,14 @@ impl Database {
         Ok(taken.rows_affected() == 1)
     }
 
-    /// Gives `writes` and `ops` taken in `window` back (a request that was counted and then not
-    /// sent); nothing when the window is gone.
+    /// Gives `requests` taken in `window` back (a request that was counted and then not sent);
+    /// nothing when the window is gone.
     pub async fn give_back_bucket_budget(
         &self,
         window: i64,
-        writes: i64,
-        ops: i64,
+        requests: Requests,
     ) -> Result<(), DbError> {
+        let Requests { writes, ops } = requests;
         sqlx::query(
             "UPDATE bucket_budget SET writes = writes - $2, ops = ops - $3
              WHERE window_ms = $1 AND writes >= $2 AND ops >= $3",
@@ -205,7 +173,7 @@ impl Database {
 
 #[cfg(test)]
 mod tests {
-    use crate::storage::budget::BucketBudget;
+    use crate::storage::budget::{BucketBudget, Requests};
     use crate::storage::db::test_support::backends;
 
     #[tokio::test]
@@ -218,30 +186,30 @@ mod tests {
             };
             let now = 1_000_020;
             assert!(
-                db.take_bucket_budget(now, 1, 2, &budget)
+                db.take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(now, 0, 1, &budget)
+                !db.take_bucket_budget(now, Requests::GET, &budget)
                     .await
                     .expect("take"),
                 "{backend}: the window is full"
             );
-            db.give_back_bucket_budget(budget.window_start(now), 1, 1)
+            db.give_back_bucket_budget(budget.window_start(now), Requests::PUT)
                 .await
                 .expect("give back");
             assert!(
-                db.take_bucket_budget(now, 1, 1, &budget)
+                db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: the write given back is there again"
             );
-            db.give_back_bucket_budget(budget.window_start(now) - 50, 1, 1)
+            db.give_back_bucket_budget(budget.window_start(now) - 50, Requests::PUT)
                 .await
                 .expect("give back");
             assert!(
-                !db.take_bucket_budget(now, 1, 1, &budget)
+                !db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: nothing given back to another window"
@@ -266,7 +234,7 @@ mod tests {
                 let at = start + window * 50 + 10;
                 let mut count: i64 = 0;
                 while db
-                    .take_bucket_budget(at, 1, 1, &budget)
+                    .take_bucket_budget(at, Requests::PUT, &budget)
                     .await
                     .expect("take")
                 {
@@ -290,12 +258,12 @@ mod tests {
                 ..budget
             };
             assert!(
-                db.take_bucket_budget(late + 50, 1, 1, &budget)
+                db.take_bucket_budget(late + 50, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(late, 1, 1, &budget)
+                !db.take_bucket_budget(late, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: a take into a window that is over"
@@ -313,12 +281,12 @@ mod tests {
             };
             let now = 3_000_020;
             assert!(
-                db.take_bucket_budget(now, 1, 1, &budget)
+                db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(now, 1, 1, &budget)
+                !db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
@@ -328,23 +296,23 @@ mod tests {
                 .await
                 .expect("give back behind its back");
             assert!(
-                !db.take_bucket_budget(now, 1, 1, &budget)
+                !db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: a window found full is refused without a statement"
             );
             assert!(
-                !db.take_bucket_budget(now, 1, 2, &budget)
+                !db.take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: and so is a larger request"
             );
             // A give-back of its own makes it ask again.
-            db.give_back_bucket_budget(budget.window_start(now), 0, 0)
+            db.give_back_bucket_budget(budget.window_start(now), Requests { writes: 0, ops: 0 })
                 .await
                 .expect("give back");
             assert!(
-                db.take_bucket_budget(now, 1, 1, &budget)
+                db.take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: asked again after its own give-back"

@@ -4,6 +4,7 @@
 
 use super::{Database, DbError};
 use crate::storage::budget::PutBudget;
+use crate::storage::object_key::ObjectKey;
 
 /// Times (ms) of the recent PUT attempts to one object, stored as a comma-separated list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,20 +55,20 @@ impl Database {
     /// A compare-and-swap on the recorded times, so two workers cannot both take the last slot.
     pub async fn reserve_object_put(
         &self,
-        object_key: &str,
+        object_key: &ObjectKey,
         budget: &PutBudget,
         now: i64,
     ) -> Result<PutReservation, DbError> {
         sqlx::query(
             "INSERT INTO object_puts (object_key) VALUES ($1) ON CONFLICT (object_key) DO NOTHING",
         )
-        .bind(object_key)
+        .bind(object_key.as_str())
         .execute(&self.pool)
         .await?;
         loop {
             let (current,): (String,) =
                 sqlx::query_as("SELECT recent_puts FROM object_puts WHERE object_key = $1")
-                    .bind(object_key)
+                    .bind(object_key.as_str())
                     .fetch_one(&self.pool)
                     .await?;
             let mut recent = RecentPuts::decode(&current);
@@ -79,7 +80,7 @@ impl Database {
             let done = sqlx::query(
                 "UPDATE object_puts SET recent_puts = $2 WHERE object_key = $1 AND recent_puts = $3",
             )
-            .bind(object_key)
+            .bind(object_key.as_str())
             .bind(recent.encode())
             .bind(&current)
             .execute(&self.pool)
