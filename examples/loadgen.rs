@@ -57,8 +57,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use fbsync_shared::facebook::event::{JobKind, split_delivery};
+use fbsync_shared::facebook::event::split_delivery;
 use fbsync_shared::facebook::signature::{SHA256_HEADER, sign_sha256};
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, Topology, open_confirm_channel, publish_confirmed};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};

@@ -16,9 +16,75 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::facebook::event::EventMessage;
-pub use crate::facebook::event::{JobKind, PollRequest};
+use crate::facebook::event::{EventKind, EventMessage};
 use crate::ids::PageId;
+
+/// The queue a message goes to; one durable queue per kind.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum JobKind {
+    /// Messenger events that end up in a conversation file.
+    Conversation,
+    /// Page field changes: refresh `page_data.json`.
+    PageChange,
+    /// Graph API polls of a Page's metadata and conversations ([`PollRequest`]).
+    Poll,
+    /// The owners' jobs: onboard a Page connected through Facebook Login, delete a user's
+    /// data (see `queue::owner_jobs`).
+    Onboard,
+}
+
+impl JobKind {
+    /// Every kind, in declaration order.
+    pub const ALL: &'static [JobKind] = <JobKind as strum::VariantArray>::VARIANTS;
+
+    /// The routing key and queue suffix of this kind.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    /// The kind a queue name suffix names, if this version knows it.
+    pub fn parse(name: &str) -> Option<Self> {
+        name.parse().ok()
+    }
+
+    /// The queue an event of `kind` travels on.
+    pub fn of_event(kind: EventKind) -> Self {
+        match kind {
+            EventKind::PageChange => JobKind::PageChange,
+            _ => JobKind::Conversation,
+        }
+    }
+}
+
+/// A poll job (the body of a `poll` queue message): read one Page's metadata and conversations
+/// from the Graph API and stage what is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollRequest {
+    /// The Page to poll.
+    pub page_id: String,
+    /// Read the whole history, not only conversations updated since the last complete poll
+    /// (a newly connected Page, `fbsync poll --backfill`).
+    #[serde(default)]
+    pub backfill: bool,
+    /// Who asked (`scheduler`, `operator`, `onboarding`), for logs and dead letters.
+    pub requested_by: String,
+    /// When it was asked.
+    pub requested_at_ms: i64,
+}
 
 /// One unit of work on the broker.
 #[derive(Debug, Clone)]
@@ -69,7 +135,7 @@ impl Envelope {
     /// counts them afterwards): what [`Job::envelope`] gives for [`Job::of_event`].
     pub fn of_event(event: &EventMessage) -> Self {
         Envelope {
-            kind: event.kind.job_kind(),
+            kind: JobKind::of_event(event.kind),
             message_id: event.event_id.clone(),
             headers: vec![
                 ("page_id", event.page_id.clone()),
@@ -97,7 +163,7 @@ impl Job {
     /// The job of one event split from a webhook delivery: a page change or a conversation
     /// event, by its kind.
     pub fn of_event(event: EventMessage) -> Self {
-        match event.kind.job_kind() {
+        match JobKind::of_event(event.kind) {
             JobKind::PageChange => Job::PageChange(event),
             _ => Job::Conversation(event),
         }

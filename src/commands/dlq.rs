@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use fbsync_shared::config::{Settings, Span};
-use fbsync_shared::facebook::event::JobKind;
 use fbsync_shared::ids::PageId;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::Topology;
 use fbsync_worker::dead_letter::DeadReason;
 use fbsync_worker::dead_letter::operator_session::{DeadLetter, DlqFilter, DlqSession};

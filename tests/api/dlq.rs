@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::{EventMessage, JobKind, describe_messaging_event};
+use fbsync_shared::facebook::event::{EventMessage, describe_messaging_event};
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::{Outgoing, Topology, connect, publish_confirmed};
 use fbsync_worker::dead_letter::{DeadLetterInfo, DeadReason};
 use lapin::options::ConfirmSelectOptions;

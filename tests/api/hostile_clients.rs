@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::Topology;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

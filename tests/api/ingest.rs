@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::{EventKind, JobKind};
+use fbsync_shared::facebook::event::EventKind;
 use fbsync_shared::facebook::signature::{sign_sha1, sign_sha256};
+use fbsync_shared::jobs::JobKind;
 
 use crate::common::broker::{AMQP_URL, TcpProxy, delete_topology, unique_prefix};
 use crate::common::fixtures::{fixture, fixture_names};

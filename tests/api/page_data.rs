@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::{EventKind, EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventKind, EventMessage};
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::{Outgoing, Topology, connect, publish_confirmed};
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};

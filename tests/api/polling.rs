@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::Topology;
 use serde_json::Value;
 

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::EventMessage;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::{Topology, connect};
 use lapin::options::{
     BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -74,7 +75,7 @@ pub async fn delete_topology(prefix: &str) {
         return;
     };
     let mut queues = vec![topology.dead()];
-    for kind in JobKind::ALL {
+    for &kind in JobKind::ALL {
         queues.push(topology.queue(kind));
         queues.push(topology.delay_queue(kind));
     }

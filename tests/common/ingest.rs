@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fbsync_shared::config::Settings;
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::EventMessage;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::telemetry;
 use tokio::net::TcpListener;

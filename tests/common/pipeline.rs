@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::JobKind;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::Topology;
 use serde_json::Value;
 use sqlx::Connection;

@@ -160,7 +160,7 @@ impl Worker {
     /// finishes what it holds, and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
-        for kind in JobKind::ALL {
+        for &kind in JobKind::ALL {
             tasks.spawn(consume_forever(
                 self.consumers.clone(),
                 kind,

@@ -16,6 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use fbsync_shared::facebook::conversations::is_polled_shape;
 use fbsync_shared::facebook::event::{EventFacts, EventSource};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -244,29 +245,6 @@ impl<'a> Entries<'a> {
         list.sort_by(|a, b| a.key_cmp(b));
         list
     }
-}
-
-/// The seed's reconstruction of a polled message: sender, recipient, timestamp and a message
-/// with mid and text, maybe `is_echo`, and maybe the Graph API's attachment objects (which,
-/// unlike a webhook's, have no `payload`).
-fn is_polled_shape(event: &Value) -> bool {
-    let Some(object) = event.as_object() else {
-        return false;
-    };
-    let top_ok = object
-        .keys()
-        .all(|k| matches!(k.as_str(), "sender" | "recipient" | "timestamp" | "message"));
-    let Some(message) = event.get("message").and_then(Value::as_object) else {
-        return false;
-    };
-    let message_ok = message
-        .keys()
-        .all(|k| matches!(k.as_str(), "mid" | "text" | "is_echo" | "attachments"));
-    let attachments_ok = message
-        .get("attachments")
-        .and_then(Value::as_array)
-        .is_none_or(|list| list.iter().all(|a| a.get("payload").is_none()));
-    top_ok && message_ok && attachments_ok
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Every setting has one home here. Values are parsed once, at start, and every problem is
 //! reported at once, one clear line each. What only some roles require (ingest's webhook
 //! secrets, the token key, the object store's coordinates) is checked by the role at start into
-//! a value of its own with nothing optional left ([`WebhookSecrets`], [`TokenCipher`],
+//! a value of its own with nothing optional left ([`WebhookSecrets`], [`TokenCipher`](crate::crypto::TokenCipher),
 //! [`StoreLocation`]); a [`Problems`] gathers what every check finds, so those too are reported
 //! at once. Secrets
 //! are held in [`SecretString`] so they cannot end up in a `Debug` print or log.

@@ -193,6 +193,30 @@ pub fn reconstruct(page_id: &str, message: &GraphMessage) -> Option<PolledEvent>
     })
 }
 
+/// Whether `event` has the shape [`reconstruct`] writes (`EventShape`): sender, recipient,
+/// timestamp and a message with mid and text, maybe `is_echo`, and maybe the Graph API's
+/// attachment objects (which, unlike a webhook's, have no `payload`). The merge lets a webhook
+/// copy replace an event of this shape; the shape is defined and recognised here only.
+pub fn is_polled_shape(event: &Value) -> bool {
+    let Some(object) = event.as_object() else {
+        return false;
+    };
+    let top_ok = object
+        .keys()
+        .all(|k| matches!(k.as_str(), "sender" | "recipient" | "timestamp" | "message"));
+    let Some(message) = event.get("message").and_then(Value::as_object) else {
+        return false;
+    };
+    let message_ok = message
+        .keys()
+        .all(|k| matches!(k.as_str(), "mid" | "text" | "is_echo" | "attachments"));
+    let attachments_ok = message
+        .get("attachments")
+        .and_then(Value::as_array)
+        .is_none_or(|list| list.iter().all(|a| a.get("payload").is_none()));
+    top_ok && message_ok && attachments_ok
+}
+
 /// Milliseconds since the epoch of a Graph time (`2022-07-12T19:11:07+0000`).
 pub fn graph_time_ms(text: &str) -> Option<i64> {
     chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%z")
@@ -310,6 +334,27 @@ mod tests {
             "image/jpeg"
         );
         assert_eq!(value["message"]["text"], "");
+    }
+
+    #[test]
+    fn what_reconstruct_writes_is_recognised_as_the_polled_shape_and_a_webhook_event_is_not() {
+        let page = fixture();
+        for message in &page.data[0].messages.as_ref().expect("nested").data {
+            if let Some(event) = reconstruct(PAGE, message) {
+                let value: Value = serde_json::from_str(&event.body).expect("json");
+                assert!(is_polled_shape(&value), "{}", event.body);
+            }
+        }
+        let webhook = serde_json::json!({
+            "sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1,
+            "message": {"mid": "m", "text": "hi", "seq": 7}
+        });
+        assert!(!is_polled_shape(&webhook));
+        let webhook_attachment = serde_json::json!({
+            "sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1,
+            "message": {"mid": "m", "attachments": [{"type": "image", "payload": {"url": "u"}}]}
+        });
+        assert!(!is_polled_shape(&webhook_attachment));
     }
 
     #[test]

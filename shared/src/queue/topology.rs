@@ -99,7 +99,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        for kind in JobKind::ALL {
+        for &kind in JobKind::ALL {
             let mut args = FieldTable::default();
             // Quorum queues replicate and fsync: a confirm means the message is on disk.
             args.insert(

@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use fbsync_shared::facebook::event::{EventMessage, JobKind};
+use fbsync_shared::facebook::event::EventMessage;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Topology, connect, publish_each};
 use lapin::options::{

@@ -4,8 +4,9 @@
 //! Invariant: the events leave the stage only once their dead letters are confirmed; until
 //! then the conversation is tried again later.
 
-use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage, JobKind};
+use fbsync_shared::facebook::event::{EventFacts, EventKind, EventMessage};
 use fbsync_shared::ids::ConversationKey;
+use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Outgoing;
 use fbsync_shared::storage::db::{ClaimError, ConversationClaim, StagedEvent};

@@ -1,0 +1,124 @@
+//! Splitting a webhook delivery into one [`EventMessage`] per event: messaging, standby and
+//! Page changes. The envelope borrows from the body; each event stays the text Facebook sent.
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::{
+    DeliveryError, EventFacts, EventKind, EventMessage, EventSource, Identity, canonical_hash,
+};
+
+/// A delivery's envelope, borrowed from the body.
+#[derive(Deserialize)]
+struct Delivery<'a> {
+    /// Must be the string `"page"`; its text is enough to tell in the usual case.
+    #[serde(borrow)]
+    object: &'a RawValue,
+    #[serde(default, borrow)]
+    entry: Vec<Entry<'a>>,
+}
+
+/// One Page's part of a delivery; the events stay text until they are described.
+#[derive(Deserialize)]
+struct Entry<'a> {
+    /// The Page id, a string (or a number) as sent.
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[serde(default)]
+    time: Option<i64>,
+    #[serde(default, borrow)]
+    messaging: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    standby: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    changes: Vec<&'a RawValue>,
+}
+
+/// Splits a delivery into its events: messaging, standby and page changes.
+pub fn split_delivery(
+    body: &[u8],
+    received_at_ms: i64,
+) -> Result<Vec<EventMessage>, DeliveryError> {
+    let delivery: Delivery =
+        serde_json::from_slice(body).map_err(|e| DeliveryError::NotJson(e.to_string()))?;
+    if delivery.object.get() != r#""page""# {
+        // Not the plain text `"page"`: decide on the value (an escaped "page" is one too).
+        match serde_json::from_str::<Value>(delivery.object.get()) {
+            Ok(Value::String(object)) if object == "page" => {}
+            Ok(other) => return Err(DeliveryError::NotPage(other.to_string())),
+            Err(e) => return Err(DeliveryError::NotJson(e.to_string())),
+        }
+    }
+    let events = delivery
+        .entry
+        .iter()
+        .map(|entry| entry.messaging.len() + entry.standby.len() + entry.changes.len())
+        .sum();
+    let mut events = Vec::with_capacity(events);
+    for entry in delivery.entry {
+        let page_id = page_id_text(entry.id);
+        let streams = [(entry.messaging, false), (entry.standby, true)];
+        for (raw_events, standby) in streams {
+            for raw in raw_events {
+                let mut message =
+                    describe_messaging_event(&page_id, raw.to_owned(), received_at_ms);
+                message.standby = standby;
+                events.push(message);
+            }
+        }
+        for raw in entry.changes {
+            let value: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+            let time_ms = entry.time.unwrap_or(0).saturating_mul(1000);
+            let identity = Identity::Change(canonical_hash(
+                &serde_json::json!({ "time": entry.time, "change": value }),
+            ));
+            events.push(EventMessage {
+                page_id: page_id.clone(),
+                kind: EventKind::PageChange,
+                event_id: identity.to_string(),
+                user_psid: None,
+                timestamp_ms: time_ms,
+                standby: false,
+                source: EventSource::Webhook,
+                received_at_ms,
+                event: raw.to_owned(),
+            });
+        }
+    }
+    Ok(events)
+}
+
+/// An entry's Page id as text: a string as it reads, a number in its JSON form, anything else
+/// empty.
+fn page_id_text(id: &RawValue) -> String {
+    if let Ok(plain) = serde_json::from_str::<&str>(id.get()) {
+        return plain.to_string();
+    }
+    // Escaped, a number, or not an id at all.
+    match serde_json::from_str::<Value>(id.get()) {
+        Ok(Value::String(id)) => id,
+        Ok(Value::Number(id)) => id.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Identity, kind, conversation partner and time of one messaging event.
+pub fn describe_messaging_event(
+    page_id: &str,
+    raw: Box<RawValue>,
+    received_at_ms: i64,
+) -> EventMessage {
+    let facts = EventFacts::of_raw(page_id, &raw);
+    EventMessage {
+        page_id: page_id.to_string(),
+        kind: facts.kind,
+        event_id: facts.identity,
+        user_psid: facts.user_psid,
+        timestamp_ms: facts.timestamp_ms,
+        standby: false,
+        source: EventSource::Webhook,
+        received_at_ms,
+        event: raw,
+    }
+}
