@@ -22,3 +22,6 @@ pub mod telemetry;
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+#[cfg(test)]
+mod layering_tests;

@@ -29,20 +29,9 @@ async fn list(pipeline: &Pipeline, filters: &[&str]) -> Vec<Value> {
 }
 
 async fn wait_for_dead_letters(pipeline: &Pipeline, count: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let letters = list(pipeline, &[]).await;
-        if letters.len() >= count {
-            assert_eq!(letters.len(), count);
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} dead letters, expected {count}",
-            letters.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    pipeline
+        .dead_letters(&[], count, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test]

@@ -370,8 +370,7 @@ async fn a_rejected_token_flags_the_page_dead_letters_the_job_and_later_rounds_s
     .expect("in time");
     assert_eq!(code, 1, "a failed poll fails the wait: {stderr}");
     assert!(stderr.contains("token"), "{stderr}");
-    let letters = pipeline.dlq_list(&["--kind", "poll"]).await.expect("dlq");
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letters = pipeline.dead_letters(&["--kind", "poll"], 1, STEP).await;
     assert_eq!(letters[0]["reason"], "token_error");
     assert_eq!(letters[0]["page_id"], PAGE_ID);
     let listing = page_listing(&pipeline).await;

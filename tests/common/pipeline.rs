@@ -336,6 +336,35 @@ impl Pipeline {
             .collect()
     }
 
+    /// The dead letters matching `filters` (as `fbsync dlq list --json` shows them), once at
+    /// least `count` are there; panics when fewer come within `limit`, or when more than
+    /// `count` do.
+    #[allow(dead_code)] // Only the api target waits for dead letters.
+    pub async fn dead_letters(
+        &self,
+        filters: &[&str],
+        count: usize,
+        limit: Duration,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let letters = self
+                .dlq_list(filters)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            if letters.len() >= count {
+                assert_eq!(letters.len(), count, "{letters:?}");
+                return letters;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} dead letters within {limit:?}, expected {count}: {letters:?}",
+                letters.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `fbsync dlq replay FILTERS`: the N of its final line `replayed N`, or what went wrong.
     pub async fn dlq_replay(&self, filters: &[&str]) -> Result<usize, String> {
         let stdout = self.run_ok(&["dlq", "replay"], filters).await?;

@@ -8,13 +8,9 @@
 pub mod dead_letter;
 pub mod flush;
 pub mod folder_listing;
-pub mod job;
 pub mod jobs;
 pub mod last_written;
 pub mod merge;
-pub mod onboard;
-pub mod page_data;
-pub mod poll;
 pub mod runtime;
 pub mod stage;
 
@@ -39,9 +35,10 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::sender::DeadLetterSender;
 use crate::flush::Flusher;
 use crate::jobs::Env;
-use crate::onboard::OnboardJob;
-use crate::page_data::PageDataJob;
-use crate::poll::PollJob;
+use crate::jobs::delete_user_data::UserDataEraser;
+use crate::jobs::onboard_page::PageOnboarder;
+use crate::jobs::page_change::PageDataRefresher;
+use crate::jobs::poll::Poller;
 use crate::runtime::consume::{ConsumerContext, consume_forever};
 use crate::runtime::forward::Forwarder;
 use crate::runtime::health::Health;
@@ -91,9 +88,13 @@ impl Worker {
         );
         let graph = GraphClient::new(&settings.facebook.graph_url);
         let forwarder = Forwarder::new(publisher, settings.retry.clone());
-        let onboard = OnboardJob {
+        let eraser = UserDataEraser {
             db: db.clone(),
             store: store.clone(),
+            retry: settings.retry.clone(),
+        };
+        let onboarder = PageOnboarder {
+            db: db.clone(),
             cipher: cipher.clone(),
             graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),
@@ -101,7 +102,7 @@ impl Worker {
             forwarder: forwarder.clone(),
             topology: topology.clone(),
         };
-        let page_data = Arc::new(PageDataJob {
+        let page_data = Arc::new(PageDataRefresher {
             db: db.clone(),
             store: store.clone(),
             cipher: cipher.clone(),
@@ -109,7 +110,7 @@ impl Worker {
             retry: settings.retry.clone(),
             put_budget: PutBudget::from_settings(&settings.storage),
         });
-        let poller = PollJob {
+        let poller = Poller {
             db: db.clone(),
             graph,
             cipher,
@@ -137,7 +138,8 @@ impl Worker {
             env: Env {
                 page_data,
                 poller,
-                onboard,
+                onboarder,
+                eraser,
             },
         });
         let flusher = Arc::new(Flusher::new(

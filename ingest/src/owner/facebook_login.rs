@@ -21,17 +21,19 @@ use fbsync_shared::now_ms;
 use fbsync_shared::storage::db::OnboardStep;
 use secrecy::SecretString;
 
-use super::page::{escape, html, problem, redirect_with, unavailable};
+use super::error::OwnerError;
+use super::page::{escape, redirect_with};
 use super::state::{self, Flow};
 use super::{OwnerState, session};
 
 /// GET /facebook/login
-pub async fn login(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> Response {
-    let user = match session::current_user(&state, &headers).await {
-        Ok(Some(user)) => user,
-        Ok(None) => return no_session(),
-        Err(e) => return unavailable(&e),
-    };
+pub async fn login(
+    State(state): State<Arc<OwnerState>>,
+    headers: HeaderMap,
+) -> Result<Response, OwnerError> {
+    let user = session::current_user(&state, &headers)
+        .await?
+        .ok_or_else(no_session)?;
     let settings = &state.settings;
     let oauth_state = state::issue(
         &settings.state_secret,
@@ -52,9 +54,8 @@ pub async fn login(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> 
     )
 }
 
-fn no_session() -> Response {
-    problem(
-        StatusCode::BAD_REQUEST,
+fn no_session() -> OwnerError {
+    OwnerError::refused(
         "Not signed in",
         "There is no session: open the app from your Shopify admin first (it signs you in), \
          then connect your Facebook Pages.",
@@ -66,7 +67,7 @@ pub async fn callback(
     State(state): State<Arc<OwnerState>>,
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
-) -> Response {
+) -> Result<Response, OwnerError> {
     let param = |name: &str| {
         query
             .iter()
@@ -84,74 +85,41 @@ pub async fn callback(
             escape(reason),
             escape(&LOGIN_SCOPES.join(", ")),
         );
-        return html(
-            StatusCode::BAD_REQUEST,
-            "Facebook Pages not connected",
-            &body,
-        );
+        return Err(OwnerError::Page {
+            status: StatusCode::BAD_REQUEST,
+            title: "Facebook Pages not connected",
+            body,
+        });
     }
     let settings = &state.settings;
-    let claims = match state::accept(
+    let claims = state::accept(
         &state.db,
         &settings.state_secret,
         Flow::Facebook,
         param("state"),
         now_ms(),
     )
-    .await
-    {
-        Ok(claims) => claims,
-        Err(state::StateError::Db(e)) => return unavailable(&e),
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "Sign-in refused", &e.to_string()),
-    };
-    let Ok(user) = UserUuid::parse(&claims.subject) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "Sign-in refused",
-            "The state names no user.",
-        );
-    };
+    .await?;
+    let user = UserUuid::parse(&claims.subject)
+        .map_err(|_| OwnerError::refused("Sign-in refused", "The state names no user."))?;
     // The state must belong to this browser's session: a login started by someone else (a
     // forged link) would otherwise attach the victim's Pages to the attacker's shop.
-    match session::current_user(&state, &headers).await {
-        Ok(Some(current)) if current == user => {}
-        Ok(_) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Sign-in refused",
-                &state::StateError::WrongSubject("session").to_string(),
-            );
-        }
-        Err(e) => return unavailable(&e),
+    if session::current_user(&state, &headers).await? != Some(user.clone()) {
+        return Err(state::StateError::WrongSubject("session").into());
     }
-    let Some(code) = param("code").filter(|c| !c.is_empty()) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "Sign-in refused",
-            "Facebook sent no authorization code.",
-        );
-    };
-    let pages = match read_pages(&state, &user, code).await {
-        Ok(pages) => pages,
-        Err(answer) => return *answer,
-    };
-    if let Err(e) = store_pages(&state, &user, &pages).await {
-        return unavailable(&e);
-    }
+    let code = param("code").filter(|c| !c.is_empty()).ok_or_else(|| {
+        OwnerError::refused("Sign-in refused", "Facebook sent no authorization code.")
+    })?;
+    let pages = read_pages(&state, &user, code).await?;
+    store_pages(&state, &user, &pages).await?;
     let queued = queue_onboarding(&state, &pages).await;
     // The login's session ends here (as the seed's); a fresh one shows the status page.
-    let fresh = match session::end(&state, &headers).await {
-        Ok(_) => session::start(&state, &user).await,
-        Err(e) => Err(e),
-    };
-    let cookie = match fresh {
-        Ok(cookie) => cookie,
-        Err(e) => return unavailable(&e),
-    };
+    session::end(&state, &headers).await?;
+    let cookie = session::start(&state, &user).await?;
     tracing::info!(%user, pages = pages.len(), queued, "Facebook Pages connected");
     let mut response = Redirect::to("/connect").into_response();
     response.headers_mut().insert(header::SET_COOKIE, cookie);
-    response
+    Ok(response)
 }
 
 /// The code exchange, the long-lived token, the permission check and `/me/accounts`; an error
@@ -160,7 +128,7 @@ async fn read_pages(
     state: &OwnerState,
     user: &UserUuid,
     code: &str,
-) -> Result<Vec<ConnectedPage>, Box<Response>> {
+) -> Result<Vec<ConnectedPage>, OwnerError> {
     let settings = &state.settings;
     let app = AppCredentials {
         app_id: &settings.facebook_app_id,
@@ -187,11 +155,11 @@ async fn read_pages(
              <p><a href=\"/facebook/login\">Connect again and allow them</a></p>",
             escape(&missing.join(", "))
         );
-        return Err(Box::new(html(
-            StatusCode::BAD_REQUEST,
-            "Permissions missing",
-            &body,
-        )));
+        return Err(OwnerError::Page {
+            status: StatusCode::BAD_REQUEST,
+            title: "Permissions missing",
+            body,
+        });
     }
     let facebook_user = graph
         .facebook_user_id(&long)
@@ -201,19 +169,16 @@ async fn read_pages(
         .connected_pages(&long)
         .await
         .map_err(|e| graph_failure("reading your Pages", &e))?;
-    if let Err(e) = state
+    state
         .db
         .set_facebook_user(user, &facebook_user, now_ms())
-        .await
-    {
-        return Err(Box::new(unavailable(&e)));
-    }
+        .await?;
     Ok(pages)
 }
 
 /// The page for a failed Graph call: what failed, never a token (Graph's messages hold none,
 /// and no URL is quoted).
-fn graph_failure(what: &str, error: &GraphError) -> Box<Response> {
+fn graph_failure(what: &str, error: &GraphError) -> OwnerError {
     tracing::warn!(step = what, error = %error, "Facebook Login failed");
     let (status, advice) = match error {
         GraphError::Transient(_) | GraphError::RateLimited { .. } => (
@@ -230,7 +195,11 @@ fn graph_failure(what: &str, error: &GraphError) -> Box<Response> {
         escape(what),
         escape(advice)
     );
-    Box::new(html(status, "Facebook Pages not connected", &body))
+    OwnerError::Page {
+        status,
+        title: "Facebook Pages not connected",
+        body,
+    }
 }
 
 /// Stores each Page's token sealed under `user` (a Page that belonged to another user moves,

@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Form;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,6 +24,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::OwnerState;
+use super::error::CallbackError;
 use super::page::with_private_headers;
 
 /// Why a signed request was refused.
@@ -79,83 +79,68 @@ pub fn verify_signed_request(
         .ok_or(SignedRequestError::NoUser)
 }
 
-fn refused(error: &SignedRequestError) -> Response {
-    tracing::warn!(reason = %error, "a Meta callback was refused");
-    let mut response = (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": error.to_string()})),
-    )
-        .into_response();
-    with_private_headers(response.headers_mut());
-    response
+/// The person a Meta callback is about: the app-scoped user id its form's `signed_request`
+/// names, the signature checked. A request without a valid one is refused before the handler
+/// runs.
+pub struct SignedRequest {
+    /// The app-scoped Facebook user id.
+    pub facebook_user: String,
 }
 
-fn failed(error: &dyn std::fmt::Display) -> Response {
-    tracing::error!(%error, "a Meta callback could not be carried out");
-    let mut response = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        axum::Json(json!({"error": "temporarily unavailable; please retry"})),
-    )
-        .into_response();
-    with_private_headers(response.headers_mut());
-    response
+impl FromRequest<Arc<OwnerState>> for SignedRequest {
+    type Rejection = CallbackError;
+
+    async fn from_request(
+        request: Request,
+        state: &Arc<OwnerState>,
+    ) -> Result<Self, CallbackError> {
+        let form = Form::<HashMap<String, String>>::from_request(request, state)
+            .await
+            .map_err(|_| CallbackError::Refused(SignedRequestError::Missing))?;
+        let facebook_user = verify_signed_request(
+            &state.settings.facebook_app_secret,
+            form.get("signed_request").map(String::as_str),
+        )
+        .map_err(CallbackError::Refused)?;
+        Ok(SignedRequest { facebook_user })
+    }
 }
 
 /// POST /facebook/deauthorize
 pub async fn deauthorize(
     State(state): State<Arc<OwnerState>>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    let facebook_user = match verify_signed_request(
-        &state.settings.facebook_app_secret,
-        form.get("signed_request").map(String::as_str),
-    ) {
-        Ok(user) => user,
-        Err(e) => return refused(&e),
-    };
-    match state.db.forget_facebook_user(&facebook_user, false).await {
-        Ok(forgotten) => {
-            tracing::info!(
-                users = forgotten.users.len(),
-                pages = forgotten.pages,
-                "app deauthorized: the person's Pages stopped syncing and their tokens were deleted"
-            );
-            axum::Json(json!({"success": true})).into_response()
-        }
-        Err(e) => failed(&e),
-    }
+    signed: SignedRequest,
+) -> Result<Response, CallbackError> {
+    let forgotten = state
+        .db
+        .forget_facebook_user(&signed.facebook_user, false)
+        .await?;
+    tracing::info!(
+        users = forgotten.users.len(),
+        pages = forgotten.pages,
+        "app deauthorized: the person's Pages stopped syncing and their tokens were deleted"
+    );
+    Ok(axum::Json(json!({"success": true})).into_response())
 }
 
 /// POST /facebook/data-deletion
 pub async fn data_deletion(
     State(state): State<Arc<OwnerState>>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    let facebook_user = match verify_signed_request(
-        &state.settings.facebook_app_secret,
-        form.get("signed_request").map(String::as_str),
-    ) {
-        Ok(user) => user,
-        Err(e) => return refused(&e),
-    };
+    signed: SignedRequest,
+) -> Result<Response, CallbackError> {
+    let facebook_user = signed.facebook_user;
     // The request is recorded and its object deletion queued first, then the database part
     // is done: a request that cannot be queued changes nothing and is answered 503, so Meta
     // sends it again (once the users are forgotten, they could not be found again).
-    let users = match state.db.users_of_facebook_user(&facebook_user).await {
-        Ok(users) => users,
-        Err(e) => return failed(&e),
-    };
+    let users = state.db.users_of_facebook_user(&facebook_user).await?;
     let mut code = [0u8; 16];
     rand::rng().fill_bytes(&mut code);
     let code = hex::encode(code);
     let now = now_ms();
-    if let Err(e) = state
+    state
         .db
         .record_data_deletion(&code, &facebook_user, &users, 0, 0, now)
-        .await
-    {
-        return failed(&e);
-    }
+        .await?;
     if !users.is_empty() {
         let outgoing = state.topology.job(&Job::DeleteUserData(DeleteUserData {
             confirmation_code: code.clone(),
@@ -166,25 +151,19 @@ pub async fn data_deletion(
             .await
         {
             let _ = state.db.remove_data_deletion(&code).await;
-            return failed(&format!("the deletion job could not be queued ({e})"));
+            return Err(CallbackError::Failed(format!(
+                "the deletion job could not be queued ({e})"
+            )));
         }
     }
-    let forgotten = match state.db.forget_facebook_user(&facebook_user, true).await {
-        Ok(forgotten) => forgotten,
-        Err(e) => return failed(&e),
-    };
-    let counted = state
+    let forgotten = state.db.forget_facebook_user(&facebook_user, true).await?;
+    state
         .db
         .set_data_deletion_counts(&code, forgotten.pages, forgotten.sessions)
-        .await;
-    if let Err(e) = counted {
-        return failed(&e);
-    }
+        .await?;
     // Nothing stored for this person: the request is complete at once.
-    if users.is_empty()
-        && let Err(e) = state.db.complete_data_deletion(&code, 0, now).await
-    {
-        return failed(&e);
+    if users.is_empty() {
+        state.db.complete_data_deletion(&code, 0, now).await?;
     }
     tracing::info!(
         users = forgotten.users.len(),
@@ -198,7 +177,7 @@ pub async fn data_deletion(
     );
     let mut response = axum::Json(json!({"url": url, "confirmation_code": code})).into_response();
     with_private_headers(response.headers_mut());
-    response
+    Ok(response)
 }
 
 #[cfg(test)]

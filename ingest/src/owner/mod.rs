@@ -8,9 +8,11 @@
 //! Invariants: no route here answers or logs a token (Shopify's, a user's or a Page's); every
 //! state is signed, bound to its flow and subject, expires and is used once; a session is a
 //! random 256-bit id whose hash alone is stored; every input problem is a 4xx page in words,
-//! never a 500. The webhook path shares nothing with these routes but the listener: they are
+//! never a 500, and every failure is an `error::OwnerError` (a page) or `error::CallbackError`
+//! (Meta's JSON) the handler returns with `?`. The webhook path shares nothing with these routes but the listener: they are
 //! served only when the owner settings are configured (see `Settings::owner_settings`).
 
+pub mod error;
 pub mod facebook_login;
 pub mod meta_callbacks;
 pub mod page;

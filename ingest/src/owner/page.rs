@@ -4,6 +4,8 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::error::OwnerError;
+
 /// `text` safe inside HTML text and attribute values.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -22,16 +24,14 @@ pub fn escape(text: &str) -> String {
 
 /// A redirect to `base` with `query` added (an OAuth authorize step); a `base` that is not a
 /// URL is the configuration named by `setting`, answered as such.
-pub fn redirect_with(base: &str, setting: &str, query: &[(&str, &str)]) -> Response {
-    let Ok(mut url) = reqwest::Url::parse(base) else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Misconfigured",
-            &format!("{setting} does not make a valid URL."),
-        );
-    };
+pub fn redirect_with(
+    base: &str,
+    setting: &'static str,
+    query: &[(&str, &str)],
+) -> Result<Response, OwnerError> {
+    let mut url = reqwest::Url::parse(base).map_err(|_| OwnerError::Misconfigured { setting })?;
     url.query_pairs_mut().extend_pairs(query);
-    axum::response::Redirect::to(url.as_str()).into_response()
+    Ok(axum::response::Redirect::to(url.as_str()).into_response())
 }
 
 /// A whole page: `title` (escaped here) and `body`, HTML the caller escaped.
@@ -68,16 +68,6 @@ pub fn with_private_headers(headers: &mut axum::http::HeaderMap) {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
     );
-}
-
-/// The page for a failure of our own database: the owner can only try again.
-pub fn unavailable(error: &dyn std::fmt::Display) -> Response {
-    tracing::error!(%error, "an owner request failed on the database");
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Please try again",
-        "The service is busy right now; nothing was lost. Please try again in a minute.",
-    )
 }
 
 #[cfg(test)]

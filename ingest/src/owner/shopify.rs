@@ -14,7 +14,8 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
-use super::page::{escape, html, problem, redirect_with, unavailable};
+use super::error::OwnerError;
+use super::page::{escape, html, redirect_with};
 use super::state::{self, Flow};
 use super::{OwnerState, session};
 
@@ -22,21 +23,17 @@ use super::{OwnerState, session};
 pub async fn login(
     State(state): State<Arc<OwnerState>>,
     Query(query): Query<Vec<(String, String)>>,
-) -> Response {
+) -> Result<Response, OwnerError> {
     let shop = query
         .iter()
         .find(|(k, _)| k == "shop")
-        .map(|(_, v)| v.as_str());
-    let shop = match shop.map(ShopDomain::parse) {
-        Some(Ok(shop)) => shop,
-        Some(Err(_)) | None => {
-            return problem(
-                StatusCode::BAD_REQUEST,
+        .and_then(|(_, v)| ShopDomain::parse(v).ok())
+        .ok_or_else(|| {
+            OwnerError::refused(
                 "Not a Shopify shop",
                 "The shop parameter must be your shop's domain, such as my-shop.myshopify.com.",
-            );
-        }
-    };
+            )
+        })?;
     let settings = &state.settings;
     let oauth_state = state::issue(
         &settings.state_secret,
@@ -92,7 +89,7 @@ pub fn hmac_is_valid(secret: &SecretString, query: &[(String, String)]) -> bool 
 pub async fn callback(
     State(state): State<Arc<OwnerState>>,
     Query(query): Query<Vec<(String, String)>>,
-) -> Response {
+) -> Result<Response, OwnerError> {
     let param = |name: &str| {
         query
             .iter()
@@ -102,74 +99,50 @@ pub async fn callback(
     let settings = &state.settings;
     if !hmac_is_valid(&settings.shopify_api_secret, &query) {
         tracing::warn!("a Shopify callback with a bad hmac was refused");
-        return problem(
-            StatusCode::BAD_REQUEST,
+        return Err(OwnerError::refused(
             "Sign-in refused",
             "This request does not carry Shopify's valid signature (hmac). Please start the \
              installation again from your Shopify admin.",
-        );
+        ));
     }
     let Some(Ok(shop)) = param("shop").map(ShopDomain::parse) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
+        return Err(OwnerError::refused(
             "Not a Shopify shop",
             "The callback does not name a *.myshopify.com shop.",
-        );
+        ));
     };
-    let claims = match state::accept(
+    let claims = state::accept(
         &state.db,
         &settings.state_secret,
         Flow::Shopify,
         param("state"),
         now_ms(),
     )
-    .await
-    {
-        Ok(claims) => claims,
-        Err(state::StateError::Db(e)) => return unavailable(&e),
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "Sign-in refused", &e.to_string()),
-    };
+    .await?;
     if claims.subject != shop.as_str() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "Sign-in refused",
-            &state::StateError::WrongSubject("shop").to_string(),
-        );
+        return Err(state::StateError::WrongSubject("shop").into());
     }
-    let Some(code) = param("code").filter(|c| !c.is_empty()) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "Sign-in refused",
-            "Shopify sent no authorization code.",
-        );
-    };
-    let token = match exchange_code(&state, &shop, code).await {
-        Ok(token) => token,
-        Err(why) => {
-            tracing::warn!(%shop, reason = %why, "Shopify code exchange failed");
-            return problem(
-                StatusCode::BAD_GATEWAY,
-                "Shopify did not confirm the installation",
-                "Shopify did not hand out an access token for your shop. Please start the \
-                 installation again.",
-            );
+    let code = param("code").filter(|c| !c.is_empty()).ok_or_else(|| {
+        OwnerError::refused("Sign-in refused", "Shopify sent no authorization code.")
+    })?;
+    let token = exchange_code(&state, &shop, code).await.map_err(|why| {
+        tracing::warn!(%shop, reason = %why, "Shopify code exchange failed");
+        OwnerError::Refused {
+            status: StatusCode::BAD_GATEWAY,
+            title: "Shopify did not confirm the installation",
+            message: "Shopify did not hand out an access token for your shop. Please start the \
+                      installation again."
+                .into(),
         }
-    };
+    })?;
     let sealed = state
         .cipher
         .seal(&format!("shop:{}", shop.as_str()), &token);
-    let user = match state
+    let user = state
         .db
         .connect_shop(&shop, &UserUuid::new_random(), sealed, now_ms())
-        .await
-    {
-        Ok(user) => user,
-        Err(e) => return unavailable(&e),
-    };
-    let cookie = match session::start(&state, &user).await {
-        Ok(cookie) => cookie,
-        Err(e) => return unavailable(&e),
-    };
+        .await?;
+    let cookie = session::start(&state, &user).await?;
     tracing::info!(%shop, %user, "shop connected");
     let body = format!(
         "<p>Your shop <strong>{}</strong> is connected.</p>\n\
@@ -179,7 +152,7 @@ pub async fn callback(
     );
     let mut response = html(StatusCode::OK, "Shop connected", &body);
     response.headers_mut().insert(header::SET_COOKIE, cookie);
-    response
+    Ok(response)
 }
 
 /// Exchanges the code at the shop's `/admin/oauth/access_token`; a reason in words on failure

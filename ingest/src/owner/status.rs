@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use fbsync_shared::storage::db::{PageStatus, PageSummary};
 use serde_json::{Value, json};
 
-use super::page::{escape, html, problem, unavailable, with_private_headers};
+use super::error::OwnerError;
+use super::page::{escape, html, with_private_headers};
 use super::{OwnerState, session};
 
 /// True when the client asked for JSON.
@@ -71,30 +72,32 @@ fn page_json(page: &PageSummary) -> Value {
 }
 
 /// GET /connect
-pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -> Response {
-    let user = match session::current_user(&state, &headers).await {
-        Ok(Some(user)) => user,
-        Ok(None) => {
-            let message = "There is no session: open the app from your Shopify admin first.";
-            if wants_json(&headers) {
-                return json_answer(StatusCode::UNAUTHORIZED, json!({"error": message}));
-            }
-            return problem(StatusCode::UNAUTHORIZED, "Not signed in", message);
+pub async fn connect(
+    State(state): State<Arc<OwnerState>>,
+    headers: HeaderMap,
+) -> Result<Response, OwnerError> {
+    let Some(user) = session::current_user(&state, &headers).await? else {
+        let message = "There is no session: open the app from your Shopify admin first.";
+        if wants_json(&headers) {
+            return Ok(json_answer(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": message}),
+            ));
         }
-        Err(e) => return unavailable(&e),
+        return Err(OwnerError::Refused {
+            status: StatusCode::UNAUTHORIZED,
+            title: "Not signed in",
+            message: message.into(),
+        });
     };
-    let (shop, pages) =
-        match tokio::try_join!(state.db.user_shop(&user), state.db.pages_of_user(&user)) {
-            Ok(found) => found,
-            Err(e) => return unavailable(&e),
-        };
+    let (shop, pages) = tokio::try_join!(state.db.user_shop(&user), state.db.pages_of_user(&user))?;
     let shop = shop.map(|shop| shop.as_str().to_string());
     if wants_json(&headers) {
         let pages: Vec<Value> = pages.iter().map(page_json).collect();
-        return json_answer(
+        return Ok(json_answer(
             StatusCode::OK,
             json!({"shop": shop, "user_uuid": user.as_str(), "pages": pages}),
-        );
+        ));
     }
     let mut body = format!(
         "<p>Shop: <strong id=\"shop\">{}</strong></p>\n",
@@ -105,7 +108,7 @@ pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -
             "<p>No Facebook Page is connected yet.</p>\n\
              <p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect Facebook Pages</a></p>",
         );
-        return html(StatusCode::OK, "Your connected Pages", &body);
+        return Ok(html(StatusCode::OK, "Your connected Pages", &body));
     }
     body.push_str(
         "<table>\n<thead><tr><th>Page</th><th>Status</th><th>Webhooks</th><th>Page data</th>\
@@ -146,7 +149,7 @@ pub async fn connect(State(state): State<Arc<OwnerState>>, headers: HeaderMap) -
         "</tbody></table>\n<p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect more \
          Pages</a></p>",
     );
-    html(StatusCode::OK, "Your connected Pages", &body)
+    Ok(html(StatusCode::OK, "Your connected Pages", &body))
 }
 
 /// GET /facebook/data-deletion/status?code=
@@ -154,26 +157,24 @@ pub async fn deletion_status(
     State(state): State<Arc<OwnerState>>,
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
-) -> Response {
+) -> Result<Response, OwnerError> {
     let code = query
         .iter()
         .find(|(k, _)| k == "code")
         .map(|(_, v)| v.as_str())
         .unwrap_or_default();
-    let deletion = match state.db.data_deletion(code).await {
-        Ok(Some(deletion)) => deletion,
-        Ok(None) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "Unknown request",
-                "No data-deletion request has this confirmation code.",
-            );
-        }
-        Err(e) => return unavailable(&e),
-    };
+    let deletion = state
+        .db
+        .data_deletion(code)
+        .await?
+        .ok_or_else(|| OwnerError::Refused {
+            status: StatusCode::NOT_FOUND,
+            title: "Unknown request",
+            message: "No data-deletion request has this confirmation code.".into(),
+        })?;
     let done = deletion.completed_at_ms.is_some();
     if wants_json(&headers) {
-        return json_answer(
+        return Ok(json_answer(
             StatusCode::OK,
             json!({
                 "confirmation_code": deletion.confirmation_code,
@@ -184,7 +185,7 @@ pub async fn deletion_status(
                 "completed_at": when(deletion.completed_at_ms),
                 "status": if done { "complete" } else { "in progress" },
             }),
-        );
+        ));
     }
     let requested = when(Some(deletion.requested_at_ms)).unwrap_or_default();
     let mut body = format!(
@@ -206,5 +207,5 @@ pub async fn deletion_status(
              conversations) are being deleted.</p>",
         ),
     }
-    html(StatusCode::OK, "Data deletion", &body)
+    Ok(html(StatusCode::OK, "Data deletion", &body))
 }

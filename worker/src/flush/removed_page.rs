@@ -13,6 +13,7 @@ use fbsync_shared::storage::db::{ClaimError, ConversationClaim, StagedEvent};
 use fbsync_shared::telemetry::DEAD_LETTERED;
 use serde_json::value::RawValue;
 
+use super::write::seqs;
 use super::{FlushOutcome, Flusher};
 use crate::dead_letter::{DeadLetterInfo, DeadReason};
 
@@ -57,8 +58,7 @@ impl Flusher {
                 .await?;
             return Ok(FlushOutcome::Failed);
         }
-        let seqs: Vec<i64> = staged.iter().map(|event| event.seq).collect();
-        claim.finish(&seqs, now, now).await?;
+        claim.finish(&seqs(&staged), now, now).await?;
         metrics::counter!(DEAD_LETTERED, "reason" => DeadReason::PageRemoved.as_str())
             .increment(letters.len() as u64);
         tracing::warn!(

@@ -97,7 +97,7 @@ impl Flusher {
 }
 
 /// The stage's numbers of `staged`, which finishing the claim deletes.
-fn seqs(staged: &[StagedEvent]) -> Vec<i64> {
+pub(super) fn seqs(staged: &[StagedEvent]) -> Vec<i64> {
     staged.iter().map(|event| event.seq).collect()
 }
 

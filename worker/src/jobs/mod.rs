@@ -1,4 +1,6 @@
-//! The job handlers: what the worker does with each kind of [`Job`].
+//! The job handlers: what the worker does with each kind of [`Job`], one file per handler
+//! (`page_change.rs`, `poll.rs`, `onboard_page.rs`, `delete_user_data.rs`; `attempt.rs` is the
+//! error of one attempt at a step that calls the Graph API and the store).
 //!
 //! [`run`] is the registration: one line per job kind, naming the handler that carries it
 //! out. A handler answers `Ok(())` or a [`JobError`] whose variant is its retry class; the
@@ -6,27 +8,36 @@
 //! events are the one kind not run here: they are staged in batches (`crate::stage`), since a
 //! busy Page sends thousands a second.
 
+pub mod attempt;
+pub mod delete_user_data;
+pub mod onboard_page;
+pub mod page_change;
+pub mod poll;
+
 use std::sync::Arc;
 
 use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::Job;
 use tokio_util::sync::CancellationToken;
 
-use crate::onboard::OnboardJob;
-use crate::page_data::PageDataJob;
-use crate::poll::PollJob;
 use crate::runtime::settle::JobError;
+use delete_user_data::UserDataEraser;
+use onboard_page::PageOnboarder;
+use page_change::PageDataRefresher;
+use poll::Poller;
 
 /// What the handlers share: the database, the store, the Graph API and the token cipher,
 /// through the parts that use them.
 pub struct Env {
     /// Page metadata (`page_data.json`): page changes, and the first step of polls and
     /// onboarding.
-    pub page_data: Arc<PageDataJob>,
+    pub page_data: Arc<PageDataRefresher>,
     /// Graph API polls of a Page's conversations.
-    pub poller: PollJob,
-    /// The owners' jobs.
-    pub onboard: OnboardJob,
+    pub poller: Poller,
+    /// Onboards the Pages owners connect.
+    pub onboarder: PageOnboarder,
+    /// Deletes a user's data on Meta's request.
+    pub eraser: UserDataEraser,
 }
 
 /// Carries out one job: the one line per kind that registers its handler.
@@ -44,14 +55,10 @@ pub async fn run(job: Job, env: &Env, shutdown: &CancellationToken) -> Result<()
         }
         Job::Poll(request) => env.poller.run(&request, shutdown).await.map(|_| ()),
         Job::OnboardPage(job) => {
-            env.onboard
-                .onboard_page(&job.page_id, &env.page_data, shutdown)
+            env.onboarder
+                .onboard(&job.page_id, &env.page_data, shutdown)
                 .await
         }
-        Job::DeleteUserData(job) => {
-            env.onboard
-                .delete_user_data(&job.confirmation_code, shutdown)
-                .await
-        }
+        Job::DeleteUserData(job) => env.eraser.erase(&job.confirmation_code, shutdown).await,
     }
 }

@@ -28,6 +28,23 @@ async fn stage(db: &Database, key: &ConversationKey, event_id: &str, now: i64) {
 
 const LEASE: Duration = Duration::from_secs(60);
 
+/// The stage numbers of `key`'s staged events: what finishing a claim of it deletes.
+async fn staged_seqs(db: &Database, key: &ConversationKey) -> Vec<i64> {
+    let staged = db.staged_events(key).await.expect("staged");
+    staged.iter().map(|event| event.seq).collect()
+}
+
+/// One whole flush of `key` at `now`, as a flusher does it: claim, read what is staged, finish.
+async fn flush_all(db: &Database, key: &ConversationKey, now: i64) {
+    let mut claim = db
+        .claim_conversation(key, "flusher", now, LEASE)
+        .await
+        .expect("claim")
+        .expect("due");
+    let seqs = staged_seqs(db, key).await;
+    claim.finish(&seqs, now, now).await.expect("finish");
+}
+
 #[tokio::test]
 async fn a_claim_passes_over_a_conversation_another_transaction_holds_instead_of_waiting() {
     for (backend, db) in backends().await {
@@ -129,19 +146,7 @@ async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
         let (flushed_long_ago, never_flushed, staged_during_a_flush) =
             (key("u1"), key("u2"), key("u3"));
         stage(&db, &flushed_long_ago, "e1", 1_000).await;
-        let mut claim = db
-            .claim_conversation(&flushed_long_ago, "a", 1_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
-        let seqs: Vec<i64> = db
-            .staged_events(&flushed_long_ago)
-            .await
-            .expect("staged")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        claim.finish(&seqs, 1_000, 1_000).await.expect("finish");
+        flush_all(&db, &flushed_long_ago, 1_000).await;
 
         stage(&db, &staged_during_a_flush, "e1", 1_500).await;
         let mut claim = db
@@ -149,13 +154,7 @@ async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
             .await
             .expect("claim")
             .expect("due");
-        let seqs: Vec<i64> = db
-            .staged_events(&staged_during_a_flush)
-            .await
-            .expect("staged")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let seqs = staged_seqs(&db, &staged_during_a_flush).await;
         stage(&db, &staged_during_a_flush, "e2", 2_000).await;
         claim.finish(&seqs, 4_000, 4_000).await.expect("finish");
 
@@ -425,13 +424,7 @@ async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
             .await
             .expect("claim")
             .expect("due");
-        let seqs: Vec<i64> = db
-            .staged_events(&key)
-            .await
-            .expect("staged")
-            .iter()
-            .map(|event| event.seq)
-            .collect();
+        let seqs = staged_seqs(&db, &key).await;
         // The lease runs out; another worker takes the conversation over.
         let mut successor = db
             .claim_conversation(&key, "successor", 1_200, LEASE)

@@ -2,7 +2,7 @@
 //! as webhook events are, so the flusher's budgets cover polled writes and a message that came
 //! both ways is stored once (the webhook copy wins).
 //!
-//! [`PollJob::run`] is one unit of work. The poll is leased to one worker ([`PollLease`], fenced
+//! [`Poller::run`] is one unit of work. The poll is leased to one worker ([`PollLease`], fenced
 //! by generation) and walks the conversations page by page, newest update first, following
 //! `paging.next` at both levels. Each page of conversations is staged before the link to the
 //! next one is saved, so a poll that stops (a long rate limit parks the job; a crash; shutdown)
@@ -36,13 +36,13 @@ use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+use super::page_change::PageDataRefresher;
 use crate::dead_letter::DeadReason;
 use crate::folder_listing::{FolderListing, list_conversations};
-use crate::page_data::PageDataJob;
 use crate::runtime::settle::{JobError, page_step, page_step_failed, step};
 
-/// Everything a poll job needs.
-pub struct PollJob {
+/// Polls a Page: its metadata, then its conversations from the Graph API into the stage.
+pub struct Poller {
     /// The Page registry, poll progress and staging.
     pub db: Database,
     /// The Graph API.
@@ -54,7 +54,7 @@ pub struct PollJob {
     /// How long the poll stays leased to this worker after each saved step.
     pub lease: Duration,
     /// The poll's first step: `page_data.json`, written only when it changed.
-    pub page_data: Arc<PageDataJob>,
+    pub page_data: Arc<PageDataRefresher>,
     /// Where a backfill lists the conversation objects that exist already (each listing
     /// request within the bucket's budget).
     pub store: BudgetedStore,
@@ -101,7 +101,7 @@ enum WalkEnd {
     TakenOver,
 }
 
-impl PollJob {
+impl Poller {
     /// Polls the Page `request` names.
     pub async fn run(
         &self,

@@ -1,7 +1,7 @@
 //! Page changes: fetch the Page's metadata from the Graph API and write that one Page's
 //! `page_data.json` (never a token), only when it changed.
 //!
-//! [`PageDataJob::refresh`] is one unit of work. Fetch, compare and write are retried together
+//! [`PageDataRefresher::refresh`] is one unit of work. Fetch, compare and write are retried together
 //! under the retry policy, so a write that had to wait (a Graph rate limit, a store outage, the
 //! object's or the bucket's budget) never stores metadata fetched before the wait. What cannot
 //! succeed comes back as a dead letter; work interrupted by shutdown is given back.
@@ -21,27 +21,36 @@ use fbsync_shared::storage::object_store::{ObjectKey, WriteCondition};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::AttemptError;
+use super::attempt::AttemptError;
 use crate::runtime::settle::{JobError, page_step};
 
 /// What a refresh did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageDataOutcome {
+    /// `page_data.json` was written.
     Written,
+    /// It already held this metadata (or a newer fetch wrote it): nothing was written.
     Unchanged,
 }
 
-/// Everything a page-change job needs.
-pub struct PageDataJob {
+/// Refreshes a Page's `page_data.json`: the page-change handler, and the first step of polls
+/// and onboarding.
+pub struct PageDataRefresher {
+    /// The Page's owner and sealed token, and which metadata fetch may write.
     pub db: Database,
+    /// Where `page_data.json` is read and written, within the bucket's budget.
     pub store: BudgetedStore,
+    /// Opens the Page's token.
     pub cipher: TokenCipher,
+    /// Fetches the Page's metadata.
     pub graph: GraphClient,
+    /// Fetch, compare and write are retried together under the one policy.
     pub retry: RetrySettings,
+    /// Each write takes the object's PUT budget.
     pub put_budget: PutBudget,
 }
 
-impl PageDataJob {
+impl PageDataRefresher {
     /// Refreshes `page_data.json` of `page_id`: fetch, compare and write, retried together.
     pub async fn refresh(
         &self,

@@ -1,16 +1,14 @@
-//! The owners' jobs of the `onboard` queue (see `queue::owner_jobs`).
+//! Onboarding a Page, the first of the owners' jobs on the `onboard` queue (see
+//! `queue::owner_jobs`).
 //!
 //! Onboarding a Page connected through Facebook Login runs three steps, each recorded on the
 //! Page (`fbsync pages list`, the owner's `/connect`): subscribe the app to the Page's webhooks
 //! when it is not subscribed yet, write `page_data.json` (the page-change job's own
-//! [`PageDataJob::refresh`]: only that Page's fields, only when changed), and start the
-//! conversation backfill ([`OnboardJob::start_backfill`]: a backfill poll job, confirmed). Nothing but real data reaches the bucket: no test
+//! [`PageDataRefresher::refresh`]: only that Page's fields, only when changed), and start the
+//! conversation backfill ([`PageOnboarder::start_backfill`]: a backfill poll job, confirmed). Nothing but real data reaches the bucket: no test
 //! deliveries, no fake conversations. A step that cannot succeed is recorded as failed in words
 //! and the job dead-lettered (replayable); a long wait parks it; every step is idempotent, so a
 //! redelivery or a replay repeats nothing that was done.
-//!
-//! Deleting a user's data (Meta's data-deletion callback) lists `users/<uuid>/` and deletes
-//! each object, every LIST and DELETE taken from the bucket's shared request budget.
 
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::crypto::TokenCipher;
@@ -19,27 +17,22 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::{Database, OnboardStep};
-use fbsync_shared::storage::object_store::KeyPrefix;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::AttemptError;
-use crate::page_data::{PageDataJob, PageDataOutcome};
+use super::attempt::AttemptError;
+use super::page_change::{PageDataOutcome, PageDataRefresher};
 use crate::runtime::forward::Forwarder;
-use crate::runtime::settle::{JobError, page_step, step};
+use crate::runtime::settle::{JobError, page_step};
 
 /// What the backfill step records once its poll job is queued (the poll's own progress shows
 /// as the Page's last poll).
 pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 
-/// Everything the owners' jobs need (the page-data step borrows the page-change job's).
-pub struct OnboardJob {
-    /// Pages (their sealed tokens, the steps' outcomes) and deletion requests.
+/// Onboards the Pages owners connect (the page-data step borrows the page-change handler).
+pub struct PageOnboarder {
+    /// Pages: their sealed tokens, the steps' outcomes.
     pub db: Database,
-    /// Where a user's objects are listed and deleted, each request within the bucket's
-    /// budget.
-    pub store: BudgetedStore,
     /// Opens the Page tokens.
     pub cipher: TokenCipher,
     /// The subscription calls.
@@ -55,12 +48,12 @@ pub struct OnboardJob {
     pub topology: Topology,
 }
 
-impl OnboardJob {
+impl PageOnboarder {
     /// Onboards `page_id`: subscription, `page_data.json`, backfill.
-    pub async fn onboard_page(
+    pub async fn onboard(
         &self,
         page_id: &PageId,
-        page_data: &PageDataJob,
+        page_data: &PageDataRefresher,
         shutdown: &CancellationToken,
     ) -> Result<(), JobError> {
         let subscribed = page_step(
@@ -154,66 +147,5 @@ impl OnboardJob {
         }
         self.graph.subscribe_app(page_id, &token).await?;
         Ok("subscribed")
-    }
-
-    /// Deletes the objects of every user of a data-deletion request and records the count.
-    pub async fn delete_user_data(
-        &self,
-        confirmation_code: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(), JobError> {
-        let deleted = step(&self.retry, "delete_user_data", shutdown, || {
-            self.delete_once(confirmation_code)
-        })
-        .await;
-        match deleted {
-            Ok(count) => {
-                tracing::info!(objects = count, "a user's data was deleted");
-                Ok(())
-            }
-            Err(error) => {
-                if let JobError::Failed { .. } = error {
-                    let _ = self
-                        .db
-                        .fail_data_deletion(confirmation_code, &error.to_string())
-                        .await;
-                }
-                Err(error)
-            }
-        }
-    }
-
-    /// One pass: list and delete until nothing is left, then record the request complete (the
-    /// count recorded is that of the pass that completed it).
-    async fn delete_once(&self, confirmation_code: &str) -> Result<u64, AttemptError> {
-        let Some(request) = self.db.data_deletion(confirmation_code).await? else {
-            tracing::warn!("a data-deletion job names no request; nothing to do");
-            return Ok(0);
-        };
-        if request.completed_at_ms.is_some() {
-            return Ok(request.objects_deleted.unwrap_or(0).unsigned_abs());
-        }
-        let mut deleted = 0u64;
-        for user in request.users() {
-            // The request removed the user's Pages already (this job may run first): without
-            // them, no flush claimed from now on writes under the prefix being emptied.
-            self.db.remove_pages_of_user(&user).await?;
-            let prefix = KeyPrefix::user(&user);
-            // Deleting changes the listing: list from the start until a listing is empty.
-            loop {
-                let listing = self.store.list(&prefix, None).await?;
-                if listing.keys.is_empty() {
-                    break;
-                }
-                for key in &listing.keys {
-                    self.store.delete(key).await?;
-                    deleted += 1;
-                }
-            }
-        }
-        self.db
-            .complete_data_deletion(confirmation_code, deleted, now_ms())
-            .await?;
-        Ok(deleted)
     }
 }

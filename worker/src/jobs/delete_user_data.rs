@@ -1,0 +1,91 @@
+//! Deleting a user's data (Meta's data-deletion callback), the second of the owners' jobs on
+//! the `onboard` queue: the user's Pages are removed, then `users/<uuid>/` is listed and each
+//! object deleted, every LIST and DELETE within the bucket's shared request budget, and the
+//! request is recorded complete with its count (its status page shows it).
+//!
+//! Invariant: a pass lists from the start until a listing is empty, so a redelivery or a
+//! replay finishes what an interrupted pass left; a completed request is not done again.
+
+use fbsync_shared::config::RetrySettings;
+use fbsync_shared::now_ms;
+use fbsync_shared::storage::budgeted_store::BudgetedStore;
+use fbsync_shared::storage::db::Database;
+use fbsync_shared::storage::object_store::KeyPrefix;
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::AttemptError;
+use crate::runtime::settle::{JobError, step};
+
+/// Deletes the data of the users a data-deletion request names.
+pub struct UserDataEraser {
+    /// Deletion requests, and the users' Pages.
+    pub db: Database,
+    /// Where a user's objects are listed and deleted, each request within the bucket's
+    /// budget.
+    pub store: BudgetedStore,
+    /// Transient failures are retried under the one policy.
+    pub retry: RetrySettings,
+}
+
+impl UserDataEraser {
+    /// Deletes the objects of every user of a data-deletion request and records the count.
+    pub async fn erase(
+        &self,
+        confirmation_code: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let deleted = step(&self.retry, "delete_user_data", shutdown, || {
+            self.delete_once(confirmation_code)
+        })
+        .await;
+        match deleted {
+            Ok(count) => {
+                tracing::info!(objects = count, "a user's data was deleted");
+                Ok(())
+            }
+            Err(error) => {
+                if let JobError::Failed { .. } = error {
+                    let _ = self
+                        .db
+                        .fail_data_deletion(confirmation_code, &error.to_string())
+                        .await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// One pass: list and delete until nothing is left, then record the request complete (the
+    /// count recorded is that of the pass that completed it).
+    async fn delete_once(&self, confirmation_code: &str) -> Result<u64, AttemptError> {
+        let Some(request) = self.db.data_deletion(confirmation_code).await? else {
+            tracing::warn!("a data-deletion job names no request; nothing to do");
+            return Ok(0);
+        };
+        if request.completed_at_ms.is_some() {
+            return Ok(request.objects_deleted.unwrap_or(0).unsigned_abs());
+        }
+        let mut deleted = 0u64;
+        for user in request.users() {
+            // The request removed the user's Pages already (this job may run first): without
+            // them, no flush claimed from now on writes under the prefix being emptied.
+            self.db.remove_pages_of_user(&user).await?;
+            let prefix = KeyPrefix::user(&user);
+            // Deleting changes the listing: list from the start until a listing is empty.
+            loop {
+                let listing = self.store.list(&prefix, None).await?;
+                if listing.keys.is_empty() {
+                    break;
+                }
+                for key in &listing.keys {
+                    self.store.delete(key).await?;
+                    deleted += 1;
+                }
+            }
+        }
+        self.db
+            .complete_data_deletion(confirmation_code, deleted, now_ms())
+            .await?;
+        Ok(deleted)
+    }
+}
