@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
+use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::retry::RetryClass;
 use fbsync_shared::storage::budgeted_store::BudgetedError;
-use fbsync_shared::storage::db::DbError;
+use fbsync_shared::storage::db::{Database, DbError, PageRecord};
 use fbsync_shared::storage::object_store::StoreError;
+use secrecy::SecretString;
 
 use crate::dead_letter::DeadReason;
 use crate::runtime::settle::StepError;
@@ -30,6 +32,21 @@ pub enum AttemptError {
     Db(#[from] DbError),
     #[error("waiting for the store's request budget")]
     Budget(Duration),
+}
+
+/// The Page's record and its token, opened: where a step about one Page begins.
+pub async fn page_with_token(
+    db: &Database,
+    cipher: &TokenCipher,
+    page_id: &PageId,
+) -> Result<(PageRecord, SecretString), AttemptError> {
+    let Some(page) = db.page(page_id).await? else {
+        return Err(AttemptError::UnknownPage(page_id.clone()));
+    };
+    let token = cipher
+        .open(page_id.as_str(), &page.token_sealed)
+        .map_err(|e| AttemptError::Token(e.to_string()))?;
+    Ok((page, token))
 }
 
 impl From<BudgetedError> for AttemptError {

@@ -20,7 +20,7 @@ use fbsync_shared::queue::Topology;
 use fbsync_shared::storage::db::{Database, OnboardStep};
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::AttemptError;
+use super::attempt::{AttemptError, page_with_token};
 use super::page_change::{PageDataOutcome, PageDataRefresher};
 use crate::runtime::forward::Forwarder;
 use crate::runtime::settle::{JobError, page_step};
@@ -131,13 +131,7 @@ impl PageOnboarder {
 
     /// One attempt at the subscription: nothing is sent when the app is subscribed already.
     async fn subscribe_once(&self, page_id: &PageId) -> Result<&'static str, AttemptError> {
-        let Some(page) = self.db.page(page_id).await? else {
-            return Err(AttemptError::UnknownPage(page_id.clone()));
-        };
-        let token = self
-            .cipher
-            .open(page_id.as_str(), &page.token_sealed)
-            .map_err(|e| AttemptError::Token(e.to_string()))?;
+        let (_, token) = page_with_token(&self.db, &self.cipher, page_id).await?;
         if self
             .graph
             .is_app_subscribed(page_id, &token, self.app_id.as_deref())

@@ -21,7 +21,7 @@ use fbsync_shared::storage::object_store::{ObjectKey, WriteCondition};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::AttemptError;
+use super::attempt::{AttemptError, page_with_token};
 use crate::runtime::settle::{JobError, page_step};
 
 /// What a refresh did.
@@ -77,13 +77,7 @@ impl PageDataRefresher {
 
     /// One attempt: fetch, compare, write.
     async fn refresh_once(&self, page_id: &PageId) -> Result<PageDataOutcome, AttemptError> {
-        let Some(page) = self.db.page(page_id).await? else {
-            return Err(AttemptError::UnknownPage(page_id.clone()));
-        };
-        let token = self
-            .cipher
-            .open(page_id.as_str(), &page.token_sealed)
-            .map_err(|e| AttemptError::Token(e.to_string()))?;
+        let (page, token) = page_with_token(&self.db, &self.cipher, page_id).await?;
         let Some(fetch) = self.db.begin_metadata_fetch(page_id).await? else {
             return Err(AttemptError::UnknownPage(page_id.clone()));
         };

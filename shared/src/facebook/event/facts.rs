@@ -31,12 +31,7 @@ impl EventFacts {
         };
         let sender = str_at(&["sender", "id"]);
         let recipient = str_at(&["recipient", "id"]);
-        // The conversation is named after whoever is not the Page.
-        let user_psid = match (sender, recipient) {
-            (Some(s), _) if s != page_id => Some(s),
-            (_, Some(r)) if r != page_id => Some(r),
-            _ => None,
-        };
+        let user_psid = conversation_partner(page_id, sender, recipient);
         let timestamp_ms = event.get("timestamp").and_then(Value::as_i64).unwrap_or(0);
         let (kind, identity) = if let Some(message) = event.get("message") {
             let is_echo = message
@@ -135,11 +130,7 @@ impl EventFacts {
         };
         let sender = id_of(keys.sender)?;
         let recipient = id_of(keys.recipient)?;
-        let user_psid = match (sender, recipient) {
-            (Some(s), _) if s != page_id => Some(s),
-            (_, Some(r)) if r != page_id => Some(r),
-            _ => None,
-        };
+        let user_psid = conversation_partner(page_id, sender, recipient);
         let timestamp_ms = value_of(keys.timestamp)
             .as_ref()
             .and_then(Value::as_i64)
@@ -280,4 +271,17 @@ fn value_of(raw: Option<&RawValue>) -> Option<Value> {
 /// [`scalar_text`] of a key's text.
 fn text_of(raw: Option<&RawValue>) -> Option<String> {
     scalar_text(&value_of(raw)?)
+}
+
+/// Whom the conversation is named after: whoever of sender and recipient is not the Page.
+fn conversation_partner(
+    page_id: &str,
+    sender: Option<String>,
+    recipient: Option<String>,
+) -> Option<String> {
+    match (sender, recipient) {
+        (Some(s), _) if s != page_id => Some(s),
+        (_, Some(r)) if r != page_id => Some(r),
+        _ => None,
+    }
 }
