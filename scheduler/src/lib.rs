@@ -125,6 +125,7 @@ impl Scheduler {
                             .unwrap_or(chrono::Duration::days(8));
                         if let Err(e) = self
                             .db
+                            .polls()
                             .prune_poll_claims((period - retention).timestamp_millis())
                             .await
                         {
@@ -175,7 +176,12 @@ impl Scheduler {
             period_ms,
             ..RoundReport::default()
         };
-        for page_id in self.db.pages_to_poll(period_ms, stale_before).await? {
+        for page_id in self
+            .db
+            .polls()
+            .pages_to_poll(period_ms, stale_before)
+            .await?
+        {
             let due = round_start.timestamp_millis() + offset_ms(&page_id, spread);
             if due > now_ms {
                 report.not_due += 1;
@@ -183,6 +189,7 @@ impl Scheduler {
             }
             if !self
                 .db
+                .polls()
                 .claim_poll(&page_id, period_ms, now_ms, stale_before)
                 .await?
             {
@@ -191,11 +198,12 @@ impl Scheduler {
             }
             if self.enqueue(&page_id, period_ms).await {
                 self.db
+                    .polls()
                     .mark_poll_enqueued(&page_id, period_ms, fbsync_shared::now_ms())
                     .await?;
                 report.enqueued += 1;
             } else {
-                self.db.drop_poll_claim(&page_id, period_ms).await?;
+                self.db.polls().drop_poll_claim(&page_id, period_ms).await?;
                 report.failed += 1;
             }
         }

@@ -80,7 +80,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     outcomes.push(match migrated {
         Some(database) => {
             let budget = BucketBudget::from_settings(&settings.storage);
-            check_store(&BudgetedStore::new(open_store(&store), database.clone(), budget)).await
+            check_store(&BudgetedStore::new(open_store(&store), database.budgets(), budget)).await
         }
         None => fail(
             "object store: not checked: the bucket's request budget is kept in the database, which is not ready",
@@ -170,7 +170,7 @@ async fn check_tokens(
     cipher: &TokenCipher,
     settings: &Settings,
 ) -> Vec<Outcome> {
-    let pages = match database.list_pages().await {
+    let pages = match database.registry().list_pages().await {
         Ok(pages) => pages,
         Err(e) => return vec![fail(format!("database: cannot list Pages ({e})"))],
     };
@@ -187,7 +187,7 @@ async fn check_tokens(
             )));
             continue;
         }
-        let token = match database.page(page_id).await {
+        let token = match database.registry().page(page_id).await {
             Ok(Some(record)) => cipher.open(page_id.as_str(), &record.token_sealed),
             Ok(None) => continue,
             Err(e) => {

@@ -43,13 +43,14 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
                 return Ok(refuse(&problems));
             }
             let sealed = cipher.seal(page_id.as_str(), &token);
-            db.upsert_page(&page_id, &user_uuid, sealed, now_ms())
+            db.registry()
+                .upsert_page(&page_id, &user_uuid, sealed, now_ms())
                 .await?;
             println!("page {page_id} registered for user {user_uuid}");
             ExitCode::SUCCESS
         }
         PagesCommand::List { json } => {
-            let pages = db.list_pages().await?;
+            let pages = db.registry().list_pages().await?;
             if json {
                 for page in &pages {
                     println!("{}", page_json(page));
@@ -64,7 +65,7 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
                 Ok(page_id) => page_id,
                 Err(e) => return Ok(refuse(&[format!("--page-id: {e}")])),
             };
-            if db.remove_page(&page_id).await? {
+            if db.registry().remove_page(&page_id).await? {
                 println!("page {page_id} removed (its stored objects stay)");
                 ExitCode::SUCCESS
             } else {
@@ -91,8 +92,14 @@ pub async fn run(settings: Settings, command: PagesCommand) -> anyhow::Result<Ex
             if !problems.is_empty() {
                 return Ok(refuse(&problems));
             }
-            let aside = db.set_aside_conversations(Some(&page_id)).await?;
-            let requeued = db.requeue_set_aside(&page_id, user_psid.as_ref()).await?;
+            let aside = db
+                .conversations()
+                .set_aside_conversations(Some(&page_id))
+                .await?;
+            let requeued = db
+                .conversations()
+                .requeue_set_aside(&page_id, user_psid.as_ref())
+                .await?;
             for conversation in aside
                 .iter()
                 .filter(|c| user_psid.as_ref().is_none_or(|psid| &c.user_psid == psid))

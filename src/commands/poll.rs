@@ -39,7 +39,7 @@ pub async fn run(settings: Settings, command: PollCommand) -> anyhow::Result<Exi
     };
     let db = Database::connect(&settings.database_url).await?;
     let pages = match &page_id {
-        Some(page_id) => match db.page(page_id).await? {
+        Some(page_id) => match db.registry().page(page_id).await? {
             None => {
                 eprintln!("page {page_id} is not registered (see `fbsync pages list`)");
                 return Ok(ExitCode::FAILURE);
@@ -52,10 +52,10 @@ pub async fn run(settings: Settings, command: PollCommand) -> anyhow::Result<Exi
             }
             Some(_) => vec![page_id.clone()],
         },
-        None => db.active_pages().await?,
+        None => db.polls().active_pages().await?,
     };
     let skipped = if page_id.is_none() {
-        db.pages_needing_reauth().await?.len()
+        db.polls().pages_needing_reauth().await?.len()
     } else {
         0
     };
@@ -124,7 +124,7 @@ async fn follow(db: &Database, pages: &[PageId], requested_at_ms: i64) -> anyhow
     loop {
         let (mut done, mut failed, mut found, mut new) = (0, 0, 0, 0);
         let mut failures = Vec::new();
-        for state in db.poll_states().await? {
+        for state in db.polls().poll_states().await? {
             if !wanted.contains(state.page_id.as_str()) {
                 continue;
             }

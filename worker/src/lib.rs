@@ -73,7 +73,7 @@ impl Worker {
         let db = Database::connect(&settings.database_url).await?;
         let store = BudgetedStore::new(
             open_store(store),
-            db.clone(),
+            db.budgets(),
             BucketBudget::from_settings(&settings.storage),
         );
         tracing::info!(store = %store.describe(), "object store");
@@ -89,12 +89,12 @@ impl Worker {
         let graph = GraphClient::new(&settings.facebook.graph_url);
         let forwarder = Forwarder::new(publisher, settings.retry.clone());
         let eraser = UserDataEraser {
-            db: db.clone(),
+            owners: db.owners(),
             store: store.clone(),
             retry: settings.retry.clone(),
         };
         let onboarder = PageOnboarder {
-            db: db.clone(),
+            registry: db.registry(),
             cipher: cipher.clone(),
             graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),
@@ -103,7 +103,8 @@ impl Worker {
             topology: topology.clone(),
         };
         let page_data = Arc::new(PageDataRefresher {
-            db: db.clone(),
+            registry: db.registry(),
+            budgets: db.budgets(),
             store: store.clone(),
             cipher: cipher.clone(),
             graph: graph.clone(),
@@ -111,7 +112,10 @@ impl Worker {
             put_budget: PutBudget::from_settings(&settings.storage),
         });
         let poller = Poller {
-            db: db.clone(),
+            registry: db.registry(),
+            polls: db.polls(),
+            staging: db.staging(),
+            conversations: db.conversations(),
             graph,
             cipher,
             retry: settings.retry.clone(),
@@ -191,7 +195,7 @@ async fn report_backlog(
     // One connection for the gauge, reopened after a broker outage.
     let mut broker: Option<(lapin::Connection, lapin::Channel)> = None;
     loop {
-        if let Ok(backlog) = db.backlog().await {
+        if let Ok(backlog) = db.staging().backlog().await {
             metrics::gauge!(STAGED_BACKLOG).set(backlog.events as f64);
             let oldest = backlog
                 .oldest_received_ms
@@ -199,7 +203,7 @@ async fn report_backlog(
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
             metrics::gauge!(CONVERSATIONS_SET_ASIDE).set(backlog.set_aside as f64);
         }
-        if let Ok(states) = db.poll_states().await {
+        if let Ok(states) = db.polls().poll_states().await {
             let now = now_ms();
             for state in states {
                 let since = state.last_complete_end_ms.unwrap_or(state.created_at_ms);

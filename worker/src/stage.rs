@@ -71,7 +71,7 @@ impl Stager {
             let known = match registered.get(&key.page_id) {
                 Some(known) => *known,
                 None => {
-                    let known = self.db.page(&key.page_id).await?.is_some();
+                    let known = self.db.registry().page(&key.page_id).await?.is_some();
                     registered.insert(key.page_id.clone(), known);
                     known
                 }
@@ -96,7 +96,7 @@ impl Stager {
             decisions.push(Decision::Staged);
         }
         if !to_stage.is_empty() {
-            self.db.stage_events(&to_stage, now).await?;
+            self.db.staging().stage_events(&to_stage, now).await?;
         }
         Ok(decisions)
     }

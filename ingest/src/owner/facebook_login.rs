@@ -93,7 +93,7 @@ pub async fn callback(
     }
     let settings = &state.settings;
     let claims = state::accept(
-        &state.db,
+        &state.owners,
         &settings.state_secret,
         Flow::Facebook,
         param("state"),
@@ -170,7 +170,7 @@ async fn read_pages(
         .await
         .map_err(|e| graph_failure("reading your Pages", &e))?;
     state
-        .db
+        .owners
         .set_facebook_user(user, &facebook_user, now_ms())
         .await?;
     Ok(pages)
@@ -212,10 +212,10 @@ async fn store_pages(
     for page in pages {
         let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
         state
-            .db
+            .registry
             .upsert_page(&page.page_id, user, sealed, now_ms())
             .await?;
-        state.db.reset_onboarding(&page.page_id).await?;
+        state.registry.reset_onboarding(&page.page_id).await?;
     }
     Ok(())
 }
@@ -242,7 +242,7 @@ async fn queue_onboarding(state: &OwnerState, pages: &[ConnectedPage]) -> bool {
             for page in pages {
                 for step in OnboardStep::all() {
                     let _ = state
-                        .db
+                        .registry
                         .set_onboard_step(
                             &page.page_id,
                             step,

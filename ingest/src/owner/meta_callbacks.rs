@@ -112,7 +112,7 @@ pub async fn deauthorize(
     signed: SignedRequest,
 ) -> Result<Response, CallbackError> {
     let forgotten = state
-        .db
+        .owners
         .forget_facebook_user(&signed.facebook_user, false)
         .await?;
     tracing::info!(
@@ -132,13 +132,13 @@ pub async fn data_deletion(
     // The request is recorded and its object deletion queued first, then the database part
     // is done: a request that cannot be queued changes nothing and is answered 503, so Meta
     // sends it again (once the users are forgotten, they could not be found again).
-    let users = state.db.users_of_facebook_user(&facebook_user).await?;
+    let users = state.owners.users_of_facebook_user(&facebook_user).await?;
     let mut code = [0u8; 16];
     rand::rng().fill_bytes(&mut code);
     let code = hex::encode(code);
     let now = now_ms();
     state
-        .db
+        .owners
         .record_data_deletion(&code, &facebook_user, &users, 0, 0, now)
         .await?;
     if !users.is_empty() {
@@ -150,20 +150,23 @@ pub async fn data_deletion(
             .publish_all(&[outgoing], state.publish_timeout)
             .await
         {
-            let _ = state.db.remove_data_deletion(&code).await;
+            let _ = state.owners.remove_data_deletion(&code).await;
             return Err(CallbackError::Failed(format!(
                 "the deletion job could not be queued ({e})"
             )));
         }
     }
-    let forgotten = state.db.forget_facebook_user(&facebook_user, true).await?;
+    let forgotten = state
+        .owners
+        .forget_facebook_user(&facebook_user, true)
+        .await?;
     state
-        .db
+        .owners
         .set_data_deletion_counts(&code, forgotten.pages, forgotten.sessions)
         .await?;
     // Nothing stored for this person: the request is complete at once.
     if users.is_empty() {
-        state.db.complete_data_deletion(&code, 0, now).await?;
+        state.owners.complete_data_deletion(&code, 0, now).await?;
     }
     tracing::info!(
         users = forgotten.users.len(),

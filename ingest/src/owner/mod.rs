@@ -30,14 +30,17 @@ use fbsync_shared::config::OwnerSettings;
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::queue::{Publisher, Topology};
-use fbsync_shared::storage::db::Database;
+use fbsync_shared::storage::db::{Database, Owners, Registry};
 
 /// What the owner routes share.
 pub struct OwnerState {
     /// The Shopify and Facebook apps, the state secret, the external URLs.
     pub settings: OwnerSettings,
-    /// Users, sessions, nonces, Pages.
-    pub db: Database,
+    /// Users and their shops, sessions, used OAuth nonces, data-deletion requests.
+    pub owners: Owners,
+    /// The Pages owners connect, with their sealed tokens and onboarding steps. The owner
+    /// routes hold no other part of the database: no claims, no stage, no budgets.
+    pub registry: Registry,
     /// Seals the shop and Page tokens.
     pub cipher: TokenCipher,
     /// Facebook Login's Graph calls.
@@ -76,7 +79,8 @@ impl OwnerState {
         Self {
             graph: GraphClient::new(&settings.graph_url),
             settings,
-            db,
+            owners: db.owners(),
+            registry: db.registry(),
             cipher,
             http,
             topology,

@@ -43,7 +43,7 @@ pub async fn current_user(
     let Some(id) = session_id(headers) else {
         return Ok(None);
     };
-    state.db.session_user(&hash(&id), now_ms()).await
+    state.owners.session_user(&hash(&id), now_ms()).await
 }
 
 /// Starts a session for `user`; the `Set-Cookie` value that hands it to the browser.
@@ -53,7 +53,7 @@ pub async fn start(state: &OwnerState, user: &UserUuid) -> Result<HeaderValue, D
     let id = hex::encode(bytes);
     let now = now_ms();
     state
-        .db
+        .owners
         .create_session(&hash(&id), user, now + LIFETIME_MS, now)
         .await?;
     Ok(cookie(
@@ -66,7 +66,7 @@ pub async fn start(state: &OwnerState, user: &UserUuid) -> Result<HeaderValue, D
 /// Ends the request's session (if any); the `Set-Cookie` value that clears the cookie.
 pub async fn end(state: &OwnerState, headers: &HeaderMap) -> Result<HeaderValue, DbError> {
     if let Some(id) = session_id(headers) {
-        state.db.delete_session(&hash(&id)).await?;
+        state.owners.delete_session(&hash(&id)).await?;
     }
     Ok(cookie("", 0, state.settings.secure_cookies()))
 }

@@ -112,7 +112,7 @@ pub async fn callback(
         ));
     };
     let claims = state::accept(
-        &state.db,
+        &state.owners,
         &settings.state_secret,
         Flow::Shopify,
         param("state"),
@@ -139,7 +139,7 @@ pub async fn callback(
         .cipher
         .seal(&format!("shop:{}", shop.as_str()), &token);
     let user = state
-        .db
+        .owners
         .connect_shop(&shop, &UserUuid::new_random(), sealed, now_ms())
         .await?;
     let cookie = session::start(&state, &user).await?;

@@ -6,7 +6,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fbsync_shared::storage::db::{Database, DbError};
+use fbsync_shared::storage::db::{DbError, Owners};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -121,14 +121,14 @@ pub fn verify(
 
 /// Verifies the state and uses its nonce: the state is accepted this once.
 pub async fn accept(
-    db: &Database,
+    owners: &Owners,
     secret: &SecretString,
     flow: Flow,
     state: Option<&str>,
     now: i64,
 ) -> Result<StateClaims, StateError> {
     let claims = verify(secret, flow, state, now)?;
-    if !db
+    if !owners
         .use_nonce(
             &format!("{}:{}", flow.as_str(), claims.nonce),
             claims.expires_at_ms,

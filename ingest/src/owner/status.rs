@@ -90,7 +90,10 @@ pub async fn connect(
             message: message.into(),
         });
     };
-    let (shop, pages) = tokio::try_join!(state.db.user_shop(&user), state.db.pages_of_user(&user))?;
+    let (shop, pages) = tokio::try_join!(
+        state.owners.user_shop(&user),
+        state.registry.pages_of_user(&user)
+    )?;
     let shop = shop.map(|shop| shop.as_str().to_string());
     if wants_json(&headers) {
         let pages: Vec<Value> = pages.iter().map(page_json).collect();
@@ -164,7 +167,7 @@ pub async fn deletion_status(
         .map(|(_, v)| v.as_str())
         .unwrap_or_default();
     let deletion = state
-        .db
+        .owners
         .data_deletion(code)
         .await?
         .ok_or_else(|| OwnerError::Refused {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::now_ms;
 use crate::storage::budget::{BucketBudget, Requests};
-use crate::storage::db::{Database, DbError};
+use crate::storage::db::{Budgets, DbError};
 use crate::storage::object_store::{
     KeyPrefix, Listing, ObjectKey, ObjectStore, StoreError, StoredObject, WriteCondition,
 };
@@ -50,13 +50,13 @@ pub struct BudgetedStore {
     /// The store itself, reached only through the methods below.
     store: Arc<dyn ObjectStore>,
     /// Where the bucket's budget windows are kept, shared by every worker.
-    budgets: Database,
+    budgets: Budgets,
     /// The bucket's rates, cut into windows.
     bucket: BucketBudget,
 }
 
 impl BudgetedStore {
-    pub fn new(store: Arc<dyn ObjectStore>, budgets: Database, bucket: BucketBudget) -> Self {
+    pub fn new(store: Arc<dyn ObjectStore>, budgets: Budgets, bucket: BucketBudget) -> Self {
         Self {
             store,
             budgets,
@@ -194,7 +194,7 @@ impl BudgetedStore {
 pub struct PutShare {
     /// The budget windows it is kept in, and the window it was taken from; `None` when there is
     /// nothing to give back (an unlimited budget, or a share used or forgotten).
-    taken: Option<(Database, i64)>,
+    taken: Option<(Budgets, i64)>,
 }
 
 impl PutShare {
@@ -222,7 +222,7 @@ impl Drop for PutShare {
     }
 }
 
-async fn give_back_put(budgets: &Database, window: i64) {
+async fn give_back_put(budgets: &Budgets, window: i64) {
     if let Err(e) = budgets.give_back_bucket_budget(window, Requests::PUT).await {
         tracing::debug!(error = %e, "could not give an unused write back to the bucket's budget");
     }

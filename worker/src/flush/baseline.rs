@@ -128,7 +128,12 @@ impl Flusher {
                 .iter()
                 .map(|&at| &claims[at].key().user_psid)
                 .collect();
-            if let Err(e) = self.db.mark_objects_absent(&page_id, &psids).await {
+            if let Err(e) = self
+                .db
+                .conversations()
+                .mark_objects_absent(&page_id, &psids)
+                .await
+            {
                 tracing::debug!(%page_id, error = %e, "could not record the listing; the flushes read first");
                 continue;
             }

@@ -118,6 +118,7 @@ impl Flusher {
     pub async fn flush_due(&self) -> Result<FlushReport, DbError> {
         let mut claims = self
             .db
+            .conversations()
             .claim_due_conversations(&self.owner, now_ms(), self.lease, self.batch)
             .await?;
         self.learn_absent_objects(&mut claims).await;
@@ -156,6 +157,7 @@ impl Flusher {
             if wanted > 0 && (free >= refill_at || in_flight.is_empty()) {
                 let mut claims = self
                     .db
+                    .conversations()
                     .claim_due_conversations(&self.owner, now_ms(), self.lease, wanted as u32)
                     .await
                     .unwrap_or_else(|e| {
@@ -242,7 +244,7 @@ impl Flusher {
             claim.defer(next_put).await?;
             return Ok(FlushOutcome::Deferred);
         }
-        let staged = self.db.staged_events(claim.key()).await?;
+        let staged = self.db.staging().staged_events(claim.key()).await?;
         if staged.is_empty() {
             // Another flush stored them already; only the generation needs marking.
             claim.finish(&[], now, now).await?;

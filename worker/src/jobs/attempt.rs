@@ -9,7 +9,7 @@ use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::ids::PageId;
 use fbsync_shared::retry::RetryClass;
 use fbsync_shared::storage::budgeted_store::BudgetedError;
-use fbsync_shared::storage::db::{Database, DbError, PageRecord};
+use fbsync_shared::storage::db::{DbError, PageRecord, Registry};
 use fbsync_shared::storage::object_store::StoreError;
 use secrecy::SecretString;
 
@@ -36,11 +36,11 @@ pub enum AttemptError {
 
 /// The Page's record and its token, opened: where a step about one Page begins.
 pub async fn page_with_token(
-    db: &Database,
+    registry: &Registry,
     cipher: &TokenCipher,
     page_id: &PageId,
 ) -> Result<(PageRecord, SecretString), AttemptError> {
-    let Some(page) = db.page(page_id).await? else {
+    let Some(page) = registry.page(page_id).await? else {
         return Err(AttemptError::UnknownPage(page_id.clone()));
     };
     let token = cipher

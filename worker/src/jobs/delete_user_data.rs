@@ -9,7 +9,7 @@
 use fbsync_shared::config::RetrySettings;
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::budgeted_store::BudgetedStore;
-use fbsync_shared::storage::db::Database;
+use fbsync_shared::storage::db::Owners;
 use fbsync_shared::storage::object_store::KeyPrefix;
 use tokio_util::sync::CancellationToken;
 
@@ -18,8 +18,8 @@ use crate::runtime::settle::{JobError, step};
 
 /// Deletes the data of the users a data-deletion request names.
 pub struct UserDataEraser {
-    /// Deletion requests, and the users' Pages.
-    pub db: Database,
+    /// Owners, their users and deletion requests.
+    pub owners: Owners,
     /// Where a user's objects are listed and deleted, each request within the bucket's
     /// budget.
     pub store: BudgetedStore,
@@ -46,7 +46,7 @@ impl UserDataEraser {
             Err(error) => {
                 if let JobError::Failed { .. } = error {
                     let _ = self
-                        .db
+                        .owners
                         .fail_data_deletion(confirmation_code, &error.to_string())
                         .await;
                 }
@@ -58,7 +58,7 @@ impl UserDataEraser {
     /// One pass: list and delete until nothing is left, then record the request complete (the
     /// count recorded is that of the pass that completed it).
     async fn delete_once(&self, confirmation_code: &str) -> Result<u64, AttemptError> {
-        let Some(request) = self.db.data_deletion(confirmation_code).await? else {
+        let Some(request) = self.owners.data_deletion(confirmation_code).await? else {
             tracing::warn!("a data-deletion job names no request; nothing to do");
             return Ok(0);
         };
@@ -69,7 +69,7 @@ impl UserDataEraser {
         for user in request.users() {
             // The request removed the user's Pages already (this job may run first): without
             // them, no flush claimed from now on writes under the prefix being emptied.
-            self.db.remove_pages_of_user(&user).await?;
+            self.owners.remove_pages_of_user(&user).await?;
             let prefix = KeyPrefix::user(&user);
             // Deleting changes the listing: list from the start until a listing is empty.
             loop {
@@ -83,7 +83,7 @@ impl UserDataEraser {
                 }
             }
         }
-        self.db
+        self.owners
             .complete_data_deletion(confirmation_code, deleted, now_ms())
             .await?;
         Ok(deleted)

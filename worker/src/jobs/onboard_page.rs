@@ -17,7 +17,7 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::storage::db::{Database, OnboardStep};
+use fbsync_shared::storage::db::{OnboardStep, Registry};
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{AttemptError, page_with_token};
@@ -31,8 +31,8 @@ pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 
 /// Onboards the Pages owners connect (the page-data step borrows the page-change handler).
 pub struct PageOnboarder {
-    /// Pages: their sealed tokens, the steps' outcomes.
-    pub db: Database,
+    /// The Page registry.
+    pub registry: Registry,
     /// Opens the Page tokens.
     pub cipher: TokenCipher,
     /// The subscription calls.
@@ -57,7 +57,7 @@ impl PageOnboarder {
         shutdown: &CancellationToken,
     ) -> Result<(), JobError> {
         let subscribed = page_step(
-            &self.db,
+            &self.registry,
             page_id,
             &self.retry,
             "subscribe",
@@ -124,14 +124,14 @@ impl PageOnboarder {
     /// Records a step's outcome; a database failure here is logged (the step itself is done
     /// and idempotent).
     async fn record(&self, page_id: &PageId, step: OnboardStep, outcome: &str) {
-        if let Err(e) = self.db.set_onboard_step(page_id, step, outcome).await {
+        if let Err(e) = self.registry.set_onboard_step(page_id, step, outcome).await {
             tracing::warn!(%page_id, step = step.as_str(), error = %e, "could not record an onboarding step");
         }
     }
 
     /// One attempt at the subscription: nothing is sent when the app is subscribed already.
     async fn subscribe_once(&self, page_id: &PageId) -> Result<&'static str, AttemptError> {
-        let (_, token) = page_with_token(&self.db, &self.cipher, page_id).await?;
+        let (_, token) = page_with_token(&self.registry, &self.cipher, page_id).await?;
         if self
             .graph
             .is_app_subscribed(page_id, &token, self.app_id.as_deref())

@@ -16,7 +16,7 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::budget::PutBudget;
 use fbsync_shared::storage::budgeted_store::{BudgetedStore, PutShare};
-use fbsync_shared::storage::db::{Database, PutReservation};
+use fbsync_shared::storage::db::{Budgets, PutReservation, Registry};
 use fbsync_shared::storage::object_store::{ObjectKey, WriteCondition};
 use fbsync_shared::telemetry::OBJECT_WRITES;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +36,10 @@ pub enum PageDataOutcome {
 /// Refreshes a Page's `page_data.json`: the page-change handler, and the first step of polls
 /// and onboarding.
 pub struct PageDataRefresher {
-    /// The Page's owner and sealed token, and which metadata fetch may write.
-    pub db: Database,
+    /// Objects' PUT budgets.
+    pub budgets: Budgets,
+    /// The Page registry.
+    pub registry: Registry,
     /// Where `page_data.json` is read and written, within the bucket's budget.
     pub store: BudgetedStore,
     /// Opens the Page's token.
@@ -58,7 +60,7 @@ impl PageDataRefresher {
         shutdown: &CancellationToken,
     ) -> Result<PageDataOutcome, JobError> {
         let outcome = page_step(
-            &self.db,
+            &self.registry,
             page_id,
             &self.retry,
             "page_data",
@@ -68,7 +70,7 @@ impl PageDataRefresher {
         .await?;
         if outcome == PageDataOutcome::Written {
             metrics::counter!(OBJECT_WRITES, "object" => "page_data").increment(1);
-            if let Err(e) = self.db.mark_page_flushed(page_id, now_ms()).await {
+            if let Err(e) = self.registry.mark_page_flushed(page_id, now_ms()).await {
                 tracing::warn!(%page_id, error = %e, "could not record the flush time");
             }
         }
@@ -77,8 +79,8 @@ impl PageDataRefresher {
 
     /// One attempt: fetch, compare, write.
     async fn refresh_once(&self, page_id: &PageId) -> Result<PageDataOutcome, AttemptError> {
-        let (page, token) = page_with_token(&self.db, &self.cipher, page_id).await?;
-        let Some(fetch) = self.db.begin_metadata_fetch(page_id).await? else {
+        let (page, token) = page_with_token(&self.registry, &self.cipher, page_id).await?;
+        let Some(fetch) = self.registry.begin_metadata_fetch(page_id).await? else {
             return Err(AttemptError::UnknownPage(page_id.clone()));
         };
         let metadata = self.graph.page_metadata(page_id.as_str(), &token).await?;
@@ -92,7 +94,7 @@ impl PageDataRefresher {
         let condition = WriteCondition::after_read(current.as_ref());
         // Metadata from an older fetch than one already written is stale: drop it before it
         // takes any budget.
-        if !self.db.claim_metadata_write(page_id, fetch).await? {
+        if !self.registry.claim_metadata_write(page_id, fetch).await? {
             tracing::debug!(%page_id, fetch, "a newer fetch wrote page_data.json already");
             return Ok(PageDataOutcome::Unchanged);
         }
@@ -100,7 +102,7 @@ impl PageDataRefresher {
         // window (a slot that goes unused only makes the bucket's rate more conservative).
         let slot = self.store.put_slot(PutShare::none(), || true).await?;
         let reserved = self
-            .db
+            .budgets
             .reserve_object_put(&key, &self.put_budget, now_ms())
             .await?;
         if let PutReservation::NotBefore(at) = reserved {

@@ -30,7 +30,8 @@ use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryError, retry};
 use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::{
-    Database, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart,
+    Conversations, DbError, NewStagedEvent, PageStatus, PollCounts, PollLease, PollStart, Polls,
+    Registry, Staging,
 };
 use fbsync_shared::telemetry::{POLL_MESSAGES, POLLS};
 use secrecy::SecretString;
@@ -43,8 +44,14 @@ use crate::runtime::settle::{JobError, page_step, page_step_failed, step};
 
 /// Polls a Page: its metadata, then its conversations from the Graph API into the stage.
 pub struct Poller {
-    /// The Page registry, poll progress and staging.
-    pub db: Database,
+    /// Conversation claims and absent marks.
+    pub conversations: Conversations,
+    /// Poll progress and leases.
+    pub polls: Polls,
+    /// The Page registry.
+    pub registry: Registry,
+    /// The stage.
+    pub staging: Staging,
     /// The Graph API.
     pub graph: GraphClient,
     /// Opens the Page's token.
@@ -113,7 +120,7 @@ impl Poller {
         let lease_ms = self.lease.as_millis() as i64;
         let begun = self
             .db_step(shutdown, || {
-                self.db
+                self.polls
                     .begin_poll(&page_id, request.backfill, lease_ms, now_ms())
             })
             .await?;
@@ -139,7 +146,9 @@ impl Poller {
         match walked {
             Ok(WalkEnd::Complete) => {
                 let finished = self
-                    .db_step(shutdown, || self.db.finish_poll(&page_id, &lease, now_ms()))
+                    .db_step(shutdown, || {
+                        self.polls.finish_poll(&page_id, &lease, now_ms())
+                    })
                     .await?;
                 report.complete = finished;
                 metrics::counter!(POLLS, "outcome" => "finished").increment(1);
@@ -159,14 +168,14 @@ impl Poller {
             }
             Err(failure) => {
                 // Its progress stays; the next job of the Page resumes it at once.
-                if let Err(e) = self.db.release_poll(&page_id, &lease).await {
+                if let Err(e) = self.polls.release_poll(&page_id, &lease).await {
                     tracing::warn!(%page_id, error = %e, "could not release the poll's lease; it ends by itself");
                 }
                 if let JobError::Failed { .. } = &failure {
                     // `fbsync poll --wait` recognises a failed poll by this prefix.
                     let note = format!("poll failed: {failure}");
                     if let Err(e) = self
-                        .db
+                        .registry
                         .mark_page_error(&page_id, None, &note, now_ms())
                         .await
                     {
@@ -190,7 +199,10 @@ impl Poller {
         report: &mut PollReport,
         shutdown: &CancellationToken,
     ) -> Result<WalkEnd, JobError> {
-        let Some(page) = self.db_step(shutdown, || self.db.page(page_id)).await? else {
+        let Some(page) = self
+            .db_step(shutdown, || self.registry.page(page_id))
+            .await?
+        else {
             return Err(JobError::failed(
                 DeadReason::UnknownPage,
                 format!("page {page_id} is not registered"),
@@ -262,7 +274,7 @@ impl Poller {
             let until = now_ms() + self.lease.as_millis() as i64;
             let saved = self
                 .db_step(shutdown, || {
-                    self.db
+                    self.polls
                         .save_poll_step(page_id, lease, following.as_deref(), counts, until)
                 })
                 .await?;
@@ -330,12 +342,14 @@ impl Poller {
                     .collect();
                 absent.sort();
                 absent.dedup();
-                self.db_step(shutdown, || self.db.mark_objects_absent(page_id, &absent))
-                    .await?;
+                self.db_step(shutdown, || {
+                    self.conversations.mark_objects_absent(page_id, &absent)
+                })
+                .await?;
             }
             if !events.is_empty() {
                 let staged = self
-                    .db_step(shutdown, || self.db.stage_events(&events, now_ms()))
+                    .db_step(shutdown, || self.staging.stage_events(&events, now_ms()))
                     .await?;
                 counts.new += staged as i64;
             }
@@ -348,7 +362,7 @@ impl Poller {
             if now_ms() - lease_renewed > lease_ms / 3 {
                 let renewed = self
                     .db_step(shutdown, || {
-                        self.db.renew_poll(page_id, lease, now_ms() + lease_ms)
+                        self.polls.renew_poll(page_id, lease, now_ms() + lease_ms)
                     })
                     .await?;
                 if !renewed {
@@ -391,7 +405,7 @@ impl Poller {
                 Ok(None)
             }
             Err(failure) => {
-                Err(page_step_failed(&self.db, page_id, failure, &self.retry, started).await)
+                Err(page_step_failed(&self.registry, page_id, failure, &self.retry, started).await)
             }
         }
     }
@@ -420,7 +434,7 @@ impl Poller {
             Ok(link) => Ok(link),
             Err(error) => {
                 let failure = RetryError::Failed { error, attempts: 1 };
-                Err(page_step_failed(&self.db, page_id, failure, &self.retry, now_ms()).await)
+                Err(page_step_failed(&self.registry, page_id, failure, &self.retry, now_ms()).await)
             }
         }
     }
@@ -436,7 +450,15 @@ impl Poller {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, GraphError>>,
     {
-        page_step(&self.db, page_id, &self.retry, "poll_graph", shutdown, call).await
+        page_step(
+            &self.registry,
+            page_id,
+            &self.retry,
+            "poll_graph",
+            shutdown,
+            call,
+        )
+        .await
     }
 
     /// A database step under the retry policy. An outage delays the job (parked); it never

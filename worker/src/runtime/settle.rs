@@ -27,7 +27,7 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, RetryError, retry};
-use fbsync_shared::storage::db::{Database, DbError, PageStatus};
+use fbsync_shared::storage::db::{DbError, PageStatus, Registry};
 use fbsync_shared::storage::object_store::StoreError;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -184,7 +184,7 @@ where
 
 /// Like [`step`], for a step about one Page: a rejected token flags the Page.
 pub async fn page_step<T, E, F, Fut>(
-    db: &Database,
+    registry: &Registry,
     page_id: &PageId,
     retry_settings: &RetrySettings,
     operation: &'static str,
@@ -199,14 +199,16 @@ where
     let started = now_ms();
     match retry(retry_settings, operation, shutdown, attempt).await {
         Ok(value) => Ok(value),
-        Err(failure) => Err(page_step_failed(db, page_id, failure, retry_settings, started).await),
+        Err(failure) => {
+            Err(page_step_failed(registry, page_id, failure, retry_settings, started).await)
+        }
     }
 }
 
 /// What a failed step about one Page means for its job ([`JobError::from_retry`]); a rejected
 /// token flags the Page first.
 pub async fn page_step_failed<E: StepError>(
-    db: &Database,
+    registry: &Registry,
     page_id: &PageId,
     failure: RetryError<E>,
     retry_settings: &RetrySettings,
@@ -215,7 +217,7 @@ pub async fn page_step_failed<E: StepError>(
     if let RetryError::Failed { error, .. } = &failure
         && error.rejects_token()
     {
-        flag_rejected_token(db, page_id, error).await;
+        flag_rejected_token(registry, page_id, error).await;
     }
     JobError::from_retry(failure, retry_settings, first_failure_ms)
 }
@@ -303,9 +305,13 @@ pub async fn give_back(delivery: &Delivery) {
 /// The Graph API rejected the Page's token (code 190): the Page is marked `needs_reauth` with
 /// the error in words, so `fbsync pages list` says so and poll rounds skip it until the owner
 /// connects it again. A database failure here is logged; the job's dead letter says why anyway.
-async fn flag_rejected_token(db: &Database, page_id: &PageId, error: &impl std::fmt::Display) {
+async fn flag_rejected_token(
+    registry: &Registry,
+    page_id: &PageId,
+    error: &impl std::fmt::Display,
+) {
     let note = format!("token rejected (code 190): {error}");
-    if let Err(e) = db
+    if let Err(e) = registry
         .mark_page_error(page_id, Some(PageStatus::NeedsReauth), &note, now_ms())
         .await
     {

@@ -1,6 +1,6 @@
 //! Backlog figures for the gauges: how much is staged and how old the oldest event is.
 
-use super::{Database, DbError};
+use super::{DbError, Staging};
 
 /// Staged backlog figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
@@ -13,7 +13,7 @@ pub struct Backlog {
     pub set_aside: i64,
 }
 
-impl Database {
+impl Staging {
     /// Staged events not yet stored, and the oldest one's receive time (from the conversations
     /// waiting, in the order of their index, instead of a scan of every staged event).
     pub async fn backlog(&self) -> Result<Backlog, DbError> {
@@ -25,7 +25,7 @@ impl Database {
                     (SELECT COUNT(*) FROM conversations WHERE set_aside_reason IS NOT NULL)
                         AS set_aside",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.db.pool)
         .await?;
         Ok(backlog)
     }

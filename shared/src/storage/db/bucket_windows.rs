@@ -9,7 +9,7 @@
 //! it gives something back to it) and the latest window whose row it has seen, so a refused take
 //! costs no statement or one, not three.
 
-use super::{Database, DbError};
+use super::{Budgets, DbError};
 use crate::storage::budget::{BucketBudget, Requests};
 
 /// What this process has seen of the budget's windows, to spare statements that cannot take
@@ -46,7 +46,7 @@ impl WindowsSeen {
     }
 }
 
-impl Database {
+impl Budgets {
     /// Takes `requests` from the bucket's budget window that holds `now`; false (nothing taken)
     /// when that window is full.
     pub async fn take_bucket_budget(
@@ -102,13 +102,13 @@ impl Database {
         .bind(ops_per_second)
         .bind(most_ops)
         .bind(budget.second_before(window))
-        .execute(&self.relaxed_pool)
+        .execute(&self.db.relaxed_pool)
         .await?;
         if window % (budget.window_ms * 200) == 0 {
             // Old windows are useless; trimming now and then keeps the table tiny.
             sqlx::query("DELETE FROM bucket_budget WHERE window_ms < $1")
                 .bind(window - 10_000)
-                .execute(&self.relaxed_pool)
+                .execute(&self.db.relaxed_pool)
                 .await?;
         }
         let give_backs = self.windows_seen(|seen| seen.give_backs);
@@ -124,7 +124,13 @@ impl Database {
     }
 
     fn windows_seen<T>(&self, look: impl FnOnce(&mut WindowsSeen) -> T) -> T {
-        look(&mut self.windows_seen.lock().unwrap_or_else(|p| p.into_inner()))
+        look(
+            &mut self
+                .db
+                .windows_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// Takes from the row of `window`, within its caps; false when the row is missing or full,
@@ -139,7 +145,7 @@ impl Database {
         .bind(window)
         .bind(writes)
         .bind(ops)
-        .execute(&self.relaxed_pool)
+        .execute(&self.db.relaxed_pool)
         .await?;
         Ok(taken.rows_affected() == 1)
     }
@@ -159,7 +165,7 @@ impl Database {
         .bind(window)
         .bind(writes)
         .bind(ops)
-        .execute(&self.relaxed_pool)
+        .execute(&self.db.relaxed_pool)
         .await?;
         self.windows_seen(|seen| {
             seen.give_backs += 1;
@@ -186,30 +192,36 @@ mod tests {
             };
             let now = 1_000_020;
             assert!(
-                db.take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
+                db.budgets()
+                    .take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(now, Requests::GET, &budget)
+                !db.budgets()
+                    .take_bucket_budget(now, Requests::GET, &budget)
                     .await
                     .expect("take"),
                 "{backend}: the window is full"
             );
-            db.give_back_bucket_budget(budget.window_start(now), Requests::PUT)
+            db.budgets()
+                .give_back_bucket_budget(budget.window_start(now), Requests::PUT)
                 .await
                 .expect("give back");
             assert!(
-                db.take_bucket_budget(now, Requests::PUT, &budget)
+                db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: the write given back is there again"
             );
-            db.give_back_bucket_budget(budget.window_start(now) - 50, Requests::PUT)
+            db.budgets()
+                .give_back_bucket_budget(budget.window_start(now) - 50, Requests::PUT)
                 .await
                 .expect("give back");
             assert!(
-                !db.take_bucket_budget(now, Requests::PUT, &budget)
+                !db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: nothing given back to another window"
@@ -234,6 +246,7 @@ mod tests {
                 let at = start + window * 50 + 10;
                 let mut count: i64 = 0;
                 while db
+                    .budgets()
                     .take_bucket_budget(at, Requests::PUT, &budget)
                     .await
                     .expect("take")
@@ -258,12 +271,14 @@ mod tests {
                 ..budget
             };
             assert!(
-                db.take_bucket_budget(late + 50, Requests::PUT, &budget)
+                db.budgets()
+                    .take_bucket_budget(late + 50, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(late, Requests::PUT, &budget)
+                !db.budgets()
+                    .take_bucket_budget(late, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: a take into a window that is over"
@@ -281,12 +296,14 @@ mod tests {
             };
             let now = 3_000_020;
             assert!(
-                db.take_bucket_budget(now, Requests::PUT, &budget)
+                db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
             assert!(
-                !db.take_bucket_budget(now, Requests::PUT, &budget)
+                !db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take")
             );
@@ -296,23 +313,27 @@ mod tests {
                 .await
                 .expect("give back behind its back");
             assert!(
-                !db.take_bucket_budget(now, Requests::PUT, &budget)
+                !db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: a window found full is refused without a statement"
             );
             assert!(
-                !db.take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
+                !db.budgets()
+                    .take_bucket_budget(now, Requests::GET_THEN_PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: and so is a larger request"
             );
             // A give-back of its own makes it ask again.
-            db.give_back_bucket_budget(budget.window_start(now), Requests { writes: 0, ops: 0 })
+            db.budgets()
+                .give_back_bucket_budget(budget.window_start(now), Requests { writes: 0, ops: 0 })
                 .await
                 .expect("give back");
             assert!(
-                db.take_bucket_budget(now, Requests::PUT, &budget)
+                db.budgets()
+                    .take_bucket_budget(now, Requests::PUT, &budget)
                     .await
                     .expect("take"),
                 "{backend}: asked again after its own give-back"

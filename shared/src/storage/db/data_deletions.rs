@@ -2,7 +2,7 @@
 //! once the worker has removed the users' objects, how many and when. The confirmation code
 //! names the status page Facebook shows the person.
 
-use super::{Database, DbError};
+use super::{DbError, Owners};
 use crate::ids::UserUuid;
 
 /// One data-deletion request as its status page shows it.
@@ -36,7 +36,7 @@ impl DataDeletion {
     }
 }
 
-impl Database {
+impl Owners {
     /// Records a request whose database part is done.
     pub async fn record_data_deletion(
         &self,
@@ -59,7 +59,7 @@ impl Database {
         .bind(now)
         .bind(i64::try_from(pages_removed).unwrap_or(i64::MAX))
         .bind(i64::try_from(sessions_removed).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -75,7 +75,7 @@ impl Database {
              FROM data_deletions WHERE confirmation_code = $1",
         )
         .bind(confirmation_code)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(row)
     }
@@ -94,7 +94,7 @@ impl Database {
         .bind(confirmation_code)
         .bind(i64::try_from(pages_removed).unwrap_or(i64::MAX))
         .bind(i64::try_from(sessions_removed).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -103,7 +103,7 @@ impl Database {
     pub async fn remove_data_deletion(&self, confirmation_code: &str) -> Result<(), DbError> {
         sqlx::query("DELETE FROM data_deletions WHERE confirmation_code = $1")
             .bind(confirmation_code)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -123,7 +123,7 @@ impl Database {
         .bind(confirmation_code)
         .bind(i64::try_from(objects_deleted).unwrap_or(i64::MAX))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -137,7 +137,7 @@ impl Database {
         sqlx::query("UPDATE data_deletions SET last_error = $2 WHERE confirmation_code = $1")
             .bind(confirmation_code)
             .bind(error)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }

@@ -13,6 +13,14 @@
 //! [`poll_claims`] (the scheduler's one claim per Page and period), [`backlog`] (figures
 //! for the gauges), and the owners' side: [`users`] (one per shop), [`sessions`] (owner
 //! sessions and used OAuth nonces), [`data_deletions`] (Meta's requests).
+//!
+//! The statements are reached through six narrow handles, thin types over the same pools
+//! ([`Registry`], [`Owners`], [`Staging`], [`Conversations`], [`Budgets`], [`Polls`]), taken
+//! with [`Database::registry`] and its siblings. `Database` itself only connects, migrates,
+//! backs up and closes. A role holds the handles it needs and no others, so the compiler
+//! keeps it to what it touches: the owner routes hold `Owners` and `Registry` and cannot reach
+//! a claim, the stage or a budget; the store holds `Budgets`; a poll holds `Registry`,
+//! `Polls`, `Staging` and `Conversations`.
 
 pub mod backlog;
 pub mod bucket_windows;
@@ -129,6 +137,80 @@ pub struct Database {
     windows_seen: Arc<Mutex<bucket_windows::WindowsSeen>>,
     /// Chosen from the URL; decides the migrations.
     pub backend: Backend,
+}
+
+/// The Page registry: Pages, their owners and sealed tokens, their onboarding steps and figures.
+#[derive(Clone)]
+pub struct Registry {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+/// The owners: users and their shops, sessions and used OAuth nonces, Meta's data-deletion requests.
+#[derive(Clone)]
+pub struct Owners {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+/// The stage: events staged per conversation until a flush stores them, and the backlog's figures.
+#[derive(Clone)]
+pub struct Staging {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+/// Conversation claims: which worker may flush a conversation now, and the set-aside ones.
+#[derive(Clone)]
+pub struct Conversations {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+/// Spaces' request budgets: each object's recent PUTs and the bucket's shared windows.
+#[derive(Clone)]
+pub struct Budgets {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+/// Polls: each Page's poll progress and lease, and the scheduler's claim per Page and period.
+#[derive(Clone)]
+pub struct Polls {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
+impl Database {
+    /// The Page registry.
+    pub fn registry(&self) -> Registry {
+        Registry { db: self.clone() }
+    }
+
+    /// The owners.
+    pub fn owners(&self) -> Owners {
+        Owners { db: self.clone() }
+    }
+
+    /// The stage.
+    pub fn staging(&self) -> Staging {
+        Staging { db: self.clone() }
+    }
+
+    /// Conversation claims.
+    pub fn conversations(&self) -> Conversations {
+        Conversations { db: self.clone() }
+    }
+
+    /// Spaces' request budgets.
+    pub fn budgets(&self) -> Budgets {
+        Budgets { db: self.clone() }
+    }
+
+    /// Polls.
+    pub fn polls(&self) -> Polls {
+        Polls { db: self.clone() }
+    }
 }
 
 impl Database {

@@ -11,7 +11,7 @@
 //! reads the whole history. Asking for a backfill while a daily poll is in progress restarts it
 //! as a backfill; any other request resumes the poll in progress.
 
-use super::{Database, DbError};
+use super::{DbError, Polls};
 use crate::ids::PageId;
 
 /// A poll leased to this worker.
@@ -79,7 +79,7 @@ impl std::ops::AddAssign for PollCounts {
     }
 }
 
-impl Database {
+impl Polls {
     /// Leases the Page's poll to the caller until `now + lease_ms`: the poll in progress
     /// (resumed where it stopped) or a new one. A `backfill` request restarts a daily poll in
     /// progress as a backfill.
@@ -94,7 +94,7 @@ impl Database {
             "INSERT INTO page_polls (page_id) VALUES ($1) ON CONFLICT (page_id) DO NOTHING",
         )
         .bind(page_id.as_str())
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         // `fresh`: no poll in progress, or a backfill asked of a daily one. Every SET reads the
         // row as it was before the statement.
@@ -120,7 +120,7 @@ impl Database {
             .bind(i64::from(backfill))
             .bind(now)
             .bind(lease_ms)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await?;
         if let Some(lease) = leased {
             return Ok(PollStart::Leased(lease));
@@ -128,7 +128,7 @@ impl Database {
         let (until_ms,): (i64,) =
             sqlx::query_as("SELECT lease_until_ms FROM page_polls WHERE page_id = $1")
                 .bind(page_id.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(&self.db.pool)
                 .await?;
         Ok(PollStart::Busy { until_ms })
     }
@@ -158,7 +158,7 @@ impl Database {
         .bind(counts.found)
         .bind(counts.new)
         .bind(counts.details_unavailable)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -176,7 +176,7 @@ impl Database {
         .bind(page_id.as_str())
         .bind(lease.lease_gen)
         .bind(lease_until_ms)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -199,7 +199,7 @@ impl Database {
         .bind(page_id.as_str())
         .bind(lease.lease_gen)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -212,7 +212,7 @@ impl Database {
         )
         .bind(page_id.as_str())
         .bind(lease.lease_gen)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -225,7 +225,7 @@ impl Database {
              FROM page_polls WHERE page_id = $1",
         )
         .bind(page_id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(summary.unwrap_or_default())
     }
@@ -240,7 +240,7 @@ impl Database {
                     p.last_error_ms, p.last_error
              FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id ORDER BY p.page_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows)
     }
@@ -285,11 +285,13 @@ mod tests {
         for (backend, db) in backends().await {
             let page = PageId::parse("7").expect("page");
             let user = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
-            db.upsert_page(&page, &user, vec![1], 1)
+            db.registry()
+                .upsert_page(&page, &user, vec![1], 1)
                 .await
                 .expect("page");
             let first = leased(
-                db.begin_poll(&page, false, LEASE, 1_000)
+                db.polls()
+                    .begin_poll(&page, false, LEASE, 1_000)
                     .await
                     .expect("begin"),
             );
@@ -298,7 +300,8 @@ mod tests {
                 "{backend}: never polled: read everything"
             );
             assert_eq!(
-                db.begin_poll(&page, false, LEASE, 2_000)
+                db.polls()
+                    .begin_poll(&page, false, LEASE, 2_000)
                     .await
                     .expect("begin"),
                 PollStart::Busy {
@@ -312,15 +315,20 @@ mod tests {
                 details_unavailable: 1,
             };
             assert!(
-                db.save_poll_step(&page, &first, Some("http://g/next"), counts, 5_000)
+                db.polls()
+                    .save_poll_step(&page, &first, Some("http://g/next"), counts, 5_000)
                     .await
                     .expect("save"),
                 "{backend}"
             );
-            db.release_poll(&page, &first).await.expect("release");
+            db.polls()
+                .release_poll(&page, &first)
+                .await
+                .expect("release");
             // The next job resumes at the saved step, with the same start and cut-off.
             let resumed = leased(
-                db.begin_poll(&page, false, LEASE, 6_000)
+                db.polls()
+                    .begin_poll(&page, false, LEASE, 6_000)
                     .await
                     .expect("begin"),
             );
@@ -331,21 +339,24 @@ mod tests {
             );
             assert_eq!(resumed.started_at_ms, 1_000, "{backend}");
             assert!(
-                !db.save_poll_step(&page, &first, None, counts, 7_000)
+                !db.polls()
+                    .save_poll_step(&page, &first, None, counts, 7_000)
                     .await
                     .expect("save"),
                 "{backend}: the old lease is fenced out"
             );
             assert!(
-                db.finish_poll(&page, &resumed, 8_000)
+                db.polls()
+                    .finish_poll(&page, &resumed, 8_000)
                     .await
                     .expect("finish")
             );
-            let summary = db.poll_summary(&page).await.expect("summary");
+            let summary = db.polls().poll_summary(&page).await.expect("summary");
             assert_eq!(summary.last_complete_end_ms, Some(8_000), "{backend}");
             assert_eq!(summary.details_unavailable_total, 1, "{backend}");
             let daily = leased(
-                db.begin_poll(&page, false, LEASE, 9_000)
+                db.polls()
+                    .begin_poll(&page, false, LEASE, 9_000)
                     .await
                     .expect("begin"),
             );
@@ -355,9 +366,13 @@ mod tests {
                 "{backend}: conversations updated since the last complete poll began"
             );
             assert_eq!(daily.resume_url, None, "{backend}");
-            db.release_poll(&page, &daily).await.expect("release");
+            db.polls()
+                .release_poll(&page, &daily)
+                .await
+                .expect("release");
             let backfill = leased(
-                db.begin_poll(&page, true, LEASE, 10_000)
+                db.polls()
+                    .begin_poll(&page, true, LEASE, 10_000)
                     .await
                     .expect("begin"),
             );

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{Database, DbError};
+use super::{DbError, Registry};
 use crate::ids::{PageId, UserUuid};
 
 /// A Page's health, as stored and as `fbsync pages list` shows it.
@@ -147,7 +147,7 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
 /// The tables a [`PageSummary`] is read from.
 const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
 
-impl Database {
+impl Registry {
     /// Registers a Page, or replaces its owner and token (and clears a re-auth flag).
     pub async fn upsert_page(
         &self,
@@ -168,7 +168,7 @@ impl Database {
         .bind(token_sealed)
         .bind(PageStatus::Active.as_str())
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -177,11 +177,11 @@ impl Database {
     pub async fn remove_page(&self, page_id: &PageId) -> Result<bool, DbError> {
         sqlx::query("DELETE FROM page_polls WHERE page_id = $1")
             .bind(page_id.as_str())
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         let done = sqlx::query("DELETE FROM pages WHERE page_id = $1")
             .bind(page_id.as_str())
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -192,7 +192,7 @@ impl Database {
             "SELECT page_id, user_uuid, token_sealed, status FROM pages WHERE page_id = $1",
         )
         .bind(page_id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(record)
     }
@@ -201,7 +201,7 @@ impl Database {
     pub async fn list_pages(&self) -> Result<Vec<PageSummary>, DbError> {
         let sql = format!("SELECT {SUMMARY_COLUMNS} {SUMMARY_FROM} ORDER BY p.page_id");
         let pages = sqlx::query_as::<_, PageSummary>(&sql)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await?;
         Ok(pages)
     }
@@ -213,7 +213,7 @@ impl Database {
         );
         let pages = sqlx::query_as::<_, PageSummary>(&sql)
             .bind(user.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await?;
         Ok(pages)
     }
@@ -226,7 +226,7 @@ impl Database {
              WHERE page_id = $1",
         )
         .bind(page_id.as_str())
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -242,7 +242,7 @@ impl Database {
         sqlx::query(&sql)
             .bind(page_id.as_str())
             .bind(outcome)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -263,7 +263,7 @@ impl Database {
         .bind(error)
         .bind(now)
         .bind(status.map(PageStatus::as_str))
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -276,7 +276,7 @@ impl Database {
              RETURNING metadata_fetch_seq",
         )
         .bind(page_id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(seq.map(|(seq,)| seq))
     }
@@ -290,7 +290,7 @@ impl Database {
         )
         .bind(page_id.as_str())
         .bind(seq)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -316,6 +316,7 @@ impl Database {
     ) -> Result<(), DbError> {
         {
             let mut set = self
+                .db
                 .page_times_set
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
@@ -331,7 +332,7 @@ impl Database {
         sqlx::query(&sql)
             .bind(page_id.as_str())
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -348,39 +349,55 @@ mod tests {
             let page = PageId::parse("42").expect("page");
             let user = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
             assert_eq!(
-                db.begin_metadata_fetch(&page).await.expect("seq"),
+                db.registry()
+                    .begin_metadata_fetch(&page)
+                    .await
+                    .expect("seq"),
                 None,
                 "{backend}"
             );
-            db.upsert_page(&page, &user, vec![1], 1)
+            db.registry()
+                .upsert_page(&page, &user, vec![1], 1)
                 .await
                 .expect("page");
             let slow = db
+                .registry()
                 .begin_metadata_fetch(&page)
                 .await
                 .expect("seq")
                 .expect("registered");
             let fast = db
+                .registry()
                 .begin_metadata_fetch(&page)
                 .await
                 .expect("seq")
                 .expect("registered");
             assert!(fast > slow, "{backend}");
             assert!(
-                db.claim_metadata_write(&page, fast).await.expect("claim"),
+                db.registry()
+                    .claim_metadata_write(&page, fast)
+                    .await
+                    .expect("claim"),
                 "{backend}"
             );
             assert!(
-                !db.claim_metadata_write(&page, slow).await.expect("claim"),
+                !db.registry()
+                    .claim_metadata_write(&page, slow)
+                    .await
+                    .expect("claim"),
                 "{backend}: the older fetch finds a newer one written"
             );
             let newest = db
+                .registry()
                 .begin_metadata_fetch(&page)
                 .await
                 .expect("seq")
                 .expect("registered");
             assert!(
-                db.claim_metadata_write(&page, newest).await.expect("claim"),
+                db.registry()
+                    .claim_metadata_write(&page, newest)
+                    .await
+                    .expect("claim"),
                 "{backend}"
             );
         }

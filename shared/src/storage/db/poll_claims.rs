@@ -6,10 +6,10 @@
 //! claim and publish leaves a claim that is not enqueued, which another scheduler takes over
 //! once it is older than the stale age.
 
-use super::{Database, DbError};
+use super::{DbError, Polls};
 use crate::ids::PageId;
 
-impl Database {
+impl Polls {
     /// Active Pages (not waiting for re-authorisation) whose poll for the period starting at
     /// `period_ms` is neither enqueued nor freshly claimed (claimed at or after
     /// `stale_before_ms`), ordered by id.
@@ -28,7 +28,7 @@ impl Database {
         )
         .bind(period_ms)
         .bind(stale_before_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         page_ids(rows)
     }
@@ -38,7 +38,7 @@ impl Database {
         let rows = sqlx::query_as::<_, (String,)>(
             "SELECT page_id FROM pages WHERE status = 'active' ORDER BY page_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         page_ids(rows)
     }
@@ -48,7 +48,7 @@ impl Database {
         let rows = sqlx::query_as::<_, (String,)>(
             "SELECT page_id FROM pages WHERE status = 'needs_reauth' ORDER BY page_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
@@ -71,7 +71,7 @@ impl Database {
         .bind(period_ms)
         .bind(now)
         .bind(stale_before_ms)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -89,7 +89,7 @@ impl Database {
         .bind(page_id.as_str())
         .bind(period_ms)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -102,7 +102,7 @@ impl Database {
         )
         .bind(page_id.as_str())
         .bind(period_ms)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -111,7 +111,7 @@ impl Database {
     pub async fn prune_poll_claims(&self, before_ms: i64) -> Result<u64, DbError> {
         let done = sqlx::query("DELETE FROM poll_claims WHERE period_ms < $1")
             .bind(before_ms)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected())
     }
@@ -146,53 +146,82 @@ mod tests {
                 PageId::parse("2").expect("id"),
             );
             for page in [&a, &b] {
-                db.upsert_page(page, &user, vec![1], 1).await.expect("page");
+                db.registry()
+                    .upsert_page(page, &user, vec![1], 1)
+                    .await
+                    .expect("page");
             }
-            db.mark_page_error(&b, Some(PageStatus::NeedsReauth), "190", 1)
+            db.registry()
+                .mark_page_error(&b, Some(PageStatus::NeedsReauth), "190", 1)
                 .await
                 .expect("flag");
             assert_eq!(
-                db.pages_to_poll(100, 0).await.expect("plan"),
+                db.polls().pages_to_poll(100, 0).await.expect("plan"),
                 vec![a.clone()],
                 "{backend}: a Page that needs re-authorisation is skipped"
             );
             assert!(
-                db.claim_poll(&a, 100, 1_000, 0).await.expect("claim"),
+                db.polls()
+                    .claim_poll(&a, 100, 1_000, 0)
+                    .await
+                    .expect("claim"),
                 "{backend}"
             );
             assert!(
-                !db.claim_poll(&a, 100, 1_001, 0).await.expect("claim"),
+                !db.polls()
+                    .claim_poll(&a, 100, 1_001, 0)
+                    .await
+                    .expect("claim"),
                 "{backend}: a second scheduler loses"
             );
             assert!(
-                db.pages_to_poll(100, 500).await.expect("plan").is_empty(),
+                db.polls()
+                    .pages_to_poll(100, 500)
+                    .await
+                    .expect("plan")
+                    .is_empty(),
                 "{backend}: a fresh claim is planned by nobody else"
             );
             // Its scheduler died before publishing: once stale, another takes it over.
             assert_eq!(
-                db.pages_to_poll(100, 2_000).await.expect("plan"),
+                db.polls().pages_to_poll(100, 2_000).await.expect("plan"),
                 vec![a.clone()]
             );
             assert!(
-                db.claim_poll(&a, 100, 5_000, 2_000).await.expect("claim"),
+                db.polls()
+                    .claim_poll(&a, 100, 5_000, 2_000)
+                    .await
+                    .expect("claim"),
                 "{backend}: stale and never enqueued"
             );
-            db.mark_poll_enqueued(&a, 100, 5_001).await.expect("mark");
+            db.polls()
+                .mark_poll_enqueued(&a, 100, 5_001)
+                .await
+                .expect("mark");
             assert!(
-                !db.claim_poll(&a, 100, 9_000, 9_000).await.expect("claim"),
+                !db.polls()
+                    .claim_poll(&a, 100, 9_000, 9_000)
+                    .await
+                    .expect("claim"),
                 "{backend}: an enqueued claim is never taken again"
             );
             assert!(
-                db.claim_poll(&a, 200, 9_000, 0).await.expect("claim"),
+                db.polls()
+                    .claim_poll(&a, 200, 9_000, 0)
+                    .await
+                    .expect("claim"),
                 "{backend}: the next period is a new claim"
             );
-            db.drop_poll_claim(&a, 200).await.expect("drop");
+            db.polls().drop_poll_claim(&a, 200).await.expect("drop");
             assert!(
-                db.claim_poll(&a, 200, 9_001, 0).await.expect("claim"),
+                db.polls()
+                    .claim_poll(&a, 200, 9_001, 0)
+                    .await
+                    .expect("claim"),
                 "{backend}"
             );
             assert_eq!(
-                db.prune_poll_claims(200).await.expect("prune"),
+                db.polls().prune_poll_claims(200).await.expect("prune"),
                 1,
                 "{backend}"
             );

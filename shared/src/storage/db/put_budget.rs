@@ -2,7 +2,7 @@
 //! workers. Conversation objects keep theirs on the conversation row (see [`super::claims`]);
 //! other objects (`page_data.json`) in `object_puts`. Both use the one codec, [`RecentPuts`].
 
-use super::{Database, DbError};
+use super::{Budgets, DbError};
 use crate::storage::budget::PutBudget;
 use crate::storage::object_key::ObjectKey;
 
@@ -50,7 +50,7 @@ pub enum PutReservation {
     NotBefore(i64),
 }
 
-impl Database {
+impl Budgets {
     /// Reserves one PUT of `object_key` under its per-object budget, shared by every worker.
     /// A compare-and-swap on the recorded times, so two workers cannot both take the last slot.
     pub async fn reserve_object_put(
@@ -63,13 +63,13 @@ impl Database {
             "INSERT INTO object_puts (object_key) VALUES ($1) ON CONFLICT (object_key) DO NOTHING",
         )
         .bind(object_key.as_str())
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         loop {
             let (current,): (String,) =
                 sqlx::query_as("SELECT recent_puts FROM object_puts WHERE object_key = $1")
                     .bind(object_key.as_str())
-                    .fetch_one(&self.pool)
+                    .fetch_one(&self.db.pool)
                     .await?;
             let mut recent = RecentPuts::decode(&current);
             let next = budget.next_put_at(recent.times(), now);
@@ -83,7 +83,7 @@ impl Database {
             .bind(object_key.as_str())
             .bind(recent.encode())
             .bind(&current)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
             if done.rows_affected() == 1 {
                 return Ok(PutReservation::Reserved);

@@ -2,10 +2,10 @@
 //! Only hashes are stored; expired rows are removed whenever a session is created. Beside
 //! them, the nonces of OAuth states already used (a state is accepted once).
 
-use super::{Database, DbError};
+use super::{DbError, Owners};
 use crate::ids::UserUuid;
 
-impl Database {
+impl Owners {
     /// Stores a session (by the hash of its id) and removes every expired one.
     pub async fn create_session(
         &self,
@@ -16,7 +16,7 @@ impl Database {
     ) -> Result<(), DbError> {
         sqlx::query("DELETE FROM sessions WHERE expires_at_ms <= $1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         sqlx::query(
             "INSERT INTO sessions (session_hash, user_uuid, expires_at_ms) VALUES ($1, $2, $3)",
@@ -24,7 +24,7 @@ impl Database {
         .bind(session_hash)
         .bind(user.as_str())
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -40,7 +40,7 @@ impl Database {
         )
         .bind(session_hash)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(row.and_then(|(user,)| UserUuid::parse(&user).ok()))
     }
@@ -49,7 +49,7 @@ impl Database {
     pub async fn delete_session(&self, session_hash: &str) -> Result<(), DbError> {
         sqlx::query("DELETE FROM sessions WHERE session_hash = $1")
             .bind(session_hash)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
@@ -64,7 +64,7 @@ impl Database {
     ) -> Result<bool, DbError> {
         sqlx::query("DELETE FROM oauth_nonces WHERE expires_at_ms < $1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         let inserted = sqlx::query(
             "INSERT INTO oauth_nonces (nonce, expires_at_ms) VALUES ($1, $2)
@@ -72,7 +72,7 @@ impl Database {
         )
         .bind(nonce)
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(inserted.rows_affected() == 1)
     }
@@ -87,28 +87,30 @@ mod tests {
     async fn sessions_expire_and_nonces_are_used_once() {
         for (backend, db) in backends().await {
             let user = UserUuid::new_random();
-            db.create_session("old", &user, 100, 50)
+            db.owners()
+                .create_session("old", &user, 100, 50)
                 .await
                 .expect("create");
-            db.create_session("new", &user, 1_000, 200)
+            db.owners()
+                .create_session("new", &user, 1_000, 200)
                 .await
                 .expect("create");
             assert_eq!(
-                db.session_user("old", 200).await.expect("read"),
+                db.owners().session_user("old", 200).await.expect("read"),
                 None,
                 "{backend}"
             );
             assert_eq!(
-                db.session_user("new", 200).await.expect("read"),
+                db.owners().session_user("new", 200).await.expect("read"),
                 Some(user.clone()),
                 "{backend}"
             );
             assert!(
-                db.use_nonce("n1", 1_000, 0).await.expect("nonce"),
+                db.owners().use_nonce("n1", 1_000, 0).await.expect("nonce"),
                 "{backend}"
             );
             assert!(
-                !db.use_nonce("n1", 1_000, 0).await.expect("nonce"),
+                !db.owners().use_nonce("n1", 1_000, 0).await.expect("nonce"),
                 "{backend}"
             );
         }

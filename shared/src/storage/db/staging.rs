@@ -3,7 +3,7 @@
 //! polled reconstruction staged before it (the webhook copy is what Facebook sent, and is what
 //! the file keeps); each conversation's staging generation says that events are waiting.
 
-use super::{Database, DbError};
+use super::{DbError, Staging};
 use crate::facebook::event::EventSource;
 use crate::ids::ConversationKey;
 
@@ -40,7 +40,7 @@ pub struct StagedEvent {
 /// Columns bound per staged row.
 const STAGED_COLUMNS: usize = 8;
 
-impl Database {
+impl Staging {
     /// Stages events in one transaction: inserts each (an identity already staged is skipped,
     /// unless a webhook copy meets a polled one) and bumps the staging generation of each
     /// conversation touched. Returns how many rows were new or replaced.
@@ -51,7 +51,7 @@ impl Database {
         let mut ordered: Vec<&NewStagedEvent> = events.iter().collect();
         ordered.sort_by(|a, b| (&a.key, &a.event_id).cmp(&(&b.key, &b.event_id)));
         ordered.dedup_by(|a, b| a.key == b.key && a.event_id == b.event_id);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.pool.begin().await?;
         let mut inserted = 0;
         // Many rows per statement: one round trip per 100 events, not one per event.
         for chunk in ordered.chunks(100) {
@@ -59,7 +59,8 @@ impl Database {
                 .map(|i| {
                     format!(
                         "({})",
-                        self.backend
+                        self.db
+                            .backend
                             .placeholders(i * STAGED_COLUMNS + 1, STAGED_COLUMNS)
                     )
                 })
@@ -102,7 +103,7 @@ impl Database {
         // (staged = flushed): the wait starts with this batch.
         for chunk in touched.chunks(100) {
             let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("({}, 1)", self.backend.placeholders(i * 3 + 1, 3)))
+                .map(|i| format!("({}, 1)", self.db.backend.placeholders(i * 3 + 1, 3)))
                 .collect();
             let sql = format!(
                 "INSERT INTO conversations (page_id, user_psid, waiting_since_ms, staged_gen)
@@ -130,7 +131,7 @@ impl Database {
         let mut pages: Vec<_> = touched.iter().map(|(key, _)| &key.page_id).collect();
         pages.dedup();
         for page_id in pages {
-            self.mark_page_event(page_id, now).await?;
+            self.db.registry().mark_page_event(page_id, now).await?;
         }
         Ok(inserted)
     }
@@ -143,7 +144,7 @@ impl Database {
         )
         .bind(key.page_id.as_str())
         .bind(key.user_psid.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(events)
     }
@@ -173,19 +174,23 @@ mod tests {
     async fn a_webhook_copy_replaces_a_polled_copy_staged_before_it_and_never_the_reverse() {
         for (backend, db) in backends().await {
             let key = copy(EventSource::Poll, "").key;
-            db.stage_events(&[copy(EventSource::Poll, "polled")], 1)
+            db.staging()
+                .stage_events(&[copy(EventSource::Poll, "polled")], 1)
                 .await
                 .expect("stage");
-            db.stage_events(&[copy(EventSource::Webhook, "webhook")], 2)
+            db.staging()
+                .stage_events(&[copy(EventSource::Webhook, "webhook")], 2)
                 .await
                 .expect("stage");
-            db.stage_events(&[copy(EventSource::Poll, "polled again")], 3)
+            db.staging()
+                .stage_events(&[copy(EventSource::Poll, "polled again")], 3)
                 .await
                 .expect("stage");
-            db.stage_events(&[copy(EventSource::Webhook, "webhook retry")], 4)
+            db.staging()
+                .stage_events(&[copy(EventSource::Webhook, "webhook retry")], 4)
                 .await
                 .expect("stage");
-            let staged = db.staged_events(&key).await.expect("staged");
+            let staged = db.staging().staged_events(&key).await.expect("staged");
             assert_eq!(staged.len(), 1, "{backend}: one row per identity");
             assert_eq!(staged[0].source, EventSource::Webhook, "{backend}");
             assert_eq!(
@@ -216,10 +221,10 @@ mod tests {
                     body: format!("{{\"n\":{n}}}"),
                 })
                 .collect();
-            let staged = db.stage_events(&events, 5).await.expect("stage");
+            let staged = db.staging().stage_events(&events, 5).await.expect("stage");
             assert_eq!(staged, 250, "{backend}");
             for (c, key) in keys.iter().enumerate() {
-                let rows = db.staged_events(key).await.expect("staged");
+                let rows = db.staging().staged_events(key).await.expect("staged");
                 let expected = events.iter().filter(|e| &e.key == key).count();
                 assert_eq!(rows.len(), expected, "{backend}: conversation {c}");
                 for row in rows {

@@ -2,7 +2,7 @@
 //! UUID, so its objects stay where they are), the shop's token sealed, and the Facebook user who
 //! connected its Pages (Meta's deauthorize and data-deletion callbacks name that person).
 
-use super::{Database, DbError};
+use super::{DbError, Owners};
 use crate::ids::{ShopDomain, UserUuid};
 
 /// What Meta's callbacks removed at once for a Facebook user.
@@ -16,7 +16,7 @@ pub struct Forgotten {
     pub sessions: u64,
 }
 
-impl Database {
+impl Owners {
     /// The shop's user: created with `new_user` on its first connection, found afterwards;
     /// either way its token is replaced by `token_sealed`.
     pub async fn connect_shop(
@@ -36,7 +36,7 @@ impl Database {
         .bind(shop.as_str())
         .bind(token_sealed)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.db.pool)
         .await?;
         UserUuid::parse(&user).map_err(|e| DbError::Query(sqlx::Error::Decode(e.into())))
     }
@@ -45,7 +45,7 @@ impl Database {
     pub async fn user_shop(&self, user: &UserUuid) -> Result<Option<ShopDomain>, DbError> {
         let shop: Option<(String,)> = sqlx::query_as("SELECT shop FROM users WHERE user_uuid = $1")
             .bind(user.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await?;
         Ok(shop.and_then(|(shop,)| ShopDomain::parse(&shop).ok()))
     }
@@ -63,7 +63,7 @@ impl Database {
         .bind(user.as_str())
         .bind(facebook_user_id)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(())
     }
@@ -77,7 +77,7 @@ impl Database {
             "SELECT user_uuid FROM users WHERE facebook_user_id = $1 ORDER BY user_uuid",
         )
         .bind(facebook_user_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows
             .into_iter()
@@ -89,7 +89,7 @@ impl Database {
     pub async fn remove_pages_of_user(&self, user: &UserUuid) -> Result<u64, DbError> {
         let done = sqlx::query("DELETE FROM pages WHERE user_uuid = $1")
             .bind(user.as_str())
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected())
     }
@@ -107,7 +107,7 @@ impl Database {
             users: users.clone(),
             ..Default::default()
         };
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.db.pool.begin().await?;
         for user in &users {
             let pages = sqlx::query("DELETE FROM pages WHERE user_uuid = $1")
                 .bind(user.as_str())

@@ -150,7 +150,12 @@ impl ConversationClaim {
         fenced(mark_flushed.execute(&mut *tx).await)?;
         tx.commit().await.map_err(DbError::from)?;
         // The Page's "last flush" figure is for operators; failing to record it loses nothing.
-        if let Err(e) = self.db.mark_page_flushed(&self.key.page_id, now).await {
+        if let Err(e) = self
+            .db
+            .registry()
+            .mark_page_flushed(&self.key.page_id, now)
+            .await
+        {
             tracing::debug!(page_id = %self.key.page_id, error = %e, "could not record the flush time");
         }
         Ok(())

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::put_budget::RecentPuts;
 use super::{Backend, Database, DbError};
 use crate::ids::{ConversationKey, PageId, Psid, UserUuid};
+use crate::storage::db::Conversations;
 
 /// Why a step of a claim did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +104,7 @@ struct ClaimedRow {
     user_uuid: Option<String>,
 }
 
-impl Database {
+impl Conversations {
     /// Conversations with events waiting whose budget allows a write now and that nobody holds,
     /// the one whose oldest event has waited longest first (none starves when more are due than
     /// the bucket can write).
@@ -120,7 +121,7 @@ impl Database {
         )
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows
             .into_iter()
@@ -156,7 +157,7 @@ impl Database {
             for psid in chunk {
                 query = query.bind(psid.as_str());
             }
-            marked += query.execute(&self.pool).await?.rows_affected();
+            marked += query.execute(&self.db.pool).await?.rows_affected();
         }
         Ok(marked)
     }
@@ -181,7 +182,7 @@ impl Database {
         .bind(owner)
         .bind(now + millis(lease))
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         row.map(|row| self.claim_of(row, lease, local_deadline))
             .transpose()
@@ -200,7 +201,7 @@ impl Database {
         let local_deadline = Instant::now() + lease;
         // The outer condition is checked again on each row as it is updated: a conversation
         // another worker claimed between the inner select and the update is skipped.
-        let sql = match self.backend {
+        let sql = match self.db.backend {
             // The select locks the rows it picks and passes over rows another transaction
             // holds (a worker's claim, staging's upsert): two claims that locked the same rows
             // in different orders deadlocked (the chaos benchmark saw 16 in a run), and a claim
@@ -236,7 +237,7 @@ impl Database {
             .bind(now + millis(lease))
             .bind(now)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await?;
         let mut claims = rows
             .into_iter()
@@ -264,7 +265,7 @@ impl Database {
                 .map_err(|e| DbError::Query(sqlx::Error::Decode(Box::new(e))))?,
         };
         Ok(ConversationClaim {
-            db: self.clone(),
+            db: self.db.clone(),
             key,
             generation: row.lease_gen,
             staged_gen: row.staged_gen,
@@ -306,7 +307,7 @@ pub struct SetAsideConversation {
     pub set_aside_reason: String,
 }
 
-impl Database {
+impl Conversations {
     /// Conversations set aside, of one Page or all, ordered by Page and person.
     pub async fn set_aside_conversations(
         &self,
@@ -318,7 +319,7 @@ impl Database {
              ORDER BY page_id, user_psid",
         )
         .bind(page_id.map(PageId::as_str))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?;
         Ok(rows)
     }
@@ -337,7 +338,7 @@ impl Database {
         )
         .bind(page_id.as_str())
         .bind(user_psid.map(Psid::as_str))
-        .execute(&self.pool)
+        .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected())
     }

@@ -23,20 +23,24 @@ async fn stage(db: &Database, key: &ConversationKey, event_id: &str, now: i64) {
         received_at_ms: now,
         body: format!(r#"{{"id":"{event_id}"}}"#),
     };
-    db.stage_events(&[event], now).await.expect("stage");
+    db.staging()
+        .stage_events(&[event], now)
+        .await
+        .expect("stage");
 }
 
 const LEASE: Duration = Duration::from_secs(60);
 
 /// The stage numbers of `key`'s staged events: what finishing a claim of it deletes.
 async fn staged_seqs(db: &Database, key: &ConversationKey) -> Vec<i64> {
-    let staged = db.staged_events(key).await.expect("staged");
+    let staged = db.staging().staged_events(key).await.expect("staged");
     staged.iter().map(|event| event.seq).collect()
 }
 
 /// One whole flush of `key` at `now`, as a flusher does it: claim, read what is staged, finish.
 async fn flush_all(db: &Database, key: &ConversationKey, now: i64) {
     let mut claim = db
+        .conversations()
         .claim_conversation(key, "flusher", now, LEASE)
         .await
         .expect("claim")
@@ -62,7 +66,8 @@ async fn a_claim_passes_over_a_conversation_another_transaction_holds_instead_of
             .expect("lock u1");
         let claims = tokio::time::timeout(
             Duration::from_secs(5),
-            db.claim_due_conversations("a", 2_000, LEASE, 10),
+            db.conversations()
+                .claim_due_conversations("a", 2_000, LEASE, 10),
         )
         .await
         .expect("the claim does not wait for the held row")
@@ -71,6 +76,7 @@ async fn a_claim_passes_over_a_conversation_another_transaction_holds_instead_of
         assert_eq!(claimed, ["u2"], "{backend}");
         holder.rollback().await.expect("rollback");
         let claims = db
+            .conversations()
             .claim_due_conversations("a", 2_000, LEASE, 10)
             .await
             .expect("claim");
@@ -88,6 +94,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         }
         // u3 was written by a flush before the listing's marks arrive.
         let mut claim = db
+            .conversations()
             .claim_conversation(&flushed, "a", 1_000, LEASE)
             .await
             .expect("claim")
@@ -95,6 +102,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         claim.finish(&[], 1_000, 1_000).await.expect("finish");
         let psids = [&fresh.user_psid, &failing.user_psid, &flushed.user_psid];
         let marked = db
+            .conversations()
             .mark_objects_absent(&fresh.page_id, &psids)
             .await
             .expect("mark");
@@ -104,6 +112,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         );
 
         let mut claim = db
+            .conversations()
             .claim_conversation(&fresh, "a", 2_000, LEASE)
             .await
             .expect("claim")
@@ -112,6 +121,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         claim.finish(&[], 2_000, 2_000).await.expect("finish");
         stage(&db, &fresh, "e2", 3_000).await;
         let claim = db
+            .conversations()
             .claim_conversation(&fresh, "a", 3_000, LEASE)
             .await
             .expect("claim")
@@ -122,6 +132,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         );
 
         let claim = db
+            .conversations()
             .claim_conversation(&failing, "a", 3_000, LEASE)
             .await
             .expect("claim")
@@ -129,6 +140,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
         assert!(claim.object_known_absent(), "{backend}");
         claim.fail("refused", 3_000).await.expect("fail");
         let claim = db
+            .conversations()
             .claim_conversation(&failing, "a", 3_000, LEASE)
             .await
             .expect("claim")
@@ -150,6 +162,7 @@ async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
 
         stage(&db, &staged_during_a_flush, "e1", 1_500).await;
         let mut claim = db
+            .conversations()
             .claim_conversation(&staged_during_a_flush, "a", 1_500, LEASE)
             .await
             .expect("claim")
@@ -160,7 +173,11 @@ async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
 
         stage(&db, &never_flushed, "e1", 3_000).await;
         stage(&db, &flushed_long_ago, "e2", 5_000).await;
-        let due = db.due_conversations(6_000, 10).await.expect("due");
+        let due = db
+            .conversations()
+            .due_conversations(6_000, 10)
+            .await
+            .expect("due");
         let order: Vec<&str> = due.iter().map(|k| k.user_psid.as_str()).collect();
         assert_eq!(
             order,
@@ -177,11 +194,13 @@ async fn a_batch_claim_takes_the_longest_waiting_and_never_one_already_held() {
             stage(&db, &key(psid), "e1", 1_000 + i as i64).await;
         }
         let held = db
+            .conversations()
             .claim_conversation(&key("u4"), "x", 2_000, LEASE)
             .await
             .expect("claim")
             .expect("due");
         let first = db
+            .conversations()
             .claim_due_conversations("a", 2_000, LEASE, 2)
             .await
             .expect("claim");
@@ -197,12 +216,14 @@ async fn a_batch_claim_takes_the_longest_waiting_and_never_one_already_held() {
             "{backend}: oldest first, u4 is held"
         );
         let rest = db
+            .conversations()
             .claim_due_conversations("b", 2_000, LEASE, 10)
             .await
             .expect("claim");
         assert_eq!(psids(&rest), ["u2", "u1"], "{backend}");
         assert!(
-            db.claim_due_conversations("c", 2_000, LEASE, 10)
+            db.conversations()
+                .claim_due_conversations("c", 2_000, LEASE, 10)
                 .await
                 .expect("claim")
                 .is_empty(),
@@ -219,6 +240,7 @@ async fn a_second_claim_of_a_leased_conversation_gets_nothing() {
         let key = key("u1");
         stage(&db, &key, "e1", 1_000).await;
         let first = db
+            .conversations()
             .claim_conversation(&key, "a", 1_000, LEASE)
             .await
             .expect("claim");
@@ -228,6 +250,7 @@ async fn a_second_claim_of_a_leased_conversation_gets_nothing() {
             "{backend}: no owner for a Page that is not registered"
         );
         let second = db
+            .conversations()
             .claim_conversation(&key, "b", 1_001, LEASE)
             .await
             .expect("claim");
@@ -236,7 +259,8 @@ async fn a_second_claim_of_a_leased_conversation_gets_nothing() {
             "{backend}: a leased conversation cannot be claimed"
         );
         assert!(
-            db.due_conversations(1_001, 10)
+            db.conversations()
+                .due_conversations(1_001, 10)
                 .await
                 .expect("due")
                 .is_empty(),
@@ -250,11 +274,13 @@ async fn a_claim_carries_the_pages_owner_as_it_is_now() {
     for (backend, db) in backends().await {
         let key = key("u5");
         let owner = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
-        db.upsert_page(&key.page_id, &owner, vec![1], 1)
+        db.registry()
+            .upsert_page(&key.page_id, &owner, vec![1], 1)
             .await
             .expect("page");
         stage(&db, &key, "e1", 1_000).await;
         let mut claim = db
+            .conversations()
             .claim_conversation(&key, "a", 1_000, LEASE)
             .await
             .expect("claim")
@@ -263,10 +289,12 @@ async fn a_claim_carries_the_pages_owner_as_it_is_now() {
         claim.defer(1_000).await.expect("defer");
         // The Page moves to another owner: the next claim writes to the new folder.
         let moved = UserUuid::parse("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d").expect("uuid");
-        db.upsert_page(&key.page_id, &moved, vec![1], 2)
+        db.registry()
+            .upsert_page(&key.page_id, &moved, vec![1], 2)
             .await
             .expect("page");
         let claim = db
+            .conversations()
             .claim_conversation(&key, "b", 2_000, LEASE)
             .await
             .expect("claim")
@@ -288,6 +316,7 @@ async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
         for put in 1..=5 {
             stage(&db, &key, &format!("e{put}"), now).await;
             let mut claim = db
+                .conversations()
                 .claim_conversation(&key, "a", now, LEASE)
                 .await
                 .expect("claim")
@@ -302,6 +331,7 @@ async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
         }
         stage(&db, &key, "e6", now).await;
         let mut claim = db
+            .conversations()
             .claim_conversation(&key, "b", now, LEASE)
             .await
             .expect("claim")
@@ -314,12 +344,14 @@ async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
         claim.defer(311_000).await.expect("defer");
         // The deferral recorded nothing: a new claim sees the same five PUTs.
         assert!(
-            db.claim_conversation(&key, "c", now, LEASE)
+            db.conversations()
+                .claim_conversation(&key, "c", now, LEASE)
                 .await
                 .expect("claim")
                 .is_none()
         );
         let later = db
+            .conversations()
             .claim_conversation(&key, "c", 311_000, LEASE)
             .await
             .expect("claim")
@@ -341,6 +373,7 @@ async fn a_reserved_put_that_is_deferred_unsent_leaves_the_object_budget_as_it_w
         for attempt in 0..3 {
             let now = 1_000 + attempt * 100;
             let mut claim = db
+                .conversations()
                 .claim_conversation(&key, "a", now, LEASE)
                 .await
                 .expect("claim")
@@ -362,6 +395,7 @@ async fn a_set_aside_conversation_is_never_due_until_requeued() {
         let key = key("u4");
         stage(&db, &key, "e1", 1_000).await;
         let claim = db
+            .conversations()
             .claim_conversation(&key, "a", 1_000, LEASE)
             .await
             .expect("claim")
@@ -371,37 +405,48 @@ async fn a_set_aside_conversation_is_never_due_until_requeued() {
             .await
             .expect("set aside");
         assert!(
-            db.due_conversations(i64::MAX / 4, 10)
+            db.conversations()
+                .due_conversations(i64::MAX / 4, 10)
                 .await
                 .expect("due")
                 .is_empty(),
             "{backend}"
         );
         assert!(
-            db.claim_conversation(&key, "b", 2_000, LEASE)
+            db.conversations()
+                .claim_conversation(&key, "b", 2_000, LEASE)
                 .await
                 .expect("claim")
                 .is_none()
         );
         let aside = db
+            .conversations()
             .set_aside_conversations(Some(&key.page_id))
             .await
             .expect("list");
         assert_eq!(aside.len(), 1, "{backend}");
         assert_eq!(aside[0].set_aside_reason, "not a JSON array");
         assert_eq!(
-            db.staged_events(&key).await.expect("staged").len(),
+            db.staging()
+                .staged_events(&key)
+                .await
+                .expect("staged")
+                .len(),
             1,
             "{backend}: events kept"
         );
         assert_eq!(
-            db.requeue_set_aside(&key.page_id, None)
+            db.conversations()
+                .requeue_set_aside(&key.page_id, None)
                 .await
                 .expect("requeue"),
             1
         );
         assert_eq!(
-            db.due_conversations(2_000, 10).await.expect("due"),
+            db.conversations()
+                .due_conversations(2_000, 10)
+                .await
+                .expect("due"),
             vec![key.clone()],
             "{backend}"
         );
@@ -420,6 +465,7 @@ async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
         stage(&db, &key, "e1", 1_000).await;
         let lease = Duration::from_millis(100);
         let mut stalled = db
+            .conversations()
             .claim_conversation(&key, "stalled", 1_000, lease)
             .await
             .expect("claim")
@@ -427,6 +473,7 @@ async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
         let seqs = staged_seqs(&db, &key).await;
         // The lease runs out; another worker takes the conversation over.
         let mut successor = db
+            .conversations()
             .claim_conversation(&key, "successor", 1_200, LEASE)
             .await
             .expect("claim")
@@ -451,7 +498,11 @@ async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
             "{backend}: finishing deletes nothing"
         );
         assert_eq!(
-            db.staged_events(&key).await.expect("staged").len(),
+            db.staging()
+                .staged_events(&key)
+                .await
+                .expect("staged")
+                .len(),
             1,
             "{backend}: the staged event is still there"
         );
@@ -466,7 +517,11 @@ async fn a_lease_taken_over_after_expiry_fences_the_old_holder() {
         );
         successor.finish(&seqs, 1_400, 1_400).await.expect("finish");
         assert!(
-            db.staged_events(&key).await.expect("staged").is_empty(),
+            db.staging()
+                .staged_events(&key)
+                .await
+                .expect("staged")
+                .is_empty(),
             "{backend}"
         );
     }
