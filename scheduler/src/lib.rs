@@ -4,7 +4,7 @@
 //! due at the Page's own offset (a hash of its id) into POLL_SPREAD after the round starts, so
 //! thousands of Pages do not call the Graph API in the same minute; every scheduler computes
 //! the same offsets. Before it publishes a job the scheduler claims the Page and period in the
-//! database ([`Database::claim_poll`]), so two schedulers running at once still enqueue each
+//! database ([`Polls::claim_poll`](fbsync_shared::storage::db::Polls::claim_poll)), so two schedulers running at once still enqueue each
 //! Page once per period. Pages that need re-authorisation are skipped until they are
 //! connected again.
 //!

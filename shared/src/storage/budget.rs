@@ -4,7 +4,7 @@
 //! Each PUT is recorded before it is sent; a safety margin covers the time between recording
 //! and the request reaching the store. Per bucket: writes and operations per second, counted
 //! in short windows in the database so every worker shares one budget (see
-//! `Database::take_bucket_budget`). Each window's cap is 90% of the rate less what the windows
+//! `Budgets::take_bucket_budget`). Each window's cap is 90% of the rate less what the windows
 //! of the second and one window before it took, so the windows a sliding second touches, and
 //! one more for requests that reach the store after their window, stay within 90% of the rate;
 //! a window never takes more than twice its even share (no burst the size of a whole second).

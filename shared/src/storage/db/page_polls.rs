@@ -35,7 +35,7 @@ impl PollLease {
     }
 }
 
-/// What [`Database::begin_poll`] found.
+/// What [`Polls::begin_poll`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollStart {
     /// The poll is ours until the lease ends (renewed with each saved step).
@@ -246,7 +246,7 @@ impl Polls {
     }
 }
 
-/// A registered Page's poll state, as [`Database::poll_states`] reads it.
+/// A registered Page's poll state, as [`Polls::poll_states`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PagePollState {
     pub page_id: String,

@@ -40,7 +40,7 @@ impl ConversationClaim {
     }
 
     /// A listing made while this claim is held showed the object absent (and
-    /// [`Database::mark_objects_absent`](crate::storage::db::Database::mark_objects_absent) recorded it for the claims after this one).
+    /// [`Conversations::mark_objects_absent`](crate::storage::db::Conversations::mark_objects_absent) recorded it for the claims after this one).
     pub fn object_listed_absent(&mut self) {
         self.object_absent = true;
     }
@@ -204,7 +204,7 @@ impl ConversationClaim {
 
     /// Sets the conversation aside: its stored object cannot be read, so it is not flushed
     /// again (its staged events stay, its object is never overwritten) until an operator
-    /// re-queues it ([`Database::requeue_set_aside`](crate::storage::db::Database::requeue_set_aside)).
+    /// re-queues it ([`Conversations::requeue_set_aside`](crate::storage::db::Conversations::requeue_set_aside)).
     pub async fn set_aside(&self, reason: &str) -> Result<(), ClaimError> {
         let statement = self
             .statement(

@@ -190,7 +190,7 @@ impl Conversations {
 
     /// Claims up to `limit` due conversations at once (one statement, not one per
     /// conversation), the one whose oldest event has waited longest first; each claim as
-    /// [`Database::claim_conversation`] makes it.
+    /// [`Conversations::claim_conversation`] makes it.
     pub async fn claim_due_conversations(
         &self,
         owner: &str,
