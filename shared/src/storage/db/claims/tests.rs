@@ -37,14 +37,23 @@ async fn staged_seqs(db: &Database, key: &ConversationKey) -> Vec<i64> {
     staged.iter().map(|event| event.seq).collect()
 }
 
-/// One whole flush of `key` at `now`, as a flusher does it: claim, read what is staged, finish.
-async fn flush_all(db: &Database, key: &ConversationKey, now: i64) {
-    let mut claim = db
-        .conversations()
-        .claim_conversation(key, "flusher", now, LEASE)
+/// `owner`'s claim of `key` at `now`, which must be due.
+async fn claim_due(
+    db: &Database,
+    key: &ConversationKey,
+    owner: &str,
+    now: i64,
+) -> ConversationClaim {
+    db.conversations()
+        .claim_conversation(key, owner, now, LEASE)
         .await
         .expect("claim")
-        .expect("due");
+        .expect("due")
+}
+
+/// One whole flush of `key` at `now`, as a flusher does it: claim, read what is staged, finish.
+async fn flush_all(db: &Database, key: &ConversationKey, now: i64) {
+    let mut claim = claim_due(db, key, "flusher", now).await;
     let seqs = staged_seqs(db, key).await;
     claim.finish(&seqs, now, now).await.expect("finish");
 }
@@ -93,12 +102,7 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
             stage(&db, key, "e1", 1_000).await;
         }
         // u3 was written by a flush before the listing's marks arrive.
-        let mut claim = db
-            .conversations()
-            .claim_conversation(&flushed, "a", 1_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let mut claim = claim_due(&db, &flushed, "a", 1_000).await;
         claim.finish(&[], 1_000, 1_000).await.expect("finish");
         let psids = [&fresh.user_psid, &failing.user_psid, &flushed.user_psid];
         let marked = db
@@ -111,40 +115,20 @@ async fn an_object_known_absent_is_written_unread_once_and_any_end_of_a_flush_fo
             "{backend}: a conversation flushed already is not marked"
         );
 
-        let mut claim = db
-            .conversations()
-            .claim_conversation(&fresh, "a", 2_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let mut claim = claim_due(&db, &fresh, "a", 2_000).await;
         assert!(claim.object_known_absent(), "{backend}");
         claim.finish(&[], 2_000, 2_000).await.expect("finish");
         stage(&db, &fresh, "e2", 3_000).await;
-        let claim = db
-            .conversations()
-            .claim_conversation(&fresh, "a", 3_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let claim = claim_due(&db, &fresh, "a", 3_000).await;
         assert!(
             !claim.object_known_absent(),
             "{backend}: written once, read from then on"
         );
 
-        let claim = db
-            .conversations()
-            .claim_conversation(&failing, "a", 3_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let claim = claim_due(&db, &failing, "a", 3_000).await;
         assert!(claim.object_known_absent(), "{backend}");
         claim.fail("refused", 3_000).await.expect("fail");
-        let claim = db
-            .conversations()
-            .claim_conversation(&failing, "a", 3_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let claim = claim_due(&db, &failing, "a", 3_000).await;
         assert!(
             !claim.object_known_absent(),
             "{backend}: after a failure, the next flush reads first"
@@ -161,12 +145,7 @@ async fn the_conversation_whose_oldest_event_waited_longest_is_due_first() {
         flush_all(&db, &flushed_long_ago, 1_000).await;
 
         stage(&db, &staged_during_a_flush, "e1", 1_500).await;
-        let mut claim = db
-            .conversations()
-            .claim_conversation(&staged_during_a_flush, "a", 1_500, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let mut claim = claim_due(&db, &staged_during_a_flush, "a", 1_500).await;
         let seqs = staged_seqs(&db, &staged_during_a_flush).await;
         stage(&db, &staged_during_a_flush, "e2", 2_000).await;
         claim.finish(&seqs, 4_000, 4_000).await.expect("finish");
@@ -193,12 +172,7 @@ async fn a_batch_claim_takes_the_longest_waiting_and_never_one_already_held() {
         for (i, psid) in ["u5", "u4", "u3", "u2", "u1"].iter().enumerate() {
             stage(&db, &key(psid), "e1", 1_000 + i as i64).await;
         }
-        let held = db
-            .conversations()
-            .claim_conversation(&key("u4"), "x", 2_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let held = claim_due(&db, &key("u4"), "x", 2_000).await;
         let first = db
             .conversations()
             .claim_due_conversations("a", 2_000, LEASE, 2)
@@ -279,12 +253,7 @@ async fn a_claim_carries_the_pages_owner_as_it_is_now() {
             .await
             .expect("page");
         stage(&db, &key, "e1", 1_000).await;
-        let mut claim = db
-            .conversations()
-            .claim_conversation(&key, "a", 1_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let mut claim = claim_due(&db, &key, "a", 1_000).await;
         assert_eq!(claim.owner(), Some(&owner), "{backend}");
         claim.defer(1_000).await.expect("defer");
         // The Page moves to another owner: the next claim writes to the new folder.
@@ -293,12 +262,7 @@ async fn a_claim_carries_the_pages_owner_as_it_is_now() {
             .upsert_page(&key.page_id, &moved, vec![1], 2)
             .await
             .expect("page");
-        let claim = db
-            .conversations()
-            .claim_conversation(&key, "b", 2_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let claim = claim_due(&db, &key, "b", 2_000).await;
         assert_eq!(claim.owner(), Some(&moved), "{backend}");
     }
 }
@@ -315,12 +279,7 @@ async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
         let mut now = 10_000;
         for put in 1..=5 {
             stage(&db, &key, &format!("e{put}"), now).await;
-            let mut claim = db
-                .conversations()
-                .claim_conversation(&key, "a", now, LEASE)
-                .await
-                .expect("claim")
-                .expect("due");
+            let mut claim = claim_due(&db, &key, "a", now).await;
             assert_eq!(
                 claim.reserve_put(&budget, now).await.expect("reserve"),
                 PutReservation::Reserved,
@@ -330,12 +289,7 @@ async fn a_sixth_put_reservation_inside_the_window_is_deferred() {
             now += 1_000;
         }
         stage(&db, &key, "e6", now).await;
-        let mut claim = db
-            .conversations()
-            .claim_conversation(&key, "b", now, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let mut claim = claim_due(&db, &key, "b", now).await;
         assert_eq!(
             claim.reserve_put(&budget, now).await.expect("reserve"),
             PutReservation::NotBefore(10_000 + 300_000 + 1_000),
@@ -372,12 +326,7 @@ async fn a_reserved_put_that_is_deferred_unsent_leaves_the_object_budget_as_it_w
         stage(&db, &key, "e1", 1_000).await;
         for attempt in 0..3 {
             let now = 1_000 + attempt * 100;
-            let mut claim = db
-                .conversations()
-                .claim_conversation(&key, "a", now, LEASE)
-                .await
-                .expect("claim")
-                .expect("due");
+            let mut claim = claim_due(&db, &key, "a", now).await;
             assert_eq!(
                 claim.reserve_put(&budget, now).await.expect("reserve"),
                 PutReservation::Reserved,
@@ -394,12 +343,7 @@ async fn a_set_aside_conversation_is_never_due_until_requeued() {
     for (backend, db) in backends().await {
         let key = key("u4");
         stage(&db, &key, "e1", 1_000).await;
-        let claim = db
-            .conversations()
-            .claim_conversation(&key, "a", 1_000, LEASE)
-            .await
-            .expect("claim")
-            .expect("due");
+        let claim = claim_due(&db, &key, "a", 1_000).await;
         claim
             .set_aside("not a JSON array")
             .await
