@@ -125,6 +125,9 @@ fn main() -> ExitCode {
         Err(e) => return refuse(&e.0),
     };
     telemetry::init_logging(settings.json_logs);
+    // Installed before any role records a metric: what a worker records while it opens (the
+    // conditional-write probe's gauge) is on its /metrics page too.
+    telemetry::metrics_handle();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return refuse(&[format!("could not start the async runtime: {e}")]),

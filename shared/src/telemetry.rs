@@ -39,6 +39,15 @@ pub const CONVERSATIONS_SET_ASIDE: &str = "fbsync_conversations_set_aside";
 pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
 /// Seconds per object-store request, by `operation`.
 pub const STORAGE_SECONDS: &str = "fbsync_storage_request_seconds";
+/// Store answers of 503 SlowDown: the bucket's real limit is below its configured rates.
+pub const STORE_SLOW_DOWNS: &str = "fbsync_store_slow_downs_total";
+/// The bucket's rate in force, per second, by `class` (writes, operations): the configured
+/// ceiling's budget, lowered after SlowDown answers and climbing back.
+pub const BUCKET_RATE_IN_FORCE: &str = "fbsync_bucket_rate_per_second";
+/// 1 when the store refused both conditional-write probes (it honours `If-None-Match` and
+/// `If-Match`), 0 when it accepted one (workers run on their claims alone), -1 before an
+/// answer.
+pub const CONDITIONAL_WRITES_HONOURED: &str = "fbsync_store_conditional_writes_honoured";
 /// Seconds per Graph API request.
 pub const GRAPH_SECONDS: &str = "fbsync_graph_request_seconds";
 /// Graph API requests, by `outcome` (ok, rate_limited, token_error, transient, error).

@@ -1,7 +1,8 @@
 //! `fbsync check`: the configuration and every dependency the roles need, one line per check
 //! with what to fix. Exit status 0 when every check passes, 1 when one fails, 2 for bad
-//! configuration. It writes nothing but a probe object under `_fbsync/probe/`, which it
-//! deletes again, and changes no schema.
+//! configuration. It writes nothing but probe objects under `_fbsync/probe/`, which it
+//! deletes again, and changes no schema. It prints the store's budgets in force and whether
+//! the store honours conditional writes (a store that ignores them fails the check).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,10 +12,11 @@ use fbsync_shared::config::{Problems, Settings};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::queue::{Topology, connect};
-use fbsync_shared::storage::budget::BucketBudget;
+use fbsync_shared::storage::budget::StoreBudgets;
 use fbsync_shared::storage::budgeted_store::{BudgetedError, BudgetedStore};
 use fbsync_shared::storage::db::{Database, PageStatus};
 use fbsync_shared::storage::object_store::{ObjectKey, PROBE_PREFIX, WriteCondition, open_store};
+use fbsync_shared::storage::write_conditions::{self, Verdict};
 
 use crate::refuse;
 
@@ -77,15 +79,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     };
     // The probe's requests take the bucket's budget like every other request, and the budget
     // is kept in the database.
-    outcomes.push(match migrated {
+    let limits = StoreBudgets::for_store(&store, &settings.storage);
+    outcomes.push(pass(format!("object store budgets: {}", limits.describe())));
+    match migrated {
         Some(database) => {
-            let budget = BucketBudget::from_settings(&settings.storage);
-            check_store(&BudgetedStore::new(open_store(&store), database.budgets(), budget)).await
+            let store = BudgetedStore::new(open_store(&store), database.budgets(), limits);
+            let round_trip = check_store(&store).await;
+            let passed = round_trip.passed;
+            outcomes.push(round_trip);
+            if passed {
+                outcomes.push(
+                    check_conditional_writes(&store, settings.storage.conditional_writes).await,
+                );
+            }
         }
-        None => fail(
+        None => outcomes.push(fail(
             "object store: not checked: the bucket's request budget is kept in the database, which is not ready",
-        ),
-    });
+        )),
+    }
     if let Some(database) = &database {
         outcomes.extend(check_tokens(database, &cipher, &settings).await);
         database.close().await;
@@ -160,6 +171,28 @@ async fn check_store(store: &BudgetedStore) -> Outcome {
         )),
         Err(_) => fail(format!(
             "object store: no answer within {CHECK_TIMEOUT:?} ({describe})"
+        )),
+    }
+}
+
+/// Whether the store refuses the writes its conditions forbid: a store that accepts them fails.
+async fn check_conditional_writes(
+    store: &BudgetedStore,
+    mode: fbsync_shared::config::ConditionalWrites,
+) -> Outcome {
+    let describe = store.describe();
+    match tokio::time::timeout(CHECK_TIMEOUT, write_conditions::probe(store, mode)).await {
+        Ok(Ok(verdict @ (Verdict::Honoured | Verdict::NotSent))) => {
+            pass(format!("object store: {}", verdict.describe()))
+        }
+        Ok(Ok(verdict @ Verdict::Ignored(_))) => {
+            fail(format!("object store: {} ({describe})", verdict.describe()))
+        }
+        Ok(Err(e)) => fail(format!(
+            "object store: the conditional-write probe failed: {e} ({describe})"
+        )),
+        Err(_) => fail(format!(
+            "object store: the conditional-write probe got no answer within {CHECK_TIMEOUT:?} ({describe})"
         )),
     }
 }

@@ -46,7 +46,7 @@ async fn a_sixth_put_to_one_object_is_refused_and_reads_go_through() {
     let bucket = unique_bucket();
     create_bucket(&s3_endpoint(), &bucket).await;
     create_bucket(&s3_endpoint(), &bucket).await; // Creating it again is fine.
-    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::before_2026()).await;
     let client = s3_client(&layer.endpoint());
     let key = "users/u1/facebook_messenger/p1/conversations/psid-1.json";
 
@@ -196,6 +196,56 @@ async fn a_storage_outage_refuses_everything_without_forwarding() {
         Some(b"before".to_vec())
     );
     assert_eq!(layer.puts_for("k"), 1);
+}
+
+/// Like Spaces, the layer refuses the flexible checksum the SDK still adds to `DeleteObjects`
+/// (with checksums "when required"), while a single DELETE, which needs none, goes through; and
+/// it can play a store that ignores conditional writes.
+#[tokio::test]
+async fn checksummed_requests_are_refused_and_conditions_can_be_ignored() {
+    use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+    let bucket = unique_bucket();
+    create_bucket(&s3_endpoint(), &bucket).await;
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let client = s3_client(&layer.endpoint());
+    assert_eq!(put(&client, &bucket, "a", "1").await, Ok(()));
+    let batch = Delete::builder()
+        .objects(ObjectIdentifier::builder().key("a").build().expect("key"))
+        .build()
+        .expect("delete");
+    let refused = client
+        .delete_objects()
+        .bucket(&bucket)
+        .delete(batch)
+        .send()
+        .await
+        .expect_err("a checksummed request is refused");
+    assert_eq!(refusal(&refused), (400, "InvalidArgument".into()));
+    assert_eq!(layer.checksum_refusals(), 1);
+    client
+        .delete_object()
+        .bucket(&bucket)
+        .key("a")
+        .send()
+        .await
+        .expect("a single delete needs no checksum");
+    assert_eq!(layer.deleted(), [format!("{bucket}/a")]);
+
+    // Conditions honoured, then ignored.
+    let conditional = |condition: &'static str| {
+        client
+            .put_object()
+            .bucket(&bucket)
+            .key("b")
+            .if_none_match(condition)
+            .body(ByteStream::from_static(b"x"))
+            .send()
+    };
+    conditional("*").await.expect("new");
+    let second = conditional("*").await.expect_err("exists");
+    assert_eq!(refusal(&second).0, 412);
+    layer.set_ignore_write_conditions(true);
+    conditional("*").await.expect("the condition is dropped");
 }
 
 async fn graph_get(url: &str) -> (u16, reqwest::header::HeaderMap, Value) {

@@ -17,4 +17,5 @@ mod operations;
 mod page_data;
 mod polling;
 mod store;
+mod store_budgets;
 mod worker;

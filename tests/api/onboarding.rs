@@ -29,7 +29,9 @@ use crate::common::fake_shopify::{
 };
 use crate::common::pipeline::{DbKind, Pipeline, StoreKind};
 use crate::common::process::FbsyncProcess;
-use crate::common::spaces_limits::{list_keys, read_object, s3_endpoint};
+use crate::common::spaces_limits::{
+    SpacesLimitLayer, SpacesLimits, list_keys, read_object, s3_endpoint,
+};
 use crate::common::webhook::{message_delivery, post_signed, webhook_client};
 
 /// Signs the OAuth states of the tests' pipelines.
@@ -918,9 +920,15 @@ async fn a_cancelled_login_or_a_declined_permission_gets_a_page_that_says_what_i
         .await;
 }
 
+/// The store sits behind the Spaces layer, which refuses (as Spaces does) a request carrying
+/// the flexible checksum the SDK adds to `DeleteObjects`: a data deletion must delete without.
 #[tokio::test]
 async fn meta_deauthorize_and_data_deletion_callbacks_act_only_on_facebooks_signature() {
-    let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::S3 { endpoint: None }).await;
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    let store = StoreKind::S3 {
+        endpoint: Some(layer.endpoint()),
+    };
+    let env = OwnerEnv::start(DbKind::Sqlite, store).await;
     env.graph.set_person("7001", &[PAGE_A]);
     env.graph.set_person("7002", &[PAGE_B]);
     let mut owner = env.owner();
@@ -1003,6 +1011,22 @@ async fn meta_deauthorize_and_data_deletion_callbacks_act_only_on_facebooks_sign
     assert!(
         env.keys_of(&user).await.is_empty(),
         "the owner's objects are deleted"
+    );
+    let user_prefix = format!("/users/{user}/");
+    assert_eq!(
+        layer
+            .deleted()
+            .iter()
+            .filter(|object| object.contains(&user_prefix))
+            .count(),
+        1,
+        "one DELETE per object: {:?}",
+        layer.deleted()
+    );
+    assert_eq!(
+        layer.checksum_refusals(),
+        0,
+        "no request carried a checksum"
     );
     assert_eq!(
         env.keys_of(&bystander_user).await.len(),

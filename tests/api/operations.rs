@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::common::fake_graph::{Failure, FakeGraph};
 use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind};
-use crate::common::spaces_limits::{list_keys, s3_endpoint};
+use crate::common::spaces_limits::{SpacesLimitLayer, SpacesLimits, list_keys, s3_endpoint};
 use crate::common::webhook::{message_delivery, post_signed, webhook_client};
 
 /// A pipeline whose Graph API is `fake`, with the test Page registered.
@@ -16,6 +16,12 @@ async fn pipeline_with_graph(db: DbKind, store: StoreKind, fake: &FakeGraph) -> 
     fake.set_page(PAGE_ID, "Shop");
     pipeline.register_page(PAGE_ID).await;
     pipeline
+}
+
+/// Applies the migrations as an operator does before `check` (`fbsync pages list`).
+async fn migrate(pipeline: &Pipeline) {
+    let (code, stdout, stderr) = pipeline.run(&["pages", "list"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
 }
 
 #[tokio::test]
@@ -29,7 +35,10 @@ async fn check_passes_every_dependency_and_leaves_nothing_in_the_bucket() {
         "ok   configuration",
         "ok   broker",
         "ok   database: connected, migrations current",
-        "ok   object store",
+        "ok   object store: wrote, read and deleted a probe",
+        "ok   object store budgets: bucket: writes 270/s, operations 450/s",
+        "per object: no PUT window",
+        "ok   object store: conditional writes honoured",
         &format!("ok   graph: page {PAGE_ID}: token valid"),
     ] {
         assert!(stdout.contains(check), "{check:?} missing:\n{stdout}");
@@ -47,6 +56,72 @@ async fn check_passes_every_dependency_and_leaves_nothing_in_the_bucket() {
     assert!(
         !stdout.contains(PAGE_TOKEN) && !stderr.contains(PAGE_TOKEN),
         "no token in the output"
+    );
+    pipeline.cleanup().await;
+}
+
+/// A store that accepts writes its conditions forbid fails the check, with what it means; the
+/// probes are deleted all the same.
+#[tokio::test]
+async fn check_fails_on_a_store_that_ignores_conditional_writes_and_says_what_that_means() {
+    let layer = SpacesLimitLayer::start(&s3_endpoint(), SpacesLimits::default()).await;
+    layer.set_ignore_write_conditions(true);
+    let pipeline = Pipeline::new(
+        DbKind::Sqlite,
+        StoreKind::S3 {
+            endpoint: Some(layer.endpoint()),
+        },
+    )
+    .await;
+    migrate(&pipeline).await;
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(
+            "FAIL object store: conditional writes ignored: the store accepted a second If-None-Match: * PUT and an If-Match PUT naming a wrong ETag"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("claims alone"), "{stdout}");
+    assert!(stdout.contains("1 check(s) failed"), "{stdout}");
+    let bucket = pipeline
+        .bucket
+        .clone()
+        .expect("an S3 pipeline has a bucket");
+    assert!(
+        list_keys(&s3_endpoint(), &bucket, "").await.is_empty(),
+        "the probes are deleted"
+    );
+    // With conditions off, nothing is probed and the check passes, saying so.
+    let mut pipeline = pipeline;
+    pipeline.set("SPACES_CONDITIONAL_WRITES", "off");
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("ok   object store: conditional writes not sent"),
+        "{stdout}"
+    );
+    pipeline.cleanup().await;
+}
+
+/// The local directory has no request budgets, and `check` says so.
+#[tokio::test]
+async fn check_prints_no_budgets_for_the_local_directory() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    // Set in an old .env: it does not apply to a disk.
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "5");
+    migrate(&pipeline).await;
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(
+            "ok   object store budgets: bucket: no request budget; per object: no PUT window"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok   object store: conditional writes honoured"),
+        "{stdout}"
     );
     pipeline.cleanup().await;
 }

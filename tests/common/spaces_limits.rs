@@ -1,12 +1,19 @@
 //! DigitalOcean Spaces' limits in front of the S3-compatible test server: a reverse proxy that
 //! forwards path-style requests (`PUT /bucket/key`) to the real server and answers
 //! `503 SlowDown` beyond Spaces' budgets, as Spaces does:
-//! - per object: N PUT or COPY requests within a sliding window (5 per 300 s);
 //! - per bucket: W writes (PUT, POST, COPY, DELETE, and LIST = GET on the bucket root) and O
-//!   requests of any kind within a sliding second (150 and 240).
+//!   requests of any kind within a sliding second (300 and 500 by default: DigitalOcean's
+//!   limits page as last edited 13 January 2026, read 2026-12-04);
+//! - per object, when set: N PUT or COPY requests within a sliding window (until 2025: 5 per
+//!   300 s, with 150 writes and 240 requests a second: [`SpacesLimits::before_2026`]).
 //!
-//! Refused requests do not use up any budget; they are counted as throttled. The proxy can also
-//! play a storage outage (`set_down`). Bodies are buffered, not streamed.
+//! Like Spaces, it refuses (400) a request that carries a flexible checksum (`x-amz-checksum-*`,
+//! `x-amz-sdk-checksum-algorithm`), which the SDK adds to `DeleteObjects`. It can also play a
+//! store that ignores conditional writes (`set_ignore_write_conditions`: `If-Match` and
+//! `If-None-Match` are dropped before forwarding) and a storage outage (`set_down`).
+//!
+//! Refused requests do not use up any budget; they are counted as throttled (or as checksum
+//! refusals). Bodies are buffered, not streamed.
 //!
 //! Also here: an S3 client configured like the app's, and helpers that create a bucket, read an
 //! object and list keys.
@@ -33,10 +40,11 @@ pub fn unique_bucket() -> String {
     format!("fbsync-test-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Spaces' budgets; the defaults are DigitalOcean's.
+/// Spaces' budgets; the defaults are DigitalOcean's as of 13 January 2026 (for the oldest
+/// buckets; newer ones allow more).
 #[derive(Debug, Clone, Copy)]
 pub struct SpacesLimits {
-    /// PUT or COPY requests accepted per object within `object_window`.
+    /// PUT or COPY requests accepted per object within `object_window`; 0: no such window.
     pub object_puts: usize,
     /// The sliding window of the per-object budget.
     pub object_window: Duration,
@@ -48,6 +56,20 @@ pub struct SpacesLimits {
 
 impl Default for SpacesLimits {
     fn default() -> Self {
+        Self {
+            object_puts: 0,
+            object_window: Duration::from_secs(300),
+            bucket_writes_per_second: 300,
+            bucket_operations_per_second: 500,
+        }
+    }
+}
+
+impl SpacesLimits {
+    /// Spaces' limits as documented until 2025: 5 PUTs per object in any 300 s, 150 writes and
+    /// 240 requests a second per bucket.
+    #[allow(dead_code)] // Not every target tests the old limits.
+    pub fn before_2026() -> Self {
         Self {
             object_puts: 5,
             object_window: Duration::from_secs(300),
@@ -98,6 +120,9 @@ struct LayerState {
     client: reqwest::Client,
     /// When set, every request is answered 503 ServiceUnavailable and nothing is forwarded.
     down: AtomicBool,
+    /// When set, `If-Match` and `If-None-Match` are dropped before forwarding: a store that
+    /// ignores conditional writes.
+    ignore_write_conditions: AtomicBool,
     /// How long the answer to each admitted request is held back: a store that answers slowly
     /// (the request is counted in its windows and carried out when it arrives).
     delay: Mutex<std::ops::Range<Duration>>,
@@ -125,6 +150,10 @@ struct Counters {
     violations: Vec<Violation>,
     /// Requests answered 503 ServiceUnavailable while down.
     refused_while_down: u64,
+    /// Requests refused (400) for carrying a flexible checksum, as Spaces refuses them.
+    checksum_refusals: u64,
+    /// `bucket/key` of every DELETE of one object that was forwarded, in order.
+    deleted: Vec<String>,
     /// Every admitted request, in arrival order: its wall-clock arrival time in ms since the
     /// epoch and whether it is a write (PUT, POST, DELETE, LIST).
     arrivals: Vec<(i64, bool)>,
@@ -181,7 +210,9 @@ impl Counters {
     /// Takes the request into every window it belongs to, or says which budget it is over.
     fn admit(&mut self, limits: &SpacesLimits, target: &Target, now: Instant) -> Result<(), Limit> {
         let second = Duration::from_secs(1);
-        if let Some(object) = &target.object_put {
+        if let Some(object) = &target.object_put
+            && limits.object_puts > 0
+        {
             let window = self.object_puts.entry(object.clone()).or_default();
             if !has_room(window, limits.object_window, limits.object_puts, now) {
                 return Err(Limit::ObjectPuts);
@@ -198,10 +229,12 @@ impl Counters {
             }
         }
         if let Some(object) = &target.object_put {
-            self.object_puts
-                .entry(object.clone())
-                .or_default()
-                .push_back(now);
+            if limits.object_puts > 0 {
+                self.object_puts
+                    .entry(object.clone())
+                    .or_default()
+                    .push_back(now);
+            }
             *self.puts.entry(object.clone()).or_default() += 1;
         }
         if let Some(bucket) = &target.bucket {
@@ -233,6 +266,7 @@ impl SpacesLimitLayer {
                 .build()
                 .expect("a plain HTTP client always builds"),
             down: AtomicBool::new(false),
+            ignore_write_conditions: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO..Duration::ZERO),
             counters: Mutex::default(),
         });
@@ -325,6 +359,27 @@ impl SpacesLimitLayer {
         self.counters().refused_while_down
     }
 
+    /// While set, conditional writes are accepted as plain ones (their `If-Match` and
+    /// `If-None-Match` dropped): a store that ignores them.
+    #[allow(dead_code)] // Used by the api target only.
+    pub fn set_ignore_write_conditions(&self, ignore: bool) {
+        self.state
+            .ignore_write_conditions
+            .store(ignore, Ordering::SeqCst);
+    }
+
+    /// Requests refused for carrying a flexible checksum.
+    #[allow(dead_code)] // Used by the api target only.
+    pub fn checksum_refusals(&self) -> u64 {
+        self.counters().checksum_refusals
+    }
+
+    /// `bucket/key` of every DELETE of one object that was forwarded, in order.
+    #[allow(dead_code)] // Used by the api target only.
+    pub fn deleted(&self) -> Vec<String> {
+        self.counters().deleted.clone()
+    }
+
     fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
         self.state.counters.lock().expect("counters lock")
     }
@@ -376,7 +431,23 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
             "Service is unable to handle request.",
         );
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if carries_flexible_checksum(&parts.headers) {
+        state
+            .counters
+            .lock()
+            .expect("counters lock")
+            .checksum_refusals += 1;
+        return s3_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidArgument",
+            "x-amz-checksum and x-amz-sdk-checksum-algorithm are not supported.",
+        );
+    }
+    if state.ignore_write_conditions.load(Ordering::SeqCst) && parts.method == Method::PUT {
+        parts.headers.remove(header::IF_MATCH);
+        parts.headers.remove(header::IF_NONE_MATCH);
+    }
     let target = Target::of(&parts.method, parts.uri.path());
     let refused = {
         let mut counters = state.counters.lock().expect("counters lock");
@@ -390,6 +461,11 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
         }
         match counters.admit(&state.limits, &target, now) {
             Ok(()) => {
+                if parts.method == Method::DELETE
+                    && let Some(object) = object_of(parts.uri.path())
+                {
+                    counters.deleted.push(object);
+                }
                 counters
                     .arrivals
                     .push((chrono::Utc::now().timestamp_millis(), target.write));
@@ -452,6 +528,15 @@ async fn handle(State(state): State<Arc<LayerState>>, request: Request) -> Respo
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("upstream body: {e}")).into_response(),
     }
+}
+
+/// Whether a request carries a flexible checksum (the SDK's CRC32 and kin), which Spaces and
+/// other S3-compatible services have refused.
+fn carries_flexible_checksum(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("x-amz-checksum-") || name == "x-amz-sdk-checksum-algorithm"
+    })
 }
 
 /// `bucket/key` of a request for one object; `None` for the service or a bucket.

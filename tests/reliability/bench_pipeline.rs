@@ -28,8 +28,20 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// Registers the Page and starts ingest and `workers` workers.
+    /// Registers the Page and starts ingest and `workers` workers, configured with the layer's
+    /// limits.
     pub async fn start(db: DbKind, limits: Option<SpacesLimits>, workers: usize) -> Self {
+        Self::start_configured(db, limits, workers, &[]).await
+    }
+
+    /// As [`Bench::start`], with `vars` set after the limits (a configuration that differs
+    /// from the bucket's real limits).
+    pub async fn start_configured(
+        db: DbKind,
+        limits: Option<SpacesLimits>,
+        workers: usize,
+        vars: &[(&str, &str)],
+    ) -> Self {
         let layer = match limits {
             Some(limits) => Some(SpacesLimitLayer::start(&s3_endpoint(), limits).await),
             None => None,
@@ -58,6 +70,9 @@ impl Bench {
         ];
         for (name, value) in names.iter().zip(limit_vars) {
             pipeline.set(name, &value);
+        }
+        for (name, value) in vars {
+            pipeline.set(name, value);
         }
         pipeline.set("WORKER_METRICS_ADDR", "127.0.0.1:0");
         // The worker's default: the tests' 50 ms would cost CPU that production does not spend.

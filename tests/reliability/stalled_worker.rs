@@ -42,8 +42,7 @@ async fn stalled_worker_writes_nothing(conditional_writes: bool) {
         SpacesLimits {
             object_puts: OBJECT_PUTS,
             object_window: OBJECT_WINDOW,
-            bucket_writes_per_second: 150,
-            bucket_operations_per_second: 240,
+            ..SpacesLimits::default()
         },
     )
     .await;
@@ -59,7 +58,8 @@ async fn stalled_worker_writes_nothing(conditional_writes: bool) {
         "SPACES_OBJECT_PUT_WINDOW_SECS",
         &OBJECT_WINDOW.as_secs().to_string(),
     );
-    pipeline.set("SPACES_CONDITIONAL_WRITES", &conditional_writes.to_string());
+    let mode = if conditional_writes { "auto" } else { "off" };
+    pipeline.set("SPACES_CONDITIONAL_WRITES", mode);
     pipeline.set("WORKER_LEASE_MS", &LEASE_MS.to_string());
     pipeline.set("WORKER_FLUSH_INTERVAL_MS", "100");
     pipeline.register_page(PAGE_ID).await;

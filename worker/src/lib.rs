@@ -17,18 +17,22 @@ pub mod stage;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fbsync_shared::config::ConditionalWrites;
 use fbsync_shared::config::{Settings, StoreLocation};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::jobs::JobKind;
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Publisher, Topology};
-use fbsync_shared::storage::budget::{BucketBudget, PutBudget};
+use fbsync_shared::retry::{RetryError, retry};
+use fbsync_shared::storage::budget::StoreBudgets;
 use fbsync_shared::storage::budgeted_store::BudgetedStore;
 use fbsync_shared::storage::db::Database;
 use fbsync_shared::storage::object_store::open_store;
+use fbsync_shared::storage::write_conditions::{self, Verdict};
 use fbsync_shared::telemetry::{
-    CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
+    CONDITIONAL_WRITES_HONOURED, CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS,
+    STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -61,9 +65,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Opens the database (running migrations), the store and the dead-letter publisher.
-    /// `cipher` and `store` are what the caller checked at start ([`Settings::token_cipher`],
-    /// [`Settings::store_location`]).
+    /// Opens the database (running migrations), the store (probing its conditional writes) and
+    /// the dead-letter publisher. `cipher` and `store` are what the caller checked at start
+    /// ([`Settings::token_cipher`], [`Settings::store_location`]). Fails when the store ignores
+    /// conditional writes, or cannot be probed, under SPACES_CONDITIONAL_WRITES=required.
     pub async fn open(
         settings: &Settings,
         cipher: TokenCipher,
@@ -71,12 +76,16 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let db = Database::connect(&settings.database_url).await?;
-        let store = BudgetedStore::new(
-            open_store(store),
-            db.budgets(),
-            BucketBudget::from_settings(&settings.storage),
-        );
-        tracing::info!(store = %store.describe(), "object store");
+        let limits = StoreBudgets::for_store(store, &settings.storage);
+        let store = BudgetedStore::new(open_store(store), db.budgets(), limits);
+        tracing::info!(store = %store.describe(), budgets = %limits.describe(), "object store");
+        let conditions_honoured = verify_conditional_writes(
+            &store,
+            settings.storage.conditional_writes,
+            &settings.retry,
+            shutdown,
+        )
+        .await?;
         let topology = Topology::new(&settings.broker.queue_prefix);
         // One confirming publisher for everything a worker moves or queues: dead letters, parked
         // jobs, an onboarding's backfill poll.
@@ -109,7 +118,7 @@ impl Worker {
             cipher: cipher.clone(),
             graph: graph.clone(),
             retry: settings.retry.clone(),
-            put_budget: PutBudget::from_settings(&settings.storage),
+            put_budget: limits.object,
         });
         let poller = Poller {
             registry: db.registry(),
@@ -122,7 +131,7 @@ impl Worker {
             lease: settings.worker.lease,
             page_data: page_data.clone(),
             store: store.clone(),
-            list_before_backfill: settings.storage.conditional_writes,
+            list_before_backfill: conditions_honoured,
         };
         let parker = Parker::new(forwarder.clone(), topology.clone());
         let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));
@@ -150,6 +159,7 @@ impl Worker {
             settings,
             db.clone(),
             store,
+            conditions_honoured,
             dead_letters,
             health.clone(),
         ));
@@ -184,6 +194,53 @@ impl Worker {
         while tasks.join_next().await.is_some() {}
         self.db.close().await;
     }
+}
+
+/// Probes whether the store honours conditional writes (retrying a store that does not answer
+/// under the retry policy): true when a write's condition can be relied on. A store that
+/// ignores them is logged and exported; with `required` (or no answer under `required`) the
+/// worker does not start.
+async fn verify_conditional_writes(
+    store: &BudgetedStore,
+    mode: ConditionalWrites,
+    retry_settings: &fbsync_shared::config::RetrySettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    metrics::gauge!(CONDITIONAL_WRITES_HONOURED).set(-1.0);
+    let probed = retry(retry_settings, "probe conditional writes", shutdown, || {
+        write_conditions::probe(store, mode)
+    })
+    .await;
+    let failure = match probed {
+        Ok(verdict) => return act_on_verdict(verdict, mode),
+        Err(RetryError::Cancelled) => anyhow::bail!("shutdown began while probing the store"),
+        Err(RetryError::Failed { error, attempts }) => format!("{error} ({attempts} attempts)"),
+        Err(RetryError::Park { wait }) => format!("the next attempt is {wait:?} away"),
+    };
+    if mode == ConditionalWrites::Required {
+        anyhow::bail!(
+            "SPACES_CONDITIONAL_WRITES=required, and the store's conditional writes could not be probed: {failure}"
+        );
+    }
+    tracing::warn!(
+        error = failure,
+        "the store's conditional writes could not be probed; running on the claims alone, every flush reads before it writes"
+    );
+    Ok(false)
+}
+
+/// Logs and exports what the probe found; an error when `required` meets a store that ignores
+/// conditional writes.
+fn act_on_verdict(verdict: Verdict, mode: ConditionalWrites) -> anyhow::Result<bool> {
+    metrics::gauge!(CONDITIONAL_WRITES_HONOURED).set(write_conditions::gauge_value(&verdict));
+    match verdict {
+        Verdict::Honoured | Verdict::NotSent => tracing::info!("{}", verdict.describe()),
+        Verdict::Ignored(_) if mode == ConditionalWrites::Required => {
+            anyhow::bail!("{}", verdict.describe())
+        }
+        Verdict::Ignored(_) => tracing::warn!("{}", verdict.describe()),
+    }
+    Ok(verdict.is_honoured())
 }
 
 /// Publishes the staged backlog, DLQ depth and poll age gauges every few seconds.

@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 pub use problems::Problems;
 pub use requirements::{OwnerSettings, S3Target, StoreLocation, WebhookSecrets};
 use values::VarReader;
-pub use values::{PollSchedule, Span};
+pub use values::{ConditionalWrites, PollSchedule, Span};
 pub use variables::{VARIABLES, Variable};
 
 /// Configuration problems, one human-readable line each.
@@ -137,13 +137,17 @@ pub struct StorageSettings {
     pub object_puts_per_5min: u32,
     /// The per-object window in seconds (300 on Spaces; shorter only for tests).
     pub object_put_window_secs: u32,
-    /// Send If-Match / If-None-Match on writes, so overlapping writers can never lose an update.
-    /// Turn off only for a store that rejects conditional writes.
-    pub conditional_writes: bool,
-    /// Writes (PUT/POST/COPY/DELETE/LIST) per second to the bucket, shared by this process.
+    /// Send If-Match / If-None-Match on writes, so overlapping writers can never lose an update;
+    /// whether the store honours them is probed (see [`ConditionalWrites`]).
+    pub conditional_writes: ConditionalWrites,
+    /// Writes (PUT/POST/COPY/DELETE/LIST) per second to the bucket, shared by every worker: a
+    /// ceiling, lowered for a while after the store answers SlowDown.
     pub writes_per_sec: u32,
-    /// Operations of any kind per second to the bucket, shared by this process.
+    /// Operations of any kind per second to the bucket, shared by every worker; a ceiling too.
     pub ops_per_sec: u32,
+    /// Requests per second Spaces accepts from one IP address to all of an account's buckets
+    /// (0 = no such limit): the bucket's operations are held below it too.
+    pub requests_per_sec_per_ip: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +274,7 @@ impl Settings {
                 conditional_writes: reader.parsed("SPACES_CONDITIONAL_WRITES"),
                 writes_per_sec: reader.parsed("SPACES_WRITES_PER_SEC"),
                 ops_per_sec: reader.parsed("SPACES_OPS_PER_SEC"),
+                requests_per_sec_per_ip: reader.parsed("SPACES_REQUESTS_PER_SEC_PER_IP"),
             },
             database_url: reader
                 .secret("DATABASE_URL")

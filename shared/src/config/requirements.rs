@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::Settings;
 use super::problems::Problems;
+use super::{ConditionalWrites, Settings};
 use crate::crypto::TokenCipher;
 
 impl Settings {
@@ -69,7 +69,7 @@ impl Settings {
             region: storage.region.clone(),
             access_key,
             secret_key,
-            conditional_writes: storage.conditional_writes,
+            send_write_conditions: storage.conditional_writes != ConditionalWrites::Off,
         }))
     }
 
@@ -236,6 +236,7 @@ pub struct S3Target {
     pub region: String,
     pub access_key: SecretString,
     pub secret_key: SecretString,
-    /// Send If-Match / If-None-Match on writes (off only for a store that rejects them).
-    pub conditional_writes: bool,
+    /// Send If-Match / If-None-Match on writes (not with SPACES_CONDITIONAL_WRITES=off, for a
+    /// store that rejects them).
+    pub send_write_conditions: bool,
 }

@@ -15,7 +15,12 @@ fn defaults_follow_the_design() {
     let settings = Settings::from_map(&vars(&[])).expect("defaults parse");
     assert_eq!(settings.broker.queue_prefix, "fbsync");
     assert_eq!(settings.ingest.addr.port(), 5000);
-    assert_eq!(settings.storage.object_puts_per_5min, 5);
+    // DigitalOcean's limits page as last edited 13 January 2026 (read 2026-12-04).
+    assert_eq!(settings.storage.object_puts_per_5min, 0);
+    assert_eq!(settings.storage.writes_per_sec, 300);
+    assert_eq!(settings.storage.ops_per_sec, 500);
+    assert_eq!(settings.storage.requests_per_sec_per_ip, 1500);
+    assert_eq!(settings.storage.conditional_writes, ConditionalWrites::Auto);
     assert_eq!(
         settings.database_url.expose_secret(),
         "sqlite://./data/fbsync.db"
@@ -23,6 +28,27 @@ fn defaults_follow_the_design() {
     assert_eq!(
         settings.facebook.graph_url,
         "https://graph.facebook.com/v25.0"
+    );
+}
+
+#[test]
+fn conditional_writes_are_auto_required_or_off_and_anything_else_is_refused() {
+    for (text, mode) in [
+        ("auto", ConditionalWrites::Auto),
+        ("Required", ConditionalWrites::Required),
+        ("off", ConditionalWrites::Off),
+        ("true", ConditionalWrites::Auto),
+        ("false", ConditionalWrites::Off),
+    ] {
+        let settings =
+            Settings::from_map(&vars(&[("SPACES_CONDITIONAL_WRITES", text)])).expect("parses");
+        assert_eq!(settings.storage.conditional_writes, mode, "{text}");
+    }
+    let err = Settings::from_map(&vars(&[("SPACES_CONDITIONAL_WRITES", "sometimes")]))
+        .expect_err("refused");
+    assert!(
+        err.0[0].contains("SPACES_CONDITIONAL_WRITES") && err.0[0].contains("auto, required, off"),
+        "{err:?}"
     );
 }
 

@@ -94,6 +94,35 @@ impl FromStr for Span {
     }
 }
 
+/// SPACES_CONDITIONAL_WRITES: whether writes carry `If-Match` / `If-None-Match`, and what a
+/// store that ignores them means. DigitalOcean documents no support for them on PUT, so they are
+/// verified by a probe (`storage::write_conditions`), never assumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConditionalWrites {
+    /// Sent and probed: a store that ignores them is reported, and workers run on their claims
+    /// alone (every flush reads before it writes).
+    #[default]
+    Auto,
+    /// Sent and probed: a worker refuses to start when the store ignores them, or when the
+    /// probe gets no answer.
+    Required,
+    /// Not sent: for a store that rejects requests carrying them.
+    Off,
+}
+
+impl FromStr for ConditionalWrites {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            // `true` and `false` are the spellings of fbsync before the probe.
+            "auto" | "true" => Ok(Self::Auto),
+            "required" => Ok(Self::Required),
+            "off" | "false" => Ok(Self::Off),
+            _ => Err(format!("{text:?} is not one of auto, required, off")),
+        }
+    }
+}
+
 /// Reads variables and collects every parse problem instead of stopping at the first; every
 /// name it reads is one of [`VARIABLES`], whose defaults it applies.
 pub(super) struct VarReader<'a> {
@@ -191,7 +220,7 @@ macro_rules! placeholder_default {
     )*};
 }
 
-placeholder_default!(u16, u32, u64, usize, bool, Span);
+placeholder_default!(u16, u32, u64, usize, bool, Span, ConditionalWrites);
 
 impl Placeholder for PollSchedule {
     fn placeholder() -> Self {

@@ -1,9 +1,12 @@
 //! The store as the roles hold it: every request charges the bucket's request budget before it
-//! is sent, under one wait policy, so Spaces' per-bucket rates are respected by construction.
+//! is sent, under one wait policy, so the store's per-bucket rates are respected by
+//! construction, and every SlowDown answer lowers the rate in force.
 //!
 //! Invariants:
 //! - no request reaches the store without its [`Requests`] taken from the bucket's shared
-//!   windows (`bucket_windows` in the database), in the window the request is sent in;
+//!   windows (`bucket_windows` in the database), in the window the request is sent in, at the
+//!   rate in force ([`AdaptiveRate`]: the configured ceilings, lowered after a SlowDown);
+//! - a store with no budgets ([`StoreBudgets::none`], the local directory) is never charged;
 //! - a request waits in place for a slot at most [`SLOT_WAIT`], and only while its caller's
 //!   `keep_waiting` holds (a flusher's claim must still have time to send); then it answers
 //!   [`BudgetedError::NoRoom`] and the caller tries again later;
@@ -17,7 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::now_ms;
-use crate::storage::budget::{BucketBudget, Requests};
+use crate::storage::adaptive_rate::AdaptiveRate;
+use crate::storage::budget::{BucketBudget, Requests, StoreBudgets};
 use crate::storage::db::{Budgets, DbError};
 use crate::storage::object_store::{
     KeyPrefix, Listing, ObjectKey, ObjectStore, StoreError, StoredObject, WriteCondition,
@@ -44,6 +48,16 @@ pub enum BudgetedError {
     },
 }
 
+impl crate::retry::RetryClass for BudgetedError {
+    fn is_transient(&self) -> bool {
+        match self {
+            BudgetedError::Store(e) => e.is_transient(),
+            BudgetedError::Budget(e) => e.is_transient(),
+            BudgetedError::NoRoom { .. } => true,
+        }
+    }
+}
+
 /// The object store behind the bucket's budget.
 #[derive(Clone)]
 pub struct BudgetedStore {
@@ -51,22 +65,32 @@ pub struct BudgetedStore {
     store: Arc<dyn ObjectStore>,
     /// Where the bucket's budget windows are kept, shared by every worker.
     budgets: Budgets,
-    /// The bucket's rates, cut into windows.
-    bucket: BucketBudget,
+    /// The budgets this store has (its configured ceilings).
+    limits: StoreBudgets,
+    /// The bucket's rate in force, below its ceilings.
+    rate: Arc<AdaptiveRate>,
 }
 
 impl BudgetedStore {
-    pub fn new(store: Arc<dyn ObjectStore>, budgets: Budgets, bucket: BucketBudget) -> Self {
+    /// The store behind `limits` (decided by [`StoreBudgets::for_store`]), its windows and
+    /// rate kept in `budgets`.
+    pub fn new(store: Arc<dyn ObjectStore>, budgets: Budgets, limits: StoreBudgets) -> Self {
         Self {
             store,
+            rate: Arc::new(AdaptiveRate::new(budgets.clone(), limits.bucket)),
             budgets,
-            bucket,
+            limits,
         }
     }
 
-    /// The bucket's budget, for callers that pace themselves by its windows.
-    pub fn bucket(&self) -> &BucketBudget {
-        &self.bucket
+    /// The budgets this store has: the bucket's ceilings and each object's PUT window.
+    pub fn limits(&self) -> &StoreBudgets {
+        &self.limits
+    }
+
+    /// The bucket's budget in force now, for callers that pace themselves by its windows.
+    pub fn bucket(&self) -> BucketBudget {
+        self.rate.known(now_ms())
     }
 
     /// Where objects go, for logs.
@@ -77,7 +101,7 @@ impl BudgetedStore {
     /// The object, or `None` when it does not exist.
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, BudgetedError> {
         self.charge(Requests::GET, || true).await?;
-        Ok(self.store.get(key).await?)
+        Ok(self.observed(self.store.get(key).await).await?)
     }
 
     /// Writes the object if `condition` holds (see [`ObjectStore::put`]).
@@ -98,13 +122,15 @@ impl BudgetedStore {
         continuation: Option<String>,
     ) -> Result<Listing, BudgetedError> {
         self.charge(Requests::LIST, || true).await?;
-        Ok(self.store.list(prefix, continuation).await?)
+        Ok(self
+            .observed(self.store.list(prefix, continuation).await)
+            .await?)
     }
 
     /// Deletes the object (see [`ObjectStore::delete`]).
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), BudgetedError> {
         self.charge(Requests::DELETE, || true).await?;
-        Ok(self.store.delete(key).await?)
+        Ok(self.observed(self.store.delete(key).await).await?)
     }
 
     /// A flush's read: takes the GET's budget and the PUT's that usually follows it from the
@@ -116,20 +142,21 @@ impl BudgetedStore {
         key: &ObjectKey,
     ) -> Result<(Option<StoredObject>, PutShare), BudgetedError> {
         let mut share = PutShare::none();
-        if !self.bucket.is_unlimited() {
-            let now = now_ms();
+        let now = now_ms();
+        let bucket = self.rate.in_force(now).await;
+        if !bucket.is_unlimited() {
             if !self
                 .budgets
-                .take_bucket_budget(now, Requests::GET_THEN_PUT, &self.bucket)
+                .take_bucket_budget(now, Requests::GET_THEN_PUT, &bucket)
                 .await?
             {
                 return Err(self.no_room());
             }
             share = PutShare {
-                taken: Some((self.budgets.clone(), self.bucket.window_start(now))),
+                taken: Some((self.budgets.clone(), bucket.window_start(now))),
             };
         }
-        let stored = self.store.get(key).await?;
+        let stored = self.observed(self.store.get(key).await).await?;
         Ok((stored, share))
     }
 
@@ -144,7 +171,7 @@ impl BudgetedStore {
         let in_window = share
             .taken
             .take()
-            .is_some_and(|(_, window)| window == self.bucket.window_start(now_ms()));
+            .is_some_and(|(_, window)| window == self.limits.bucket.window_start(now_ms()));
         if !in_window {
             self.charge(Requests::PUT, keep_waiting).await?;
         }
@@ -159,20 +186,21 @@ impl BudgetedStore {
         requests: Requests,
         keep_waiting: impl Fn() -> bool,
     ) -> Result<(), BudgetedError> {
-        if self.bucket.is_unlimited() {
+        if self.limits.bucket.is_unlimited() {
             return Ok(());
         }
         let until = now_ms() + i64::try_from(SLOT_WAIT.as_millis()).unwrap_or(i64::MAX / 4);
         loop {
             let now = now_ms();
+            let bucket = self.rate.in_force(now).await;
             if self
                 .budgets
-                .take_bucket_budget(now, requests, &self.bucket)
+                .take_bucket_budget(now, requests, &bucket)
                 .await?
             {
                 return Ok(());
             }
-            let next = self.bucket.next_window(now);
+            let next = bucket.next_window(now);
             if next > until || !keep_waiting() {
                 return Err(self.no_room());
             }
@@ -182,8 +210,16 @@ impl BudgetedStore {
 
     fn no_room(&self) -> BudgetedError {
         BudgetedError::NoRoom {
-            retry_in: Duration::from_millis(self.bucket.window_ms.unsigned_abs()),
+            retry_in: Duration::from_millis(self.limits.bucket.window_ms.unsigned_abs()),
         }
+    }
+
+    /// A store answer, passed on; a SlowDown lowers the bucket's rate in force first.
+    async fn observed<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::SlowDown) = &outcome {
+            self.rate.slowed_down(now_ms()).await;
+        }
+        outcome
     }
 }
 
@@ -243,6 +279,7 @@ impl PutSlot<'_> {
         body: Bytes,
         condition: &WriteCondition,
     ) -> Result<Option<String>, StoreError> {
-        self.store.store.put(key, body, condition).await
+        let outcome = self.store.store.put(key, body, condition).await;
+        self.store.observed(outcome).await
     }
 }

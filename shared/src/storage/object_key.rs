@@ -11,7 +11,8 @@ use std::fmt;
 
 use crate::ids::{ConversationKey, PageId, UserUuid};
 
-/// Where `fbsync check` writes, reads and deletes its probe object: never under `users/`.
+/// Where `fbsync check` and the conditional-write probe write, read and delete their probe
+/// objects: never under `users/`.
 pub const PROBE_PREFIX: &str = "_fbsync/probe/";
 
 /// The key of one object in the bucket.
@@ -32,7 +33,8 @@ impl ObjectKey {
         ))
     }
 
-    /// A fresh probe object of `fbsync check`, under [`PROBE_PREFIX`].
+    /// A fresh probe object (of `fbsync check`, and of the conditional-write probe every worker
+    /// runs at start), under [`PROBE_PREFIX`].
     pub fn probe() -> Self {
         Self(format!(
             "{PROBE_PREFIX}{}.json",

@@ -74,9 +74,9 @@ pub struct Flusher {
     health: Arc<Health>,
     /// What this worker wrote last to each object: the next flush of it needs no GET.
     last_written: LastWritten,
-    /// The store honours conditional writes (SPACES_CONDITIONAL_WRITES): an object a listing
-    /// showed absent is written with `If-None-Match: *` without reading it first. Without
-    /// them, every flush reads first.
+    /// The store was found to honour conditional writes (the probe at start): an object a
+    /// listing showed absent is written with `If-None-Match: *` without reading it first.
+    /// Without them, every flush reads first.
     write_absent_unread: bool,
     /// Recent listings of Pages' folders, which spare the reads of new conversations.
     listings: RecentListings,
@@ -86,27 +86,29 @@ pub struct Flusher {
 }
 
 impl Flusher {
+    /// A flusher for `store`; `conditions_honoured` is what the probe at start found.
     pub fn new(
         settings: &Settings,
         db: Database,
         store: BudgetedStore,
+        conditions_honoured: bool,
         dead_letters: Arc<DeadLetterSender>,
         health: Arc<Health>,
     ) -> Self {
         Self {
+            put_budget: store.limits().object,
             db,
             store,
             dead_letters,
             health,
             owner: format!("flusher-{}", uuid::Uuid::new_v4().simple()),
-            put_budget: PutBudget::from_settings(&settings.storage),
             lease: settings.worker.lease,
             put_margin: REQUEST_TIMEOUT.min(settings.worker.lease / 2),
             batch: settings.worker.flush_batch.max(1),
             write_gap_ms: i64::try_from(settings.worker.object_write_gap.as_millis())
                 .unwrap_or(i64::MAX),
             retry: settings.retry.clone(),
-            write_absent_unread: settings.storage.conditional_writes,
+            write_absent_unread: conditions_honoured,
             last_written: LastWritten::default(),
             listings: RecentListings::default(),
             bucket_refused_at: AtomicI64::new(0),

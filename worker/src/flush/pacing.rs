@@ -90,7 +90,7 @@ impl Flusher {
     }
 
     /// The bucket's budget, whose windows pace the claims.
-    pub(super) fn bucket(&self) -> &BucketBudget {
+    pub(super) fn bucket(&self) -> BucketBudget {
         self.store.bucket()
     }
 }

@@ -23,6 +23,7 @@
 //! `Polls`, `Staging` and `Conversations`.
 
 pub mod backlog;
+pub mod bucket_rate;
 pub mod bucket_windows;
 pub mod claims;
 pub mod data_deletions;

@@ -106,9 +106,10 @@ pub trait ObjectStore: Send + Sync {
         body: Bytes,
         condition: &WriteCondition,
     ) -> Result<Option<String>, StoreError>;
-    /// Deletes the object (nothing happens when it does not exist). Only `fbsync check` (its
-    /// own probe under [`PROBE_PREFIX`]) and a data-deletion request (a user's objects under
-    /// [`KeyPrefix::user`]) delete.
+    /// Deletes the object (nothing happens when it does not exist), one object per request: a
+    /// single DELETE needs no checksum, where the SDK's `DeleteObjects` adds a CRC32 one that
+    /// S3-compatible services have rejected. Only the probes (under [`PROBE_PREFIX`]) and a
+    /// data-deletion request (a user's objects under [`KeyPrefix::user`]) delete.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError>;
     /// One page of the keys under `prefix` (one LIST request), starting where `continuation`
     /// (the `next` of the previous page) says.

@@ -29,7 +29,7 @@ pub struct S3Store {
     /// For logs (no credentials).
     endpoint: String,
     /// Whether writes carry their [`WriteCondition`].
-    conditional_writes: bool,
+    send_write_conditions: bool,
 }
 
 impl S3Store {
@@ -64,7 +64,7 @@ impl S3Store {
             client: aws_sdk_s3::Client::from_conf(config),
             bucket: target.bucket.clone(),
             endpoint: target.endpoint.clone(),
-            conditional_writes: target.conditional_writes,
+            send_write_conditions: target.send_write_conditions,
         }
     }
 
@@ -146,7 +146,7 @@ impl ObjectStore for S3Store {
             .content_type("application/json")
             .acl(ObjectCannedAcl::Private);
         let request = match condition {
-            _ if !self.conditional_writes => request,
+            _ if !self.send_write_conditions => request,
             WriteCondition::Absent => request.if_none_match("*"),
             WriteCondition::Matches(etag) => request.if_match(etag),
         };
