@@ -428,9 +428,8 @@ fn the_compose_stack_is_consistent_with_the_binary() {
         ])
     );
 
-    // The fbsync services reach the other containers, and MinIO's credentials and bucket.
-    let minio = environment(&compose["services"]["minio"]);
-    let init = &compose["services"]["minio-init"];
+    // The fbsync services reach the other containers, and the object store's credentials and
+    // bucket.
     for name in &fbsync {
         let env = environment(&compose["services"][name.as_str()]);
         let get = |variable: &str| env.get(variable).cloned().flatten().unwrap_or_default();
@@ -442,29 +441,10 @@ fn the_compose_stack_is_consistent_with_the_binary() {
             get("DATABASE_URL").contains("@postgres:5432/"),
             "{name}: {env:?}"
         );
-        assert_eq!(get("SPACES_ENDPOINT"), "http://minio:9000", "{name}");
         assert_eq!(get("SPACES_OBJECT_PUTS_PER_5MIN"), "0", "{name}");
         assert_eq!(get("DATA_DIR"), "/var/lib/fbsync", "{name}");
-        assert_eq!(
-            Some(get("SPACES_API_KEY")),
-            minio.get("MINIO_ROOT_USER").cloned().flatten(),
-            "{name}"
-        );
-        assert_eq!(
-            Some(get("SPACES_API_SECRET")),
-            minio.get("MINIO_ROOT_PASSWORD").cloned().flatten(),
-            "{name}"
-        );
-        let bucket = get("SPACES_BUCKET");
-        let init_env = environment(init);
-        let init_script = words(&init["command"]).join(" ");
-        let creates = init_script.contains(&format!("local/{bucket}"))
-            || (init_script.contains("local/$$BUCKET")
-                && init_env.get("BUCKET") == Some(&Some(bucket.clone())));
-        assert!(
-            !bucket.is_empty() && creates,
-            "{name}: minio-init does not create {bucket:?}: {init_script}"
-        );
+        let problems = object_store_problems(&compose, &env);
+        assert!(problems.is_empty(), "{name}: {}", problems.join("\n"));
     }
 
     // The checks catch what they are for: each mistake below is reported.
@@ -520,6 +500,24 @@ fn the_compose_stack_is_consistent_with_the_binary() {
             "a mistake went unnoticed: expected {expected:?}, got {problems:?}"
         );
     }
+    // The object store's checks catch a wrong key, secret, endpoint or bucket.
+    let worker_env = environment(&compose["services"]["worker"]);
+    let store_mistakes: [(&str, &str, &str); 4] = [
+        ("SPACES_API_KEY", "someone-else", "SPACES_API_KEY is not"),
+        ("SPACES_API_SECRET", "wrong", "SPACES_API_SECRET is not"),
+        ("SPACES_ENDPOINT", "http://minio:9000", "SPACES_ENDPOINT"),
+        ("SPACES_BUCKET", "another-bucket", "does not create"),
+    ];
+    for (variable, value, expected) in store_mistakes {
+        let mut env = worker_env.clone();
+        env.insert(variable.to_owned(), Some(value.to_owned()));
+        let problems = object_store_problems(&compose, &env);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "a mistake went unnoticed: {variable}={value}, expected {expected:?}, got {problems:?}"
+        );
+    }
+
     let mut no_healthcheck = compose.clone();
     no_healthcheck["services"]["worker"]
         .as_mapping_mut()
@@ -532,6 +530,97 @@ fn the_compose_stack_is_consistent_with_the_binary() {
             .any(|p| p.contains("worker: needs a healthcheck")),
         "{problems:?}"
     );
+}
+
+/// The compose service that is the object store, and the one that creates its bucket.
+const OBJECT_STORE: &str = "seaweedfs";
+const OBJECT_STORE_INIT: &str = "seaweedfs-init";
+/// The S3 port of the object store's container.
+const OBJECT_STORE_S3_PORT: u16 = 8333;
+
+/// Everything wrong with an fbsync service's environment `env` against the object store of
+/// `compose`: its endpoint must be the store's service, its key and secret the identity the
+/// store starts with (`AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`), and its bucket the one
+/// the init step creates.
+fn object_store_problems(compose: &Value, env: &BTreeMap<String, Option<String>>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let get = |variable: &str| env.get(variable).cloned().flatten().unwrap_or_default();
+    let services = &compose["services"];
+    let store = &services[OBJECT_STORE];
+    if !store.is_mapping() {
+        problems.push(format!("no {OBJECT_STORE} service"));
+        return problems;
+    }
+    let endpoint = format!("http://{OBJECT_STORE}:{OBJECT_STORE_S3_PORT}");
+    if get("SPACES_ENDPOINT") != endpoint {
+        problems.push(format!(
+            "SPACES_ENDPOINT is {:?}, not {endpoint:?}",
+            get("SPACES_ENDPOINT")
+        ));
+    }
+    let store_env = environment(store);
+    for (variable, store_variable) in [
+        ("SPACES_API_KEY", "AWS_ACCESS_KEY_ID"),
+        ("SPACES_API_SECRET", "AWS_SECRET_ACCESS_KEY"),
+    ] {
+        let expected = store_env.get(store_variable).cloned().flatten();
+        if expected.is_none() || Some(get(variable)) != expected {
+            problems.push(format!(
+                "{variable} is not {OBJECT_STORE}'s {store_variable} ({expected:?})"
+            ));
+        }
+    }
+
+    // The init step runs `s3.bucket.create -name <bucket>` in `weed shell`, the bucket named
+    // outright or through its BUCKET variable, and confirms the bucket is listed.
+    let init = &services[OBJECT_STORE_INIT];
+    let bucket = get("SPACES_BUCKET");
+    let init_env = environment(init);
+    let script = words(&init["command"]).join(" ");
+    let names_bucket = |prefix: &str| {
+        script.contains(&format!("{prefix} {bucket}"))
+            || (script.contains(&format!("{prefix} $$BUCKET"))
+                && init_env.get("BUCKET") == Some(&Some(bucket.clone())))
+    };
+    let creates = names_bucket("s3.bucket.create -name")
+        && script.contains("weed shell")
+        && script.contains("s3.bucket.list");
+    if bucket.is_empty() || !creates {
+        problems.push(format!(
+            "{OBJECT_STORE_INIT} does not create {bucket:?}: {script}"
+        ));
+    }
+    let shell_targets_store = script.contains(&format!("-master={OBJECT_STORE}:"))
+        && script.contains(&format!("-filer={OBJECT_STORE}:"));
+    if !shell_targets_store {
+        problems.push(format!(
+            "{OBJECT_STORE_INIT}'s weed shell is not pointed at {OBJECT_STORE}: {script}"
+        ));
+    }
+    if init["image"] != store["image"] {
+        problems.push(format!(
+            "{OBJECT_STORE_INIT} runs {:?}, not {OBJECT_STORE}'s {:?}",
+            init["image"], store["image"]
+        ));
+    }
+    // A pinned release, not `latest` or no tag.
+    let image = scalar(&store["image"]).unwrap_or_default();
+    match image.rsplit_once(':') {
+        Some((_, tag)) if tag != "latest" && !tag.contains('/') => {}
+        _ => problems.push(format!(
+            "{OBJECT_STORE}: image {image:?} is not pinned to a release"
+        )),
+    }
+    let workers_wait = names(services["worker"].get("depends_on"))
+        .contains(&OBJECT_STORE_INIT.to_owned())
+        && scalar(&services["worker"]["depends_on"][OBJECT_STORE_INIT]["condition"]).as_deref()
+            == Some("service_completed_successfully");
+    if !workers_wait {
+        problems.push(format!(
+            "worker does not wait for {OBJECT_STORE_INIT} to complete successfully"
+        ));
+    }
+    problems
 }
 
 /// A mistake made to a copy of the compose file, and what its report must say.
