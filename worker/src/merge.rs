@@ -9,8 +9,9 @@
 //! Cost: a merge that knows the stored file's [`FileIndex`] (what the merge that wrote it
 //! learnt) appends when every new event sorts after the file's last one and none may already be
 //! in it, the usual case: it copies the stored bytes and parses only the new events, so a
-//! flush costs what changed, not the conversation's history. Otherwise it parses the whole
-//! file. Invariant: both ways give byte-for-byte the same file (a property test below holds
+//! flush costs what changed, not the conversation's history. Otherwise it reads every stored
+//! event's deciding keys (its identity and time, without a tree of the whole event): a scan of
+//! the file, the cost of the first flush of a long conversation after a restart. Invariant: both ways give byte-for-byte the same file (a property test below holds
 //! them to it).
 
 use std::collections::{HashMap, HashSet};
@@ -96,7 +97,7 @@ pub fn merge_events(
     };
     let mut entries = Entries::default();
     for raw in &existing {
-        entries.add(page_id, raw.get(), None);
+        entries.add_raw(page_id, raw, None);
     }
     for event in incoming {
         entries.add(page_id, event.body, Some(event.source));
@@ -186,10 +187,15 @@ struct Entry<'a> {
     identity: String,
     timestamp_ms: i64,
     text: &'a str,
-    polled_shape: bool,
 }
 
 impl Entry<'_> {
+    /// Whether the event is a polled reconstruction (parsed only when a copy of it meets
+    /// another, which is rare: most events are read for their facts alone).
+    fn polled_shape(&self) -> bool {
+        serde_json::from_str::<Value>(self.text).is_ok_and(|value| is_polled_shape(&value))
+    }
+
     fn key_cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.timestamp_ms, &self.identity).cmp(&(other.timestamp_ms, &other.identity))
     }
@@ -211,15 +217,20 @@ impl<'a> Entries<'a> {
     /// is not JSON cannot happen (it was parsed at ingest); it is skipped rather than corrupt
     /// the file.
     fn add(&mut self, page_id: &str, text: &'a str, source: Option<EventSource>) {
-        let Ok(value) = serde_json::from_str::<Value>(text) else {
-            return;
-        };
-        let facts = EventFacts::of(page_id, &value);
+        if let Ok(raw) = serde_json::from_str::<&'a RawValue>(text) {
+            self.add_raw(page_id, raw, source);
+        }
+    }
+
+    /// Adds an event read as raw JSON: its facts come from the keys that decide them
+    /// ([`EventFacts::of_raw`]), without a `Value` of the whole event, so a full merge of a
+    /// long conversation costs a scan of its text, not a tree of every event.
+    fn add_raw(&mut self, page_id: &str, raw: &'a RawValue, source: Option<EventSource>) {
+        let facts = EventFacts::of_raw(page_id, raw);
         let entry = Entry {
             identity: facts.identity,
             timestamp_ms: facts.timestamp_ms,
-            text,
-            polled_shape: is_polled_shape(&value),
+            text: raw.get(),
         };
         self.add_entry(entry, source == Some(EventSource::Webhook));
     }
@@ -233,7 +244,7 @@ impl<'a> Entries<'a> {
                 self.list.push(entry);
             }
             Some(&at) => {
-                if from_webhook && self.list[at].polled_shape && !entry.polled_shape {
+                if from_webhook && !entry.polled_shape() && self.list[at].polled_shape() {
                     self.list[at] = entry;
                 }
             }
