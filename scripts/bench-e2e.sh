@@ -2,17 +2,18 @@
 # End-to-end benchmark: `fbsync up` (release) on SQLite with a local or S3 store, loaded by the
 # load generator, followed until every message is stored.
 #
-#   scripts/bench-e2e.sh RATE SECONDS CONVERSATIONS [PUTS_PER_5MIN] [S3_ENDPOINT]
+#   scripts/bench-e2e.sh RATE SECONDS CONVERSATIONS [PUTS_PER_5MIN] [S3_ENDPOINT] [COUNT]
 #
-# RATE deliveries/s (one message each), PUTS_PER_5MIN the per-object budget (0 = none, the
-# default, as on MinIO or AWS S3, where the bucket rates are unlimited too; otherwise Spaces'
-# 150 writes/s and 240 operations/s apply), S3_ENDPOINT an S3-compatible server (default: the
-# local directory store).
+# RATE deliveries/s (one message each, 0 = as fast as ingest takes them), SECONDS the longest
+# the load lasts, COUNT the deliveries in all (the load ends at whichever comes first),
+# PUTS_PER_5MIN the per-object budget for an S3 store (0 = none, the default, where the bucket
+# rates are unlimited too; otherwise Spaces' default rates apply), S3_ENDPOINT an S3-compatible
+# server (default: the local directory store, which has no budgets).
 # Needs RabbitMQ on 127.0.0.1:5672. Build first:
 #   cargo build --release --bin fbsync --example loadgen
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rate=${1:-1000} seconds=${2:-10} conversations=${3:-50} puts=${4:-0} s3=${5:-}
+rate=${1:-1000} seconds=${2:-10} conversations=${3:-50} puts=${4:-0} s3=${5:-} count=${6:-}
 target=${CARGO_TARGET_DIR:-target}/release
 run=$(date +%s%N | tail -c 9)
 dir=$(mktemp -d /tmp/fbsync-bench-XXXXXX)
@@ -38,5 +39,5 @@ trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; "$target/examples/loadgen" -
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 echo "fbsync up: per-object budget ${puts}/5min, store ${s3:-local directory}, $conversations conversations"
 "$target/examples/loadgen" --url "http://127.0.0.1:$port/facebook/webhook" --rate "$rate" \
-  --duration-secs "$seconds" --conversations "$conversations" --concurrency 64 \
+  --duration-secs "$seconds" ${count:+--count "$count"} --conversations "$conversations" --concurrency 64 \
   --follow-metrics "http://127.0.0.1:$metrics_port/metrics" --worker-pid $pid
