@@ -18,6 +18,15 @@ async fn pipeline_with_graph(db: DbKind, store: StoreKind, fake: &FakeGraph) -> 
     pipeline
 }
 
+/// Runs `fbsync check`: it exits with `code` and its output holds each of `lines`.
+async fn check_says(pipeline: &Pipeline, code: i32, lines: &[&str]) {
+    let (exit, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(exit, code, "{stdout}{stderr}");
+    for line in lines {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+}
+
 /// Applies the migrations as an operator does before `check` (`fbsync pages list`).
 async fn migrate(pipeline: &Pipeline) {
     let (code, stdout, stderr) = pipeline.run(&["pages", "list"]).await;
@@ -74,16 +83,16 @@ async fn check_fails_on_a_store_that_ignores_conditional_writes_and_says_what_th
     )
     .await;
     migrate(&pipeline).await;
-    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
-    assert_eq!(code, 1, "{stdout}{stderr}");
-    assert!(
-        stdout.contains(
-            "FAIL object store: conditional writes ignored: the store accepted a second If-None-Match: * PUT and an If-Match PUT naming a wrong ETag"
-        ),
-        "{stdout}"
-    );
-    assert!(stdout.contains("claims alone"), "{stdout}");
-    assert!(stdout.contains("1 check(s) failed"), "{stdout}");
+    check_says(
+        &pipeline,
+        1,
+        &[
+            "FAIL object store: conditional writes ignored: the store accepted a second If-None-Match: * PUT and an If-Match PUT naming a wrong ETag",
+            "claims alone",
+            "1 check(s) failed",
+        ],
+    )
+    .await;
     let bucket = pipeline
         .bucket
         .clone()
@@ -95,12 +104,12 @@ async fn check_fails_on_a_store_that_ignores_conditional_writes_and_says_what_th
     // With conditions off, nothing is probed and the check passes, saying so.
     let mut pipeline = pipeline;
     pipeline.set("SPACES_CONDITIONAL_WRITES", "off");
-    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("ok   object store: conditional writes not sent"),
-        "{stdout}"
-    );
+    check_says(
+        &pipeline,
+        0,
+        &["ok   object store: conditional writes not sent"],
+    )
+    .await;
     pipeline.cleanup().await;
 }
 
@@ -111,18 +120,15 @@ async fn check_prints_no_budgets_for_the_local_directory() {
     // Set in an old .env: it does not apply to a disk.
     pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "5");
     migrate(&pipeline).await;
-    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.contains(
-            "ok   object store budgets: bucket: no request budget; per object: no PUT window"
-        ),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("ok   object store: conditional writes honoured"),
-        "{stdout}"
-    );
+    check_says(
+        &pipeline,
+        0,
+        &[
+            "ok   object store budgets: bucket: no request budget; per object: no PUT window",
+            "ok   object store: conditional writes honoured",
+        ],
+    )
+    .await;
     pipeline.cleanup().await;
 }
 

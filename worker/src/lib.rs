@@ -147,7 +147,7 @@ impl Worker {
                 dead_letters: dead_letters.clone(),
                 parker,
             },
-            stager: Stager::new(db.clone()),
+            stager: Stager::new(db.registry(), db.staging()),
             env: Env {
                 page_data,
                 poller,
@@ -157,7 +157,8 @@ impl Worker {
         });
         let flusher = Arc::new(Flusher::new(
             settings,
-            db.clone(),
+            db.conversations(),
+            db.staging(),
             store,
             conditions_honoured,
             dead_letters,

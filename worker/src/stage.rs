@@ -11,7 +11,7 @@ use fbsync_shared::facebook::event::EventMessage;
 use fbsync_shared::ids::{ConversationKey, PageId, Psid};
 use fbsync_shared::jobs::MalformedJob;
 use fbsync_shared::now_ms;
-use fbsync_shared::storage::db::{Database, DbError, NewStagedEvent};
+use fbsync_shared::storage::db::{DbError, NewStagedEvent, Registry, Staging};
 use fbsync_shared::telemetry::EVENTS_STAGED;
 
 use crate::dead_letter::DeadReason;
@@ -28,16 +28,19 @@ pub enum Decision {
 
 /// Stages conversation events.
 pub struct Stager {
-    /// Where events are staged and Pages are registered.
-    db: Database,
+    /// Which Pages are registered (an unknown Page's events are not staged).
+    registry: Registry,
+    /// Where events are staged.
+    staging: Staging,
     /// Pages already reported as unknown, so a flood of their events logs once per Page.
     unknown_reported: Mutex<HashSet<PageId>>,
 }
 
 impl Stager {
-    pub fn new(db: Database) -> Self {
+    pub fn new(registry: Registry, staging: Staging) -> Self {
         Self {
-            db,
+            registry,
+            staging,
             unknown_reported: Mutex::new(HashSet::new()),
         }
     }
@@ -71,7 +74,7 @@ impl Stager {
             let known = match registered.get(&key.page_id) {
                 Some(known) => *known,
                 None => {
-                    let known = self.db.registry().page(&key.page_id).await?.is_some();
+                    let known = self.registry.page(&key.page_id).await?.is_some();
                     registered.insert(key.page_id.clone(), known);
                     known
                 }
@@ -96,7 +99,7 @@ impl Stager {
             decisions.push(Decision::Staged);
         }
         if !to_stage.is_empty() {
-            self.db.staging().stage_events(&to_stage, now).await?;
+            self.staging.stage_events(&to_stage, now).await?;
         }
         Ok(decisions)
     }

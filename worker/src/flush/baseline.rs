@@ -129,8 +129,7 @@ impl Flusher {
                 .map(|&at| &claims[at].key().user_psid)
                 .collect();
             if let Err(e) = self
-                .db
-                .conversations()
+                .conversations
                 .mark_objects_absent(&page_id, &psids)
                 .await
             {

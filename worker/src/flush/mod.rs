@@ -29,7 +29,9 @@ use fbsync_shared::now_ms;
 use fbsync_shared::retry::{RetryClass, delay_after_failures, retry};
 use fbsync_shared::storage::budget::PutBudget;
 use fbsync_shared::storage::budgeted_store::BudgetedStore;
-use fbsync_shared::storage::db::{ClaimError, ConversationClaim, Database, DbError, StagedEvent};
+use fbsync_shared::storage::db::{
+    ClaimError, ConversationClaim, Conversations, DbError, StagedEvent, Staging,
+};
 use fbsync_shared::storage::object_store::{ObjectKey, REQUEST_TIMEOUT, StoreError};
 use fbsync_shared::telemetry::{FLUSHES, MERGES};
 use futures::StreamExt;
@@ -47,8 +49,10 @@ use pacing::PacedClaims;
 
 /// Flushes due conversations; several flushers (in one or many processes) can run at once.
 pub struct Flusher {
-    /// Staged events, leases and budgets.
-    db: Database,
+    /// Conversation claims: which conversations are due, and whose they are.
+    conversations: Conversations,
+    /// The staged events a flush stores.
+    staging: Staging,
     /// Where conversation objects live, behind the bucket's request budget.
     store: BudgetedStore,
     /// Names this flusher's leases; unique per process.
@@ -89,7 +93,8 @@ impl Flusher {
     /// A flusher for `store`; `conditions_honoured` is what the probe at start found.
     pub fn new(
         settings: &Settings,
-        db: Database,
+        conversations: Conversations,
+        staging: Staging,
         store: BudgetedStore,
         conditions_honoured: bool,
         dead_letters: Arc<DeadLetterSender>,
@@ -97,7 +102,8 @@ impl Flusher {
     ) -> Self {
         Self {
             put_budget: store.limits().object,
-            db,
+            conversations,
+            staging,
             store,
             dead_letters,
             health,
@@ -119,8 +125,7 @@ impl Flusher {
     /// concurrently. Tests call this directly; the worker runs [`Flusher::run`].
     pub async fn flush_due(&self) -> Result<FlushReport, DbError> {
         let mut claims = self
-            .db
-            .conversations()
+            .conversations
             .claim_due_conversations(&self.owner, now_ms(), self.lease, self.batch)
             .await?;
         self.learn_absent_objects(&mut claims).await;
@@ -158,8 +163,7 @@ impl Flusher {
             let look_again = self.look_again_after(wanted, &paced, interval);
             if wanted > 0 && (free >= refill_at || in_flight.is_empty()) {
                 let mut claims = self
-                    .db
-                    .conversations()
+                    .conversations
                     .claim_due_conversations(&self.owner, now_ms(), self.lease, wanted as u32)
                     .await
                     .unwrap_or_else(|e| {
@@ -246,7 +250,7 @@ impl Flusher {
             claim.defer(next_put).await?;
             return Ok(FlushOutcome::Deferred);
         }
-        let staged = self.db.staging().staged_events(claim.key()).await?;
+        let staged = self.staging.staged_events(claim.key()).await?;
         if staged.is_empty() {
             // Another flush stored them already; only the generation needs marking.
             claim.finish(&[], now, now).await?;

@@ -30,7 +30,7 @@ impl Flusher {
         claim: &mut ConversationClaim,
     ) -> Result<FlushOutcome, ClaimError> {
         let key = claim.key().clone();
-        let staged = self.db.staging().staged_events(&key).await?;
+        let staged = self.staging.staged_events(&key).await?;
         let now = now_ms();
         let info = DeadLetterInfo::new(
             DeadReason::PageRemoved,
