@@ -43,6 +43,7 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
         "delivery.json",
         "postback.json",
         "quick_reply.json",
+        "float_timestamps.json",
     ];
     for round in 0..2 {
         for name in names {
@@ -76,6 +77,18 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
     assert!(
         String::from_utf8_lossy(&raw).contains(r"abecad\u0142o"),
         "stored as Facebook sent it"
+    );
+    assert!(
+        String::from_utf8_lossy(&raw).contains(r#""timestamp":1468152710123.0"#),
+        "a time written with a fraction is stored as sent"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["message"]["mid"] == "m_float_timestamp_1468152710123")
+            .count(),
+        1,
+        "and is kept once, sorted by its value (above)"
     );
 
     // The same deliveries again: once the worker has staged every re-sent event and flushed

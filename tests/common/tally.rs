@@ -23,7 +23,8 @@ pub fn mids(events: &[Value]) -> Vec<String> {
 pub fn sorted_by_timestamp(events: &[Value]) -> bool {
     events
         .windows(2)
-        .all(|w| w[0]["timestamp"].as_i64() <= w[1]["timestamp"].as_i64())
+        // As numbers, whether written as integers or with a fraction.
+        .all(|w| w[0]["timestamp"].as_f64() <= w[1]["timestamp"].as_f64())
 }
 
 /// A conversation: (page id, user psid).

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::facts::whole_number;
 use super::{
     DeliveryError, EventFacts, EventKind, EventMessage, EventSource, Identity, canonical_hash,
 };
@@ -25,8 +26,10 @@ struct Entry<'a> {
     /// The Page id, a string (or a number) as sent.
     #[serde(borrow)]
     id: &'a RawValue,
-    #[serde(default)]
-    time: Option<i64>,
+    /// When the entry was sent, in seconds: an integer as Facebook writes it, or a number with a
+    /// fraction (accepted too); anything else is no time.
+    #[serde(default, borrow)]
+    time: Option<&'a RawValue>,
     #[serde(default, borrow)]
     messaging: Vec<&'a RawValue>,
     #[serde(default, borrow)]
@@ -67,11 +70,18 @@ pub fn split_delivery(
                 events.push(message);
             }
         }
+        let time: Option<Value> = entry
+            .time
+            .and_then(|raw| serde_json::from_str(raw.get()).ok());
+        let time_ms = time
+            .as_ref()
+            .and_then(whole_number)
+            .unwrap_or(0)
+            .saturating_mul(1000);
         for raw in entry.changes {
             let value: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-            let time_ms = entry.time.unwrap_or(0).saturating_mul(1000);
             let identity = Identity::Change(canonical_hash(
-                &serde_json::json!({ "time": entry.time, "change": value }),
+                &serde_json::json!({ "time": time, "change": value }),
             ));
             events.push(EventMessage {
                 page_id: page_id.clone(),

@@ -108,6 +108,7 @@ fn bad_bodies_are_refused() {
 fn facts_from_the_text_are_the_facts_from_the_value() {
     let usual = [
         r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":5,"message":{"mid":"m","text":"a"}}"#,
+        r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":1492414608999.0,"reaction":{"mid":"m","action":"react","reaction":"love"}}"#,
         r#"{"sender":{"id":"p"},"recipient":{"id":"u"},"timestamp":5,"message":{"mid":"m","is_echo":true}}"#,
         r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":5,"message":{"mid":"\u0041b","is_echo":"true"}}"#,
         r#"{"sender":{"id":7},"recipient":{"id":1.5},"timestamp":5.5,"message":{"mid":12}}"#,
@@ -187,6 +188,27 @@ fn facts_from_the_text_are_the_facts_from_the_value() {
         let raw = RawValue::from_string(text.to_string()).expect("valid JSON");
         assert!(EventFacts::of_keys("p", &raw).is_none(), "{text}");
     }
+}
+
+/// Times written with a fraction (`1492414608999.0`) were refused with 400 (the entry's
+/// `time`) or read as 0 (an event's `timestamp`): Facebook would retry, then disable the Page.
+/// They are read by their whole part, and the event's text keeps them as sent; an integer
+/// time gives a Page change the identity it had.
+#[test]
+fn a_time_written_with_a_fraction_is_read_and_kept_as_sent() {
+    let body = r#"{"object":"page","entry":[{"id":"p","time":1492414608.0,"messaging":[{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":1492414608999.0,"message":{"mid":"m_f","text":"a"}}],"changes":[{"field":"name","value":"Shop"}]}]}"#;
+    let events = split_delivery(body.as_bytes(), 1).expect("accepted");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].timestamp_ms, 1_492_414_608_999);
+    assert!(events[0].event.get().contains("1492414608999.0"));
+    assert_eq!(events[1].kind, EventKind::PageChange);
+    assert_eq!(events[1].timestamp_ms, 1_492_414_608_000);
+    let integer = r#"{"object":"page","entry":[{"id":"p","time":5,"changes":[{"field":"name","value":"Shop"}]}]}"#;
+    let change = split_delivery(integer.as_bytes(), 1).expect("accepted");
+    let before = Identity::Change(canonical_hash(
+        &serde_json::json!({ "time": 5, "change": {"field":"name","value":"Shop"} }),
+    ));
+    assert_eq!(change[0].event_id, before.to_string());
 }
 
 #[test]
