@@ -129,6 +129,11 @@ async fn check_prints_no_budgets_for_the_local_directory() {
         ],
     )
     .await;
+    // Its probes leave nothing behind on the disk: no folder, no lock file.
+    assert!(!pipeline.data_dir.join("_fbsync").exists());
+    let locks =
+        std::fs::read_dir(pipeline.data_dir.join(".locks")).map_or(0, |entries| entries.count());
+    assert_eq!(locks, 0, "no lock file left");
     pipeline.cleanup().await;
 }
 

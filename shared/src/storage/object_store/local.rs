@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{KeyPrefix, Listing, ObjectKey, ObjectStore, StoreError, StoredObject, WriteCondition};
+use super::{
+    KeyPrefix, Listing, ObjectKey, ObjectStore, PROBE_PREFIX, StoreError, StoredObject,
+    WriteCondition,
+};
 
 /// The local store's version of an object: a hash of its bytes.
 fn content_version(bytes: &[u8]) -> String {
@@ -77,11 +80,25 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(key.as_str())?).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::Transient(e.to_string())),
+        let path = self.path(key.as_str())?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Transient(e.to_string())),
         }
+        if key.as_str().starts_with(PROBE_PREFIX) {
+            // A probe leaves nothing behind: its lock file, and its folders once empty (a
+            // folder another probe still uses is not empty and stays).
+            let _ = tokio::fs::remove_file(self.lock_path(key.as_str())).await;
+            let mut folder = path.parent();
+            while let Some(dir) = folder.filter(|dir| *dir != self.root.as_path()) {
+                if tokio::fs::remove_dir(dir).await.is_err() {
+                    break;
+                }
+                folder = dir.parent();
+            }
+        }
+        Ok(())
     }
 
     /// The whole listing at once (a local directory has no request budget).

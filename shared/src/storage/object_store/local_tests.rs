@@ -78,3 +78,42 @@ async fn concurrent_conditional_writes_to_the_local_store_let_exactly_one_throug
     }
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// `fbsync check` and every worker at start write a probe and delete it: on a local directory
+/// it left its lock file and an empty `_fbsync/probe/` folder behind each time.
+#[tokio::test]
+async fn a_deleted_probe_leaves_no_folder_or_lock_file_behind() {
+    let root = std::env::temp_dir().join(format!("fbsync-probe-{}", uuid::Uuid::new_v4()));
+    let store = LocalStore { root: root.clone() };
+    let kept = ObjectKey::from_text("users/a/kept.json");
+    for key in [&kept, &ObjectKey::probe()] {
+        store
+            .put(key, Bytes::from_static(b"{}"), &WriteCondition::Absent)
+            .await
+            .expect("put");
+    }
+    let probe = ObjectKey::probe();
+    store
+        .put(&probe, Bytes::from_static(b"{}"), &WriteCondition::Absent)
+        .await
+        .expect("put");
+    store.delete(&probe).await.expect("delete");
+    assert!(
+        root.join("_fbsync/probe").exists(),
+        "a folder another probe still holds stays"
+    );
+    let listing = store
+        .list(&KeyPrefix::from_text("_fbsync/"), None)
+        .await
+        .expect("list");
+    for key in listing.keys.clone() {
+        store.delete(&key).await.expect("delete");
+    }
+    assert!(!root.join("_fbsync").exists(), "no empty probe folder left");
+    let locks: Vec<_> = std::fs::read_dir(root.join(".locks"))
+        .expect("locks")
+        .collect();
+    assert_eq!(locks.len(), 1, "only the kept object's lock file stays");
+    assert!(root.join("users/a/kept.json").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
