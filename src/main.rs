@@ -240,8 +240,9 @@ fn shutdown_on_signal() -> CancellationToken {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutting down");
+        // Cancelled before anything is logged: the shutdown never waits on a log line.
         trigger.cancel();
+        tracing::info!("shutting down");
     });
     token
 }

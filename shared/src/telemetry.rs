@@ -70,12 +70,30 @@ pub fn init_logging(json: bool) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Standard error that never fails: a line that cannot be written (a closed pipe, a dead log
+/// shipper) is dropped. An error would make the subscriber report it with `eprintln!`, which
+/// panics on the same broken pipe, in whichever task was logging (the one that starts the
+/// shutdown, for one).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// The process-wide metrics recorder (installed on first use).

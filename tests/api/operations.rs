@@ -137,6 +137,36 @@ async fn check_prints_no_budgets_for_the_local_directory() {
     pipeline.cleanup().await;
 }
 
+/// A dead log shipper must not make a role unstoppable: with its stdout and stderr a closed
+/// pipe, each role still stops on SIGTERM, with status 0. (Logging "shutting down" into the
+/// broken pipe used to panic the task that was to start the shutdown.)
+#[tokio::test]
+async fn every_role_stops_on_sigterm_when_its_log_pipe_is_closed() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.set("INGEST_METRICS_ADDR", "127.0.0.1:0");
+    pipeline.register_page(PAGE_ID).await;
+    let (mut ingest, _) = pipeline.spawn_ingest().await;
+    let mut worker = pipeline.spawn_worker().await;
+    let mut scheduler = pipeline.spawn(&["scheduler"]);
+    scheduler
+        .wait_for_log("scheduler started", Duration::from_secs(30))
+        .await;
+    for (role, process) in [
+        ("ingest", &mut ingest),
+        ("worker", &mut worker),
+        ("scheduler", &mut scheduler),
+    ] {
+        process.close_output();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = process
+            .terminate_and_wait(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("{role} did not stop on SIGTERM with its log pipe closed"));
+        assert!(status.success(), "{role} exited with {status}");
+    }
+    pipeline.cleanup().await;
+}
+
 #[tokio::test]
 async fn check_names_each_failing_dependency_and_exits_1() {
     let fake = FakeGraph::start().await;

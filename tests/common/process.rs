@@ -69,6 +69,8 @@ fn isolate(mut command: tokio::process::Command, env: &[(&str, &str)]) -> tokio:
 pub struct FbsyncProcess {
     pub child: tokio::process::Child,
     pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The task that reads stderr into `lines` (it holds the pipe's reading end).
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl FbsyncProcess {
@@ -82,7 +84,7 @@ impl FbsyncProcess {
         let mut child = command.spawn().expect("run fbsync");
         let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
         let stderr = child.stderr.take().expect("stderr piped");
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 if sender.send(line).is_err() {
@@ -90,7 +92,19 @@ impl FbsyncProcess {
                 }
             }
         });
-        Self { child, lines }
+        Self {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// Closes the reading ends of the process's stdout and stderr, as a log shipper that died
+    /// would: its next log line meets a broken pipe.
+    #[allow(dead_code)] // Only the api target breaks the log pipe.
+    pub fn close_output(&mut self) {
+        self.reader.abort();
+        drop(self.child.stdout.take());
     }
 
     /// Reads log lines until one is JSON and satisfies `wanted`; returns it. Panics after
