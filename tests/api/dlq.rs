@@ -118,9 +118,13 @@ async fn unknown_page_letters_are_listed_filtered_and_replayed_exactly_once() {
         .await;
     assert!(stdout.contains("would purge 3 of 3"), "{stdout}");
     assert_eq!(list(&pipeline, &[]).await.len(), 3);
-    let (code, stdout, _) = pipeline.run(&["dlq", "purge", "--page-id", "777"]).await;
+    let (code, stdout, stderr) = pipeline.run(&["dlq", "purge", "--page-id", "777"]).await;
     assert_eq!(code, 0);
     assert!(stdout.contains("purged 3"), "{stdout}");
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains("WARN"),
+        "a purge that succeeds prints no error: {stderr}"
+    );
     assert!(list(&pipeline, &[]).await.is_empty());
 
     process.stop().await;

@@ -323,6 +323,16 @@ impl Pipeline {
         if code != 0 {
             return Err(format!("fbsync {} exited {code}: {stderr}", args.join(" ")));
         }
+        // A run that succeeds prints no error or warning.
+        if let Some(line) = stderr
+            .lines()
+            .find(|line| line.contains("ERROR") || line.contains("WARN"))
+        {
+            return Err(format!(
+                "fbsync {} succeeded but logged: {line}",
+                args.join(" ")
+            ));
+        }
         Ok(stdout)
     }
 

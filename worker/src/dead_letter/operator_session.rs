@@ -132,8 +132,8 @@ pub struct DlqSession {
     seen: usize,
     /// Letters taken that matched.
     matched: usize,
-    /// The newest delivery tag taken; handing back everything up to it ends the session.
-    last_tag: Option<u64>,
+    /// Letters acked (deleted or replayed); the others are handed back when the session ends.
+    acked: usize,
 }
 
 /// What a replay did.
@@ -173,7 +173,7 @@ impl DlqSession {
             total,
             seen: 0,
             matched: 0,
-            last_tag: None,
+            acked: 0,
         })
     }
 
@@ -206,7 +206,6 @@ impl DlqSession {
             };
             let delivery = message.delivery;
             self.seen += 1;
-            self.last_tag = Some(delivery.delivery_tag);
             let headers = delivery.properties.headers().clone();
             let letter = DeadLetter {
                 delivery_tag: delivery.delivery_tag,
@@ -240,9 +239,7 @@ impl DlqSession {
     /// Deletes the matching letters; hands the others back. Returns how many were deleted.
     pub async fn purge(mut self) -> anyhow::Result<usize> {
         while let Some(letter) = self.next_match().await? {
-            self.channel
-                .basic_ack(letter.delivery_tag, BasicAckOptions::default())
-                .await?;
+            self.ack(&letter).await?;
         }
         let purged = self.matched;
         self.finish().await?;
@@ -279,9 +276,7 @@ impl DlqSession {
             for (letter, outcome) in chunk.iter().zip(outcomes) {
                 match outcome {
                     Ok(()) => {
-                        self.channel
-                            .basic_ack(letter.delivery_tag, BasicAckOptions::default())
-                            .await?;
+                        self.ack(letter).await?;
                         report.replayed += 1;
                     }
                     Err(PublishError::Unroutable) => {
@@ -297,13 +292,25 @@ impl DlqSession {
         Ok(report)
     }
 
+    /// Removes a letter from the queue for good.
+    async fn ack(&mut self, letter: &DeadLetter) -> anyhow::Result<()> {
+        self.channel
+            .basic_ack(letter.delivery_tag, BasicAckOptions::default())
+            .await?;
+        self.acked += 1;
+        Ok(())
+    }
+
     /// Hands back every letter still held and closes the session.
     async fn finish(self) -> anyhow::Result<()> {
-        if let Some(last_tag) = self.last_tag {
-            // One nack for all that is still unacked on the channel (held and failed ones).
+        if self.seen > self.acked {
+            // One nack for every letter still unacked on the channel (held and failed ones):
+            // delivery tag 0 with `multiple` means all outstanding ones. (A nack up to the
+            // newest tag taken, when that letter was acked already, is an unknown delivery tag
+            // to the broker, which then closes the channel with an error.)
             self.channel
                 .basic_nack(
-                    last_tag,
+                    0,
                     BasicNackOptions {
                         multiple: true,
                         requeue: true,
