@@ -120,10 +120,13 @@ enum PagesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(e) => return refuse(&e.0),
-    };
+    let (settings, mut problems) = Settings::from_env_with_problems();
+    if !problems.is_empty() {
+        // Every mistake in one run: what the command's roles require too, checked on the
+        // settings as far as they parsed.
+        problems.extend(requirement_problems(&cli.command, &settings));
+        return refuse(&problems);
+    }
     telemetry::init_logging(settings.json_logs);
     // Installed before any role records a metric: what a worker records while it opens (the
     // conditional-write probe's gauge) is on its /metrics page too.
@@ -190,6 +193,19 @@ fn worker_requirements(settings: &Settings) -> Result<(TokenCipher, StoreLocatio
         return Err(problems.into_lines());
     };
     Ok((cipher, store))
+}
+
+/// What `command`'s roles require and the settings lack (each role checks it again when it
+/// starts): reported with the settings' own problems, so that one run names every mistake.
+fn requirement_problems(command: &Command, settings: &Settings) -> Vec<String> {
+    let mut problems = Vec::new();
+    if matches!(command, Command::Ingest | Command::Up | Command::Check) {
+        problems.extend(ingest_requirements(settings).err().unwrap_or_default());
+    }
+    if matches!(command, Command::Worker | Command::Up | Command::Check) {
+        problems.extend(worker_requirements(settings).err().unwrap_or_default());
+    }
+    problems
 }
 
 /// The owner routes' settings and the cipher for their tokens, when they are configured.

@@ -68,8 +68,13 @@ pub fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,lapin=warn,aws_config=warn,aws_smithy_runtime=warn,sqlx=warn")
     });
+    // Colour only for a person at a terminal: files, pipes and container logs get plain text,
+    // and NO_COLOR (any value, https://no-color.org) turns it off there too.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(|| LossyStderr);
     let _ = if json {
         builder.json().try_init()

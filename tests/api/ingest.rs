@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use fbsync_shared::facebook::event::EventKind;
 use fbsync_shared::facebook::signature::{sign_sha1, sign_sha256};
 use fbsync_shared::jobs::JobKind;
@@ -456,4 +458,84 @@ async fn missing_configuration_is_one_clear_line_per_problem() {
     assert_eq!(lines.len(), 2, "{stderr}");
     assert!(lines[0].contains("FACEBOOK_APP_SECRET is not set"));
     assert!(lines[1].contains("FACEBOOK_VERIFY_TOKEN is not set"));
+}
+
+/// Mistakes of both stages (values that do not parse, and what the roles require) in one run,
+/// no line twice, where three rounds of fixing and restarting were needed before.
+#[tokio::test]
+async fn every_configuration_mistake_is_named_in_one_run() {
+    let output = fbsync_command(
+        &["up"],
+        &[
+            ("WORKER_PREFETCH", "abc"),
+            ("LOG_FORMAT", "xml"),
+            ("SHOPIFY_ADMIN_URL", "https://admin.example/"),
+            ("FACEBOOK_VERIFY_TOKEN", "v"),
+            ("TOKEN_ENCRYPTION_KEY", "c2hvcnQ="),
+            ("FACEBOOK_APP_ID", "1"),
+            ("FACEBOOK_REDIRECT_URI", "notaurl"),
+            ("SHOPIFY_API_KEY", "k"),
+            ("SHOPIFY_API_SECRET", "s"),
+            (
+                "SHOPIFY_REDIRECT_URI",
+                "http://127.0.0.1:1/shopify/callback",
+            ),
+            ("STATE_TOKEN_SECRET", "short"),
+        ],
+    )
+    .output()
+    .await
+    .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for mistake in [
+        "WORKER_PREFETCH=\"abc\" is not a valid value",
+        "LOG_FORMAT must be text or json",
+        "SHOPIFY_ADMIN_URL must contain {shop}",
+        "FACEBOOK_APP_SECRET is not set",
+        "TOKEN_ENCRYPTION_KEY is malformed",
+        "FACEBOOK_REDIRECT_URI",
+        "STATE_TOKEN_SECRET",
+    ] {
+        assert!(stderr.contains(mistake), "{mistake:?} missing:\n{stderr}");
+    }
+    let lines: Vec<&str> = stderr.lines().collect();
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), lines.len(), "a line twice:\n{stderr}");
+}
+
+/// Colour codes are for a terminal: logs written to a pipe (a file, a container's log) are
+/// plain text.
+#[tokio::test]
+async fn text_logs_into_a_pipe_carry_no_colour_codes() {
+    let prefix = unique_prefix();
+    let mut process = FbsyncProcess::spawn(
+        &["ingest"],
+        &[
+            ("FACEBOOK_APP_SECRET", APP_SECRET),
+            ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+            ("QUEUE_PREFIX", &prefix),
+            ("INGEST_ADDR", "127.0.0.1:0"),
+            ("INGEST_METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|line: &String| line.contains("ingest listening"))
+    {
+        assert!(Instant::now() < deadline, "no listening line: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lines.extend(process.take_lines());
+    }
+    process.stop_within(Duration::from_secs(10)).await;
+    lines.extend(process.take_lines());
+    assert!(
+        lines.iter().all(|line| !line.contains('\u{1b}')),
+        "colour codes in a pipe: {lines:?}"
+    );
+    delete_topology(&prefix).await;
 }

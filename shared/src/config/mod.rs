@@ -204,22 +204,41 @@ impl Settings {
     /// Reads `.env` (when present, without overriding the real environment), then the
     /// environment.
     pub fn from_env() -> Result<Self, ConfigError> {
+        let (settings, problems) = Self::from_env_with_problems();
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// Parses settings from a map of variables (the environment, or a test's own).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let (settings, problems, _) = Self::parse(vars);
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// As [`Settings::from_env`], but the settings come back even when some values did not
+    /// parse (placeholders stand in for them), with every problem found: so a command can add
+    /// what its role requires and report every mistake in one run.
+    pub fn from_env_with_problems() -> (Self, Vec<String>) {
         // A missing .env is normal; a malformed one is worth a warning, not a refusal.
         if let Err(e) = dotenvy::dotenv()
             && !e.not_found()
         {
             eprintln!("warning: .env could not be read: {e}");
         }
-        Self::from_map(&std::env::vars().collect())
+        let (settings, problems, _) = Self::parse(&std::env::vars().collect());
+        (settings, problems)
     }
 
-    /// Parses settings from a map of variables (the environment, or a test's own).
-    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Self::parse(vars).0
-    }
-
-    /// The settings, and the names of every variable read for them.
-    fn parse(vars: &HashMap<String, String>) -> (Result<Self, ConfigError>, Vec<&'static str>) {
+    /// The settings (with placeholders where a value did not parse), every problem found, and
+    /// the names of every variable read for them.
+    fn parse(vars: &HashMap<String, String>) -> (Self, Vec<String>, Vec<&'static str>) {
         let mut reader = VarReader {
             vars,
             problems: Problems::default(),
@@ -345,12 +364,12 @@ impl Settings {
                 .problems
                 .push("AMQP_URL must start with amqp:// or amqps://".into());
         }
-        let settings = if reader.problems.is_empty() {
-            Ok(settings)
-        } else {
-            Err(ConfigError(reader.problems.into_lines()))
-        };
-        (settings, reader.read)
+        if !matches!(reader.text("LOG_FORMAT").as_str(), "text" | "json") {
+            reader
+                .problems
+                .push("LOG_FORMAT must be text or json".into());
+        }
+        (settings, reader.problems.into_lines(), reader.read)
     }
 }
 

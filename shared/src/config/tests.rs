@@ -53,6 +53,15 @@ fn conditional_writes_are_auto_required_or_off_and_anything_else_is_refused() {
 }
 
 #[test]
+fn an_unknown_log_format_is_refused() {
+    let err = Settings::from_map(&vars(&[("LOG_FORMAT", "xml")])).expect_err("refused");
+    assert_eq!(err.0, ["LOG_FORMAT must be text or json"]);
+    for format in ["text", "json"] {
+        Settings::from_map(&vars(&[("LOG_FORMAT", format)])).expect(format);
+    }
+}
+
+#[test]
 fn a_write_gap_over_a_minute_is_refused() {
     let err = Settings::from_map(&vars(&[("WORKER_OBJECT_WRITE_GAP_MS", "60001")]))
         .expect_err("too long a gap");
@@ -76,10 +85,10 @@ fn every_bad_value_is_reported_at_once() {
 
 #[test]
 fn every_variable_read_is_declared_and_every_declared_one_is_read() {
-    let (settings, read) = Settings::parse(&vars(&[]));
+    let (_, problems, read) = Settings::parse(&vars(&[]));
     assert!(
-        settings.is_ok(),
-        "every declared default parses: {settings:?}"
+        problems.is_empty(),
+        "every declared default parses: {problems:?}"
     );
     for name in &read {
         assert!(

@@ -23,8 +23,8 @@ const fn var(name: &'static str, default: Option<&'static str>, roles: &'static 
     }
 }
 
-/// Every variable fbsync reads (besides `RUST_LOG`, the log filter, and `FBSYNC_PAGE_TOKEN`,
-/// `pages add`'s token).
+/// Every variable fbsync reads (besides `RUST_LOG`, the log filter, `NO_COLOR`, which turns the
+/// text logs' colour off on a terminal, and `FBSYNC_PAGE_TOKEN`, `pages add`'s token).
 pub const VARIABLES: &[Variable] = &[
     var("FACEBOOK_APP_SECRET", None, "ingest, up, check (required)"),
     var(
