@@ -398,20 +398,23 @@ async fn listeners_apart(client: &reqwest::Client, urls: &IngestUrls) -> String 
     scrape(client, &format!("{}/metrics", urls.operator)).await
 }
 
+/// `fbsync ingest` on its own (no pipeline), on ports of its choosing, with `extra` variables.
+fn spawn_lone_ingest(prefix: &str, extra: &[(&str, &str)]) -> FbsyncProcess {
+    let mut env = vec![
+        ("FACEBOOK_APP_SECRET", APP_SECRET),
+        ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
+        ("QUEUE_PREFIX", prefix),
+        ("INGEST_ADDR", "127.0.0.1:0"),
+        ("INGEST_METRICS_ADDR", "127.0.0.1:0"),
+    ];
+    env.extend_from_slice(extra);
+    FbsyncProcess::spawn(&["ingest"], &env)
+}
+
 #[tokio::test]
 async fn the_binary_serves_logs_json_and_exits_cleanly_on_sigterm() {
     let prefix = unique_prefix();
-    let mut process = FbsyncProcess::spawn(
-        &["ingest"],
-        &[
-            ("FACEBOOK_APP_SECRET", APP_SECRET),
-            ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
-            ("QUEUE_PREFIX", &prefix),
-            ("INGEST_ADDR", "127.0.0.1:0"),
-            ("INGEST_METRICS_ADDR", "127.0.0.1:0"),
-            ("LOG_FORMAT", "json"),
-        ],
-    );
+    let mut process = spawn_lone_ingest(&prefix, &[("LOG_FORMAT", "json")]);
     let listening = process
         .wait_for_log("ingest listening", Duration::from_secs(20))
         .await;
@@ -511,16 +514,7 @@ async fn every_configuration_mistake_is_named_in_one_run() {
 #[tokio::test]
 async fn text_logs_into_a_pipe_carry_no_colour_codes() {
     let prefix = unique_prefix();
-    let mut process = FbsyncProcess::spawn(
-        &["ingest"],
-        &[
-            ("FACEBOOK_APP_SECRET", APP_SECRET),
-            ("FACEBOOK_VERIFY_TOKEN", VERIFY_TOKEN),
-            ("QUEUE_PREFIX", &prefix),
-            ("INGEST_ADDR", "127.0.0.1:0"),
-            ("INGEST_METRICS_ADDR", "127.0.0.1:0"),
-        ],
-    );
+    let mut process = spawn_lone_ingest(&prefix, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut lines = Vec::new();
     while !lines

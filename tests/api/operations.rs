@@ -27,6 +27,16 @@ async fn check_says(pipeline: &Pipeline, code: i32, lines: &[&str]) {
     }
 }
 
+/// The pipeline's bucket holds no object at all.
+async fn assert_bucket_empty(pipeline: &Pipeline, why: &str) {
+    let bucket = pipeline
+        .bucket
+        .as_deref()
+        .expect("an S3 pipeline has a bucket");
+    let keys = list_keys(&s3_endpoint(), bucket, "").await;
+    assert!(keys.is_empty(), "{why}: {keys:?}");
+}
+
 /// Applies the migrations as an operator does before `check` (`fbsync pages list`).
 async fn migrate(pipeline: &Pipeline) {
     let (code, stdout, stderr) = pipeline.run(&["pages", "list"]).await;
@@ -54,14 +64,7 @@ async fn check_passes_every_dependency_and_leaves_nothing_in_the_bucket() {
     }
     assert!(!stdout.contains("FAIL"), "{stdout}");
     // The probe was deleted, and nothing was ever written under users/.
-    let bucket = pipeline
-        .bucket
-        .clone()
-        .expect("an S3 pipeline has a bucket");
-    assert!(
-        list_keys(&s3_endpoint(), &bucket, "").await.is_empty(),
-        "the bucket is left as it was"
-    );
+    assert_bucket_empty(&pipeline, "the bucket is left as it was").await;
     assert!(
         !stdout.contains(PAGE_TOKEN) && !stderr.contains(PAGE_TOKEN),
         "no token in the output"
@@ -93,14 +96,7 @@ async fn check_fails_on_a_store_that_ignores_conditional_writes_and_says_what_th
         ],
     )
     .await;
-    let bucket = pipeline
-        .bucket
-        .clone()
-        .expect("an S3 pipeline has a bucket");
-    assert!(
-        list_keys(&s3_endpoint(), &bucket, "").await.is_empty(),
-        "the probes are deleted"
-    );
+    assert_bucket_empty(&pipeline, "the probes are deleted").await;
     // With conditions off, nothing is probed and the check passes, saying so.
     let mut pipeline = pipeline;
     pipeline.set("SPACES_CONDITIONAL_WRITES", "off");
