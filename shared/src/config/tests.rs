@@ -234,6 +234,15 @@ fn a_poll_schedule_is_cron_and_its_period_is_the_last_firing() {
         problems[0].starts_with("POLL_SCHEDULE=\"every day\""),
         "{problems:?}"
     );
+    // The shape this setting takes, not the parser's "5 to 7 fields".
+    let problems = Settings::from_map(&vars(&[("POLL_SCHEDULE", "0 0 * * * * * *")]))
+        .expect_err("refused")
+        .0;
+    assert!(
+        problems[0].contains("5 fields") && problems[0].contains("6 with seconds first"),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains("7"), "{problems:?}");
 }
 
 #[test]

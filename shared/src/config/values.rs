@@ -58,7 +58,18 @@ impl FromStr for PollSchedule {
             .seconds(croner::parser::Seconds::Optional)
             .build()
             .parse(text)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                // croner counts the fields it could parse (5 to 7, with years): say what this
+                // setting takes instead.
+                let e = e.to_string();
+                if e.contains("field") {
+                    "a schedule is 5 fields (minute hour day-of-month month day-of-week), 6 with \
+                     seconds first, or @hourly, @daily, @weekly, @monthly or @yearly"
+                        .to_string()
+                } else {
+                    e
+                }
+            })?;
         // A pattern that never fires (30 February) parses, but has no period.
         cron.find_next_occurrence(&chrono::Utc::now(), false)
             .map_err(|_| "it never fires".to_string())?;
