@@ -17,6 +17,7 @@ use fbsync_shared::storage::budgeted_store::{BudgetedError, BudgetedStore};
 use fbsync_shared::storage::db::{Database, PageStatus};
 use fbsync_shared::storage::object_store::{ObjectKey, PROBE_PREFIX, WriteCondition, open_store};
 use fbsync_shared::storage::write_conditions::{self, Verdict};
+use secrecy::ExposeSecret;
 
 use crate::refuse;
 
@@ -70,7 +71,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     };
     let migrated = match &database {
         Some(database) => {
-            let migrations = check_migrations(database).await;
+            let migrations =
+                check_migrations(database, settings.database_url.expose_secret()).await;
             let passed = migrations.passed;
             outcomes.push(migrations);
             passed.then_some(database)
@@ -136,14 +138,32 @@ async fn check_broker(settings: &Settings) -> Outcome {
     }
 }
 
-async fn check_migrations(database: &Database) -> Outcome {
+async fn check_migrations(database: &Database, url: &str) -> Outcome {
+    let shown = without_password(url);
     match database.pending_migrations().await {
-        Ok(pending) if pending.is_empty() => pass("database: connected, migrations current"),
+        Ok(pending) if pending.is_empty() => pass(format!(
+            "database: connected to {shown}, migrations current"
+        )),
         Ok(pending) => fail(format!(
             "database: migrations not applied: {}; start a worker (or `fbsync pages list`) once to apply them",
             pending.join(", ")
         )),
         Err(e) => fail(format!("database: {e}")),
+    }
+}
+
+/// A database URL fit to print: a password in it is replaced by `***`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -247,4 +267,29 @@ async fn check_tokens(
         });
     }
     outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn a_database_url_is_printed_without_its_password() {
+        assert_eq!(
+            without_password("postgres://fbsync:s3cret@db:5432/fbsync"),
+            "postgres://fbsync:***@db:5432/fbsync"
+        );
+        assert_eq!(
+            without_password("postgres://fbsync@db/fbsync"),
+            "postgres://fbsync@db/fbsync"
+        );
+        assert_eq!(
+            without_password("sqlite://./data/fbsync.db"),
+            "sqlite://./data/fbsync.db"
+        );
+        assert_eq!(
+            without_password("postgres://u:p@ss@h/d"),
+            "postgres://u:***@h/d"
+        );
+    }
 }

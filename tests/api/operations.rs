@@ -53,7 +53,8 @@ async fn check_passes_every_dependency_and_leaves_nothing_in_the_bucket() {
     for check in [
         "ok   configuration",
         "ok   broker",
-        "ok   database: connected, migrations current",
+        "ok   database: connected to postgres://",
+        "migrations current",
         "ok   object store: wrote, read and deleted a probe",
         "ok   object store budgets: bucket: writes 270/s, operations 450/s",
         "per object: no PUT window",
