@@ -205,16 +205,17 @@ impl Settings {
     /// environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         let (settings, problems) = Self::from_env_with_problems();
-        if problems.is_empty() {
-            Ok(settings)
-        } else {
-            Err(ConfigError(problems))
-        }
+        Self::refused_on(settings, problems)
     }
 
     /// Parses settings from a map of variables (the environment, or a test's own).
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let (settings, problems, _) = Self::parse(vars);
+        Self::refused_on(settings, problems)
+    }
+
+    /// The settings, unless a problem was found.
+    fn refused_on(settings: Self, problems: Vec<String>) -> Result<Self, ConfigError> {
         if problems.is_empty() {
             Ok(settings)
         } else {

@@ -60,12 +60,7 @@ impl AdaptiveRate {
             share = read;
             self.remember(read, now);
         }
-        let budget = self.ceiling.scaled(share.at(now));
-        metrics::gauge!(BUCKET_RATE_IN_FORCE, "class" => "writes")
-            .set(budget.writes_per_second as f64);
-        metrics::gauge!(BUCKET_RATE_IN_FORCE, "class" => "operations")
-            .set(budget.ops_per_second as f64);
-        budget
+        self.ceiling.scaled(share.at(now))
     }
 
     /// The store answered SlowDown at `now`: the shared rate is lowered (once per spacing,
@@ -99,7 +94,14 @@ impl AdaptiveRate {
         *self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps `share` as read (or set) at `read_at`, and exports the rate it puts in force then:
+    /// once per refresh or decrease, not per request.
     fn remember(&self, share: RateShare, read_at: i64) {
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (share, read_at);
+        let budget = self.ceiling.scaled(share.at(read_at));
+        metrics::gauge!(BUCKET_RATE_IN_FORCE, "class" => "writes")
+            .set(budget.writes_per_second as f64);
+        metrics::gauge!(BUCKET_RATE_IN_FORCE, "class" => "operations")
+            .set(budget.ops_per_second as f64);
     }
 }
