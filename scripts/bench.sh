@@ -33,6 +33,9 @@
 #                 and oldest staged age over time, visibility (scripts/bench-bucket.sh)
 #   backfill      a Page of 10,000 conversations x 20 messages from the fake Graph API through
 #                 Spaces' limits, against 10,000 writes at 150/s (scripts/bench-backfill.sh)
+#   hostile       1,000 unsigned clients each uploading a body of the limit (1 MiB) but its last
+#                 byte and stalling, beside 200 signed deliveries: ingest's peak RSS against
+#                 300 MB, with the default byte budget and with only the in-flight count
 #   chaos         100,000 deliveries under every fault (scripts/chaos.sh; restarts RabbitMQ)
 #
 # Needs what the tests need (RabbitMQ, PostgreSQL, the S3 test server): run `bash .ci/run` once,
@@ -221,6 +224,12 @@ if [[ $skip != *" backfill "* ]]; then
   row "backfill: messages stored/s" "$(cell 'messages stored per second')" "-" "-"
   row "backfill: Graph API calls; object writes per conversation" "$(cell 'Graph API calls'); $(cell 'object writes per conversation')" "-" "-"
   row "backfill: requests over a limit; worker peak RSS, MB" "$(cell 'requests over a limit'); $(cell 'worker peak RSS')" "0; 150" "-"
+fi
+
+if [[ $skip != *" hostile "* ]]; then
+  echo "== hostile"
+  cargo test --release --test api bench_slow_uploads_memory -- --ignored --nocapture | tee "$out/hostile.txt"
+  while IFS= read -r line; do rows+=("$line"); done < <(table_rows "$out/hostile.txt" "hostile clients")
 fi
 
 if [[ $skip != *" chaos "* ]]; then

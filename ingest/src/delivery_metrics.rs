@@ -28,6 +28,8 @@ pub(crate) enum Outcome {
     TooSlow,
     /// Too many requests in flight: 503 at once.
     Overloaded,
+    /// Too many body bytes in flight (`INGEST_BODY_BUDGET_BYTES`): 503 at once.
+    OverBudget,
     /// The broker did not confirm in time: 503, and Facebook retries.
     Unavailable,
 }

@@ -8,14 +8,19 @@
 //! Unauthenticated clients are bounded before the signature can be checked: at most
 //! `INGEST_MAX_IN_FLIGHT` requests are handled at once (503 beyond, at once), a client has
 //! `INGEST_READ_TIMEOUT_MS` to send its headers and then its body (408 or a closed connection
-//! beyond), and a body is read up to `INGEST_BODY_LIMIT_BYTES` (413 beyond). `/metrics` is not
+//! beyond), a body is read up to `INGEST_BODY_LIMIT_BYTES` (413 beyond), and all bodies in
+//! flight together hold at most `INGEST_BODY_BUDGET_BYTES` (503 beyond, at once; see
+//! [`body_budget`]). `/metrics` is not
 //! served here but on its own listener ([`serve_metrics`]).
 //!
-//! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.//!
+//! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.
+//!
 //! The rooms: `server.rs` serves the routes (HTTP/1.1 with the read timeout, graceful shutdown),
 //! `webhook.rs` is the webhook's two handlers and the `SignedDelivery` extractor,
+//! `body_budget.rs` the bytes that bodies in flight may hold,
 //! `delivery_metrics.rs` counts how each delivery was answered.
 
+mod body_budget;
 mod delivery_metrics;
 pub mod owner;
 mod server;
@@ -30,6 +35,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 use tokio::sync::Semaphore;
 
+use body_budget::BodyBudget;
 use delivery_metrics::DeliveryMetrics;
 pub use server::{metrics_router, router, run, serve_metrics};
 pub use webhook::to_outgoing;
@@ -48,6 +54,8 @@ pub struct IngestState {
     pub publish_timeout: Duration,
     /// Requests handled at once; a request beyond them is answered 503 at once.
     pub in_flight: Arc<Semaphore>,
+    /// The body bytes requests in flight may hold; a body beyond it is answered 503 at once.
+    body_budget: BodyBudget,
     /// Longest time a client may take to send its headers, and then its body.
     pub read_timeout: Duration,
     /// Renders /metrics.
@@ -74,6 +82,10 @@ impl IngestState {
             publisher,
             publish_timeout: settings.ingest.publish_timeout,
             in_flight: Arc::new(Semaphore::new(settings.ingest.max_in_flight.max(1))),
+            body_budget: BodyBudget::new(
+                settings.ingest.body_budget_bytes,
+                settings.ingest.body_limit_bytes,
+            ),
             read_timeout: settings.ingest.read_timeout,
             metrics,
             delivery_metrics: DeliveryMetrics::default(),

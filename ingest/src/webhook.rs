@@ -2,8 +2,8 @@
 //! published with confirms before they are answered.
 //!
 //! Invariant: a delivery is answered 200 only once every event in it is confirmed by the
-//! broker; nothing is read of a request beyond the in-flight limit, and nothing of an unsigned
-//! body is parsed.
+//! broker; nothing is read of a request beyond the in-flight limit or of a body beyond the byte
+//! budget, and nothing of an unsigned body is parsed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Query, Request, State};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fbsync_shared::facebook::event::{EventMessage, split_delivery};
@@ -23,6 +24,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::IngestState;
+use crate::body_budget::BodyReservation;
 use crate::delivery_metrics::Outcome;
 
 /// GET /facebook/webhook: the subscription handshake.
@@ -44,13 +46,16 @@ pub(crate) async fn verify_subscription(
 }
 
 /// A delivery's body, read within the limits and with its signature verified. Extracting it
-/// takes one of the in-flight slots first and holds it while the delivery is handled; a
-/// request refused here is counted and answered as its [`Outcome`].
+/// takes one of the in-flight slots and the body's bytes of the budget first, and holds them
+/// while the delivery is handled; a request refused here is counted and answered as its
+/// [`Outcome`].
 pub struct SignedDelivery {
     /// The body as sent: signed, not yet parsed.
     body: Bytes,
     /// The in-flight slot, given back when the delivery has been answered.
     _slot: OwnedSemaphorePermit,
+    /// The body's bytes of the budget, given back with the slot.
+    _bytes: BodyReservation,
 }
 
 impl FromRequest<Arc<IngestState>> for SignedDelivery {
@@ -64,6 +69,18 @@ impl FromRequest<Arc<IngestState>> for SignedDelivery {
                 Outcome::Overloaded,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests in flight; try again later".into(),
+            ));
+        };
+        // Then the body's bytes: beyond the budget nothing is read either.
+        let content_length = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let Some(bytes) = state.body_budget.reserve(content_length) else {
+            return Err(refuse(
+                Outcome::OverBudget,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many body bytes in flight; try again later".into(),
             ));
         };
         // Only the signature headers are read after the body: cheap clones of their bytes, not
@@ -104,7 +121,11 @@ impl FromRequest<Arc<IngestState>> for SignedDelivery {
                 "invalid signature".into(),
             ));
         }
-        Ok(SignedDelivery { body, _slot: slot })
+        Ok(SignedDelivery {
+            body,
+            _slot: slot,
+            _bytes: bytes,
+        })
     }
 }
 

@@ -104,6 +104,15 @@ impl Scheduler {
         let started = Utc::now();
         let mut current_period: Option<DateTime<Utc>> = None;
         while !shutdown.is_cancelled() {
+            // Nothing is planned while the broker is away (at start, before the publisher has
+            // connected, too): every job would fail and give its claim back. The publisher
+            // logs the outage, once.
+            if !self.publisher.is_ready() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(TICK) => continue,
+                }
+            }
             let now = Utc::now();
             match self.period(now) {
                 Ok((period, next)) => {
@@ -134,7 +143,13 @@ impl Scheduler {
                     }
                     match self.plan(period, round_start, spread, now).await {
                         Ok(report) if report.enqueued > 0 || report.failed > 0 => {
-                            tracing::info!(?report, "poll jobs enqueued");
+                            tracing::info!(
+                                enqueued = report.enqueued,
+                                claimed_elsewhere = report.claimed_elsewhere,
+                                not_due = report.not_due,
+                                failed = report.failed,
+                                "poll jobs enqueued"
+                            );
                         }
                         Ok(_) => {}
                         Err(e) => {

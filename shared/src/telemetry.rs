@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Webhook deliveries answered, by `outcome` (accepted, bad_signature, bad_request, too_large,
-/// too_slow, overloaded, unavailable).
+/// too_slow, overloaded, over_budget, unavailable).
 pub const DELIVERIES: &str = "fbsync_webhook_deliveries_total";
 /// Events published to the broker with a confirm, by `kind`.
 pub const EVENTS_PUBLISHED: &str = "fbsync_events_published_total";

@@ -152,10 +152,11 @@ fn print_table(pages: &[PageSummary]) {
         return;
     }
     println!(
-        "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} LAST ERROR",
+        "{:<20} {:<36} {:<13} {:>13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} LAST ERROR",
         "PAGE",
         "USER",
         "STATUS",
+        "CONVERSATIONS",
         "STAGED",
         "SET ASIDE",
         "LAST EVENT",
@@ -165,10 +166,11 @@ fn print_table(pages: &[PageSummary]) {
     );
     for page in pages {
         println!(
-            "{:<20} {:<36} {:<13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} {}",
+            "{:<20} {:<36} {:<13} {:>13} {:>7} {:>9} {:<20} {:<20} {:<20} {:>9} {}",
             page.page_id,
             page.user_uuid,
             page.status,
+            page.conversations_stored,
             page.staged,
             page.set_aside,
             format_time(page.last_event_ms),

@@ -16,6 +16,7 @@ mod onboarding;
 mod operations;
 mod page_data;
 mod polling;
+mod quick_start;
 mod store;
 mod store_budgets;
 mod worker;

@@ -555,9 +555,24 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
         .expect("object")
         .remove("access_token");
     assert_eq!(stored, expected);
-    // The exchanges sent their secrets in the body; every Graph call carried its token in the
-    // header, none in a URL.
-    for (method, path, query) in env.graph.login_requests() {
+    // The exchanges were the GETs Meta documents, the app secret among their parameters (their
+    // URLs are never logged: the secret search covers the logs); every other Graph call carried
+    // its token in the header, none in a URL.
+    let requests = env.graph.login_requests();
+    let (exchanges, others): (Vec<_>, Vec<_>) = requests
+        .iter()
+        .partition(|(_, path, _)| path.ends_with("/oauth/access_token"));
+    for (method, path, query) in &exchanges {
+        assert_eq!(method, "GET", "{path}?{query}");
+        assert!(query.contains("client_secret="), "{path}?{query}");
+    }
+    for wanted in ["code=", "grant_type=fb_exchange_token"] {
+        assert!(
+            exchanges.iter().any(|(_, _, query)| query.contains(wanted)),
+            "no exchange with {wanted}: {exchanges:?}"
+        );
+    }
+    for (method, path, query) in others {
         assert!(!query.contains("access_token="), "{method} {path}?{query}");
         assert!(!query.contains("client_secret="), "{method} {path}?{query}");
     }

@@ -207,6 +207,51 @@ async fn check_refuses_bad_configuration_with_exit_2() {
     pipeline.cleanup().await;
 }
 
+/// Redirect URIs that are URLs, but not of the routes fbsync serves, are refused by `check`
+/// (the provider would send the owner to a page that answers 404), both named in one run.
+#[tokio::test]
+async fn check_refuses_redirect_uris_whose_path_fbsync_does_not_serve() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    for (key, value) in [
+        ("FACEBOOK_APP_ID", "123456789012345"),
+        (
+            "FACEBOOK_REDIRECT_URI",
+            "https://shop.example/facebook/login",
+        ),
+        ("SHOPIFY_API_KEY", "key"),
+        ("SHOPIFY_API_SECRET", "secret"),
+        (
+            "SHOPIFY_REDIRECT_URI",
+            "https://shop.example/callback?from=shopify",
+        ),
+        ("STATE_TOKEN_SECRET", "a-long-enough-state-secret"),
+    ] {
+        pipeline.set(key, value);
+    }
+    let (code, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    for expected in [
+        "FACEBOOK_REDIRECT_URI=\"https://shop.example/facebook/login\" must end in the path /facebook/callback",
+        "SHOPIFY_REDIRECT_URI=\"https://shop.example/callback?from=shopify\" must end in the path /shopify/callback",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} missing:\n{stderr}");
+    }
+    pipeline.set(
+        "FACEBOOK_REDIRECT_URI",
+        "https://shop.example/facebook/callback",
+    );
+    pipeline.set(
+        "SHOPIFY_REDIRECT_URI",
+        "https://shop.example/shopify/callback?x=1",
+    );
+    let (_, stdout, stderr) = pipeline.run(&["check"]).await;
+    assert!(
+        stdout.contains("ok   owner routes: Shopify OAuth and Facebook Login configured"),
+        "{stdout}{stderr}"
+    );
+    pipeline.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_backup_taken_while_the_pipeline_runs_is_a_consistent_database_with_sealed_tokens() {
     let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
@@ -249,6 +294,21 @@ async fn a_backup_taken_while_the_pipeline_runs_is_a_consistent_database_with_se
 
     up.stop().await;
     restored.cleanup().await;
+    pipeline.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_backup_into_a_missing_folder_is_bad_input_in_one_line() {
+    let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    let target = pipeline.data_dir.join("missing/dir/x.db");
+    let (code, stdout, stderr) = pipeline
+        .run(&["backup", "--to", &target.display().to_string()])
+        .await;
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("does not exist"), "{stderr}");
+    assert!(!target.exists());
     pipeline.cleanup().await;
 }
 

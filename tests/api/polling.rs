@@ -427,6 +427,16 @@ async fn two_schedulers_at_once_enqueue_each_page_once_per_period() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Its log says what it did in fields an operator can read and filter, not a Debug dump.
+    let planned = scheduler.wait_for_log("poll jobs enqueued", STEP).await;
+    assert!(
+        planned["fields"]["enqueued"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{planned}"
+    );
+    assert_eq!(planned["fields"]["failed"], 0, "{planned}");
+    assert!(!planned.to_string().contains("RoundReport"), "{planned}");
     scheduler.stop().await;
     pipeline.cleanup().await;
 }

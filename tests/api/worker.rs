@@ -156,6 +156,30 @@ async fn fixtures_end_up_in_the_store(db: DbKind, store: StoreKind) {
     assert_eq!(page["staged"], 0);
     assert!(page["last_flush_ms"].as_i64().is_some());
     assert!(!listing.contains(PAGE_TOKEN));
+    let stored = page["conversations_stored"]
+        .as_i64()
+        .expect("conversations stored");
+    assert!(stored > 0, "{page}");
+    // The table says so too, in its own column.
+    let (code, table, _) = pipeline.run(&["pages", "list"]).await;
+    assert_eq!(code, 0);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .expect("header")
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .expect("the Page")
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "CONVERSATIONS")
+        .expect("CONVERSATIONS column");
+    assert_eq!(row[column], stored.to_string(), "{table}");
 
     process.stop().await;
     pipeline.cleanup().await;

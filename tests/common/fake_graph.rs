@@ -8,8 +8,9 @@
 //!   conversation's 20 most recent messages have details: older ones are listed with `id` and
 //!   `created_time` only, and asking for their details answers error 100.
 //!
-//! - Facebook Login (its own section at the end): `POST /oauth/access_token` (the code, then
-//!   `fb_exchange_token`), `GET /me`, `/me/permissions`, `/me/accounts` (paged, `paging.next`
+//! - Facebook Login (its own section at the end): `GET /oauth/access_token` with query
+//!   parameters, as Meta documents it (the code, then `fb_exchange_token`; any other method is
+//!   refused), `GET /me`, `/me/permissions`, `/me/accounts` (paged, `paging.next`
 //!   carrying the token as Graph's links do), `GET/POST /{page_id}/subscribed_apps` (scripted
 //!   failures of the Page apply to it too).
 //!
@@ -877,7 +878,10 @@ async fn login_answer(state: &Arc<Mutex<GraphState>>, request: Request) -> Respo
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     match segments.as_slice() {
         ["oauth", "access_token"] => {
-            let form = form_pairs(if post { &body } else { &query });
+            if parts.method != axum::http::Method::GET {
+                return oauth_error("Unsupported request: the exchange is a GET", 100);
+            }
+            let form = form_pairs(&query);
             if form.get("client_id").map(String::as_str) != Some(LOGIN_APP_ID)
                 || form.get("client_secret").map(String::as_str) != Some(LOGIN_APP_SECRET)
             {

@@ -12,6 +12,7 @@
 //! - [`tally`]: what a conversation file holds compared with what was delivered;
 //! - [`broker`]: the shared RabbitMQ: unique prefixes, reading and deleting a test's queues, a
 //!   TCP proxy that cuts one test's own path to it;
+//! - [`broker_node`]: a RabbitMQ node of one test's own, to start and stop beside the shared one;
 //! - [`spaces_limits`]: DigitalOcean Spaces' request limits (and an outage) in front of the S3
 //!   test server, and an S3 client configured like the app's;
 //! - [`fake_graph`]: a fake Facebook Graph API with scripted failures, and Facebook Login;
@@ -50,6 +51,8 @@ pub mod webhook;
 
 // The reliability target runs no fake Graph API, no in-process ingest, posts no fixture and
 // reads no `/metrics`: these modules are used by the api target only.
+#[allow(dead_code)]
+pub mod broker_node;
 #[allow(dead_code)]
 pub mod fake_dialog;
 #[allow(dead_code)]

@@ -487,10 +487,15 @@ impl Pipeline {
 /// Reads an ingest's start-up lines until it has said where it listens, publicly and for
 /// operators (in either order).
 async fn ingest_listening(process: &mut FbsyncProcess) -> IngestUrls {
+    ingest_listening_within(process, START_LIMIT).await
+}
+
+/// Waits up to `limit` for a process's ingest to log both its listeners; their URLs.
+pub async fn ingest_listening_within(process: &mut FbsyncProcess, limit: Duration) -> IngestUrls {
     let (mut public, mut operator) = (None, None);
     while public.is_none() || operator.is_none() {
         let line = process
-            .wait_for_line("ingest listening", START_LIMIT, |line| {
+            .wait_for_line("ingest listening", limit, |line| {
                 let message = &line["fields"]["message"];
                 message == "ingest listening" || message == "ingest metrics listening"
             })

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use fbsync_shared::config::OwnerSettings;
+use fbsync_shared::config::{FACEBOOK_CALLBACK_PATH, OwnerSettings, SHOPIFY_CALLBACK_PATH};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::queue::{Publisher, Topology};
@@ -95,9 +95,9 @@ impl OwnerState {
 pub fn router(state: Arc<OwnerState>) -> Router {
     Router::new()
         .route("/shopify/login", get(shopify::login))
-        .route("/shopify/callback", get(shopify::callback))
+        .route(SHOPIFY_CALLBACK_PATH, get(shopify::callback))
         .route("/facebook/login", get(facebook_login::login))
-        .route("/facebook/callback", get(facebook_login::callback))
+        .route(FACEBOOK_CALLBACK_PATH, get(facebook_login::callback))
         .route("/connect", get(status::connect))
         .route("/facebook/deauthorize", post(meta_callbacks::deauthorize))
         .route(

@@ -21,7 +21,10 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 pub use problems::Problems;
-pub use requirements::{OwnerSettings, S3Target, StoreLocation, WebhookSecrets};
+pub use requirements::{
+    FACEBOOK_CALLBACK_PATH, OwnerSettings, S3Target, SHOPIFY_CALLBACK_PATH, StoreLocation,
+    WebhookSecrets,
+};
 use values::VarReader;
 pub use values::{ConditionalWrites, PollSchedule, Span};
 pub use variables::{VARIABLES, Variable};
@@ -114,6 +117,10 @@ pub struct IngestSettings {
     /// Requests handled at once; beyond it ingest answers 503 at once, so unauthenticated
     /// clients cannot make it hold unbounded memory (each may hold a body of up to the limit).
     pub max_in_flight: usize,
+    /// Body bytes all requests in flight may hold together (503 beyond, at once): the bound on
+    /// ingest's memory under unauthenticated clients, which the in-flight count alone would let
+    /// reach `max_in_flight` bodies of the largest size.
+    pub body_budget_bytes: usize,
     /// Longest time a client may take to send a request's headers, and then its body: slow
     /// clients are cut off instead of holding connections and memory.
     pub read_timeout: Duration,
@@ -279,6 +286,7 @@ impl Settings {
                 body_limit_bytes: reader.parsed("INGEST_BODY_LIMIT_BYTES"),
                 publish_timeout: Duration::from_millis(reader.parsed("INGEST_PUBLISH_TIMEOUT_MS")),
                 max_in_flight: reader.parsed("INGEST_MAX_IN_FLIGHT"),
+                body_budget_bytes: reader.parsed("INGEST_BODY_BUDGET_BYTES"),
                 read_timeout: Duration::from_millis(reader.parsed("INGEST_READ_TIMEOUT_MS")),
                 metrics_addr: reader.parsed("INGEST_METRICS_ADDR"),
             },
@@ -343,6 +351,11 @@ impl Settings {
             reader
                 .problems
                 .push("INGEST_MAX_IN_FLIGHT must be at least 1".into());
+        }
+        if settings.ingest.body_budget_bytes < 2 * settings.ingest.body_limit_bytes {
+            reader.problems.push(
+                "INGEST_BODY_BUDGET_BYTES must be at least twice INGEST_BODY_LIMIT_BYTES: bodies larger than 64 KiB share half the budget, and the largest must fit".into(),
+            );
         }
         if settings.ingest.read_timeout.is_zero() {
             reader

@@ -96,12 +96,24 @@ impl Settings {
         let app_secret = problems.required(&facebook.app_secret, "FACEBOOK_APP_SECRET", WHY);
         let facebook_redirect = problems
             .required(&facebook.redirect_uri, "FACEBOOK_REDIRECT_URI", WHY)
-            .and_then(|uri| problems.take(http_url("FACEBOOK_REDIRECT_URI", uri)));
+            .and_then(|uri| {
+                problems.take(redirect_uri(
+                    "FACEBOOK_REDIRECT_URI",
+                    uri,
+                    FACEBOOK_CALLBACK_PATH,
+                ))
+            });
         let api_key = problems.required(&shopify.api_key, "SHOPIFY_API_KEY", WHY);
         let api_secret = problems.required(&shopify.api_secret, "SHOPIFY_API_SECRET", WHY);
         let shopify_redirect = problems
             .required(&shopify.redirect_uri, "SHOPIFY_REDIRECT_URI", WHY)
-            .and_then(|uri| problems.take(http_url("SHOPIFY_REDIRECT_URI", uri)));
+            .and_then(|uri| {
+                problems.take(redirect_uri(
+                    "SHOPIFY_REDIRECT_URI",
+                    uri,
+                    SHOPIFY_CALLBACK_PATH,
+                ))
+            });
         let state_secret = problems
             .required(&self.state_secret, "STATE_TOKEN_SECRET", WHY)
             .and_then(|secret| problems.take(state_secret(secret)));
@@ -163,13 +175,29 @@ fn state_secret(secret: SecretString) -> Result<SecretString, Vec<String>> {
     }
 }
 
-/// An absolute http(s) URL, or the line that says it is not.
-fn http_url(name: &str, uri: String) -> Result<String, Vec<String>> {
-    if uri.starts_with("https://") || uri.starts_with("http://") {
+/// Where ingest serves Facebook Login's redirect: `FACEBOOK_REDIRECT_URI`'s path.
+pub const FACEBOOK_CALLBACK_PATH: &str = "/facebook/callback";
+/// Where ingest serves Shopify's OAuth redirect: `SHOPIFY_REDIRECT_URI`'s path.
+pub const SHOPIFY_CALLBACK_PATH: &str = "/shopify/callback";
+
+/// An absolute http(s) URL whose path is `path` (the route ingest serves it on), or the line
+/// that says what is wrong with it.
+fn redirect_uri(name: &str, uri: String, path: &str) -> Result<String, Vec<String>> {
+    let Some(rest) = uri
+        .strip_prefix("https://")
+        .or_else(|| uri.strip_prefix("http://"))
+    else {
+        return Err(vec![format!(
+            "{name}={uri:?} must be an absolute http:// or https:// URL"
+        )]);
+    };
+    let after_host = rest.find(['/', '?', '#']).map_or("", |at| &rest[at..]);
+    let served = after_host.split(['?', '#']).next().unwrap_or_default();
+    if served == path {
         Ok(uri)
     } else {
         Err(vec![format!(
-            "{name}={uri:?} must be an absolute http:// or https:// URL"
+            "{name}={uri:?} must end in the path {path}: that is where fbsync serves the redirect (the provider sends the owner back to exactly this URL)"
         )])
     }
 }

@@ -73,6 +73,20 @@ fn a_write_gap_over_a_minute_is_refused() {
 }
 
 #[test]
+fn a_body_budget_that_cannot_hold_two_of_the_largest_bodies_is_refused() {
+    let err = Settings::from_map(&vars(&[
+        ("INGEST_BODY_LIMIT_BYTES", "1048576"),
+        ("INGEST_BODY_BUDGET_BYTES", "2097151"),
+    ]))
+    .expect_err("too small a budget");
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert!(err.0[0].starts_with("INGEST_BODY_BUDGET_BYTES must be at least twice"));
+    let settings = Settings::from_map(&vars(&[("INGEST_BODY_BUDGET_BYTES", "2097152")]))
+        .expect("twice the limit is enough");
+    assert_eq!(settings.ingest.body_budget_bytes, 2 * 1048576);
+}
+
+#[test]
 fn every_bad_value_is_reported_at_once() {
     let err = Settings::from_map(&vars(&[
         ("INGEST_ADDR", "nowhere"),

@@ -1,8 +1,9 @@
 //! The Facebook Graph API client: one request path (token in the header, errors classified)
 //! for every call, and Page metadata for `page_data.json`.
 //!
-//! Tokens travel in the `Authorization` header, never in the URL, so no error message or log
-//! line that quotes a URL can leak one. Errors are classified for the retry policy: rate limits
+//! Tokens travel in the `Authorization` header, never in the URL (only Facebook Login's
+//! exchanges put the app secret in one, as Meta documents them), and no error message or log
+//! line quotes a URL, so none can leak a secret. Errors are classified for the retry policy: rate limits
 //! (codes 4, 17, 32, 613, 80006) wait at least what `X-Business-Use-Case-Usage` or
 //! `X-App-Usage` says, token errors (190) stop at once.
 
@@ -216,15 +217,17 @@ impl GraphClient {
         Ok(body)
     }
 
-    /// POSTs a form with no bearer token: Facebook Login's code and token exchanges, which
-    /// authenticate with the app secret in the form (in the body, so never in a URL).
-    pub async fn post_form_without_token(
+    /// GETs `url` with `query` and no bearer token: Facebook Login's code and token exchanges,
+    /// which Meta documents as GETs authenticated by the app secret among the query parameters.
+    /// That URL is never logged, and a failure is described without it
+    /// ([`describe_transport_error`]), so the secret stays out of every log line.
+    pub async fn get_without_token(
         &self,
         url: &str,
-        form: &[(&str, &str)],
+        query: &[(&str, &str)],
     ) -> Result<Value, GraphError> {
         let url = self.checked_url(url)?;
-        self.send(self.http.post(url).form(form), None).await
+        self.send(self.http.get(url).query(query), None).await
     }
 }
 
@@ -239,7 +242,8 @@ pub fn page_data(answer: &Value) -> Value {
     Value::Object(kept)
 }
 
-/// A transport error without its URL (the URL is ours and harmless, but error chains are long).
+/// A transport error without its URL: the exchanges' URLs carry the app secret (and error
+/// chains are long).
 fn describe_transport_error(error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {
         "timed out"

@@ -4,8 +4,9 @@
 //!
 //! Everything goes through [`GraphClient`]'s one request path: user and Page tokens in the
 //! `Authorization` header; the exchanges, which carry the app secret (and the short-lived
-//! token), as a POST form, so no secret is ever in a URL. Tokens come back as
-//! [`SecretString`]s and are never logged.
+//! token), as the GETs with query parameters that Meta documents ("Manually Build a Login
+//! Flow" and "Long-Lived Access Tokens", read 2026-12-04), whose URLs are never logged. Tokens
+//! come back as [`SecretString`]s and are never logged.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -76,14 +77,14 @@ impl GraphClient {
         redirect_uri: &str,
         code: &str,
     ) -> Result<SecretString, GraphError> {
-        let form = [
+        let query = [
             ("client_id", app.app_id),
-            ("client_secret", app.app_secret.expose_secret()),
             ("redirect_uri", redirect_uri),
+            ("client_secret", app.app_secret.expose_secret()),
             ("code", code),
         ];
         let answer = self
-            .post_form_without_token(&self.url("oauth/access_token"), &form)
+            .get_without_token(&self.url("oauth/access_token"), &query)
             .await?;
         access_token(&answer)
     }
@@ -95,14 +96,14 @@ impl GraphClient {
         app: AppCredentials<'_>,
         short_lived: &SecretString,
     ) -> Result<SecretString, GraphError> {
-        let form = [
+        let query = [
             ("grant_type", "fb_exchange_token"),
             ("client_id", app.app_id),
             ("client_secret", app.app_secret.expose_secret()),
             ("fb_exchange_token", short_lived.expose_secret()),
         ];
         let answer = self
-            .post_form_without_token(&self.url("oauth/access_token"), &form)
+            .get_without_token(&self.url("oauth/access_token"), &query)
             .await?;
         access_token(&answer)
     }

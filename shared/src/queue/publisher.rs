@@ -236,7 +236,11 @@ impl Publisher {
                 }
                 Err(e) => {
                     if !outage_logged {
-                        tracing::warn!(error = %e, "broker unreachable; retrying");
+                        tracing::warn!(
+                            error = %e,
+                            hint = %super::unreachable_hint(&amqp_url),
+                            "broker unreachable; retrying"
+                        );
                         outage_logged = true;
                     }
                     let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);

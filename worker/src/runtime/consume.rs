@@ -59,17 +59,31 @@ pub async fn consume_forever(
     shutdown: CancellationToken,
 ) {
     let mut delays = reconnect_delays();
+    // One warning per outage, not one per attempt: an operator reads what is wrong and what to
+    // do once, and the later attempts at debug level.
+    let mut outage_logged = false;
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
         let outcome = consume_session(&context, kind, &shutdown).await;
         if started.elapsed() > Duration::from_secs(10) {
             // A session that ran for a while was healthy: the next outage starts afresh.
             delays = reconnect_delays();
+            outage_logged = false;
         }
         match outcome {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(queue = kind.as_str(), error = %e, "consumer stopped; reconnecting");
+                if outage_logged {
+                    tracing::debug!(queue = kind.as_str(), error = %e, "consumer still stopped; reconnecting");
+                } else {
+                    tracing::warn!(
+                        queue = kind.as_str(),
+                        error = %e,
+                        hint = %fbsync_shared::queue::unreachable_hint(&context.amqp_url),
+                        "consumer stopped; reconnecting"
+                    );
+                    outage_logged = true;
+                }
                 let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
