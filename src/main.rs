@@ -367,10 +367,12 @@ async fn serve_ingest(
     );
     // Start answering once the broker is there (or after a grace period, answering 503 until
     // it is), so a fresh start does not turn Facebook's first deliveries away.
-    if !publisher
-        .wait_ready(std::time::Duration::from_secs(10))
-        .await
-    {
+    // A shutdown during that grace period stops it there, before anything listens.
+    let ready = tokio::select! {
+        ready = publisher.wait_ready(std::time::Duration::from_secs(10)) => ready,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if !ready {
         tracing::warn!("the broker is not reachable yet; deliveries are answered 503 until it is");
     }
     let mut state = fbsync_ingest::IngestState::new(settings, secrets, publisher.clone(), metrics);

@@ -24,7 +24,8 @@ use crate::common::metrics::{sample, scrape};
 use crate::common::pipeline::{DbKind, IngestUrls, PAGE_ID, Pipeline, StoreKind};
 use crate::common::process::FbsyncProcess;
 use crate::common::webhook::{
-    accepted, conversation_burst, message_delivery, post_burst, post_signed, webhook_client,
+    Answer, Delivery, accepted, conversation_burst, message_delivery, post_burst, post_signed,
+    webhook_client,
 };
 
 /// A generous bound for anything that should happen "within a few seconds": these tests prove
@@ -182,6 +183,23 @@ impl SlowClient {
     }
 }
 
+/// Posts every one of `deliveries` at once, each from its own sender; every answer.
+async fn post_all_at_once(
+    client: &reqwest::Client,
+    url: &str,
+    deliveries: &Arc<Vec<Delivery>>,
+) -> Vec<Answer> {
+    post_burst(
+        client,
+        url,
+        deliveries,
+        deliveries.len(),
+        Duration::ZERO,
+        &Arc::default(),
+    )
+    .await
+}
+
 /// POSTs `body` signed, as Facebook would; returns the status and how long the answer took.
 async fn timed_post(client: &reqwest::Client, url: &str, body: &[u8]) -> (u16, Duration) {
     let sent = Instant::now();
@@ -269,15 +287,7 @@ async fn signed_deliveries_keep_flowing_while_a_thousand_slow_clients_hold_conne
 
     let deliveries = Arc::new(conversation_burst(PAGE_ID, "slow", 20, 10));
     let started = Instant::now();
-    let answers = post_burst(
-        &client,
-        &urls.webhook,
-        &deliveries,
-        deliveries.len(),
-        Duration::ZERO,
-        &Arc::default(),
-    )
-    .await;
+    let answers = post_all_at_once(&client, &urls.webhook, &deliveries).await;
     let took = started.elapsed();
     println!(
         "{} signed deliveries, all sent at once beside 1,000 slow clients, answered in {took:?} \
@@ -609,15 +619,7 @@ async fn bodies_beyond_the_byte_budget_are_refused_at_once_while_deliveries_are_
 
     let client = webhook_client();
     let deliveries = Arc::new(conversation_burst(PAGE_ID, "budget", 5, 10));
-    let answers = post_burst(
-        &client,
-        &urls.webhook,
-        &deliveries,
-        deliveries.len(),
-        Duration::ZERO,
-        &Arc::default(),
-    )
-    .await;
+    let answers = post_all_at_once(&client, &urls.webhook, &deliveries).await;
     assert_eq!(
         accepted(&answers),
         deliveries.len(),

@@ -411,6 +411,33 @@ fn spawn_lone_ingest(prefix: &str, extra: &[(&str, &str)]) -> FbsyncProcess {
     FbsyncProcess::spawn(&["ingest"], &env)
 }
 
+/// SIGTERM while ingest still waits for an unreachable broker (its grace period before it
+/// listens) stops it there: exit 0 at once, and it never starts listening.
+#[tokio::test]
+async fn sigterm_before_the_broker_is_reached_stops_ingest_before_it_listens() {
+    let prefix = unique_prefix();
+    let mut process = spawn_lone_ingest(
+        &prefix,
+        &[
+            ("LOG_FORMAT", "json"),
+            ("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f"),
+        ],
+    );
+    process
+        .wait_for_log("broker unreachable; retrying", Duration::from_secs(20))
+        .await;
+    let status = process
+        .terminate_and_wait(Duration::from_secs(5))
+        .await
+        .expect("ingest exits within 5 s of SIGTERM (its broker grace period is 10 s)");
+    assert!(status.success(), "{status}");
+    let lines = process.take_lines();
+    assert!(
+        !lines.iter().any(|line| line.contains("ingest listening")),
+        "it started listening after SIGTERM: {lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_binary_serves_logs_json_and_exits_cleanly_on_sigterm() {
     let prefix = unique_prefix();
