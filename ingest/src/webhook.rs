@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Query, Request, State};
-use axum::http::header::CONTENT_LENGTH;
+use axum::http::header::{CONTENT_LENGTH, X_CONTENT_TYPE_OPTIONS};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fbsync_shared::facebook::event::{EventMessage, split_delivery};
@@ -40,7 +40,13 @@ pub(crate) async fn verify_subscription(
             .into()
     });
     match (mode_ok && token_ok, params.get("hub.challenge")) {
-        (true, Some(challenge)) => (StatusCode::OK, challenge.clone()).into_response(),
+        // Echoed as plain text that no browser may sniff into anything else.
+        (true, Some(challenge)) => (
+            StatusCode::OK,
+            [(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"))],
+            challenge.clone(),
+        )
+            .into_response(),
         _ => (StatusCode::FORBIDDEN, "verification failed").into_response(),
     }
 }

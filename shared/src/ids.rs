@@ -12,7 +12,8 @@ use std::fmt;
 pub struct InvalidId {
     /// Which kind of id.
     pub what: &'static str,
-    /// The refused text (ids are not secrets).
+    /// The refused text (ids are not secrets), its first 100 characters: a refused id may be
+    /// of any length, and this goes into logs and answers.
     pub value: String,
     /// What a valid one looks like.
     pub rule: &'static str,
@@ -48,7 +49,7 @@ impl ShopDomain {
         if !valid {
             return Err(InvalidId {
                 what: "shop",
-                value: text.chars().take(100).collect(),
+                value: shown(text),
                 rule: "a Shopify shop domain such as my-shop.myshopify.com",
             });
         }
@@ -60,6 +61,11 @@ impl ShopDomain {
     }
 }
 
+/// A refused id as it is shown: its first 100 characters.
+fn shown(text: &str) -> String {
+    text.chars().take(100).collect()
+}
+
 /// Longest id accepted; Facebook's are about 16 digits.
 const MAX_ID_LEN: usize = 64;
 
@@ -68,7 +74,7 @@ impl PageId {
         if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(InvalidId {
                 what: "page id",
-                value: text.to_string(),
+                value: shown(text),
                 rule: "a Facebook Page id is 1 to 64 digits",
             });
         }
@@ -86,7 +92,7 @@ impl UserUuid {
             Ok(uuid) => Ok(Self(uuid.hyphenated().to_string())),
             Err(_) => Err(InvalidId {
                 what: "user UUID",
-                value: text.to_string(),
+                value: shown(text),
                 rule: "a UUID such as 123e4567-e89b-12d3-a456-426614174000",
             }),
         }
@@ -108,7 +114,7 @@ impl Psid {
         if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(allowed) {
             return Err(InvalidId {
                 what: "conversation partner id",
-                value: text.to_string(),
+                value: shown(text),
                 rule: "1 to 64 letters, digits, '_' or '-'",
             });
         }

@@ -7,12 +7,14 @@
 //! - [`ids`]: validated Page, user and conversation-partner ids.
 //! - [`config`], [`crypto`], [`retry`], [`telemetry`]: configuration, token encryption, the one
 //!   retry policy, logs and metrics.
+//! - [`private_files`]: files and folders created for their owner alone (0600, 0700).
 
 pub mod config;
 pub mod crypto;
 pub mod facebook;
 pub mod ids;
 pub mod jobs;
+pub mod private_files;
 pub mod queue;
 pub mod retry;
 pub mod storage;

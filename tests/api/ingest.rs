@@ -29,6 +29,13 @@ async fn handshake_answers_the_challenge_only_for_the_right_token() {
     ))
     .await;
     assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.headers()
+            .get("x-content-type-options")
+            .map(|v| v.as_bytes()),
+        Some(&b"nosniff"[..]),
+        "the echoed challenge cannot be sniffed into HTML"
+    );
     assert_eq!(ok.text().await.expect("body"), "1158201444");
 
     let wrong_token = get("hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1".into()).await;
@@ -218,6 +225,29 @@ async fn oversized_and_malformed_bodies_are_refused() {
         400
     );
     assert!(ingest.drain(JobKind::Conversation).await.is_empty());
+    ingest.cleanup().await;
+}
+
+/// A signed delivery whose Page id is 200 KB (it used to travel into an AMQP header, and
+/// RabbitMQ closed ingest's connection: every delivery in flight then got 503) and one nested
+/// 20,000 levels deep (it used to be accepted, then dropped at merge) are answered 400 and
+/// publish nothing; the next delivery is accepted as usual.
+#[tokio::test]
+async fn deliveries_with_ids_that_are_not_ids_or_nested_too_deep_are_refused_at_the_door() {
+    let ingest = spawn_ingest_in_process(AMQP_URL).await;
+    let huge_id = "1".repeat(200_000);
+    let with_huge_id = String::from_utf8(fixture("message.json"))
+        .expect("utf-8")
+        .replace("510249619162304", &huge_id);
+    assert_eq!(ingest.post_signed(with_huge_id.as_bytes()).await, 400);
+    let nested = format!("{}1{}", "[".repeat(20_000), "]".repeat(20_000));
+    let deep = format!(
+        r#"{{"object":"page","entry":[{{"id":"510249619162304","time":1,"messaging":[{{"sender":{{"id":"7"}},"recipient":{{"id":"510249619162304"}},"timestamp":3,"message":{{"mid":"m_deep","attachments":{nested}}}}}]}}]}}"#
+    );
+    assert_eq!(ingest.post_signed(deep.as_bytes()).await, 400);
+    assert_eq!(ingest.post_signed(&fixture("message.json")).await, 200);
+    let events = ingest.drain(JobKind::Conversation).await;
+    assert_eq!(events.len(), 1, "only the good delivery was published");
     ingest.cleanup().await;
 }
 

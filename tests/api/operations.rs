@@ -274,6 +274,12 @@ async fn a_backup_taken_while_the_pipeline_runs_is_a_consistent_database_with_se
     let (code, stdout, stderr) = pipeline.run(&["backup", "--to", &target]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     sender.await.expect("sender");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&snapshot)
+            .expect("snapshot")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the backup is its owner's alone");
     // A backup never overwrites.
     let (again, _, refused) = pipeline.run(&["backup", "--to", &target]).await;
     assert_eq!(again, 2, "{refused}");

@@ -190,6 +190,51 @@ async fn deliveries_reach_a_local_directory_on_sqlite() {
     fixtures_end_up_in_the_store(DbKind::Sqlite, StoreKind::Local).await;
 }
 
+/// Conversations are personal data: on the local store every file fbsync writes is 0600 and
+/// every folder it makes 0700 (the test runs with the usual umask, which would give 0644 and
+/// 0755), and so is the SQLite database with its journal.
+#[tokio::test]
+async fn stored_conversations_and_the_database_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.register_page(PAGE_ID).await;
+    let (mut process, ingest) = pipeline.up().await;
+    let body = message_delivery(PAGE_ID, "private", "m_private", 1, false);
+    assert_eq!(
+        post_signed(&webhook_client(), &ingest.webhook, &body).await,
+        200
+    );
+    pipeline
+        .wait_for_conversation(PAGE_ID, "private", 1, Duration::from_secs(30))
+        .await;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let file = pipeline
+        .data_dir
+        .join(crate::common::pipeline::conversation_key(
+            PAGE_ID, "private",
+        ));
+    assert_eq!(mode(&file), 0o600, "{}", file.display());
+    let mut folder = file.parent();
+    while let Some(dir) = folder.filter(|dir| *dir != pipeline.data_dir.as_path()) {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        folder = dir.parent();
+    }
+    for name in ["fbsync.db", "fbsync.db-wal"] {
+        let path = pipeline.data_dir.join(name);
+        if name == "fbsync.db" || path.exists() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
 #[tokio::test]
 async fn deliveries_reach_the_s3_bucket_on_sqlite() {
     fixtures_end_up_in_the_store(DbKind::Sqlite, StoreKind::S3 { endpoint: None }).await;

@@ -80,9 +80,12 @@ pub struct GraphClient {
 
 impl GraphClient {
     pub fn new(base_url: &str) -> Self {
+        // Redirects are not followed: a redirected exchange would carry the app secret to
+        // wherever the answer points. The Graph API does not redirect its API calls.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a plain HTTP client always builds");
         Self {
@@ -197,6 +200,11 @@ impl GraphClient {
         metrics::histogram!(GRAPH_SECONDS).record(started.elapsed().as_secs_f64());
         let response = sent.map_err(|e| GraphError::Transient(describe_transport_error(&e)))?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(GraphError::Permanent(format!(
+                "the Graph API answered a redirect (HTTP {status}), which is not followed"
+            )));
+        }
         let retry_after = usage_wait(response.headers());
         let body: Value = response.json().await.map_err(|e| {
             GraphError::Transient(format!(
@@ -309,6 +317,45 @@ fn usage_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A 307 on the code exchange is not followed: the exchange fails, and the place the
+    /// redirect names never hears of it (it would have received the app secret again).
+    #[tokio::test]
+    async fn a_redirected_exchange_is_not_followed() {
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let elsewhere_addr = elsewhere.local_addr().expect("addr");
+        let graph = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let graph_addr = graph.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = graph.accept().await.expect("accept");
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{elsewhere_addr}/steal\r\nContent-Length: 0\r\n\r\n"
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        });
+        let client = GraphClient::new(&format!("http://{graph_addr}/v25.0"));
+        let secret = SecretString::from("app-secret".to_string());
+        let app = crate::facebook::login::AppCredentials {
+            app_id: "1",
+            app_secret: &secret,
+        };
+        let refused = client
+            .exchange_code(app, "https://x.example/facebook/callback", "c")
+            .await;
+        assert!(
+            matches!(&refused, Err(GraphError::Permanent(m)) if m.contains("redirect")),
+            "{refused:?}"
+        );
+        let reached = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(reached.is_err(), "the redirect was followed");
+    }
 
     #[test]
     fn paging_links_lose_their_token_and_never_leave_the_graph_api() {

@@ -140,7 +140,26 @@ pub enum DeliveryError {
     NotJson(String),
     #[error("object is {0:?}, not \"page\"")]
     NotPage(String),
+    /// Nested deeper than [`MAX_JSON_DEPTH`]: the worker could not read such an event back to
+    /// merge it, so it is refused here rather than accepted and lost.
+    #[error("the body nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
+    /// More events than [`MAX_EVENTS_PER_DELIVERY`].
+    #[error("the body holds {0} events, more than {MAX_EVENTS_PER_DELIVERY}")]
+    TooManyEvents(usize),
+    /// A Page id or a person's id that is not one: it would name an object and travel in a
+    /// queue header.
+    #[error("{0}")]
+    BadId(#[from] crate::ids::InvalidId),
 }
+
+/// The deepest nesting of arrays and objects a delivery may have: Facebook's are about 8 deep,
+/// and an event must stay well within the 128 levels the worker's JSON reader allows once it
+/// sits in a conversation file.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// The most events one delivery may carry: twice the 1,000 updates Facebook batches at most.
+pub const MAX_EVENTS_PER_DELIVERY: usize = 2000;
 
 #[cfg(test)]
 mod tests;

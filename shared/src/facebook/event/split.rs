@@ -1,5 +1,10 @@
 //! Splitting a webhook delivery into one [`EventMessage`] per event: messaging, standby and
 //! Page changes. The envelope borrows from the body; each event stays the text Facebook sent.
+//!
+//! Invariant: a delivery is split whole or refused whole. It is refused when it nests deeper
+//! than [`MAX_JSON_DEPTH`], carries more than [`MAX_EVENTS_PER_DELIVERY`] events, or names a
+//! Page or a person by something that is not an id ([`PageId::parse`], [`Psid::parse`]): no
+//! event goes on a queue that the worker would have to drop.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -7,8 +12,10 @@ use serde_json::value::RawValue;
 
 use super::facts::whole_number;
 use super::{
-    DeliveryError, EventFacts, EventKind, EventMessage, EventSource, Identity, canonical_hash,
+    DeliveryError, EventFacts, EventKind, EventMessage, EventSource, Identity,
+    MAX_EVENTS_PER_DELIVERY, MAX_JSON_DEPTH, canonical_hash,
 };
+use crate::ids::{PageId, Psid};
 
 /// A delivery's envelope, borrowed from the body.
 #[derive(Deserialize)]
@@ -43,6 +50,9 @@ pub fn split_delivery(
     body: &[u8],
     received_at_ms: i64,
 ) -> Result<Vec<EventMessage>, DeliveryError> {
+    if nesting_depth(body) > MAX_JSON_DEPTH {
+        return Err(DeliveryError::TooDeep);
+    }
     let delivery: Delivery =
         serde_json::from_slice(body).map_err(|e| DeliveryError::NotJson(e.to_string()))?;
     if delivery.object.get() != r#""page""# {
@@ -58,14 +68,21 @@ pub fn split_delivery(
         .iter()
         .map(|entry| entry.messaging.len() + entry.standby.len() + entry.changes.len())
         .sum();
+    if events > MAX_EVENTS_PER_DELIVERY {
+        return Err(DeliveryError::TooManyEvents(events));
+    }
     let mut events = Vec::with_capacity(events);
     for entry in delivery.entry {
         let page_id = page_id_text(entry.id);
+        PageId::parse(&page_id)?;
         let streams = [(entry.messaging, false), (entry.standby, true)];
         for (raw_events, standby) in streams {
             for raw in raw_events {
                 let mut message =
                     describe_messaging_event(&page_id, raw.to_owned(), received_at_ms);
+                if let Some(user_psid) = &message.user_psid {
+                    Psid::parse(user_psid)?;
+                }
                 message.standby = standby;
                 events.push(message);
             }
@@ -97,6 +114,34 @@ pub fn split_delivery(
         }
     }
     Ok(events)
+}
+
+/// How deeply the arrays and objects of a JSON text nest (brackets inside strings do not
+/// count). One pass over the bytes, before anything is parsed.
+fn nesting_depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// An entry's Page id as text: a string as it reads, a number in its JSON form, anything else

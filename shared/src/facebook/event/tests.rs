@@ -196,14 +196,14 @@ fn facts_from_the_text_are_the_facts_from_the_value() {
 /// time gives a Page change the identity it had.
 #[test]
 fn a_time_written_with_a_fraction_is_read_and_kept_as_sent() {
-    let body = r#"{"object":"page","entry":[{"id":"p","time":1492414608.0,"messaging":[{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":1492414608999.0,"message":{"mid":"m_f","text":"a"}}],"changes":[{"field":"name","value":"Shop"}]}]}"#;
+    let body = r#"{"object":"page","entry":[{"id":"1","time":1492414608.0,"messaging":[{"sender":{"id":"u"},"recipient":{"id":"1"},"timestamp":1492414608999.0,"message":{"mid":"m_f","text":"a"}}],"changes":[{"field":"name","value":"Shop"}]}]}"#;
     let events = split_delivery(body.as_bytes(), 1).expect("accepted");
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].timestamp_ms, 1_492_414_608_999);
     assert!(events[0].event.get().contains("1492414608999.0"));
     assert_eq!(events[1].kind, EventKind::PageChange);
     assert_eq!(events[1].timestamp_ms, 1_492_414_608_000);
-    let integer = r#"{"object":"page","entry":[{"id":"p","time":5,"changes":[{"field":"name","value":"Shop"}]}]}"#;
+    let integer = r#"{"object":"page","entry":[{"id":"1","time":5,"changes":[{"field":"name","value":"Shop"}]}]}"#;
     let change = split_delivery(integer.as_bytes(), 1).expect("accepted");
     let before = Identity::Change(canonical_hash(
         &serde_json::json!({ "time": 5, "change": {"field":"name","value":"Shop"} }),
@@ -223,10 +223,14 @@ fn envelopes_read_as_before() {
     };
     assert_eq!(
         ids(
-            r#"{"object":"page","entry":[{"id":"1","messaging":[{}]},{"id":2,"changes":[{}]},{"id":"\u0033","standby":[{}]},{"id":null,"messaging":[{}]}]}"#
+            r#"{"object":"page","entry":[{"id":"1","messaging":[{}]},{"id":2,"changes":[{}]},{"id":"\u0033","standby":[{}]}]}"#
         ),
-        ["1", "2", "3", ""]
+        ["1", "2", "3"]
     );
+    assert!(matches!(
+        split(r#"{"object":"page","entry":[{"id":null,"messaging":[{}]}]}"#),
+        Err(DeliveryError::BadId(_))
+    ));
     assert_eq!(
         ids(r#"{"object":"p\u0061ge","entry":[]}"#),
         Vec::<String>::new()
@@ -311,4 +315,66 @@ fn each_edit_of_a_message_is_its_own_event() {
         .identity,
         "the edit and the message are both kept"
     );
+}
+
+/// A delivery of one message from `user` to `page`, its text nested `depth` arrays deep.
+fn delivery_with(page: &str, user: &str, depth: usize) -> Vec<u8> {
+    let nested = format!("{}\"x\"{}", "[".repeat(depth), "]".repeat(depth));
+    format!(
+        r#"{{"object":"page","entry":[{{"id":"{page}","time":1,"messaging":[{{"sender":{{"id":"{user}"}},"recipient":{{"id":"{page}"}},"timestamp":2,"message":{{"mid":"m_1","text":"a [ {{ \" ] in a string","deep":{nested}}}}}]}}]}}"#
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_delivery_nested_deeper_than_the_limit_is_refused_whole() {
+    // The envelope and the event take 6 levels; the text's brackets do not count.
+    assert_eq!(
+        split_bytes(&delivery_with(PAGE, USER, MAX_JSON_DEPTH - 6)).map(|e| e.len()),
+        Ok(1)
+    );
+    assert_eq!(
+        split_bytes(&delivery_with(PAGE, USER, 20_000)).err(),
+        Some(DeliveryError::TooDeep)
+    );
+}
+
+#[test]
+fn ids_that_are_not_ids_refuse_the_delivery_and_are_shown_shortened() {
+    let long = "1".repeat(200_000);
+    let Err(DeliveryError::BadId(refused)) = split_bytes(&delivery_with(&long, USER, 1)) else {
+        panic!("a 200,000-digit page id was accepted");
+    };
+    assert_eq!(refused.what, "page id");
+    assert_eq!(refused.value.len(), 100);
+    assert!(matches!(
+        split_bytes(&delivery_with(PAGE, "../x", 1)),
+        Err(DeliveryError::BadId(_))
+    ));
+}
+
+#[test]
+fn more_events_than_the_cap_refuse_the_delivery() {
+    let event = format!(
+        r#"{{"sender":{{"id":"{USER}"}},"recipient":{{"id":"{PAGE}"}},"timestamp":2,"message":{{"mid":"m_1","text":"x"}}}}"#
+    );
+    let body = |events: usize| {
+        let events = vec![event.as_str(); events].join(",");
+        format!(
+            r#"{{"object":"page","entry":[{{"id":"{PAGE}","time":1,"messaging":[{events}]}}]}}"#
+        )
+        .into_bytes()
+    };
+    assert_eq!(
+        split_bytes(&body(MAX_EVENTS_PER_DELIVERY)).map(|e| e.len()),
+        Ok(MAX_EVENTS_PER_DELIVERY)
+    );
+    assert_eq!(
+        split_bytes(&body(MAX_EVENTS_PER_DELIVERY + 1)).err(),
+        Some(DeliveryError::TooManyEvents(MAX_EVENTS_PER_DELIVERY + 1))
+    );
+}
+
+fn split_bytes(body: &[u8]) -> Result<Vec<EventMessage>, DeliveryError> {
+    split_delivery(body, 1)
 }

@@ -245,9 +245,15 @@ impl Database {
                 && let Some(parent) = Path::new(&path).parent()
                 && !parent.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(parent).map_err(|e| {
+                crate::private_files::create_dir_all(parent).map_err(|e| {
                     DbError::BadUrl(format!("cannot create {}: {e}", parent.display()))
                 })?;
+            }
+            // Created 0600 before SQLite opens it (an empty file is a new database), so its
+            // journal files, which SQLite gives the database's mode, are private too.
+            if path != ":memory:" && !Path::new(&path).exists() {
+                crate::private_files::open_for_writing(Path::new(&path))
+                    .map_err(|e| DbError::BadUrl(format!("cannot create {path}: {e}")))?;
             }
             if !url.contains('?') {
                 url.push_str("?mode=rwc");
@@ -343,10 +349,18 @@ impl Database {
                 "backups of PostgreSQL are pg_dump's job (see the README)".into(),
             ));
         }
-        sqlx::query("VACUUM INTO $1")
+        // Created empty and 0600 first (VACUUM INTO writes into an empty file): a backup holds
+        // what the database holds.
+        crate::private_files::create(path)
+            .map_err(|e| DbError::BadUrl(format!("cannot create {}: {e}", path.display())))?;
+        let written = sqlx::query("VACUUM INTO $1")
             .bind(path.display().to_string())
             .execute(&self.pool)
-            .await?;
+            .await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
         Ok(())
     }
 

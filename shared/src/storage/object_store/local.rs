@@ -1,7 +1,8 @@
 //! Objects as files under a directory (the embedded default: no cloud account needed), with
 //! the store's semantics kept: a conditional write checks its condition and writes under an
 //! exclusive per-object lock, so exactly one of many racing creators wins, and a write is on
-//! disk (file and directory fsynced) before it returns.
+//! disk (file and directory fsynced) before it returns. Files are created 0600 and folders 0700
+//! ([`private_files`]): conversations are personal data.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+
+use crate::private_files;
 
 use super::{
     KeyPrefix, Listing, ObjectKey, ObjectStore, PROBE_PREFIX, StoreError, StoredObject,
@@ -177,14 +180,9 @@ fn write_durably(
 ) -> Result<(), StoreError> {
     let io = |e: std::io::Error| StoreError::Transient(e.to_string());
     for dir in [path.parent(), lock.parent()].into_iter().flatten() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        private_files::create_dir_all(dir).map_err(io)?;
     }
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock)
-        .map_err(io)?;
+    let lock_file = private_files::open_for_writing(lock).map_err(io)?;
     // Released when the file is closed, also if this process dies.
     lock_file.lock().map_err(io)?;
     let current = match std::fs::read(path) {
@@ -201,7 +199,7 @@ fn write_durably(
     }
     // Write aside, then rename: readers never see half a file.
     let temp = path.with_extension(format!("json.{}.tmp", uuid::Uuid::new_v4().simple()));
-    let mut file = std::fs::File::create(&temp).map_err(io)?;
+    let mut file = private_files::create(&temp).map_err(io)?;
     file.write_all(body).map_err(io)?;
     file.sync_all().map_err(io)?;
     drop(file);
