@@ -410,6 +410,6 @@ async fn serve_ingest(
         state.clone(),
         shutdown.clone(),
     ));
-    fbsync_ingest::run(listener, state, settings.ingest.body_limit_bytes, shutdown).await?;
+    fbsync_ingest::run(listener, state, shutdown).await?;
     Ok(())
 }

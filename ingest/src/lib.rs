@@ -5,24 +5,27 @@
 //! confirms); when the broker is away it is answered 503 within the publish timeout, so
 //! Facebook retries it later. Nothing here touches storage: ingest stays fast and thin.
 //!
-//! Unauthenticated clients are bounded before the signature can be checked: at most
-//! `INGEST_MAX_IN_FLIGHT` requests are handled at once (503 beyond, at once), a client has
-//! `INGEST_READ_TIMEOUT_MS` to send its headers and then its body (408 or a closed connection
-//! beyond), a body is read up to `INGEST_BODY_LIMIT_BYTES` (413 beyond), and all bodies in
-//! flight together hold at most `INGEST_BODY_BUDGET_BYTES` (503 beyond, at once; see
-//! [`body_budget`]). `/metrics` is not
+//! Unauthenticated clients are bounded before the signature can be checked, on every route
+//! of the public listener (the webhook and the owner routes; see [`request_limits`]): at most
+//! `INGEST_MAX_CONNECTIONS` connections (one beyond is closed at once) and
+//! `INGEST_MAX_IN_FLIGHT` requests at once (503 beyond, at once), `INGEST_READ_TIMEOUT_MS` to
+//! send the headers and then the body (408 or a closed connection beyond), a body of up to
+//! `INGEST_BODY_LIMIT_BYTES` (413 beyond), and all bodies in flight together at most
+//! `INGEST_BODY_BUDGET_BYTES` (503 beyond, at once; see [`body_budget`]). `/metrics` is not
 //! served here but on its own listener ([`serve_metrics`]).
 //!
 //! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.
 //!
 //! The rooms: `server.rs` serves the routes (HTTP/1.1 with the read timeout, graceful shutdown),
 //! `webhook.rs` is the webhook's two handlers and the `SignedDelivery` extractor,
-//! `body_budget.rs` the bytes that bodies in flight may hold,
+//! `request_limits.rs` the limits every request is read within, `body_budget.rs` the bytes
+//! that bodies in flight may hold,
 //! `delivery_metrics.rs` counts how each delivery was answered.
 
 mod body_budget;
 mod delivery_metrics;
 pub mod owner;
+mod request_limits;
 mod server;
 mod webhook;
 
@@ -58,6 +61,10 @@ pub struct IngestState {
     body_budget: BodyBudget,
     /// Longest time a client may take to send its headers, and then its body.
     pub read_timeout: Duration,
+    /// Largest body a request may have (413 beyond).
+    pub body_limit_bytes: usize,
+    /// Connections open at once on each listener; one beyond is closed at once.
+    pub max_connections: usize,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
     /// The deliveries' counters and histogram, kept once registered.
@@ -87,6 +94,8 @@ impl IngestState {
                 settings.ingest.body_limit_bytes,
             ),
             read_timeout: settings.ingest.read_timeout,
+            body_limit_bytes: settings.ingest.body_limit_bytes,
+            max_connections: settings.ingest.max_connections,
             metrics,
             delivery_metrics: DeliveryMetrics::default(),
             owner: None,

@@ -2,8 +2,8 @@
 //! published with confirms before they are answered.
 //!
 //! Invariant: a delivery is answered 200 only once every event in it is confirmed by the
-//! broker; nothing is read of a request beyond the in-flight limit or of a body beyond the byte
-//! budget, and nothing of an unsigned body is parsed.
+//! broker, and nothing of an unsigned body is parsed. The request's limits (slot, byte budget,
+//! read timeout) are [`crate::request_limits`]'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Query, Request, State};
-use axum::http::header::{CONTENT_LENGTH, X_CONTENT_TYPE_OPTIONS};
+use axum::http::header::X_CONTENT_TYPE_OPTIONS;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fbsync_shared::facebook::event::{EventMessage, split_delivery};
@@ -21,10 +21,8 @@ use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Topology};
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::IngestState;
-use crate::body_budget::BodyReservation;
 use crate::delivery_metrics::Outcome;
 
 /// GET /facebook/webhook: the subscription handshake.
@@ -51,17 +49,12 @@ pub(crate) async fn verify_subscription(
     }
 }
 
-/// A delivery's body, read within the limits and with its signature verified. Extracting it
-/// takes one of the in-flight slots and the body's bytes of the budget first, and holds them
-/// while the delivery is handled; a request refused here is counted and answered as its
-/// [`Outcome`].
+/// A delivery's body with its signature verified. The body was read within the limits
+/// before ([`crate::request_limits`]), which hold the request's slot and bytes while it is
+/// handled; a request refused here is counted and answered as its [`Outcome`].
 pub struct SignedDelivery {
     /// The body as sent: signed, not yet parsed.
     body: Bytes,
-    /// The in-flight slot, given back when the delivery has been answered.
-    _slot: OwnedSemaphorePermit,
-    /// The body's bytes of the budget, given back with the slot.
-    _bytes: BodyReservation,
 }
 
 impl FromRequest<Arc<IngestState>> for SignedDelivery {
@@ -69,50 +62,16 @@ impl FromRequest<Arc<IngestState>> for SignedDelivery {
 
     async fn from_request(request: Request, state: &Arc<IngestState>) -> Result<Self, Response> {
         let refuse = |outcome, status, text| state.delivery_metrics.answer(outcome, status, text);
-        // A slot first: beyond the limit nothing is read at all.
-        let Ok(slot) = state.in_flight.clone().try_acquire_owned() else {
-            return Err(refuse(
-                Outcome::Overloaded,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many requests in flight; try again later".into(),
-            ));
-        };
-        // Then the body's bytes: beyond the budget nothing is read either.
-        let content_length = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let Some(bytes) = state.body_budget.reserve(content_length) else {
-            return Err(refuse(
-                Outcome::OverBudget,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many body bytes in flight; try again later".into(),
-            ));
-        };
         // Only the signature headers are read after the body: cheap clones of their bytes, not
         // of the whole header map.
         let [sha256, sha1] =
             [SHA256_HEADER, SHA1_HEADER].map(|name| request.headers().get(name).cloned());
-        let read =
-            tokio::time::timeout(state.read_timeout, Bytes::from_request(request, &())).await;
-        let body = match read {
-            Ok(Ok(body)) => body,
-            Ok(Err(rejection)) => {
-                let status = rejection.status();
-                let outcome = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    Outcome::TooLarge
-                } else {
-                    Outcome::BadRequest
-                };
-                return Err(refuse(outcome, status, "body could not be read".into()));
-            }
-            Err(_) => {
-                return Err(refuse(
-                    Outcome::TooSlow,
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the body was not sent in time".into(),
-                ));
-            }
+        let Ok(body) = Bytes::from_request(request, &()).await else {
+            return Err(refuse(
+                Outcome::BadRequest,
+                StatusCode::BAD_REQUEST,
+                "body could not be read".into(),
+            ));
         };
         if let Err(e) = verify_signature(
             &state.app_secret,
@@ -127,11 +86,7 @@ impl FromRequest<Arc<IngestState>> for SignedDelivery {
                 "invalid signature".into(),
             ));
         }
-        Ok(SignedDelivery {
-            body,
-            _slot: slot,
-            _bytes: bytes,
-        })
+        Ok(SignedDelivery { body })
     }
 }
 

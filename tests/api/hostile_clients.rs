@@ -717,3 +717,101 @@ async fn bench_slow_uploads_memory() {
         println!("{row}");
     }
 }
+
+/// The owner routes are held to the same limits as the webhook: with the owner settings on and
+/// `INGEST_READ_TIMEOUT_MS=1000`, a request whose body stalls on Meta's two callbacks
+/// (`/facebook/deauthorize`, `/facebook/data-deletion`) is answered 408 after the timeout, no
+/// sooner and within 15 s (they used to stay open past 20 s).
+#[tokio::test]
+async fn stalled_bodies_on_the_owner_routes_are_cut_off_after_the_read_timeout() {
+    let read_timeout = Duration::from_millis(1000);
+    let (pipeline, mut ingest, urls) = ingest_with(&[
+        ("INGEST_READ_TIMEOUT_MS", "1000"),
+        ("FACEBOOK_APP_ID", "123456789012345"),
+        (
+            "FACEBOOK_REDIRECT_URI",
+            "http://127.0.0.1:9/facebook/callback",
+        ),
+        ("SHOPIFY_API_KEY", "key"),
+        ("SHOPIFY_API_SECRET", "secret"),
+        (
+            "SHOPIFY_REDIRECT_URI",
+            "http://127.0.0.1:9/shopify/callback",
+        ),
+        ("STATE_TOKEN_SECRET", "a-long-enough-state-secret"),
+    ])
+    .await;
+    let addr = socket_addr(&urls.public);
+    let runs = ["/facebook/deauthorize", "/facebook/data-deletion"].map(|path| async move {
+        let client = SlowClient {
+            what: path,
+            first: format!(
+                "POST {path} HTTP/1.1\r\nHost: fbsync\r\nContent-Type: \
+                 application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nsigned_request="
+            )
+            .into_bytes(),
+            trickles: None,
+            expected: Seen::Answer(408),
+        };
+        let (seen, took) = client.run(addr).await;
+        (client, seen, took)
+    });
+    for (client, seen, took) in futures::future::join_all(runs).await {
+        println!("a stalled body on {}: {seen:?} after {took:?}", client.what);
+        assert_eq!(seen, client.expected, "{}", client.what);
+        assert!(
+            took >= read_timeout - Duration::from_millis(50),
+            "{} was cut off after {took:?}, before the read timeout",
+            client.what
+        );
+    }
+    ingest.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// With `INGEST_MAX_CONNECTIONS=3`, three idle connections fill the listener: a fourth is
+/// closed at once, unanswered; once one of the three hangs up, a signed delivery is accepted.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let (pipeline, mut ingest, urls) = ingest_with(&[
+        ("INGEST_MAX_CONNECTIONS", "3"),
+        ("INGEST_READ_TIMEOUT_MS", "30000"),
+    ])
+    .await;
+    let addr = socket_addr(&urls.public);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect_and_send(addr, b"").await);
+    }
+    // Let ingest accept the three before the fourth comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fourth = connect_and_send(addr, b"").await;
+    assert_eq!(
+        seen_within(&mut fourth, Duration::from_secs(3)).await,
+        Seen::Closed,
+        "a connection beyond the cap"
+    );
+    let still_open = all_seen_within(&mut idle, Duration::from_millis(300)).await;
+    assert!(
+        still_open.iter().all(|s| *s == Seen::Nothing),
+        "{still_open:?}"
+    );
+
+    drop(idle.pop());
+    let client = webhook_client();
+    let body = message_delivery(PAGE_ID, "capped", "m_capped", 1, false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match post_signed(&client, &urls.webhook, &body).await {
+            200 => break,
+            status => assert!(
+                Instant::now() < deadline,
+                "a signed delivery got {status} 10 s after a connection was freed"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(idle);
+    ingest.stop().await;
+    pipeline.cleanup().await;
+}

@@ -61,7 +61,6 @@ pub async fn spawn_ingest_in_process(amqp_url: &str) -> InProcessIngest {
     tokio::spawn(fbsync_ingest::run(
         listener,
         Arc::new(state),
-        settings.ingest.body_limit_bytes,
         shutdown.clone(),
     ));
     InProcessIngest {

@@ -121,6 +121,9 @@ pub struct IngestSettings {
     /// ingest's memory under unauthenticated clients, which the in-flight count alone would let
     /// reach `max_in_flight` bodies of the largest size.
     pub body_budget_bytes: usize,
+    /// Connections open at once on each of ingest's listeners; one beyond is closed at once,
+    /// so idle clients cannot use up the file descriptors (keep the descriptor limit above it).
+    pub max_connections: usize,
     /// Longest time a client may take to send a request's headers, and then its body: slow
     /// clients are cut off instead of holding connections and memory.
     pub read_timeout: Duration,
@@ -287,6 +290,7 @@ impl Settings {
                 publish_timeout: Duration::from_millis(reader.parsed("INGEST_PUBLISH_TIMEOUT_MS")),
                 max_in_flight: reader.parsed("INGEST_MAX_IN_FLIGHT"),
                 body_budget_bytes: reader.parsed("INGEST_BODY_BUDGET_BYTES"),
+                max_connections: reader.parsed("INGEST_MAX_CONNECTIONS"),
                 read_timeout: Duration::from_millis(reader.parsed("INGEST_READ_TIMEOUT_MS")),
                 metrics_addr: reader.parsed("INGEST_METRICS_ADDR"),
             },
@@ -351,6 +355,11 @@ impl Settings {
             reader
                 .problems
                 .push("INGEST_MAX_IN_FLIGHT must be at least 1".into());
+        }
+        if settings.ingest.max_connections == 0 {
+            reader
+                .problems
+                .push("INGEST_MAX_CONNECTIONS must be at least 1".into());
         }
         if settings.ingest.body_budget_bytes < 2 * settings.ingest.body_limit_bytes {
             reader.problems.push(

@@ -148,6 +148,7 @@ pub const VARIABLES: &[Variable] = &[
     var("INGEST_PUBLISH_TIMEOUT_MS", Some("3000"), "ingest, up"),
     var("INGEST_MAX_IN_FLIGHT", Some("1024"), "ingest, up"),
     var("INGEST_BODY_BUDGET_BYTES", Some("67108864"), "ingest, up"),
+    var("INGEST_MAX_CONNECTIONS", Some("10000"), "ingest, up"),
     var("INGEST_READ_TIMEOUT_MS", Some("10000"), "ingest, up"),
     var("WORKER_PREFETCH", Some("256"), "worker, up"),
     var("WORKER_MAX_ATTEMPTS", Some("8"), "worker, up"),
