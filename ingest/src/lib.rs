@@ -6,12 +6,12 @@
 //! Facebook retries it later. Nothing here touches storage: ingest stays fast and thin.
 //!
 //! Unauthenticated clients are bounded before the signature can be checked, on every route
-//! of the public listener (the webhook and the owner routes; see [`request_limits`]): at most
+//! of the public listener (the webhook and the owner routes; see `request_limits.rs`): at most
 //! `INGEST_MAX_CONNECTIONS` connections (one beyond is closed at once) and
 //! `INGEST_MAX_IN_FLIGHT` requests at once (503 beyond, at once), `INGEST_READ_TIMEOUT_MS` to
 //! send the headers and then the body (408 or a closed connection beyond), a body of up to
 //! `INGEST_BODY_LIMIT_BYTES` (413 beyond), and all bodies in flight together at most
-//! `INGEST_BODY_BUDGET_BYTES` (503 beyond, at once; see [`body_budget`]). `/metrics` is not
+//! `INGEST_BODY_BUDGET_BYTES` (503 beyond, at once; see `body_budget.rs`). `/metrics` is not
 //! served here but on its own listener ([`serve_metrics`]).
 //!
 //! [`run`] takes its listener and its shutdown signal, so tests drive it on port 0.

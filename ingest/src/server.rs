@@ -22,7 +22,7 @@ use crate::webhook::{receive_delivery, verify_subscription};
 use crate::{IngestState, owner, request_limits};
 
 /// The public HTTP routes of ingest: the webhook and the owner routes when configured, each
-/// request within [`request_limits`], and the health checks load balancers call, outside them.
+/// request within `request_limits.rs`, and the health checks load balancers call, outside them.
 pub fn router(state: Arc<IngestState>) -> Router {
     let limited = Router::new()
         .route(

@@ -228,7 +228,7 @@ impl GraphClient {
     /// GETs `url` with `query` and no bearer token: Facebook Login's code and token exchanges,
     /// which Meta documents as GETs authenticated by the app secret among the query parameters.
     /// That URL is never logged, and a failure is described without it
-    /// ([`describe_transport_error`]), so the secret stays out of every log line.
+    /// (`describe_transport_error`), so the secret stays out of every log line.
     pub async fn get_without_token(
         &self,
         url: &str,
