@@ -2,7 +2,7 @@
 //! enters the system (a webhook event, the command line, a database row), and can then be used
 //! in a key without escaping: none can hold `/`, `.` or be empty.
 //!
-//! Three distinct types, so a Page id can never be passed where a person's id belongs.
+//! Distinct types, so a Page id can never be passed where a person's id belongs.
 
 use std::fmt;
 
@@ -30,6 +30,11 @@ pub struct UserUuid(String);
 /// The page-scoped id of the person a conversation is with; names the conversation file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Psid(String);
+
+/// A Facebook person as this app knows them: the app-scoped user id of Facebook Login's `/me`
+/// and of Meta's signed requests (deauthorize, data deletion). Digits only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FacebookUserId(String);
 
 /// A Shopify shop's domain, `<name>.myshopify.com` (Shopify's rule:
 /// `^[a-zA-Z0-9][a-zA-Z0-9-]*\.myshopify\.com$`), kept in lower case. It names the host the
@@ -76,6 +81,23 @@ impl PageId {
                 what: "page id",
                 value: shown(text),
                 rule: "a Facebook Page id is 1 to 64 digits",
+            });
+        }
+        Ok(Self(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FacebookUserId {
+    pub fn parse(text: &str) -> Result<Self, InvalidId> {
+        if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(InvalidId {
+                what: "Facebook user id",
+                value: shown(text),
+                rule: "an app-scoped Facebook user id is 1 to 64 digits",
             });
         }
         Ok(Self(text.to_string()))
@@ -159,7 +181,7 @@ macro_rules! id_conversions {
     )*};
 }
 
-id_conversions!(PageId, UserUuid, Psid, ShopDomain);
+id_conversions!(PageId, UserUuid, Psid, ShopDomain, FacebookUserId);
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,9 @@
 //! `.ci/run` installs), driven over WebDriver: the owner opens the Shopify login, the browser
 //! follows every redirect through the fake Shopify and the fake Facebook dialog with its own
 //! cookies, clicks "Connect Facebook Pages", and ends on the status page, which shows the shop and
-//! the Page with its onboarding steps once the worker has run them.
+//! the Page with its onboarding steps once the worker has run them. Then the login CSRF of the
+//! security review: an attacker's Shopify callback URL opened in this browser is refused, and
+//! the browser's session and status page stay the owner's.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -59,7 +61,8 @@ impl Chromedriver {
 }
 
 #[tokio::test]
-async fn an_owner_connects_in_a_real_browser_and_ends_on_the_status_page() {
+async fn an_owner_connects_in_a_real_browser_and_an_attackers_sign_in_link_cannot_replace_the_session()
+ {
     let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
     env.graph.set_person("9001", &[PAGE]);
     env.graph.set_page(PAGE, "Handmade Shop");
@@ -134,7 +137,53 @@ async fn an_owner_connects_in_a_real_browser_and_ends_on_the_status_page() {
         .await
         .expect("scripts");
     assert!(scripts.is_empty(), "the status page runs no script");
+
+    let before = browser
+        .get_named_cookie("session_id")
+        .await
+        .expect("the session cookie");
+    // An attacker signs in to their own shop elsewhere and keeps the callback URL...
+    let mut attacker = env.owner();
+    let login = attacker
+        .get("/shopify/login?shop=attacker.myshopify.com")
+        .await;
+    let link = attacker.get(&login.location()).await.location();
+    // ...and the owner's browser opens it: refused, the session as it was.
+    browser.goto(&link).await.expect("open the attacker's link");
+    let source = browser.source().await.expect("source");
+    env.record(source.clone());
+    assert!(source.contains("another browser"), "{source}");
+    let after = browser
+        .get_named_cookie("session_id")
+        .await
+        .expect("the session cookie is still there");
+    assert_eq!(
+        after.value(),
+        before.value(),
+        "the session was not replaced"
+    );
+    browser
+        .goto(&format!("{}/connect", env.base))
+        .await
+        .expect("open the status page");
+    let shown_shop = browser.find(Locator::Id("shop")).await.expect("#shop");
+    assert_eq!(shown_shop.text().await.expect("text"), shop);
+    // Signing out from the status page's button.
+    browser
+        .find(Locator::Id("logout"))
+        .await
+        .expect("the Sign out button")
+        .click()
+        .await
+        .expect("click");
+    let heading = browser.find(Locator::Css("h1")).await.expect("h1");
+    assert_eq!(heading.text().await.expect("text"), "Signed out");
+    assert!(
+        browser.get_named_cookie("session_id").await.is_err(),
+        "the session cookie is gone"
+    );
     browser.close().await.expect("close the session");
     let _ = driver.child.kill().await;
-    env.finish(&["9001"], &[PAGE], &[shop]).await;
+    env.finish(&["9001"], &[PAGE], &[shop, "attacker.myshopify.com"])
+        .await;
 }

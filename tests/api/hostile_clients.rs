@@ -719,9 +719,10 @@ async fn bench_slow_uploads_memory() {
 }
 
 /// The owner routes are held to the same limits as the webhook: with the owner settings on and
-/// `INGEST_READ_TIMEOUT_MS=1000`, a request whose body stalls on Meta's two callbacks
-/// (`/facebook/deauthorize`, `/facebook/data-deletion`) is answered 408 after the timeout, no
-/// sooner and within 15 s (they used to stay open past 20 s).
+/// `INGEST_READ_TIMEOUT_MS=1000`, a request whose body stalls on each owner POST route (Meta's
+/// two callbacks `/facebook/deauthorize` and `/facebook/data-deletion`, `/shopify/switch`,
+/// `/logout`) is answered 408 after the timeout, no sooner and within 15 s (Meta's callbacks
+/// used to stay open past 20 s).
 #[tokio::test]
 async fn stalled_bodies_on_the_owner_routes_are_cut_off_after_the_read_timeout() {
     let read_timeout = Duration::from_millis(1000);
@@ -742,7 +743,13 @@ async fn stalled_bodies_on_the_owner_routes_are_cut_off_after_the_read_timeout()
     ])
     .await;
     let addr = socket_addr(&urls.public);
-    let runs = ["/facebook/deauthorize", "/facebook/data-deletion"].map(|path| async move {
+    let routes = [
+        "/facebook/deauthorize",
+        "/facebook/data-deletion",
+        "/shopify/switch",
+        "/logout",
+    ];
+    let runs = routes.map(|path| async move {
         let client = SlowClient {
             what: path,
             first: format!(

@@ -7,6 +7,7 @@
 //! deauthorize and data-deletion callbacks. Every test ends by searching its HTTP answers, its
 //! log lines, its bucket objects (and its SQLite file) for every fake token: none may appear.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::common::fake_dialog::{DialogAnswer, FakeDialog};
@@ -37,8 +38,11 @@ use crate::common::webhook::{message_delivery, post_signed, webhook_client};
 /// Signs the OAuth states of the tests' pipelines.
 pub const STATE_SECRET: &str = "test-state-token-secret-0123456789";
 
+/// The cookie that binds a sign-in to its browser (plain http: no `__Host-` prefix).
+pub(crate) const SIGN_IN_COOKIE: &str = "fbsync_signin";
+
 /// How long onboarding may take.
-const ONBOARDING_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const ONBOARDING_LIMIT: Duration = Duration::from_secs(60);
 
 /// The backfill step's outcome once its poll job is queued.
 const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
@@ -61,12 +65,21 @@ impl Answer {
             .to_string()
     }
 
-    /// The Set-Cookie header.
+    /// The Set-Cookie header that sets (or clears) the session cookie.
     pub fn set_cookie(&self) -> Option<String> {
+        self.set_cookies()
+            .into_iter()
+            .find(|cookie| cookie.starts_with("session_id="))
+    }
+
+    /// Every Set-Cookie header.
+    pub fn set_cookies(&self) -> Vec<String> {
         self.headers
-            .get(SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
             .map(String::from)
+            .collect()
     }
 }
 
@@ -142,7 +155,7 @@ impl OwnerEnv {
         Owner {
             client: self.client.clone(),
             base: self.base.clone(),
-            cookie: None,
+            cookies: BTreeMap::new(),
             answers: self.answers.clone(),
         }
     }
@@ -266,8 +279,8 @@ impl OwnerEnv {
 pub struct Owner {
     client: reqwest::Client,
     base: String,
-    /// `session_id=...`, as the last Set-Cookie left it.
-    pub cookie: Option<String>,
+    /// The browser's cookies, by name.
+    pub cookies: BTreeMap<String, String>,
     answers: Arc<Mutex<Vec<String>>>,
 }
 
@@ -305,8 +318,13 @@ impl Owner {
     }
 
     async fn send(&mut self, mut request: reqwest::RequestBuilder) -> Answer {
-        if let Some(cookie) = &self.cookie {
-            request = request.header("cookie", cookie);
+        if !self.cookies.is_empty() {
+            let header: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            request = request.header("cookie", header.join("; "));
         }
         let response = request.send().await.expect("request");
         let status = response.status();
@@ -321,13 +339,14 @@ impl Owner {
             .lock()
             .expect("lock")
             .push(format!("{status} {:?}\n{}", answer.headers, answer.body));
-        if let Some(set) = answer.set_cookie() {
-            let pair = set.split(';').next().unwrap_or_default().to_string();
-            self.cookie = if pair.ends_with('=') {
-                None
+        for set in answer.set_cookies() {
+            let pair = set.split(';').next().unwrap_or_default();
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if value.is_empty() {
+                self.cookies.remove(name);
             } else {
-                Some(pair)
-            };
+                self.cookies.insert(name.to_string(), value.to_string());
+            }
         }
         answer
     }
@@ -384,7 +403,7 @@ impl Owner {
 }
 
 /// The user UUID of an owner, from `/connect`.
-async fn user_of(owner: &mut Owner) -> String {
+pub(crate) async fn user_of(owner: &mut Owner) -> String {
     owner.status().await["user_uuid"]
         .as_str()
         .expect("user_uuid")
@@ -392,7 +411,7 @@ async fn user_of(owner: &mut Owner) -> String {
 }
 
 /// The Page ids `/connect` shows.
-fn page_ids(status: &Value) -> Vec<String> {
+pub(crate) fn page_ids(status: &Value) -> Vec<String> {
     status["pages"]
         .as_array()
         .into_iter()
@@ -401,10 +420,15 @@ fn page_ids(status: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A `signed_request` as Facebook signs it.
-fn signed_request(secret: &str, user_id: &str) -> String {
+/// A `signed_request` as Facebook signs it, issued now.
+pub(crate) fn signed_request(secret: &str, user_id: &str) -> String {
+    signed_request_issued(secret, user_id, fbsync_shared::now_ms() / 1000)
+}
+
+/// A `signed_request` as Facebook signs it, issued at `issued_at` (seconds).
+pub(crate) fn signed_request_issued(secret: &str, user_id: &str, issued_at: i64) -> String {
     let payload = URL_SAFE_NO_PAD.encode(
-        json!({"algorithm": "HMAC-SHA256", "expires": 0, "issued_at": 1_700_000_000, "user_id": user_id})
+        json!({"algorithm": "HMAC-SHA256", "expires": 0, "issued_at": issued_at, "user_id": user_id})
             .to_string(),
     );
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
@@ -415,10 +439,16 @@ fn signed_request(secret: &str, user_id: &str) -> String {
     )
 }
 
-/// A state as fbsync signs them, with any content (for expired and foreign states).
-fn forged_state(flow: &str, subject: &str, expires_at_ms: i64) -> String {
+/// A state as fbsync signs them, with any content (for expired and foreign states), bound to
+/// `owner`'s browser.
+pub(crate) fn forged_state(owner: &Owner, flow: &str, subject: &str, expires_at_ms: i64) -> String {
+    let browser = owner
+        .cookies
+        .get(SIGN_IN_COOKIE)
+        .map(|value| hex::encode(Sha256::digest(value.as_bytes())))
+        .unwrap_or_default();
     let encoded = URL_SAFE_NO_PAD.encode(format!(
-        "{flow}|{subject}|{}|{expires_at_ms}",
+        "{flow}|{subject}|{browser}|{}|{expires_at_ms}",
         "ab".repeat(16)
     ));
     let mut mac = Hmac::<Sha256>::new_from_slice(STATE_SECRET.as_bytes()).expect("key");
@@ -427,7 +457,7 @@ fn forged_state(flow: &str, subject: &str, expires_at_ms: i64) -> String {
 }
 
 /// A Shopify callback URL with a correct HMAC over `params`.
-fn shopify_callback(params: &[(&str, &str)]) -> String {
+pub(crate) fn shopify_callback(params: &[(&str, &str)]) -> String {
     let mut pairs: Vec<(String, String)> = params
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -474,16 +504,16 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
     assert_eq!(authorize["scope"], "read_products");
     let user = user_of(&mut owner).await;
 
-    let before = owner.cookie.clone();
+    let before = owner.cookies.clone();
     let callback = owner.connect_facebook(&env, "1001").await;
     assert_eq!(callback.status, StatusCode::SEE_OTHER, "{}", callback.body);
     assert_eq!(callback.location(), "/connect");
     assert_ne!(
-        owner.cookie, before,
+        owner.cookies, before,
         "the login's session ends; a fresh one is issued"
     );
     let mut stale = env.owner();
-    stale.cookie = before;
+    stale.cookies = before;
     assert_eq!(stale.get("/connect").await.status, StatusCode::UNAUTHORIZED);
     let dialog = &env.dialog.requests()[0];
     assert_eq!(dialog["client_id"], LOGIN_APP_ID);
@@ -757,7 +787,7 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     assert!(answer.body.contains("altered"), "{}", answer.body);
 
     // Expired: correctly signed, ten minutes and more old.
-    let expired = forged_state("shopify", shop, fbsync_shared::now_ms() - 1);
+    let expired = forged_state(&owner, "shopify", shop, fbsync_shared::now_ms() - 1);
     let answer = owner.get(&params(&expired)).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(answer.body.contains("expired"), "{}", answer.body);
@@ -775,6 +805,7 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
 
     // Issued for another shop.
     let other = forged_state(
+        &owner,
         "shopify",
         "other.myshopify.com",
         fbsync_shared::now_ms() + 60_000,
@@ -787,7 +818,14 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     let login = owner.get(&format!("/shopify/login?shop={shop}")).await;
     let authorize = owner.get(&login.location()).await;
     let callback = authorize.location();
+    let binding = owner.cookies[SIGN_IN_COOKIE].clone();
     assert_eq!(owner.get(&callback).await.status, StatusCode::OK);
+    assert!(
+        !owner.cookies.contains_key(SIGN_IN_COOKIE),
+        "a finished sign-in clears its browser binding"
+    );
+    // Replayed in the very browser that used it (its binding cookie put back): still refused.
+    owner.cookies.insert(SIGN_IN_COOKIE.into(), binding);
     let replay = owner.get(&callback).await;
     assert_eq!(replay.status, StatusCode::BAD_REQUEST);
     assert!(replay.body.contains("already used"), "{}", replay.body);
@@ -798,11 +836,13 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     let login = owner.get("/facebook/login").await;
     let dialog = owner.get(&login.location()).await;
     let callback = dialog.location();
+    let binding = owner.cookies[SIGN_IN_COOKIE].clone();
     assert_eq!(owner.get(&callback).await.status, StatusCode::SEE_OTHER);
+    owner.cookies.insert(SIGN_IN_COOKIE.into(), binding);
     let replay = owner.get(&callback).await;
     assert_eq!(replay.status, StatusCode::BAD_REQUEST);
     assert!(replay.body.contains("already used"), "{}", replay.body);
-    let foreign = forged_state("shopify", shop, fbsync_shared::now_ms() + 60_000);
+    let foreign = forged_state(&owner, "shopify", shop, fbsync_shared::now_ms() + 60_000);
     let answer = owner
         .get(&format!("/facebook/callback?code=x&state={foreign}"))
         .await;
@@ -816,11 +856,18 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     let answer = stranger.get("/facebook/login").await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(answer.body.contains("no session"), "{}", answer.body);
-    // A state of one owner's login is refused in another's session.
+    // A state of one owner's login is refused in another's session (even in the browser it
+    // was bound to).
     let user = user_of(&mut owner).await;
-    let theirs = forged_state("facebook", &user, fbsync_shared::now_ms() + 60_000);
     let mut intruder = env.owner();
     intruder.install_shop("intruder.myshopify.com").await;
+    intruder.get("/facebook/login").await;
+    let theirs = forged_state(
+        &intruder,
+        "facebook",
+        &user,
+        fbsync_shared::now_ms() + 60_000,
+    );
     let answer = intruder
         .get(&format!("/facebook/callback?code=x&state={theirs}"))
         .await;
@@ -894,8 +941,13 @@ async fn a_cancelled_login_or_a_declined_permission_gets_a_page_that_says_what_i
         cancelled.body
     );
     assert!(
-        cancelled.body.contains("Permissions error"),
+        cancelled.body.contains("the login was cancelled"),
         "{}",
+        cancelled.body
+    );
+    assert!(
+        !cancelled.body.contains("Permissions error"),
+        "Facebook's free text is not shown: {}",
         cancelled.body
     );
     assert!(

@@ -29,16 +29,20 @@ pub fn shop_token(shop: &str) -> String {
     format!("shpat_fake-shop-token-{shop}-must-never-be-shown")
 }
 
-/// The hex HMAC of Shopify's callback parameters (everything but `hmac` and `signature`).
+/// The hex HMAC of Shopify's callback parameters as Shopify computes it (everything but
+/// `hmac` and `signature`; `%` and `&` escaped in names and values, `=` in names; sorted by
+/// name; joined by `&`).
 pub fn shopify_hmac(secret: &str, params: &[(String, String)]) -> String {
-    let mut pairs: Vec<String> = params
+    let escape = |text: &str| text.replace('%', "%25").replace('&', "%26");
+    let mut pairs: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| k != "hmac" && k != "signature")
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| (escape(k).replace('=', "%3D"), escape(v)))
         .collect();
     pairs.sort();
+    let message: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
-    mac.update(pairs.join("&").as_bytes());
+    mac.update(message.join("&").as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 

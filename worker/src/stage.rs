@@ -32,16 +32,21 @@ pub struct Stager {
     registry: Registry,
     /// Where events are staged.
     staging: Staging,
-    /// Pages already reported as unknown, so a flood of their events logs once per Page.
-    unknown_reported: Mutex<HashSet<PageId>>,
+    /// Pages already reported as unknown, so a flood of their events logs once per Page; at
+    /// most [`MAX_UNKNOWN_REPORTED`], as signed deliveries may name any number of them.
+    unknown_reported: UnknownPages,
 }
+
+/// How many unknown Pages are remembered as reported; past it the memory starts afresh (those
+/// Pages are logged once more), so the set stays a few tens of kilobytes.
+pub const MAX_UNKNOWN_REPORTED: usize = 1000;
 
 impl Stager {
     pub fn new(registry: Registry, staging: Staging) -> Self {
         Self {
             registry,
             staging,
-            unknown_reported: Mutex::new(HashSet::new()),
+            unknown_reported: UnknownPages::default(),
         }
     }
 
@@ -105,16 +110,30 @@ impl Stager {
     }
 
     fn report_unknown(&self, page_id: &PageId) {
-        let mut reported = self
-            .unknown_reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if reported.insert(page_id.clone()) {
+        if self.unknown_reported.first_time(page_id) {
             tracing::warn!(
                 %page_id,
                 "events for a Page that is not registered go to the dead-letter queue; register it with `fbsync pages add` and replay them"
             );
         }
+    }
+}
+
+/// The unknown Pages reported so far, at most [`MAX_UNKNOWN_REPORTED`].
+#[derive(Default)]
+struct UnknownPages(Mutex<HashSet<PageId>>);
+
+impl UnknownPages {
+    /// True the first time `page_id` is seen (or again once the memory started afresh).
+    fn first_time(&self, page_id: &PageId) -> bool {
+        let mut reported = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.contains(page_id) {
+            return false;
+        }
+        if reported.len() >= MAX_UNKNOWN_REPORTED {
+            reported.clear();
+        }
+        reported.insert(page_id.clone())
     }
 }
 
@@ -131,4 +150,21 @@ fn conversation_of(event: &EventMessage) -> Result<ConversationKey, String> {
 
 fn dead(reason: DeadReason, error: impl Into<String>) -> Decision {
     Decision::DeadLetter(JobError::failed(reason, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_pages_are_reported_once_each_and_the_memory_stays_bounded() {
+        let unknown = UnknownPages::default();
+        let page = |n: usize| PageId::parse(&n.to_string()).expect("id");
+        assert!(unknown.first_time(&page(1)));
+        assert!(!unknown.first_time(&page(1)));
+        for n in 2..=10 * MAX_UNKNOWN_REPORTED {
+            unknown.first_time(&page(n));
+            assert!(unknown.0.lock().expect("lock").len() <= MAX_UNKNOWN_REPORTED);
+        }
+    }
 }

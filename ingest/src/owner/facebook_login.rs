@@ -1,6 +1,6 @@
 //! Facebook Login, the second step: `/facebook/login` (a session required) sends the owner to
-//! Facebook's dialog; `/facebook/callback` checks the state (issued for this session's user),
-//! exchanges the code, then the short-lived token for a long-lived one, checks the permissions,
+//! Facebook's dialog, the state bound to this browser (`browser_binding.rs`) and this session's
+//! user; `/facebook/callback` checks the state, its browser and its user, exchanges the code, then the short-lived token for a long-lived one, checks the permissions,
 //! reads every Page of `/me/accounts` and stores each Page's token sealed under this user, then
 //! queues one onboarding job per Page and answers at once. The session that started the login
 //! is ended and a fresh one issued (so the owner lands on `/connect`).
@@ -15,12 +15,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::facebook::login::{AppCredentials, ConnectedPage, LOGIN_SCOPES};
-use fbsync_shared::ids::UserUuid;
+use fbsync_shared::ids::{FacebookUserId, UserUuid};
 use fbsync_shared::jobs::{Job, OnboardPage};
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::db::OnboardStep;
 use secrecy::SecretString;
 
+use super::browser_binding::BrowserBinding;
 use super::error::OwnerError;
 use super::page::{escape, redirect_with};
 use super::state::{self, Flow};
@@ -35,13 +36,16 @@ pub async fn login(
         .await?
         .ok_or_else(no_session)?;
     let settings = &state.settings;
+    let secure = settings.secure_cookies();
+    let browser = BrowserBinding::of_request_or_new(&headers, secure);
     let oauth_state = state::issue(
         &settings.state_secret,
         Flow::Facebook,
         user.as_str(),
+        &browser,
         now_ms(),
     );
-    redirect_with(
+    let mut response = redirect_with(
         &settings.dialog_url,
         "FACEBOOK_DIALOG_URL",
         &[
@@ -51,7 +55,11 @@ pub async fn login(
             ("response_type", "code"),
             ("state", &oauth_state),
         ],
-    )
+    )?;
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, browser.cookie(secure));
+    Ok(response)
 }
 
 fn no_session() -> OwnerError {
@@ -75,14 +83,11 @@ pub async fn callback(
             .map(|(_, v)| v.as_str())
     };
     if let Some(error) = param("error") {
-        let reason = param("error_description")
-            .or(param("error_reason"))
-            .unwrap_or(error);
         let body = format!(
             "<p>Facebook Login did not complete: {}.</p>\n\
              <p>Nothing was connected. fbsync needs these permissions to keep your Pages' \
              conversations: {}.</p>\n<p><a href=\"/facebook/login\">Try again</a></p>",
-            escape(reason),
+            login_error_in_words(error, param("error_reason")),
             escape(&LOGIN_SCOPES.join(", ")),
         );
         return Err(OwnerError::Page {
@@ -92,14 +97,15 @@ pub async fn callback(
         });
     }
     let settings = &state.settings;
-    let claims = state::accept(
-        &state.owners,
+    let secure = settings.secure_cookies();
+    let now = now_ms();
+    let claims = state::verify(
         &settings.state_secret,
         Flow::Facebook,
         param("state"),
-        now_ms(),
-    )
-    .await?;
+        BrowserBinding::of_request(&headers, secure).as_ref(),
+        now,
+    )?;
     let user = UserUuid::parse(&claims.subject)
         .map_err(|_| OwnerError::refused("Sign-in refused", "The state names no user."))?;
     // The state must belong to this browser's session: a login started by someone else (a
@@ -107,28 +113,42 @@ pub async fn callback(
     if session::current_user(&state, &headers).await? != Some(user.clone()) {
         return Err(state::StateError::WrongSubject("session").into());
     }
+    claims.use_once(&state.owners, now).await?;
     let code = param("code").filter(|c| !c.is_empty()).ok_or_else(|| {
         OwnerError::refused("Sign-in refused", "Facebook sent no authorization code.")
     })?;
-    let pages = read_pages(&state, &user, code).await?;
-    store_pages(&state, &user, &pages).await?;
+    let (person, pages) = read_pages(&state, code).await?;
+    store_pages(&state, &user, &person, &pages).await?;
     let queued = queue_onboarding(&state, &pages).await;
-    // The login's session ends here (as the seed's); a fresh one shows the status page.
-    session::end(&state, &headers).await?;
-    let cookie = session::start(&state, &user).await?;
+    // The login's session ends here (as the seed's); a fresh one, tied to the person whose
+    // login it was (their data deletion ends it), shows the status page.
+    let cookie = session::start(&state, &headers, &user, Some(&person)).await?;
     tracing::info!(%user, pages = pages.len(), queued, "Facebook Pages connected");
     let mut response = Redirect::to("/connect").into_response();
-    response.headers_mut().insert(header::SET_COOKIE, cookie);
+    let cookies = response.headers_mut();
+    cookies.append(header::SET_COOKIE, cookie);
+    cookies.append(header::SET_COOKIE, BrowserBinding::cleared(secure));
     Ok(response)
 }
 
-/// The code exchange, the long-lived token, the permission check and `/me/accounts`; an error
-/// page when one of them fails.
+/// Why Facebook Login did not complete, in fixed words: Facebook's `error` and `error_reason`
+/// pick one; its free-text `error_description` is never shown, as anyone can put text there
+/// and have it appear on this origin.
+fn login_error_in_words(error: &str, reason: Option<&str>) -> &'static str {
+    match (error, reason) {
+        (_, Some("user_denied")) | ("access_denied", _) => {
+            "the login was cancelled, or the permissions were declined"
+        }
+        _ => "Facebook reported an error",
+    }
+}
+
+/// The code exchange, the long-lived token, the permission check, the person and
+/// `/me/accounts`; an error page when one of them fails.
 async fn read_pages(
     state: &OwnerState,
-    user: &UserUuid,
     code: &str,
-) -> Result<Vec<ConnectedPage>, OwnerError> {
+) -> Result<(FacebookUserId, Vec<ConnectedPage>), OwnerError> {
     let settings = &state.settings;
     let app = AppCredentials {
         app_id: &settings.facebook_app_id,
@@ -161,7 +181,7 @@ async fn read_pages(
             body,
         });
     }
-    let facebook_user = graph
+    let person = graph
         .facebook_user_id(&long)
         .await
         .map_err(|e| graph_failure("reading your Facebook user", &e))?;
@@ -169,11 +189,7 @@ async fn read_pages(
         .connected_pages(&long)
         .await
         .map_err(|e| graph_failure("reading your Pages", &e))?;
-    state
-        .owners
-        .set_facebook_user(user, &facebook_user, now_ms())
-        .await?;
-    Ok(pages)
+    Ok((person, pages))
 }
 
 /// The page for a failed Graph call: what failed, never a token (Graph's messages hold none,
@@ -202,18 +218,19 @@ fn graph_failure(what: &str, error: &GraphError) -> OwnerError {
     }
 }
 
-/// Stores each Page's token sealed under `user` (a Page that belonged to another user moves,
-/// token and all) and marks its onboarding as queued.
+/// Stores each Page's token sealed under `user` as `person`'s (a Page that belonged to another
+/// user moves, token and all) and marks its onboarding as queued.
 async fn store_pages(
     state: &OwnerState,
     user: &UserUuid,
+    person: &FacebookUserId,
     pages: &[ConnectedPage],
 ) -> Result<(), fbsync_shared::storage::db::DbError> {
     for page in pages {
         let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
         state
             .registry
-            .upsert_page(&page.page_id, user, sealed, now_ms())
+            .connect_page(&page.page_id, user, person, sealed, now_ms())
             .await?;
         state.registry.reset_onboarding(&page.page_id).await?;
     }

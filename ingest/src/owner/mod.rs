@@ -1,17 +1,21 @@
 //! The owners' side of ingest: how a shop owner connects their Pages without an operator.
 //!
-//! Flow: `/shopify/login?shop=` → Shopify → `/shopify/callback` (session cookie, user UUID) →
+//! Flow: `/shopify/login?shop=` → Shopify → `/shopify/callback` (session cookie, user UUID;
+//! `/shopify/switch` when the browser was signed in to another shop) →
 //! `/facebook/login` → Facebook's dialog → `/facebook/callback` (Page tokens sealed, one
 //! onboarding job per Page queued) → `/connect` (the status page). Meta's callbacks
-//! (`/facebook/deauthorize`, `/facebook/data-deletion`) undo it.
+//! (`/facebook/deauthorize`, `/facebook/data-deletion`) undo it; `POST /logout` signs out.
 //!
 //! Invariants: no route here answers or logs a token (Shopify's, a user's or a Page's); every
-//! state is signed, bound to its flow and subject, expires and is used once; a session is a
+//! state is signed, bound to its flow, its subject and the browser that started it, expires
+//! and is used once; a session is a
 //! random 256-bit id whose hash alone is stored; every input problem is a 4xx page in words,
 //! never a 500, and every failure is an `error::OwnerError` (a page) or `error::CallbackError`
 //! (Meta's JSON) the handler returns with `?`. The webhook path shares nothing with these routes but the listener: they are
 //! served only when the owner settings are configured (see `Settings::owner_settings`).
 
+pub mod browser_binding;
+pub mod cookies;
 pub mod error;
 pub mod facebook_login;
 pub mod meta_callbacks;
@@ -96,6 +100,8 @@ pub fn router(state: Arc<OwnerState>) -> Router {
     Router::new()
         .route("/shopify/login", get(shopify::login))
         .route(SHOPIFY_CALLBACK_PATH, get(shopify::callback))
+        .route("/shopify/switch", post(shopify::switch))
+        .route("/logout", post(session::logout))
         .route("/facebook/login", get(facebook_login::login))
         .route(FACEBOOK_CALLBACK_PATH, get(facebook_login::callback))
         .route("/connect", get(status::connect))

@@ -66,7 +66,7 @@ pub fn with_private_headers(headers: &mut axum::http::HeaderMap) {
     );
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        HeaderValue::from_static("default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
     );
 }
 

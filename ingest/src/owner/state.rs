@@ -1,8 +1,14 @@
-//! OAuth `state` for both connect flows: `base64url(flow|subject|nonce|expiry).hex(HMAC-SHA256)`
-//! under STATE_TOKEN_SECRET. The subject is the shop (Shopify) or the user UUID (Facebook);
-//! the nonce is random (128 bits) and recorded when the state is used, so a state is accepted
-//! once; it expires after 10 minutes. Tampered, expired, replayed or missing states are refused
-//! with a message that says which.
+//! OAuth `state` for both connect flows (and the session switch):
+//! `base64url(flow|subject|browser|nonce|expiry).hex(HMAC-SHA256)` under STATE_TOKEN_SECRET.
+//! The subject is the shop (Shopify) or the user UUID (Facebook, switch); `browser` is the
+//! SHA-256 of the browser's sign-in cookie (see `browser_binding.rs`), so a state works only in
+//! the browser that started the flow; the nonce is random (128 bits) and recorded when the
+//! state is used, so a state is accepted once; it expires after 10 minutes.
+//!
+//! A callback checks everything first (`verify`, then its own subject or session check) and
+//! uses the nonce last (`StateClaims::use_once`): a state tried in the wrong browser or
+//! session is not burnt for its owner. Tampered, expired, replayed, foreign or missing states
+//! are refused with a message that says which.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -12,6 +18,8 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
+use super::browser_binding::BrowserBinding;
+
 /// How long a state is valid.
 pub const LIFETIME_MS: i64 = 10 * 60 * 1000;
 
@@ -20,6 +28,8 @@ pub const LIFETIME_MS: i64 = 10 * 60 * 1000;
 pub enum Flow {
     Shopify,
     Facebook,
+    /// The confirmed replacement of a browser's session by another shop's (`shopify.rs`).
+    Switch,
 }
 
 impl Flow {
@@ -27,6 +37,7 @@ impl Flow {
         match self {
             Flow::Shopify => "shopify",
             Flow::Facebook => "facebook",
+            Flow::Switch => "switch",
         }
     }
 }
@@ -44,6 +55,11 @@ pub enum StateError {
     Expired,
     #[error("this sign-in link was already used; please start again")]
     Replayed,
+    #[error(
+        "this sign-in was started in another browser, or this browser's sign-in cookie has \
+         expired; nothing was changed. Please start again from your Shopify admin"
+    )]
+    OtherBrowser,
     #[error("the state was issued for another {0}")]
     WrongSubject(&'static str),
     #[error(transparent)]
@@ -53,6 +69,8 @@ pub enum StateError {
 /// A checked state's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateClaims {
+    /// The flow it was issued for: part of the nonce's record.
+    flow: Flow,
     /// The shop or the user UUID it was issued for.
     pub subject: String,
     /// Recorded when the state is used, so it is used once.
@@ -61,13 +79,20 @@ pub struct StateClaims {
     expires_at_ms: i64,
 }
 
-/// A new state for `subject` in `flow`.
-pub fn issue(secret: &SecretString, flow: Flow, subject: &str, now: i64) -> String {
+/// A new state for `subject` in `flow`, valid only in the browser of `browser`.
+pub fn issue(
+    secret: &SecretString,
+    flow: Flow,
+    subject: &str,
+    browser: &BrowserBinding,
+    now: i64,
+) -> String {
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut nonce);
     let payload = format!(
-        "{}|{subject}|{}|{}",
+        "{}|{subject}|{}|{}|{}",
         flow.as_str(),
+        browser.digest(),
         hex::encode(nonce),
         now + LIFETIME_MS
     );
@@ -83,11 +108,13 @@ fn mac(secret: &SecretString, encoded: &str) -> Hmac<Sha256> {
     mac
 }
 
-/// Checks the signature (constant time), the flow and the expiry; does not use the nonce.
+/// Checks the signature (constant time), the flow, the expiry and the browser (the request's
+/// sign-in cookie, compared in constant time); does not use the nonce.
 pub fn verify(
     secret: &SecretString,
     flow: Flow,
     state: Option<&str>,
+    browser: Option<&BrowserBinding>,
     now: i64,
 ) -> Result<StateClaims, StateError> {
     let state = state.filter(|s| !s.is_empty()).ok_or(StateError::Missing)?;
@@ -102,7 +129,7 @@ pub fn verify(
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or(StateError::Tampered)?;
     let parts: Vec<&str> = payload.split('|').collect();
-    let [flow_name, subject, nonce, expires] = parts.as_slice() else {
+    let [flow_name, subject, browser_digest, nonce, expires] = parts.as_slice() else {
         return Err(StateError::Tampered);
     };
     if *flow_name != flow.as_str() {
@@ -112,33 +139,28 @@ pub fn verify(
     if expires_at_ms <= now {
         return Err(StateError::Expired);
     }
+    if !browser.is_some_and(|browser| browser.matches(browser_digest)) {
+        return Err(StateError::OtherBrowser);
+    }
     Ok(StateClaims {
+        flow,
         subject: subject.to_string(),
         nonce: nonce.to_string(),
         expires_at_ms,
     })
 }
 
-/// Verifies the state and uses its nonce: the state is accepted this once.
-pub async fn accept(
-    owners: &Owners,
-    secret: &SecretString,
-    flow: Flow,
-    state: Option<&str>,
-    now: i64,
-) -> Result<StateClaims, StateError> {
-    let claims = verify(secret, flow, state, now)?;
-    if !owners
-        .use_nonce(
-            &format!("{}:{}", flow.as_str(), claims.nonce),
-            claims.expires_at_ms,
-            now,
-        )
-        .await?
-    {
-        return Err(StateError::Replayed);
+impl StateClaims {
+    /// Records the state's nonce: the state is accepted this once. Called after every other
+    /// check has passed.
+    pub async fn use_once(&self, owners: &Owners, now: i64) -> Result<(), StateError> {
+        let key = format!("{}:{}", self.flow.as_str(), self.nonce);
+        if owners.use_nonce(&key, self.expires_at_ms, now).await? {
+            Ok(())
+        } else {
+            Err(StateError::Replayed)
+        }
     }
-    Ok(claims)
 }
 
 #[cfg(test)]
@@ -149,31 +171,63 @@ mod tests {
         SecretString::from("a-state-secret-for-tests")
     }
 
+    fn browser() -> BrowserBinding {
+        BrowserBinding::of_request_or_new(&axum::http::HeaderMap::new(), true)
+    }
+
     #[test]
     fn a_state_verifies_for_its_flow_until_it_expires() {
-        let state = issue(&secret(), Flow::Facebook, "user-1", 1_000);
-        let claims = verify(&secret(), Flow::Facebook, Some(&state), 2_000).expect("valid");
+        let mine = browser();
+        let state = issue(&secret(), Flow::Facebook, "user-1", &mine, 1_000);
+        let claims =
+            verify(&secret(), Flow::Facebook, Some(&state), Some(&mine), 2_000).expect("valid");
         assert_eq!(claims.subject, "user-1");
         assert!(matches!(
-            verify(&secret(), Flow::Shopify, Some(&state), 2_000),
+            verify(&secret(), Flow::Shopify, Some(&state), Some(&mine), 2_000),
             Err(StateError::WrongFlow)
         ));
         assert!(matches!(
-            verify(&secret(), Flow::Facebook, Some(&state), 1_000 + LIFETIME_MS),
+            verify(
+                &secret(),
+                Flow::Facebook,
+                Some(&state),
+                Some(&mine),
+                1_000 + LIFETIME_MS
+            ),
             Err(StateError::Expired)
         ));
         assert!(matches!(
-            verify(&secret(), Flow::Facebook, None, 2_000),
+            verify(&secret(), Flow::Facebook, None, Some(&mine), 2_000),
             Err(StateError::Missing)
         ));
     }
 
     #[test]
+    fn a_state_is_refused_in_any_browser_but_the_one_that_started_the_flow() {
+        let mine = browser();
+        let state = issue(&secret(), Flow::Shopify, "a.myshopify.com", &mine, 1_000);
+        for other in [Some(browser()), None] {
+            assert!(matches!(
+                verify(
+                    &secret(),
+                    Flow::Shopify,
+                    Some(&state),
+                    other.as_ref(),
+                    2_000
+                ),
+                Err(StateError::OtherBrowser)
+            ));
+        }
+    }
+
+    #[test]
     fn an_altered_state_is_refused() {
-        let state = issue(&secret(), Flow::Shopify, "a.myshopify.com", 1_000);
+        let mine = browser();
+        let state = issue(&secret(), Flow::Shopify, "a.myshopify.com", &mine, 1_000);
         let (encoded, signature) = state.split_once('.').expect("two parts");
         let forged_payload = URL_SAFE_NO_PAD.encode(format!(
-            "shopify|b.myshopify.com|00|{}",
+            "shopify|b.myshopify.com|{}|00|{}",
+            mine.digest(),
             1_000 + LIFETIME_MS
         ));
         for forged in [
@@ -184,7 +238,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    verify(&secret(), Flow::Shopify, Some(&forged), 2_000),
+                    verify(&secret(), Flow::Shopify, Some(&forged), Some(&mine), 2_000),
                     Err(StateError::Tampered)
                 ),
                 "{forged}"
@@ -192,7 +246,13 @@ mod tests {
         }
         let other_secret = SecretString::from("another-secret-entirely");
         assert!(matches!(
-            verify(&other_secret, Flow::Shopify, Some(&state), 2_000),
+            verify(
+                &other_secret,
+                Flow::Shopify,
+                Some(&state),
+                Some(&mine),
+                2_000
+            ),
             Err(StateError::Tampered)
         ));
     }

@@ -71,6 +71,10 @@ fn page_json(page: &PageSummary) -> Value {
     })
 }
 
+/// The sign-out button: a form, as `POST /logout` is a POST.
+const SIGN_OUT: &str = "<form method=\"post\" action=\"/logout\">\
+    <button id=\"logout\" type=\"submit\">Sign out</button></form>\n";
+
 /// GET /connect
 pub async fn connect(
     State(state): State<Arc<OwnerState>>,
@@ -103,7 +107,7 @@ pub async fn connect(
         ));
     }
     let mut body = format!(
-        "<p>Shop: <strong id=\"shop\">{}</strong></p>\n",
+        "<p>Shop: <strong id=\"shop\">{}</strong></p>\n{SIGN_OUT}",
         escape(shop.as_deref().unwrap_or("-"))
     );
     if pages.is_empty() {
@@ -176,6 +180,17 @@ pub async fn deletion_status(
             message: "No data-deletion request has this confirmation code.".into(),
         })?;
     let done = deletion.completed_at_ms.is_some();
+    let removed: Vec<String> = deletion
+        .removed()
+        .into_iter()
+        .map(|(_, page)| page.as_str().to_string())
+        .collect();
+    let kept: Vec<String> = deletion
+        .kept()
+        .into_iter()
+        .map(|page| page.as_str().to_string())
+        .collect();
+    let shops_emptied = deletion.emptied_users().len();
     if wants_json(&headers) {
         return Ok(json_answer(
             StatusCode::OK,
@@ -183,6 +198,9 @@ pub async fn deletion_status(
                 "confirmation_code": deletion.confirmation_code,
                 "requested_at": when(Some(deletion.requested_at_ms)),
                 "pages_removed": deletion.pages_removed,
+                "removed_pages": removed,
+                "kept_pages": kept,
+                "shops_emptied": shops_emptied,
                 "sessions_removed": deletion.sessions_removed,
                 "objects_deleted": deletion.objects_deleted,
                 "completed_at": when(deletion.completed_at_ms),
@@ -192,13 +210,43 @@ pub async fn deletion_status(
     }
     let requested = when(Some(deletion.requested_at_ms)).unwrap_or_default();
     let mut body = format!(
-        "<p>Confirmation code: <code>{}</code></p>\n<p>Requested {}: {} connected Page(s) and \
-         their access tokens, the shop tokens and {} session(s) were deleted at once.</p>\n",
+        "<p>Confirmation code: <code>{}</code></p>\n<p>Requested {}.</p>\n",
         escape(&deletion.confirmation_code),
         escape(&requested),
-        deletion.pages_removed,
-        deletion.sessions_removed,
     );
+    if removed.is_empty() && kept.is_empty() {
+        body.push_str(
+            "<p id=\"removed\">fbsync held no Page connected by you: nothing was stored, so \
+             nothing had to be deleted.</p>\n",
+        );
+    } else {
+        let list = |pages: &[String]| escape(&pages.join(", "));
+        if !removed.is_empty() {
+            body.push_str(&format!(
+                "<p id=\"removed\">Removed at once, with the access tokens you gave: the \
+                 Page(s) {}. Their stored files (Page data and Messenger conversations) are \
+                 deleted too.</p>\n",
+                list(&removed)
+            ));
+        }
+        if !kept.is_empty() {
+            body.push_str(&format!(
+                "<p id=\"kept\">Your access token was deleted for the Page(s) {}; they stay \
+                 connected because another person of the same shop connected them too.</p>\n",
+                list(&kept)
+            ));
+        }
+    }
+    if shops_emptied > 0 {
+        body.push_str(
+            "<p id=\"shop\">Nobody else was connected to your shop, so its Shopify access \
+             token and everything stored for it are deleted too.</p>\n",
+        );
+    }
+    body.push_str(&format!(
+        "<p>{} sign-in session(s) were ended.</p>\n",
+        deletion.sessions_removed
+    ));
     match (deletion.objects_deleted, when(deletion.completed_at_ms)) {
         (Some(objects), Some(completed)) => body.push_str(&format!(
             "<p id=\"status\">Complete: {objects} stored file(s) (Page data and Messenger \

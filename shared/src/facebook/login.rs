@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use super::graph::{GraphClient, GraphError};
-use crate::ids::PageId;
+use crate::ids::{FacebookUserId, PageId};
 
 /// The permissions Facebook Login asks for.
 pub const LOGIN_SCOPES: [&str; 4] = [
@@ -110,15 +110,18 @@ impl GraphClient {
 
     /// The app-scoped id of the person (`/me`): Meta's deauthorize and data-deletion callbacks
     /// name them by it.
-    pub async fn facebook_user_id(&self, user_token: &SecretString) -> Result<String, GraphError> {
+    pub async fn facebook_user_id(
+        &self,
+        user_token: &SecretString,
+    ) -> Result<FacebookUserId, GraphError> {
         let answer = self
             .get(&self.url("me"), &[("fields", "id")], user_token)
             .await?;
         answer
             .get("id")
             .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| GraphError::Permanent("/me has no id".into()))
+            .and_then(|id| FacebookUserId::parse(id).ok())
+            .ok_or_else(|| GraphError::Permanent("/me has no valid id".into()))
     }
 
     /// The permissions of `wanted` the person has not granted (declined, or never asked).

@@ -81,6 +81,11 @@ impl KeyPrefix {
         ))
     }
 
+    /// Everything of one Page: `users/<uuid>/facebook_messenger/<page_id>/`.
+    pub fn page(user_uuid: &UserUuid, page_id: &PageId) -> Self {
+        Self(format!("users/{user_uuid}/facebook_messenger/{page_id}/"))
+    }
+
     /// Everything a user owns: `users/<uuid>/`.
     pub fn user(user_uuid: &UserUuid) -> Self {
         Self(format!("users/{user_uuid}/"))

@@ -1,7 +1,10 @@
-//! Deleting a user's data (Meta's data-deletion callback), the second of the owners' jobs on
-//! the `onboard` queue: the user's Pages are removed, then `users/<uuid>/` is listed and each
-//! object deleted, every LIST and DELETE within the bucket's shared request budget, and the
-//! request is recorded complete with its count (its status page shows it).
+//! Deleting a person's data (Meta's data-deletion callback), the second of the owners' jobs on
+//! the `onboard` queue. The request names what goes (see `page_connections.rs` in the shared
+//! crate): each removed Page's folder `users/<uuid>/facebook_messenger/<page_id>/`, and the
+//! whole `users/<uuid>/` of a shop nobody is left connected to. The Pages are removed first,
+//! then each folder is listed and each object deleted, every LIST and DELETE within the
+//! bucket's shared request budget, and the request is recorded complete with its count (its
+//! status page shows it).
 //!
 //! Invariant: a pass lists from the start until a listing is empty, so a redelivery or a
 //! replay finishes what an interrupted pass left; a completed request is not done again.
@@ -28,7 +31,7 @@ pub struct UserDataEraser {
 }
 
 impl UserDataEraser {
-    /// Deletes the objects of every user of a data-deletion request and records the count.
+    /// Deletes the folders a data-deletion request names and records the count.
     pub async fn erase(
         &self,
         confirmation_code: &str,
@@ -65,15 +68,25 @@ impl UserDataEraser {
         if request.completed_at_ms.is_some() {
             return Ok(request.objects_deleted.unwrap_or(0).unsigned_abs());
         }
+        // The request removed the Pages already (this job may run first): without them, no
+        // flush claimed from now on writes under a folder being emptied.
+        let emptied = request.emptied_users();
+        let mut folders: Vec<KeyPrefix> = Vec::new();
+        for user in &emptied {
+            self.owners.remove_pages_of_user(user).await?;
+            folders.push(KeyPrefix::user(user));
+        }
+        for (user, page) in request.removed() {
+            if !emptied.contains(&user) {
+                self.owners.remove_page_of_user(&user, &page).await?;
+                folders.push(KeyPrefix::page(&user, &page));
+            }
+        }
         let mut deleted = 0u64;
-        for user in request.users() {
-            // The request removed the user's Pages already (this job may run first): without
-            // them, no flush claimed from now on writes under the prefix being emptied.
-            self.owners.remove_pages_of_user(&user).await?;
-            let prefix = KeyPrefix::user(&user);
+        for prefix in &folders {
             // Deleting changes the listing: list from the start until a listing is empty.
             loop {
-                let listing = self.store.list(&prefix, None).await?;
+                let listing = self.store.list(prefix, None).await?;
                 if listing.keys.is_empty() {
                     break;
                 }

@@ -1,24 +1,29 @@
-//! Data-deletion requests from Meta: what was deleted at once (Pages, tokens, sessions) and,
-//! once the worker has removed the users' objects, how many and when. The confirmation code
-//! names the status page Facebook shows the person.
+//! Data-deletion requests from Meta: what was deleted at once (Pages, tokens, sessions; see
+//! `page_connections.rs` for whose) and, once the worker has removed the objects, how many and
+//! when. The confirmation code names the status page Facebook shows the person; the SHA-256 of
+//! the request's signed_request finds the request again when Meta's request is replayed.
 
-use super::{DbError, Owners};
-use crate::ids::UserUuid;
+use super::{DbError, Forgotten, Owners};
+use crate::ids::{FacebookUserId, PageId, UserUuid};
 
 /// One data-deletion request as its status page shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DataDeletion {
     /// Random (128 bits); names the request's status page.
     pub confirmation_code: String,
-    /// The users (shops) whose data is deleted, space separated.
+    /// The shops nobody is left connected to, whose whole folder is deleted, space separated.
     pub user_uuids: String,
+    /// The Pages removed, `<uuid>/<page_id>` space separated: their folders are deleted.
+    pub removed_pages: String,
+    /// The Pages that stay (another person of the shop connects them), space separated.
+    pub kept_pages: String,
     /// When Meta's request arrived.
     pub requested_at_ms: i64,
     /// Pages removed with their tokens, at once.
     pub pages_removed: i64,
     /// Sessions ended, at once.
     pub sessions_removed: i64,
-    /// Objects deleted under `users/<uuid>/`; `None` while the worker is at it.
+    /// Objects deleted; `None` while the worker is at it.
     pub objects_deleted: Option<i64>,
     /// When the last object was deleted; `None` while the worker is at it.
     pub completed_at_ms: Option<i64>,
@@ -27,41 +32,100 @@ pub struct DataDeletion {
 }
 
 impl DataDeletion {
-    /// The users as ids.
-    pub fn users(&self) -> Vec<UserUuid> {
+    /// The shops whose whole folder goes.
+    pub fn emptied_users(&self) -> Vec<UserUuid> {
         self.user_uuids
             .split_whitespace()
             .filter_map(|user| UserUuid::parse(user).ok())
             .collect()
     }
+
+    /// The Pages removed, with their shop.
+    pub fn removed(&self) -> Vec<(UserUuid, PageId)> {
+        self.removed_pages
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('/'))
+            .filter_map(|(user, page)| {
+                Some((UserUuid::parse(user).ok()?, PageId::parse(page).ok()?))
+            })
+            .collect()
+    }
+
+    /// The Pages that stay.
+    pub fn kept(&self) -> Vec<PageId> {
+        self.kept_pages
+            .split_whitespace()
+            .filter_map(|page| PageId::parse(page).ok())
+            .collect()
+    }
+}
+
+/// The columns of a [`Forgotten`] as `data_deletions` holds them: emptied users, removed
+/// Pages, kept Pages.
+fn as_columns(forgotten: &Forgotten) -> (String, String, String) {
+    let users: Vec<&str> = forgotten.emptied.iter().map(UserUuid::as_str).collect();
+    let removed: Vec<String> = forgotten
+        .removed
+        .iter()
+        .map(|(user, page)| format!("{user}/{page}"))
+        .collect();
+    let kept: Vec<&str> = forgotten.kept.iter().map(PageId::as_str).collect();
+    (users.join(" "), removed.join(" "), kept.join(" "))
+}
+
+/// What a new request records.
+pub struct NewDataDeletion<'a> {
+    /// Random; names the status page.
+    pub confirmation_code: &'a str,
+    /// The person Meta's request names.
+    pub person: &'a FacebookUserId,
+    /// The SHA-256 of the request's signed_request, hex.
+    pub signed_request_sha256: &'a str,
+    /// What is to be removed (the plan of `Owners::forget_person`).
+    pub plan: &'a Forgotten,
 }
 
 impl Owners {
-    /// Records a request whose database part is done.
+    /// Records a request before its job is queued; false when a request with the same
+    /// signed_request is recorded already (a replay that raced this one).
     pub async fn record_data_deletion(
         &self,
-        confirmation_code: &str,
-        facebook_user_id: &str,
-        users: &[UserUuid],
-        pages_removed: u64,
-        sessions_removed: u64,
+        request: NewDataDeletion<'_>,
         now: i64,
-    ) -> Result<(), DbError> {
-        let users: Vec<&str> = users.iter().map(UserUuid::as_str).collect();
-        sqlx::query(
+    ) -> Result<bool, DbError> {
+        let (users, removed, kept) = as_columns(request.plan);
+        let inserted = sqlx::query(
             "INSERT INTO data_deletions (confirmation_code, facebook_user_id, user_uuids,
-                 requested_at_ms, pages_removed, sessions_removed)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+                 removed_pages, kept_pages, signed_request_sha256, requested_at_ms,
+                 pages_removed, sessions_removed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)
+             ON CONFLICT (signed_request_sha256) DO NOTHING",
         )
-        .bind(confirmation_code)
-        .bind(facebook_user_id)
-        .bind(users.join(" "))
+        .bind(request.confirmation_code)
+        .bind(request.person.as_str())
+        .bind(users)
+        .bind(removed)
+        .bind(kept)
+        .bind(request.signed_request_sha256)
         .bind(now)
-        .bind(i64::try_from(pages_removed).unwrap_or(i64::MAX))
-        .bind(i64::try_from(sessions_removed).unwrap_or(i64::MAX))
+        .bind(i64::try_from(request.plan.removed.len()).unwrap_or(i64::MAX))
         .execute(&self.db.pool)
         .await?;
-        Ok(())
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// The confirmation code of the request made with this signed_request, if one was.
+    pub async fn data_deletion_of_signed_request(
+        &self,
+        signed_request_sha256: &str,
+    ) -> Result<Option<String>, DbError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT confirmation_code FROM data_deletions WHERE signed_request_sha256 = $1",
+        )
+        .bind(signed_request_sha256)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.map(|(code,)| code))
     }
 
     /// A request by its confirmation code.
@@ -70,7 +134,8 @@ impl Owners {
         confirmation_code: &str,
     ) -> Result<Option<DataDeletion>, DbError> {
         let row = sqlx::query_as::<_, DataDeletion>(
-            "SELECT confirmation_code, user_uuids, requested_at_ms, pages_removed,
+            "SELECT confirmation_code, user_uuids, removed_pages, kept_pages, requested_at_ms,
+                    pages_removed,
                     sessions_removed, objects_deleted, completed_at_ms, last_error
              FROM data_deletions WHERE confirmation_code = $1",
         )
@@ -81,19 +146,23 @@ impl Owners {
     }
 
     /// Records what the request deleted at once.
-    pub async fn set_data_deletion_counts(
+    pub async fn set_data_deletion_outcome(
         &self,
         confirmation_code: &str,
-        pages_removed: u64,
-        sessions_removed: u64,
+        outcome: &Forgotten,
     ) -> Result<(), DbError> {
+        let (users, removed, kept) = as_columns(outcome);
         sqlx::query(
-            "UPDATE data_deletions SET pages_removed = $2, sessions_removed = $3
+            "UPDATE data_deletions SET user_uuids = $2, removed_pages = $3, kept_pages = $4,
+                 pages_removed = $5, sessions_removed = $6
              WHERE confirmation_code = $1",
         )
         .bind(confirmation_code)
-        .bind(i64::try_from(pages_removed).unwrap_or(i64::MAX))
-        .bind(i64::try_from(sessions_removed).unwrap_or(i64::MAX))
+        .bind(users)
+        .bind(removed)
+        .bind(kept)
+        .bind(i64::try_from(outcome.removed.len()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(outcome.sessions).unwrap_or(i64::MAX))
         .execute(&self.db.pool)
         .await?;
         Ok(())

@@ -27,6 +27,7 @@ pub mod bucket_rate;
 pub mod bucket_windows;
 pub mod claims;
 pub mod data_deletions;
+pub mod page_connections;
 pub mod page_polls;
 pub mod pages;
 pub mod poll_claims;
@@ -50,12 +51,12 @@ use crate::retry::RetryClass;
 
 pub use backlog::Backlog;
 pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
-pub use data_deletions::DataDeletion;
+pub use data_deletions::{DataDeletion, NewDataDeletion};
+pub use page_connections::{Forget, Forgotten};
 pub use page_polls::{PagePollState, PollCounts, PollLease, PollStart, PollSummary};
 pub use pages::{OnboardStep, PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};
-pub use users::Forgotten;
 
 /// Errors of the database layer. `Query` errors are worth retrying (the database may be
 /// restarting or busy); the others are bad configuration and are reported as they are.

@@ -148,7 +148,8 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
 const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
 
 impl Registry {
-    /// Registers a Page, or replaces its owner and token (and clears a re-auth flag).
+    /// Registers a Page, or replaces its owner and token (and clears a re-auth flag): the
+    /// operator's way (`pages add`), so the token in use is nobody's of `page_connections.rs`.
     pub async fn upsert_page(
         &self,
         page_id: &PageId,
@@ -161,7 +162,7 @@ impl Registry {
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (page_id) DO UPDATE SET user_uuid = excluded.user_uuid,
                  token_sealed = excluded.token_sealed, status = excluded.status,
-                 last_error = NULL, last_error_ms = NULL",
+                 connected_by = NULL, last_error = NULL, last_error_ms = NULL",
         )
         .bind(page_id.as_str())
         .bind(user_uuid.as_str())
@@ -173,17 +174,17 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes a Page (and its poll state); true when it was registered.
+    /// Removes a Page (its poll state and the people who connected it with it); true when it
+    /// was registered.
     pub async fn remove_page(&self, page_id: &PageId) -> Result<bool, DbError> {
-        sqlx::query("DELETE FROM page_polls WHERE page_id = $1")
+        let mut transaction = self.db.pool.begin().await?;
+        sqlx::query("DELETE FROM page_connections WHERE page_id = $1")
             .bind(page_id.as_str())
-            .execute(&self.db.pool)
+            .execute(&mut *transaction)
             .await?;
-        let done = sqlx::query("DELETE FROM pages WHERE page_id = $1")
-            .bind(page_id.as_str())
-            .execute(&self.db.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let removed = remove_page_rows(&mut transaction, page_id.as_str()).await?;
+        transaction.commit().await?;
+        Ok(removed)
     }
 
     /// A registered Page, or `None`.
@@ -336,6 +337,22 @@ impl Registry {
             .await?;
         Ok(())
     }
+}
+
+/// Removes a Page's row and its poll state inside `transaction`; true when it was registered.
+pub(super) async fn remove_page_rows(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    page: &str,
+) -> Result<bool, DbError> {
+    sqlx::query("DELETE FROM page_polls WHERE page_id = $1")
+        .bind(page)
+        .execute(&mut **transaction)
+        .await?;
+    let done = sqlx::query("DELETE FROM pages WHERE page_id = $1")
+        .bind(page)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 #[cfg(test)]

@@ -1,16 +1,19 @@
 //! Owner sessions: the SHA-256 of a random cookie value mapped to a user until it expires.
 //! Only hashes are stored; expired rows are removed whenever a session is created. Beside
-//! them, the nonces of OAuth states already used (a state is accepted once).
+//! them, the nonces of OAuth states and Meta's signed requests already used (each is accepted
+//! once).
 
 use super::{DbError, Owners};
-use crate::ids::UserUuid;
+use crate::ids::{FacebookUserId, UserUuid};
 
 impl Owners {
-    /// Stores a session (by the hash of its id) and removes every expired one.
+    /// Stores a session (by the hash of its id; with the Facebook person whose login started
+    /// it, if one did) and removes every expired one.
     pub async fn create_session(
         &self,
         session_hash: &str,
         user: &UserUuid,
+        person: Option<&FacebookUserId>,
         expires_at_ms: i64,
         now: i64,
     ) -> Result<(), DbError> {
@@ -19,10 +22,12 @@ impl Owners {
             .execute(&self.db.pool)
             .await?;
         sqlx::query(
-            "INSERT INTO sessions (session_hash, user_uuid, expires_at_ms) VALUES ($1, $2, $3)",
+            "INSERT INTO sessions (session_hash, user_uuid, facebook_user_id, expires_at_ms)
+             VALUES ($1, $2, $3, $4)",
         )
         .bind(session_hash)
         .bind(user.as_str())
+        .bind(person.map(FacebookUserId::as_str))
         .bind(expires_at_ms)
         .execute(&self.db.pool)
         .await?;
@@ -76,6 +81,16 @@ impl Owners {
         .await?;
         Ok(inserted.rows_affected() == 1)
     }
+
+    /// Forgets a recorded nonce: its use did not take effect, so the retry must not pass for a
+    /// replay.
+    pub async fn release_nonce(&self, nonce: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM oauth_nonces WHERE nonce = $1")
+            .bind(nonce)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -88,11 +103,11 @@ mod tests {
         for (backend, db) in backends().await {
             let user = UserUuid::new_random();
             db.owners()
-                .create_session("old", &user, 100, 50)
+                .create_session("old", &user, None, 100, 50)
                 .await
                 .expect("create");
             db.owners()
-                .create_session("new", &user, 1_000, 200)
+                .create_session("new", &user, None, 1_000, 200)
                 .await
                 .expect("create");
             assert_eq!(
