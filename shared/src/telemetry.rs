@@ -37,6 +37,10 @@ pub const STAGED_OLDEST_SECONDS: &str = "fbsync_staged_oldest_seconds";
 pub const CONVERSATIONS_SET_ASIDE: &str = "fbsync_conversations_set_aside";
 /// Messages waiting in the dead-letter queue.
 pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
+/// Jobs in the outbox the broker has not confirmed yet (owners' onboarding and deletions).
+pub const OUTBOX_PENDING: &str = "fbsync_outbox_pending";
+/// Age in seconds of the oldest job in the outbox (0 when it is empty).
+pub const OUTBOX_OLDEST_SECONDS: &str = "fbsync_outbox_oldest_seconds";
 /// Seconds per object-store request, by `operation`.
 pub const STORAGE_SECONDS: &str = "fbsync_storage_request_seconds";
 /// Store answers of 503 SlowDown: the bucket's real limit is below its configured rates.

@@ -15,6 +15,7 @@ mod ingest;
 mod meta_callbacks;
 mod onboarding;
 mod operations;
+mod owner_jobs;
 mod page_data;
 mod polling;
 mod quick_start;

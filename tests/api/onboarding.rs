@@ -107,7 +107,15 @@ fn free_port() -> u16 {
 
 impl OwnerEnv {
     pub async fn start(db: DbKind, store: StoreKind) -> Self {
+        Self::start_with(db, store, &[]).await
+    }
+
+    /// As [`OwnerEnv::start`], with more settings (`AMQP_URL` through a proxy, say).
+    pub async fn start_with(db: DbKind, store: StoreKind, settings: &[(&str, String)]) -> Self {
         let mut pipeline = Pipeline::new(db, store).await;
+        for (key, value) in settings {
+            pipeline.set(key, value);
+        }
         let graph = FakeGraph::start().await;
         let shopify = FakeShopify::start().await;
         let dialog = FakeDialog::start().await;
@@ -625,8 +633,11 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
     loop {
         let status = owner.status().await;
         let steps = &status["pages"][0]["onboarding"];
-        if steps["subscribe"] == "already subscribed" && steps["backfill"] == BACKFILL_STARTED {
-            assert_eq!(steps["page_data"], "unchanged (already current)");
+        // The earlier outcomes stay until the new job records its own.
+        if steps["subscribe"] == "already subscribed"
+            && steps["page_data"] == "unchanged (already current)"
+            && steps["backfill"] == BACKFILL_STARTED
+        {
             break;
         }
         assert!(Instant::now() < deadline, "{status}");

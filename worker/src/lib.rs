@@ -1,6 +1,7 @@
 //! The worker role: consume events, stage them durably, flush conversations into the object
 //! store within its budgets, refresh Page metadata, poll the Graph API, onboard Pages that
-//! owners connect (and delete a user's data when Meta asks), and dead-letter poison.
+//! owners connect (and delete a user's data when Meta asks), relay the outbox's jobs, and
+//! dead-letter poison.
 //!
 //! Operators scale by running more `fbsync worker` processes: consumers share queues, and the
 //! flushers coordinate through lease rows in the database.
@@ -11,6 +12,7 @@ pub mod folder_listing;
 pub mod jobs;
 pub mod last_written;
 pub mod merge;
+pub mod outbox_relay;
 pub mod runtime;
 pub mod stage;
 
@@ -43,6 +45,7 @@ use crate::jobs::delete_user_data::UserDataEraser;
 use crate::jobs::onboard_page::PageOnboarder;
 use crate::jobs::page_change::PageDataRefresher;
 use crate::jobs::poll::Poller;
+use crate::outbox_relay::OutboxRelay;
 use crate::runtime::consume::{ConsumerContext, consume_forever};
 use crate::runtime::forward::Forwarder;
 use crate::runtime::health::Health;
@@ -60,6 +63,8 @@ pub struct Worker {
     pub db: Database,
     /// How long the flusher rests when nothing is due.
     pub flush_interval: Duration,
+    /// Publishes the jobs the outbox holds while the broker was away.
+    pub relay: OutboxRelay,
     /// Whether the database and the store are up (`/readyz`).
     pub health: Arc<Health>,
 }
@@ -97,6 +102,12 @@ impl Worker {
         );
         let graph = GraphClient::new(&settings.facebook.graph_url);
         let forwarder = Forwarder::new(publisher, settings.retry.clone());
+        let relay = OutboxRelay {
+            outbox: db.outbox(),
+            forwarder: forwarder.clone(),
+            topology: topology.clone(),
+            retry: settings.retry.clone(),
+        };
         let eraser = UserDataEraser {
             owners: db.owners(),
             store: store.clone(),
@@ -169,6 +180,7 @@ impl Worker {
             flusher,
             db,
             flush_interval: settings.worker.flush_interval,
+            relay,
             health,
         })
     }
@@ -187,6 +199,7 @@ impl Worker {
         let flusher = self.flusher.clone();
         let (interval, stop) = (self.flush_interval, shutdown.clone());
         tasks.spawn(async move { flusher.run(interval, stop).await });
+        tasks.spawn(self.relay.run(shutdown.clone()));
         tasks.spawn(report_backlog(
             self.db.clone(),
             self.consumers.clone(),

@@ -1,8 +1,9 @@
 //! Facebook Login, the second step: `/facebook/login` (a session required) sends the owner to
 //! Facebook's dialog, the state bound to this browser (`browser_binding.rs`) and this session's
 //! user; `/facebook/callback` checks the state, its browser and its user, exchanges the code, then the short-lived token for a long-lived one, checks the permissions,
-//! reads every Page of `/me/accounts` and stores each Page's token sealed under this user, then
-//! queues one onboarding job per Page and answers at once. The session that started the login
+//! reads every Page of `/me/accounts` and stores each Page's token sealed under this user with
+//! one onboarding job per Page in the outbox (one transaction), publishes those jobs and answers
+//! at once. The session that started the login
 //! is ended and a fresh one issued (so the owner lands on `/connect`).
 //!
 //! The user token itself is never stored: the Page tokens of a long-lived user token do not
@@ -15,10 +16,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::facebook::login::{AppCredentials, ConnectedPage, LOGIN_SCOPES};
-use fbsync_shared::ids::{FacebookUserId, UserUuid};
-use fbsync_shared::jobs::{Job, OnboardPage};
+use fbsync_shared::ids::{FacebookUserId, PageId, UserUuid};
 use fbsync_shared::now_ms;
-use fbsync_shared::storage::db::OnboardStep;
 use secrecy::SecretString;
 
 use super::browser_binding::BrowserBinding;
@@ -118,8 +117,20 @@ pub async fn callback(
         OwnerError::refused("Sign-in refused", "Facebook sent no authorization code.")
     })?;
     let (person, pages) = read_pages(&state, code).await?;
-    store_pages(&state, &user, &person, &pages).await?;
-    let queued = queue_onboarding(&state, &pages).await;
+    // The Pages, their tokens and their onboarding jobs are stored together: a broker that is
+    // away delays the jobs (the outbox relay publishes them), it never loses them.
+    let sealed: Vec<(PageId, Vec<u8>)> = pages
+        .iter()
+        .map(|page| {
+            let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
+            (page.page_id.clone(), sealed)
+        })
+        .collect();
+    let jobs = state
+        .registry
+        .connect_pages(&user, &person, &sealed, now_ms())
+        .await?;
+    let queued = state.publish_now(jobs).await;
     // The login's session ends here (as the seed's); a fresh one, tied to the person whose
     // login it was (their data deletion ends it), shows the status page.
     let cookie = session::start(&state, &headers, &user, Some(&person)).await?;
@@ -215,60 +226,5 @@ fn graph_failure(what: &str, error: &GraphError) -> OwnerError {
         status,
         title: "Facebook Pages not connected",
         body,
-    }
-}
-
-/// Stores each Page's token sealed under `user` as `person`'s (a Page that belonged to another
-/// user moves, token and all) and marks its onboarding as queued.
-async fn store_pages(
-    state: &OwnerState,
-    user: &UserUuid,
-    person: &FacebookUserId,
-    pages: &[ConnectedPage],
-) -> Result<(), fbsync_shared::storage::db::DbError> {
-    for page in pages {
-        let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
-        state
-            .registry
-            .connect_page(&page.page_id, user, person, sealed, now_ms())
-            .await?;
-        state.registry.reset_onboarding(&page.page_id).await?;
-    }
-    Ok(())
-}
-
-/// Publishes one onboarding job per Page (with confirms); a failure is recorded on the Pages,
-/// in words, so the owner sees it and reconnects. True when all were queued.
-async fn queue_onboarding(state: &OwnerState, pages: &[ConnectedPage]) -> bool {
-    let jobs: Vec<_> = pages
-        .iter()
-        .map(|page| {
-            state.topology.job(&Job::OnboardPage(OnboardPage {
-                page_id: page.page_id.clone(),
-            }))
-        })
-        .collect();
-    match state
-        .publisher
-        .publish_all(&jobs, state.publish_timeout)
-        .await
-    {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "onboarding jobs could not be queued");
-            for page in pages {
-                for step in OnboardStep::all() {
-                    let _ = state
-                        .registry
-                        .set_onboard_step(
-                            &page.page_id,
-                            step,
-                            "failed: the job queue was unavailable; connect again",
-                        )
-                        .await;
-                }
-            }
-            false
-        }
     }
 }

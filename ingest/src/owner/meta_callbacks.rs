@@ -25,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fbsync_shared::ids::FacebookUserId;
-use fbsync_shared::jobs::{DeleteUserData, Job};
 use fbsync_shared::now_ms;
 use fbsync_shared::storage::db::{Forget, NewDataDeletion};
 use hmac::{Hmac, Mac};
@@ -214,10 +213,9 @@ pub async fn data_deletion(
         tracing::info!("a data-deletion request was replayed; answered with its first code");
         return Ok(confirmation(&state, &code));
     }
-    // The request is recorded (with what it will remove) and its object deletion queued
-    // first, then the database part is done: a request that cannot be queued changes nothing
-    // and is answered 503, so Meta sends it again (once the person is forgotten, their Pages
-    // could not be found again).
+    // The request is recorded with what it will remove and its object-deletion job (in the
+    // outbox, one transaction), then the database part is done, then the job is published: a
+    // broker that is away delays the job (the outbox relay publishes it), it never loses it.
     let plan = owners
         .forget_person(&signed.person, Forget::DataDeletion, false)
         .await?;
@@ -236,29 +234,14 @@ pub async fn data_deletion(
             now,
         )
         .await?;
-    if !recorded {
+    let Some(jobs) = recorded else {
         // The same request, at the same moment: it answers for both.
         let first = owners
             .data_deletion_of_signed_request(&signed.sha256)
             .await?;
         return Ok(confirmation(&state, first.as_deref().unwrap_or(&code)));
-    }
-    let has_objects = !plan.removed.is_empty() || !plan.emptied.is_empty();
-    if has_objects {
-        let outgoing = state.topology.job(&Job::DeleteUserData(DeleteUserData {
-            confirmation_code: code.clone(),
-        }));
-        if let Err(e) = state
-            .publisher
-            .publish_all(&[outgoing], state.publish_timeout)
-            .await
-        {
-            let _ = owners.remove_data_deletion(&code).await;
-            return Err(CallbackError::Failed(format!(
-                "the deletion job could not be queued ({e})"
-            )));
-        }
-    }
+    };
+    let has_objects = !jobs.is_empty();
     let forgotten = owners
         .forget_person(&signed.person, Forget::DataDeletion, true)
         .await?;
@@ -267,6 +250,7 @@ pub async fn data_deletion(
     if !has_objects {
         owners.complete_data_deletion(&code, 0, now).await?;
     }
+    state.publish_now(jobs).await;
     tracing::info!(
         pages_removed = forgotten.removed.len(),
         pages_kept = forgotten.kept.len(),

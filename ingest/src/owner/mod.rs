@@ -33,8 +33,9 @@ use axum::routing::{get, post};
 use fbsync_shared::config::{FACEBOOK_CALLBACK_PATH, OwnerSettings, SHOPIFY_CALLBACK_PATH};
 use fbsync_shared::crypto::TokenCipher;
 use fbsync_shared::facebook::graph::GraphClient;
+use fbsync_shared::jobs::Job;
 use fbsync_shared::queue::{Publisher, Topology};
-use fbsync_shared::storage::db::{Database, Owners, Registry};
+use fbsync_shared::storage::db::{Database, Outbox, Owners, Registry};
 
 /// What the owner routes share.
 pub struct OwnerState {
@@ -45,6 +46,9 @@ pub struct OwnerState {
     /// The Pages owners connect, with their sealed tokens and onboarding steps. The owner
     /// routes hold no other part of the database: no claims, no stage, no budgets.
     pub registry: Registry,
+    /// The jobs written with the changes they follow (onboarding, data deletion), until the
+    /// broker has them.
+    pub outbox: Outbox,
     /// Seals the shop and Page tokens.
     pub cipher: TokenCipher,
     /// Facebook Login's Graph calls.
@@ -53,7 +57,7 @@ pub struct OwnerState {
     pub http: reqwest::Client,
     /// Where onboarding and deletion jobs go.
     pub topology: Topology,
-    /// The confirming publisher ingest already holds.
+    /// The confirming publisher ingest already holds: the outbox's jobs are tried at once.
     pub publisher: Publisher,
     /// Longest wait for a job's confirm.
     pub publish_timeout: Duration,
@@ -85,12 +89,45 @@ impl OwnerState {
             settings,
             owners: db.owners(),
             registry: db.registry(),
+            outbox: db.outbox(),
             cipher,
             http,
             topology,
             publisher,
             publish_timeout,
             public_origin,
+        }
+    }
+}
+
+impl OwnerState {
+    /// Publishes jobs just written to the outbox (with confirms) and removes their rows: the
+    /// owner's answer does not wait for a relay. When the broker is away they stay, and a
+    /// worker's relay publishes them once it answers. True when all went now.
+    pub async fn publish_now(&self, queued: Vec<(String, Job)>) -> bool {
+        if queued.is_empty() {
+            return true;
+        }
+        let (rows, outgoing): (Vec<String>, Vec<_>) = queued
+            .into_iter()
+            .map(|(row, job)| (row, self.topology.job(&job)))
+            .unzip();
+        match self
+            .publisher
+            .publish_all(&outgoing, self.publish_timeout)
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = self.outbox.sent(&rows).await {
+                    // Published twice at worst: every outbox job is idempotent.
+                    tracing::warn!(error = %e, "published jobs stay in the outbox");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::info!(error = %e, jobs = rows.len(), "the broker is away: the outbox relay publishes these jobs once it answers");
+                false
+            }
         }
     }
 }

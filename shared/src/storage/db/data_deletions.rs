@@ -3,8 +3,9 @@
 //! when. The confirmation code names the status page Facebook shows the person; the SHA-256 of
 //! the request's signed_request finds the request again when Meta's request is replayed.
 
-use super::{DbError, Forgotten, Owners};
+use super::{DbError, Forgotten, Owners, outbox};
 use crate::ids::{FacebookUserId, PageId, UserUuid};
+use crate::jobs::{DeleteUserData, Job};
 
 /// One data-deletion request as its status page shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -86,14 +87,17 @@ pub struct NewDataDeletion<'a> {
 }
 
 impl Owners {
-    /// Records a request before its job is queued; false when a request with the same
-    /// signed_request is recorded already (a replay that raced this one).
+    /// Records a request with what it will remove and, when there are objects to delete, its
+    /// job in the outbox, in one transaction; the outbox rows for the caller to publish at
+    /// once. `None` when a request with the same signed_request is recorded already (a replay
+    /// that raced this one): nothing was written.
     pub async fn record_data_deletion(
         &self,
         request: NewDataDeletion<'_>,
         now: i64,
-    ) -> Result<bool, DbError> {
+    ) -> Result<Option<Vec<(String, Job)>>, DbError> {
         let (users, removed, kept) = as_columns(request.plan);
+        let mut transaction = self.db.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO data_deletions (confirmation_code, facebook_user_id, user_uuids,
                  removed_pages, kept_pages, signed_request_sha256, requested_at_ms,
@@ -109,9 +113,20 @@ impl Owners {
         .bind(request.signed_request_sha256)
         .bind(now)
         .bind(i64::try_from(request.plan.removed.len()).unwrap_or(i64::MAX))
-        .execute(&self.db.pool)
+        .execute(&mut *transaction)
         .await?;
-        Ok(inserted.rows_affected() == 1)
+        if inserted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let mut queued = Vec::new();
+        if !request.plan.removed.is_empty() || !request.plan.emptied.is_empty() {
+            let job = Job::DeleteUserData(DeleteUserData {
+                confirmation_code: request.confirmation_code.to_string(),
+            });
+            queued.push((outbox::enqueue(&mut transaction, &job, now).await?, job));
+        }
+        transaction.commit().await?;
+        Ok(Some(queued))
     }
 
     /// The confirmation code of the request made with this signed_request, if one was.
@@ -165,15 +180,6 @@ impl Owners {
         .bind(i64::try_from(outcome.sessions).unwrap_or(i64::MAX))
         .execute(&self.db.pool)
         .await?;
-        Ok(())
-    }
-
-    /// Forgets a request that could not be queued (the caller asks Meta to send it again).
-    pub async fn remove_data_deletion(&self, confirmation_code: &str) -> Result<(), DbError> {
-        sqlx::query("DELETE FROM data_deletions WHERE confirmation_code = $1")
-            .bind(confirmation_code)
-            .execute(&self.db.pool)
-            .await?;
         Ok(())
     }
 

@@ -11,15 +11,18 @@
 //! [`put_budget`] (per-object PUT times), [`bucket_windows`] (the bucket's request rate),
 //! [`page_polls`] (each Page's Graph polls: progress, lease, last complete one),
 //! [`poll_claims`] (the scheduler's one claim per Page and period), [`backlog`] (figures
-//! for the gauges), and the owners' side: [`users`] (one per shop), [`sessions`] (owner
-//! sessions and used OAuth nonces), [`data_deletions`] (Meta's requests).
+//! for the gauges), [`outbox`] (jobs that follow a database change), and the owners' side:
+//! [`users`] (one per shop), [`page_connections`] (who connected each Page), [`sessions`]
+//! (owner sessions, used OAuth nonces and signed requests), [`data_deletions`] (Meta's
+//! requests).
 //!
-//! The statements are reached through six narrow handles, thin types over the same pools
-//! ([`Registry`], [`Owners`], [`Staging`], [`Conversations`], [`Budgets`], [`Polls`]), taken
+//! The statements are reached through seven narrow handles, thin types over the same pools
+//! ([`Registry`], [`Owners`], [`Staging`], [`Conversations`], [`Budgets`], [`Polls`],
+//! [`Outbox`]), taken
 //! with [`Database::registry`] and its siblings. `Database` itself only connects, migrates,
 //! backs up and closes. A role holds the handles it needs and no others, so the compiler
-//! keeps it to what it touches: the owner routes hold `Owners` and `Registry` and cannot reach
-//! a claim, the stage or a budget; the store holds `Budgets`; a poll holds `Registry`,
+//! keeps it to what it touches: the owner routes hold `Owners`, `Registry` and `Outbox` and
+//! cannot reach a claim, the stage or a budget; the outbox relay holds `Outbox`; the store holds `Budgets`; a poll holds `Registry`,
 //! `Polls`, `Staging` and `Conversations`.
 
 pub mod backlog;
@@ -27,6 +30,7 @@ pub mod bucket_rate;
 pub mod bucket_windows;
 pub mod claims;
 pub mod data_deletions;
+pub mod outbox;
 pub mod page_connections;
 pub mod page_polls;
 pub mod pages;
@@ -176,6 +180,13 @@ pub struct Budgets {
     db: Database,
 }
 
+/// The outbox: jobs written with the database change they follow, until the broker has them.
+#[derive(Clone)]
+pub struct Outbox {
+    /// The pools it runs its statements on, shared with the other handles.
+    db: Database,
+}
+
 /// Polls: each Page's poll progress and lease, and the scheduler's claim per Page and period.
 #[derive(Clone)]
 pub struct Polls {
@@ -192,6 +203,11 @@ impl Database {
     /// The owners.
     pub fn owners(&self) -> Owners {
         Owners { db: self.clone() }
+    }
+
+    /// The outbox.
+    pub fn outbox(&self) -> Outbox {
+        Outbox { db: self.clone() }
     }
 
     /// The stage.

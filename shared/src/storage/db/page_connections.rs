@@ -9,8 +9,9 @@
 //! Invariant: a person's rows belong to the Page's current shop; a Page that moves to another
 //! shop takes no one of the old shop's people with it.
 
-use super::{DbError, Owners, Registry};
+use super::{DbError, Owners, Registry, outbox};
 use crate::ids::{FacebookUserId, PageId, UserUuid};
+use crate::jobs::{Job, OnboardPage};
 use crate::storage::db::PageStatus;
 use crate::storage::db::pages::remove_page_rows;
 
@@ -39,57 +40,32 @@ pub enum Forget {
 }
 
 impl Registry {
-    /// `person` connected `page_id` through `user`'s shop with `token_sealed`: their row is
-    /// recorded (or renewed), the Page is registered under `user` with this token in use (a
-    /// re-auth flag cleared), and the rows of another shop's people for this Page go (the Page
-    /// moved).
-    pub async fn connect_page(
+    /// `person` connected `pages` (each Page's id and sealed token) through `user`'s shop, in
+    /// one transaction: each person's row is recorded (or renewed), each Page registered under
+    /// `user` with this token in use (a re-auth flag cleared; the rows of another shop's people
+    /// for it go, as the Page moved), its onboarding steps that did not succeed marked queued
+    /// (those that did keep their outcome until the new job records its own), and its
+    /// onboarding job written to the outbox. The outbox rows and their jobs, for the caller to
+    /// publish at once.
+    pub async fn connect_pages(
         &self,
-        page_id: &PageId,
         user: &UserUuid,
         person: &FacebookUserId,
-        token_sealed: Vec<u8>,
+        pages: &[(PageId, Vec<u8>)],
         now: i64,
-    ) -> Result<(), DbError> {
+    ) -> Result<Vec<(String, Job)>, DbError> {
         let mut transaction = self.db.pool.begin().await?;
-        sqlx::query("DELETE FROM page_connections WHERE page_id = $1 AND user_uuid <> $2")
-            .bind(page_id.as_str())
-            .bind(user.as_str())
-            .execute(&mut *transaction)
-            .await?;
-        sqlx::query(
-            "INSERT INTO page_connections
-                 (page_id, facebook_user_id, user_uuid, token_sealed, connected_at_ms)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (page_id, facebook_user_id) DO UPDATE SET
-                 user_uuid = excluded.user_uuid, token_sealed = excluded.token_sealed,
-                 connected_at_ms = excluded.connected_at_ms",
-        )
-        .bind(page_id.as_str())
-        .bind(person.as_str())
-        .bind(user.as_str())
-        .bind(token_sealed.clone())
-        .bind(now)
-        .execute(&mut *transaction)
-        .await?;
-        sqlx::query(
-            "INSERT INTO pages (page_id, user_uuid, token_sealed, status, created_at_ms,
-                 connected_by)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (page_id) DO UPDATE SET user_uuid = excluded.user_uuid,
-                 token_sealed = excluded.token_sealed, status = excluded.status,
-                 connected_by = excluded.connected_by, last_error = NULL, last_error_ms = NULL",
-        )
-        .bind(page_id.as_str())
-        .bind(user.as_str())
-        .bind(token_sealed)
-        .bind(PageStatus::Active.as_str())
-        .bind(now)
-        .bind(person.as_str())
-        .execute(&mut *transaction)
-        .await?;
+        let mut queued = Vec::with_capacity(pages.len());
+        for (page_id, token_sealed) in pages {
+            connect_page(&mut transaction, page_id, user, person, token_sealed, now).await?;
+            let job = Job::OnboardPage(OnboardPage {
+                page_id: page_id.clone(),
+            });
+            let row = outbox::enqueue(&mut transaction, &job, now).await?;
+            queued.push((row, job));
+        }
         transaction.commit().await?;
-        Ok(())
+        Ok(queued)
     }
 
     /// The people who connected a Page, most recent first.
@@ -255,6 +231,68 @@ impl Owners {
     }
 }
 
+/// One Page of [`Registry::connect_pages`], inside its transaction.
+async fn connect_page(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    page_id: &PageId,
+    user: &UserUuid,
+    person: &FacebookUserId,
+    token_sealed: &[u8],
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM page_connections WHERE page_id = $1 AND user_uuid <> $2")
+        .bind(page_id.as_str())
+        .bind(user.as_str())
+        .execute(&mut **transaction)
+        .await?;
+    sqlx::query(
+        "INSERT INTO page_connections
+             (page_id, facebook_user_id, user_uuid, token_sealed, connected_at_ms)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (page_id, facebook_user_id) DO UPDATE SET
+             user_uuid = excluded.user_uuid, token_sealed = excluded.token_sealed,
+             connected_at_ms = excluded.connected_at_ms",
+    )
+    .bind(page_id.as_str())
+    .bind(person.as_str())
+    .bind(user.as_str())
+    .bind(token_sealed.to_vec())
+    .bind(now)
+    .execute(&mut **transaction)
+    .await?;
+    sqlx::query(
+        "INSERT INTO pages (page_id, user_uuid, token_sealed, status, created_at_ms,
+             connected_by)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (page_id) DO UPDATE SET user_uuid = excluded.user_uuid,
+             token_sealed = excluded.token_sealed, status = excluded.status,
+             connected_by = excluded.connected_by, last_error = NULL, last_error_ms = NULL",
+    )
+    .bind(page_id.as_str())
+    .bind(user.as_str())
+    .bind(token_sealed.to_vec())
+    .bind(PageStatus::Active.as_str())
+    .bind(now)
+    .bind(person.as_str())
+    .execute(&mut **transaction)
+    .await?;
+    // A step that succeeded keeps its outcome; one never run, or failed, waits for the job.
+    sqlx::query(
+        "UPDATE pages SET
+             onboard_subscribe = CASE WHEN onboard_subscribe IS NULL
+                 OR onboard_subscribe LIKE 'failed%' THEN 'queued' ELSE onboard_subscribe END,
+             onboard_page_data = CASE WHEN onboard_page_data IS NULL
+                 OR onboard_page_data LIKE 'failed%' THEN 'queued' ELSE onboard_page_data END,
+             onboard_backfill = CASE WHEN onboard_backfill IS NULL
+                 OR onboard_backfill LIKE 'failed%' THEN 'queued' ELSE onboard_backfill END
+         WHERE page_id = $1",
+    )
+    .bind(page_id.as_str())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,15 +314,15 @@ mod tests {
             let shop = UserUuid::new_random();
             let (own, shared) = (id("11"), id("12"));
             registry
-                .connect_page(&own, &shop, &person("1"), vec![1], 1)
+                .connect_pages(&shop, &person("1"), &[(own.clone(), vec![1])], 1)
                 .await
                 .expect("connect");
             registry
-                .connect_page(&shared, &shop, &person("1"), vec![1], 2)
+                .connect_pages(&shop, &person("1"), &[(shared.clone(), vec![1])], 2)
                 .await
                 .expect("connect");
             registry
-                .connect_page(&shared, &shop, &person("2"), vec![2], 3)
+                .connect_pages(&shop, &person("2"), &[(shared.clone(), vec![2])], 3)
                 .await
                 .expect("connect");
 
@@ -346,11 +384,11 @@ mod tests {
             // A Page moving to another shop takes none of the old shop's people along.
             let other_shop = UserUuid::new_random();
             registry
-                .connect_page(&own, &shop, &person("3"), vec![3], 4)
+                .connect_pages(&shop, &person("3"), &[(own.clone(), vec![3])], 4)
                 .await
                 .expect("connect");
             registry
-                .connect_page(&own, &other_shop, &person("4"), vec![4], 5)
+                .connect_pages(&other_shop, &person("4"), &[(own.clone(), vec![4])], 5)
                 .await
                 .expect("connect");
             assert_eq!(

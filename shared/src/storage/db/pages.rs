@@ -219,19 +219,6 @@ impl Registry {
         Ok(pages)
     }
 
-    /// Marks every onboarding step of a Page as waiting for its job.
-    pub async fn reset_onboarding(&self, page_id: &PageId) -> Result<(), DbError> {
-        sqlx::query(
-            "UPDATE pages SET onboard_subscribe = 'queued', onboard_page_data = 'queued',
-                 onboard_backfill = 'queued'
-             WHERE page_id = $1",
-        )
-        .bind(page_id.as_str())
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
-    }
-
     /// Records the outcome of one onboarding step of a Page.
     pub async fn set_onboard_step(
         &self,
