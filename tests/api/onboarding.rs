@@ -767,7 +767,8 @@ async fn every_page_of_a_paged_me_accounts_answer_is_connected() {
 }
 
 #[tokio::test]
-async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
+async fn tampered_expired_replayed_and_missing_states_are_refused_with_400_and_a_reloaded_callback_goes_on_to_connect()
+ {
     let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
     env.graph.set_person("5001", &[PAGE_A]);
     let mut owner = env.owner();
@@ -812,7 +813,7 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
         ]))
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
-    assert!(answer.body.contains("no state"), "{}", answer.body);
+    assert!(answer.body.contains("incomplete"), "{}", answer.body);
 
     // Issued for another shop.
     let other = forged_state(
@@ -829,17 +830,23 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     let login = owner.get(&format!("/shopify/login?shop={shop}")).await;
     let authorize = owner.get(&login.location()).await;
     let callback = authorize.location();
-    let binding = owner.cookies[SIGN_IN_COOKIE].clone();
     assert_eq!(owner.get(&callback).await.status, StatusCode::OK);
-    assert!(
-        !owner.cookies.contains_key(SIGN_IN_COOKIE),
-        "a finished sign-in clears its browser binding"
-    );
-    // Replayed in the very browser that used it (its binding cookie put back): still refused.
-    owner.cookies.insert(SIGN_IN_COOKIE.into(), binding);
+    // Reloaded in the signed-in browser: on to /connect, nothing done again.
+    let reload = owner.get(&callback).await;
+    assert_eq!(reload.status, StatusCode::SEE_OTHER, "{}", reload.body);
+    assert_eq!(reload.location(), "/connect");
+    assert!(reload.set_cookie().is_none(), "the session stays as it is");
+    // The same link in this browser without a session: refused.
+    let session = owner.cookies.remove("session_id").expect("a session");
     let replay = owner.get(&callback).await;
     assert_eq!(replay.status, StatusCode::BAD_REQUEST);
     assert!(replay.body.contains("already used"), "{}", replay.body);
+    assert!(
+        replay.body.contains("Start again"),
+        "a way on: {}",
+        replay.body
+    );
+    owner.cookies.insert("session_id".into(), session);
 
     // Facebook's side: a replayed callback, a Shopify state, and a login without a session.
     env.dialog
@@ -847,19 +854,18 @@ async fn tampered_expired_replayed_and_missing_states_are_refused_with_400() {
     let login = owner.get("/facebook/login").await;
     let dialog = owner.get(&login.location()).await;
     let callback = dialog.location();
-    let binding = owner.cookies[SIGN_IN_COOKIE].clone();
     assert_eq!(owner.get(&callback).await.status, StatusCode::SEE_OTHER);
-    owner.cookies.insert(SIGN_IN_COOKIE.into(), binding);
-    let replay = owner.get(&callback).await;
-    assert_eq!(replay.status, StatusCode::BAD_REQUEST);
-    assert!(replay.body.contains("already used"), "{}", replay.body);
+    let reload = owner.get(&callback).await;
+    assert_eq!(reload.status, StatusCode::SEE_OTHER, "{}", reload.body);
+    assert_eq!(reload.location(), "/connect", "a reloaded callback goes on");
+    assert!(reload.set_cookie().is_none(), "the session stays as it is");
     let foreign = forged_state(&owner, "shopify", shop, fbsync_shared::now_ms() + 60_000);
     let answer = owner
         .get(&format!("/facebook/callback?code=x&state={foreign}"))
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(
-        answer.body.contains("another sign-in flow"),
+        answer.body.contains("another step of the sign-in"),
         "{}",
         answer.body
     );

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 
 use crate::common::fake_dialog::DialogAnswer;
 use crate::common::pipeline::{DbKind, StoreKind};
-use crate::onboarding::{Answer, Owner, OwnerEnv, SIGN_IN_COOKIE, user_of};
+use crate::onboarding::{Answer, Owner, OwnerEnv, user_of};
 
 /// The callback URL Shopify hands `owner`'s browser for `shop`, not yet opened.
 async fn shopify_callback_url(owner: &mut Owner, shop: &str) -> String {
@@ -131,7 +131,6 @@ async fn a_browser_signed_in_to_one_shop_is_asked_before_switching_and_signing_o
     assert_eq!(switched.status, StatusCode::SEE_OTHER, "{}", switched.body);
     assert_eq!(switched.location(), "/connect");
     assert_eq!(shop_of(&mut owner).await, "second.myshopify.com");
-    assert!(!owner.cookies.contains_key(SIGN_IN_COOKIE));
     let mut old = env.owner();
     old.cookies = first_session;
     assert_eq!(
@@ -139,6 +138,11 @@ async fn a_browser_signed_in_to_one_shop_is_asked_before_switching_and_signing_o
         StatusCode::UNAUTHORIZED,
         "the replaced session ended"
     );
+
+    // The way in: a signed-in owner goes on to the status page.
+    let root = owner.get("/").await;
+    assert_eq!(root.status, StatusCode::SEE_OTHER, "{}", root.body);
+    assert_eq!(root.location(), "/connect");
 
     // Signing out: a button on the status page, a POST that ends the session.
     let page = owner.get("/connect").await;
@@ -152,6 +156,13 @@ async fn a_browser_signed_in_to_one_shop_is_asked_before_switching_and_signing_o
         "the cookie is cleared"
     );
     assert_eq!(owner.get_json("/connect").await.0, StatusCode::UNAUTHORIZED);
+    let root = owner.get("/").await;
+    assert_eq!(root.status, StatusCode::OK, "{}", root.body);
+    assert!(
+        root.body.contains("action=\"/shopify/login\""),
+        "how to start: {}",
+        root.body
+    );
     let mut copy = env.owner();
     copy.cookies = kept;
     assert_eq!(

@@ -7,7 +7,9 @@
 //! cookie (10 minutes, a random 256-bit value; a browser that holds one keeps it, so two tabs
 //! can sign in at once) and puts the value's SHA-256 inside the signed state. Each callback
 //! requires the cookie and compares its hash with the state's in constant time; a state opened
-//! in another browser is refused before anything is used up. The `__Host-` prefix (Secure,
+//! in another browser is refused before anything is used up. The cookie outlives its sign-in
+//! until it expires, so a reloaded callback is recognised as this browser's and sent on to
+//! `/connect` (a state is used once whatever the cookie). The `__Host-` prefix (Secure,
 //! Path=/, no Domain) means no other host, not even a sibling subdomain, can set it; browsers
 //! refuse that prefix without Secure, so over plain http (local use) the cookie is named
 //! `fbsync_signin`.
@@ -58,11 +60,6 @@ impl BrowserBinding {
     /// The `Set-Cookie` value that gives the browser this binding for a sign-in's lifetime.
     pub fn cookie(&self, secure: bool) -> HeaderValue {
         cookies::set(cookie_name(secure), &self.0, LIFETIME_SECS, secure)
-    }
-
-    /// The `Set-Cookie` value that removes the binding once its sign-in is done.
-    pub fn cleared(secure: bool) -> HeaderValue {
-        cookies::set(cookie_name(secure), "", 0, secure)
     }
 }
 

@@ -112,7 +112,9 @@ pub async fn callback(
     if session::current_user(&state, &headers).await? != Some(user.clone()) {
         return Err(state::StateError::WrongSubject("session").into());
     }
-    claims.use_once(&state.owners, now).await?;
+    if let Some(reloaded) = state.use_state_once(&claims, &headers, now).await? {
+        return Ok(reloaded);
+    }
     let code = param("code").filter(|c| !c.is_empty()).ok_or_else(|| {
         OwnerError::refused("Sign-in refused", "Facebook sent no authorization code.")
     })?;
@@ -136,9 +138,7 @@ pub async fn callback(
     let cookie = session::start(&state, &headers, &user, Some(&person)).await?;
     tracing::info!(%user, pages = pages.len(), queued, "Facebook Pages connected");
     let mut response = Redirect::to("/connect").into_response();
-    let cookies = response.headers_mut();
-    cookies.append(header::SET_COOKIE, cookie);
-    cookies.append(header::SET_COOKIE, BrowserBinding::cleared(secure));
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(response)
 }
 

@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use fbsync_shared::config::{FACEBOOK_CALLBACK_PATH, OwnerSettings, SHOPIFY_CALLBACK_PATH};
 use fbsync_shared::crypto::TokenCipher;
@@ -36,6 +38,8 @@ use fbsync_shared::facebook::graph::GraphClient;
 use fbsync_shared::jobs::Job;
 use fbsync_shared::queue::{Publisher, Topology};
 use fbsync_shared::storage::db::{Database, Outbox, Owners, Registry};
+
+use self::error::OwnerError;
 
 /// What the owner routes share.
 pub struct OwnerState {
@@ -101,6 +105,26 @@ impl OwnerState {
 }
 
 impl OwnerState {
+    /// Uses a checked state's nonce. A state already used, opened again by a browser that is
+    /// signed in (a reloaded or replayed callback), is no error: the answer is the way on,
+    /// `/connect`, and nothing is done again.
+    pub async fn use_state_once(
+        &self,
+        claims: &state::StateClaims,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> Result<Option<Response>, OwnerError> {
+        match claims.use_once(&self.owners, now).await {
+            Ok(()) => Ok(None),
+            Err(state::StateError::Replayed)
+                if session::current_user(self, headers).await?.is_some() =>
+            {
+                Ok(Some(Redirect::to("/connect").into_response()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Publishes jobs just written to the outbox (with confirms) and removes their rows: the
     /// owner's answer does not wait for a relay. When the broker is away they stay, and a
     /// worker's relay publishes them once it answers. True when all went now.
@@ -141,6 +165,7 @@ pub fn router(state: Arc<OwnerState>) -> Router {
         .route("/logout", post(session::logout))
         .route("/facebook/login", get(facebook_login::login))
         .route(FACEBOOK_CALLBACK_PATH, get(facebook_login::callback))
+        .route("/", get(status::start))
         .route("/connect", get(status::connect))
         .route("/facebook/deauthorize", post(meta_callbacks::deauthorize))
         .route(

@@ -52,9 +52,17 @@ pub fn html(status: StatusCode, title: &str, body: &str) -> Response {
     response
 }
 
-/// A page that says what went wrong and what to do, in words: `message` is plain text.
+/// A page that says what went wrong and what to do, in words: `message` is plain text; the
+/// way on is a link to start again (`/` says how, or goes on to `/connect` when signed in).
 pub fn problem(status: StatusCode, title: &str, message: &str) -> Response {
-    html(status, title, &format!("<p>{}</p>", escape(message)))
+    html(
+        status,
+        title,
+        &format!(
+            "<p>{}</p>\n<p><a id=\"start-again\" href=\"/\">Start again</a></p>",
+            escape(message)
+        ),
+    )
 }
 
 /// No caching, no referrer, no framing, no script: for every owner answer.

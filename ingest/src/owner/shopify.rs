@@ -172,7 +172,9 @@ pub async fn callback(
     if claims.subject != shop.as_str() {
         return Err(state::StateError::WrongSubject("shop").into());
     }
-    claims.use_once(&state.owners, now).await?;
+    if let Some(reloaded) = state.use_state_once(&claims, &headers, now).await? {
+        return Ok(reloaded);
+    }
     let code = param(&query, "code")
         .filter(|c| !c.is_empty())
         .ok_or_else(|| {
@@ -220,12 +222,7 @@ async fn signed_in(
         escape(shop.as_str())
     );
     let mut response = html(StatusCode::OK, "Shop connected", &body);
-    let cookies = response.headers_mut();
-    cookies.append(header::SET_COOKIE, cookie);
-    cookies.append(
-        header::SET_COOKIE,
-        BrowserBinding::cleared(state.settings.secure_cookies()),
-    );
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(response)
 }
 
@@ -284,16 +281,13 @@ pub async fn switch(
     )?;
     let user = UserUuid::parse(&claims.subject)
         .map_err(|_| OwnerError::refused("Sign-in refused", "The state names no user."))?;
-    claims.use_once(&state.owners, now).await?;
+    if let Some(reloaded) = state.use_state_once(&claims, &headers, now).await? {
+        return Ok(reloaded);
+    }
     let cookie = session::start(&state, &headers, &user, None).await?;
     tracing::info!(%user, "a browser switched shops");
     let mut response = Redirect::to("/connect").into_response();
-    let cookies = response.headers_mut();
-    cookies.append(header::SET_COOKIE, cookie);
-    cookies.append(
-        header::SET_COOKIE,
-        BrowserBinding::cleared(state.settings.secure_cookies()),
-    );
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(response)
 }
 

@@ -45,11 +45,11 @@ impl Flow {
 /// Why a state was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("the request has no state parameter")]
+    #[error("this sign-in link is incomplete; please start again")]
     Missing,
-    #[error("the state parameter is malformed or was altered")]
+    #[error("this sign-in link is damaged or was altered; please start again")]
     Tampered,
-    #[error("the state belongs to another sign-in flow")]
+    #[error("this link belongs to another step of the sign-in; please start again")]
     WrongFlow,
     #[error("the sign-in link has expired (it is valid for 10 minutes); please start again")]
     Expired,
@@ -60,7 +60,7 @@ pub enum StateError {
          expired; nothing was changed. Please start again from your Shopify admin"
     )]
     OtherBrowser,
-    #[error("the state was issued for another {0}")]
+    #[error("this sign-in was started for another {0}; please start again")]
     WrongSubject(&'static str),
     #[error(transparent)]
     Db(#[from] DbError),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use fbsync_shared::storage::db::{PageStatus, PageSummary};
 use serde_json::{Value, json};
 
@@ -69,6 +69,27 @@ fn page_json(page: &PageSummary) -> Value {
         "last_error": trouble(page),
         "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),
     })
+}
+
+/// GET /: the way in. A signed-in owner goes on to `/connect`; anyone else is told how to start.
+pub async fn start(
+    State(state): State<Arc<OwnerState>>,
+    headers: HeaderMap,
+) -> Result<Response, OwnerError> {
+    if session::current_user(&state, &headers).await?.is_some() {
+        return Ok(Redirect::to("/connect").into_response());
+    }
+    Ok(html(
+        StatusCode::OK,
+        "Connect your Facebook Pages",
+        "<p>fbsync keeps a copy of your Facebook Pages' Messenger conversations.</p>\n\
+         <p>To connect your Pages, open fbsync from your Shopify admin (Apps), or enter your \
+         shop's address:</p>\n\
+         <form method=\"get\" action=\"/shopify/login\">\
+         <label for=\"shop\">Shop address</label> \
+         <input id=\"shop\" name=\"shop\" placeholder=\"my-shop.myshopify.com\" required> \
+         <button type=\"submit\">Connect</button></form>",
+    ))
 }
 
 /// The sign-out button: a form, as `POST /logout` is a POST.
