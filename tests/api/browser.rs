@@ -176,8 +176,19 @@ async fn an_owner_connects_in_a_real_browser_and_an_attackers_sign_in_link_canno
         .click()
         .await
         .expect("click");
-    let heading = browser.find(Locator::Css("h1")).await.expect("h1");
-    assert_eq!(heading.text().await.expect("text"), "Signed out");
+    // The click returns before the next page has loaded: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let heading = match browser.find(Locator::Css("h1")).await {
+            Ok(h1) => h1.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if heading == "Signed out" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after signing out: {heading}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         browser.get_named_cookie("session_id").await.is_err(),
         "the session cookie is gone"

@@ -206,3 +206,36 @@ async fn a_signed_request_issued_long_ago_is_refused_and_a_replayed_one_changes_
     env.finish(&["2001"], &[PAGE_A], &["replays.myshopify.com"])
         .await;
 }
+
+#[tokio::test]
+async fn a_data_deletion_after_a_deauthorization_still_deletes_what_the_person_connected() {
+    let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
+    env.graph.set_person("4001", &[PAGE_A]);
+    let mut owner = env.owner();
+    let mut meta = env.owner();
+    owner.install_shop("leaving.myshopify.com").await;
+    owner.connect_facebook(&env, "4001").await;
+    let status = owner.wait_onboarded(&[PAGE_A]).await;
+    let user = status["user_uuid"].as_str().expect("uuid").to_string();
+    assert_eq!(folders(&env, &user).await, [PAGE_A]);
+
+    // Meta's order when a person removes the app: deauthorize first, the deletion later.
+    let signed = signed_request(LOGIN_APP_SECRET, "4001");
+    callback(&mut meta, "/facebook/deauthorize", &signed).await;
+    assert!(listed(&env).await.is_empty());
+    assert_eq!(
+        folders(&env, &user).await,
+        [PAGE_A],
+        "deauthorizing deletes no data"
+    );
+    let confirmation = callback(&mut meta, "/facebook/data-deletion", &signed).await;
+    let done = completed(&mut meta, &confirmation).await;
+    assert_eq!(done["removed_pages"], serde_json::json!([PAGE_A]), "{done}");
+    assert_eq!(done["shops_emptied"], 1, "{done}");
+    assert!(
+        env.keys_of(&user).await.is_empty(),
+        "the person's data is gone"
+    );
+    env.finish(&["4001"], &[PAGE_A], &["leaving.myshopify.com"])
+        .await;
+}

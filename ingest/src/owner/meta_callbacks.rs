@@ -4,7 +4,8 @@
 //! nothing). Each acts on the one person it names (see `page_connections.rs` in the shared
 //! crate for what that removes):
 //! - `POST /facebook/deauthorize`: that person's Pages stop syncing, their tokens deleted (a Page
-//!   another person of the shop connects goes on with that person's token).
+//!   another person of the shop connects goes on with that person's token); what they
+//!   connected stays known for their data deletion.
 //! - `POST /facebook/data-deletion`: as deauthorize, and the sessions their login started end;
 //!   the removed Pages' folders (the whole `users/<uuid>/` of a shop nobody is left connected
 //!   to) are deleted by a worker (within the bucket's budgets); answers
@@ -26,7 +27,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fbsync_shared::ids::FacebookUserId;
 use fbsync_shared::now_ms;
-use fbsync_shared::storage::db::{Forget, NewDataDeletion};
+use fbsync_shared::storage::db::NewDataDeletion;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -76,7 +77,8 @@ pub struct VerifiedRequest {
     pub person: FacebookUserId,
     /// Its `issued_at`, seconds: its use is remembered until it is too old anyway.
     pub issued_at: i64,
-    /// The SHA-256 of the whole signed_request, hex: what a replay is recognised by.
+    /// The SHA-256 of the signed payload, decoded, hex: what a replay is recognised by (the
+    /// signature follows from the payload, and the encodings of either may vary).
     pub sha256: String,
 }
 
@@ -99,10 +101,10 @@ pub fn verify_signed_request(
     mac.update(payload.as_bytes());
     mac.verify_slice(&signature)
         .map_err(|_| SignedRequestError::BadSignature)?;
-    let payload: Value = decode(payload)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .ok_or(SignedRequestError::Malformed)?;
+    let payload_bytes = decode(payload).map_err(|_| SignedRequestError::Malformed)?;
+    let sha256 = hex::encode(Sha256::digest(&payload_bytes));
+    let payload: Value =
+        serde_json::from_slice(&payload_bytes).map_err(|_| SignedRequestError::Malformed)?;
     let algorithm = payload.get("algorithm").and_then(Value::as_str);
     if !algorithm.is_some_and(|a| a.eq_ignore_ascii_case("HMAC-SHA256")) {
         return Err(SignedRequestError::Algorithm);
@@ -136,7 +138,7 @@ pub fn verify_signed_request(
     Ok(VerifiedRequest {
         person,
         issued_at,
-        sha256: hex::encode(Sha256::digest(signed.as_bytes())),
+        sha256,
     })
 }
 
@@ -182,7 +184,7 @@ pub async fn deauthorize(
     }
     let forgotten = match state
         .owners
-        .forget_person(&signed.person, Forget::Deauthorize, true)
+        .deauthorize_person(&signed.person, now_ms())
         .await
     {
         Ok(forgotten) => forgotten,
@@ -213,43 +215,29 @@ pub async fn data_deletion(
         tracing::info!("a data-deletion request was replayed; answered with its first code");
         return Ok(confirmation(&state, &code));
     }
-    // The request is recorded with what it will remove and its object-deletion job (in the
-    // outbox, one transaction), then the database part is done, then the job is published: a
-    // broker that is away delays the job (the outbox relay publishes it), it never loses it.
-    let plan = owners
-        .forget_person(&signed.person, Forget::DataDeletion, false)
-        .await?;
+    // The request is recorded, the person forgotten and the object-deletion job written to the
+    // outbox in one transaction, then the job is published: a broker that is away delays the
+    // job (the outbox relay publishes it), it never loses it.
     let mut code = [0u8; 16];
     rand::rng().fill_bytes(&mut code);
     let code = hex::encode(code);
-    let now = now_ms();
-    let recorded = owners
-        .record_data_deletion(
+    let done = owners
+        .request_data_deletion(
             NewDataDeletion {
                 confirmation_code: &code,
                 person: &signed.person,
                 signed_request_sha256: &signed.sha256,
-                plan: &plan,
             },
-            now,
+            now_ms(),
         )
         .await?;
-    let Some(jobs) = recorded else {
+    let Some((forgotten, jobs)) = done else {
         // The same request, at the same moment: it answers for both.
         let first = owners
             .data_deletion_of_signed_request(&signed.sha256)
             .await?;
         return Ok(confirmation(&state, first.as_deref().unwrap_or(&code)));
     };
-    let has_objects = !jobs.is_empty();
-    let forgotten = owners
-        .forget_person(&signed.person, Forget::DataDeletion, true)
-        .await?;
-    owners.set_data_deletion_outcome(&code, &forgotten).await?;
-    // Nothing stored for this person: the request is complete at once.
-    if !has_objects {
-        owners.complete_data_deletion(&code, 0, now).await?;
-    }
     state.publish_now(jobs).await;
     tracing::info!(
         pages_removed = forgotten.removed.len(),
@@ -371,5 +359,19 @@ mod tests {
             check(base(json!({"issued_at": NOW, "code": "AQD..."}))),
             Err(SignedRequestError::LoginRequest)
         );
+    }
+
+    #[test]
+    fn a_signed_request_is_known_again_whatever_its_base64_padding() {
+        let secret = SecretString::from("app-secret");
+        let payload = json!({"algorithm": "HMAC-SHA256", "issued_at": NOW, "user_id": "1"});
+        let plain = sign("app-secret", &payload);
+        let (signature, body) = plain.split_once('.').expect("two parts");
+        let first = verify_signed_request(&secret, Some(&plain), NOW).expect("valid");
+        // The payload is signed as sent, so only the signature's encoding can vary.
+        for padded in [format!("{signature}=.{body}"), format!("{signature}==.{body}")] {
+            let again = verify_signed_request(&secret, Some(&padded), NOW).expect("valid");
+            assert_eq!(again.sha256, first.sha256, "{padded}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Owner sessions: a random 256-bit id in the `session_id` cookie (see `cookies.rs`), its
+//! Owner sessions: a random 256-bit id in the session cookie (see `cookies.rs`), its
 //! SHA-256 in the database with the user and an expiry. A cookie that is not one of ours is
 //! treated as no session at all. Starting a session ends the one the browser held, so an old
 //! cookie never stays valid beside a new one; `POST /logout` ends it on request.
@@ -17,8 +17,15 @@ use super::error::OwnerError;
 use super::page::html;
 use super::{OwnerState, cookies};
 
-/// The cookie's name (the seed's).
-pub const COOKIE: &str = "session_id";
+/// The cookie's name: with the `__Host-` prefix when cookies are Secure (no other host, not
+/// even a sibling subdomain, can then set it); the seed's `session_id` over plain http.
+pub fn cookie_name(secure: bool) -> &'static str {
+    if secure {
+        "__Host-session_id"
+    } else {
+        "session_id"
+    }
+}
 
 /// How long a session lasts.
 const LIFETIME_MS: i64 = 24 * 3600 * 1000;
@@ -33,7 +40,7 @@ pub async fn current_user(
     state: &OwnerState,
     headers: &HeaderMap,
 ) -> Result<Option<UserUuid>, DbError> {
-    let Some(id) = cookies::read(headers, COOKIE) else {
+    let Some(id) = cookies::read(headers, cookie_name(state.settings.secure_cookies())) else {
         return Ok(None);
     };
     state.owners.session_user(&hash(&id), now_ms()).await
@@ -54,20 +61,22 @@ pub async fn start(
         .owners
         .create_session(&hash(&id), user, person, now + LIFETIME_MS, now)
         .await?;
+    let secure = state.settings.secure_cookies();
     Ok(cookies::set(
-        COOKIE,
+        cookie_name(secure),
         &id,
         LIFETIME_MS / 1000,
-        state.settings.secure_cookies(),
+        secure,
     ))
 }
 
 /// Ends the request's session (if any); the `Set-Cookie` value that clears the cookie.
 pub async fn end(state: &OwnerState, headers: &HeaderMap) -> Result<HeaderValue, DbError> {
-    if let Some(id) = cookies::read(headers, COOKIE) {
+    let secure = state.settings.secure_cookies();
+    if let Some(id) = cookies::read(headers, cookie_name(secure)) {
         state.owners.delete_session(&hash(&id)).await?;
     }
-    Ok(cookies::set(COOKIE, "", 0, state.settings.secure_cookies()))
+    Ok(cookies::set(cookie_name(secure), "", 0, secure))
 }
 
 /// POST /logout: the session ends (a POST, so a link on another site cannot sign anyone out:

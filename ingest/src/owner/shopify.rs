@@ -198,7 +198,9 @@ pub async fn callback(
         .connect_shop(&shop, &UserUuid::new_random(), sealed, now_ms())
         .await?;
     tracing::info!(%shop, %user, "shop connected");
-    let browser = browser.expect("verify refuses a state without its browser");
+    let Some(browser) = browser else {
+        return Err(state::StateError::OtherBrowser.into());
+    };
     match session::current_user(&state, &headers).await? {
         Some(current) if current != user => {
             switch_question(&state, &browser, &current, &user, &shop).await
@@ -261,7 +263,13 @@ async fn switch_question(
         new = escape(shop.as_str()),
         switch_state = escape(&switch_state),
     );
-    Ok(html(StatusCode::OK, "Switch shops?", &body))
+    // The answer gets the switch state's whole lifetime: the sign-in cookie is renewed with it.
+    let mut response = html(StatusCode::OK, "Switch shops?", &body);
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        browser.cookie(state.settings.secure_cookies()),
+    );
+    Ok(response)
 }
 
 /// POST /shopify/switch (state): the confirmed answer to `switch_question`.

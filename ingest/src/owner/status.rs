@@ -235,7 +235,15 @@ pub async fn deletion_status(
         escape(&deletion.confirmation_code),
         escape(&requested),
     );
-    if removed.is_empty() && kept.is_empty() {
+    if removed.is_empty() && kept.is_empty() && deletion.pages_removed > 0 {
+        // A request recorded before fbsync listed the Pages one by one.
+        body.push_str(&format!(
+            "<p id=\"removed\">Removed at once, with their access tokens: {} connected \
+             Page(s). Their stored files (Page data and Messenger conversations) are deleted \
+             too.</p>\n",
+            deletion.pages_removed
+        ));
+    } else if removed.is_empty() && kept.is_empty() {
         body.push_str(
             "<p id=\"removed\">fbsync held no Page connected by you: nothing was stored, so \
              nothing had to be deleted.</p>\n",
@@ -253,7 +261,8 @@ pub async fn deletion_status(
         if !kept.is_empty() {
             body.push_str(&format!(
                 "<p id=\"kept\">Your access token was deleted for the Page(s) {}; they stay \
-                 connected because another person of the same shop connected them too.</p>\n",
+                 connected with another access token (another person of the same shop \
+                 connected them too, or the operator registered them).</p>\n",
                 list(&kept)
             ));
         }

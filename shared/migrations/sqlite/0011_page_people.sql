@@ -1,15 +1,17 @@
 -- Who connected each Page, per person: Meta's deauthorize and data-deletion callbacks name a
 -- Facebook person, and two people of one shop (or two admins of one Page) connect separately.
 -- One row per (Page, person) with that person's Page token sealed; `pages.token_sealed` is
--- the token in use and `pages.connected_by` names whose it is. Removing a person removes their
--- rows; a Page nobody is left connecting is removed, otherwise it goes on with another
--- person's token.
+-- the token in use and `pages.connected_by` names whose it is. A person's deauthorization
+-- deletes their tokens but keeps their rows (`deauthorized_at_ms`), so their data deletion,
+-- which Meta sends later, still finds what they connected; a data deletion removes the rows. A
+-- Page nobody is left connecting is removed, otherwise it goes on with another person's token.
 CREATE TABLE IF NOT EXISTS page_connections (
     page_id           TEXT NOT NULL,
     facebook_user_id  TEXT NOT NULL,
     user_uuid         TEXT NOT NULL,
-    token_sealed      BLOB NOT NULL,
+    token_sealed      BLOB,
     connected_at_ms   INTEGER NOT NULL,
+    deauthorized_at_ms INTEGER,
     PRIMARY KEY (page_id, facebook_user_id)
 );
 CREATE INDEX IF NOT EXISTS page_connections_person ON page_connections (facebook_user_id);

@@ -68,8 +68,9 @@ impl UserDataEraser {
         if request.completed_at_ms.is_some() {
             return Ok(request.objects_deleted.unwrap_or(0).unsigned_abs());
         }
-        // The request removed the Pages already (this job may run first): without them, no
-        // flush claimed from now on writes under a folder being emptied.
+        // The request removed the Pages already, in the transaction that queued this job; they
+        // are removed again in case a Page was registered since: without them, no flush
+        // claimed from now on writes under a folder being emptied.
         let emptied = request.emptied_users();
         let mut folders: Vec<KeyPrefix> = Vec::new();
         for user in &emptied {

@@ -3,6 +3,7 @@
 //! when. The confirmation code names the status page Facebook shows the person; the SHA-256 of
 //! the request's signed_request finds the request again when Meta's request is replayed.
 
+use super::page_connections::{Forget, forget};
 use super::{DbError, Forgotten, Owners, outbox};
 use crate::ids::{FacebookUserId, PageId, UserUuid};
 use crate::jobs::{DeleteUserData, Job};
@@ -82,51 +83,72 @@ pub struct NewDataDeletion<'a> {
     pub person: &'a FacebookUserId,
     /// The SHA-256 of the request's signed_request, hex.
     pub signed_request_sha256: &'a str,
-    /// What is to be removed (the plan of `Owners::forget_person`).
-    pub plan: &'a Forgotten,
 }
 
 impl Owners {
-    /// Records a request with what it will remove and, when there are objects to delete, its
-    /// job in the outbox, in one transaction; the outbox rows for the caller to publish at
-    /// once. `None` when a request with the same signed_request is recorded already (a replay
-    /// that raced this one): nothing was written.
-    pub async fn record_data_deletion(
+    /// Carries out the database part of a data deletion in one transaction: the request is
+    /// recorded, the person forgotten (`page_connections.rs`), what that removed written on the
+    /// request, and, when there are objects to delete, its job written to the outbox. What was
+    /// removed and the outbox rows, for the caller to publish at once; `None` when a request
+    /// with the same signed_request is recorded already (a replay): nothing was changed.
+    pub async fn request_data_deletion(
         &self,
         request: NewDataDeletion<'_>,
         now: i64,
-    ) -> Result<Option<Vec<(String, Job)>>, DbError> {
-        let (users, removed, kept) = as_columns(request.plan);
+    ) -> Result<Option<(Forgotten, Vec<(String, Job)>)>, DbError> {
         let mut transaction = self.db.pool.begin().await?;
+        // A write first (see `page_connections::forget`).
         let inserted = sqlx::query(
             "INSERT INTO data_deletions (confirmation_code, facebook_user_id, user_uuids,
                  removed_pages, kept_pages, signed_request_sha256, requested_at_ms,
                  pages_removed, sessions_removed)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)
+             VALUES ($1, $2, '', '', '', $3, $4, 0, 0)
              ON CONFLICT (signed_request_sha256) DO NOTHING",
         )
         .bind(request.confirmation_code)
         .bind(request.person.as_str())
-        .bind(users)
-        .bind(removed)
-        .bind(kept)
         .bind(request.signed_request_sha256)
         .bind(now)
-        .bind(i64::try_from(request.plan.removed.len()).unwrap_or(i64::MAX))
         .execute(&mut *transaction)
         .await?;
         if inserted.rows_affected() == 0 {
+            transaction.rollback().await?;
             return Ok(None);
         }
+        let forgotten = forget(&mut transaction, request.person, Forget::DataDeletion, now).await?;
+        let (users, removed, kept) = as_columns(&forgotten);
+        sqlx::query(
+            "UPDATE data_deletions SET user_uuids = $2, removed_pages = $3, kept_pages = $4,
+                 pages_removed = $5, sessions_removed = $6
+             WHERE confirmation_code = $1",
+        )
+        .bind(request.confirmation_code)
+        .bind(users)
+        .bind(removed)
+        .bind(kept)
+        .bind(i64::try_from(forgotten.removed.len()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(forgotten.sessions).unwrap_or(i64::MAX))
+        .execute(&mut *transaction)
+        .await?;
         let mut queued = Vec::new();
-        if !request.plan.removed.is_empty() || !request.plan.emptied.is_empty() {
+        if forgotten.removed.is_empty() && forgotten.emptied.is_empty() {
+            // Nothing stored for this person: the request is complete at once.
+            sqlx::query(
+                "UPDATE data_deletions SET objects_deleted = 0, completed_at_ms = $2
+                 WHERE confirmation_code = $1",
+            )
+            .bind(request.confirmation_code)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        } else {
             let job = Job::DeleteUserData(DeleteUserData {
                 confirmation_code: request.confirmation_code.to_string(),
             });
             queued.push((outbox::enqueue(&mut transaction, &job, now).await?, job));
         }
         transaction.commit().await?;
-        Ok(Some(queued))
+        Ok(Some((forgotten, queued)))
     }
 
     /// The confirmation code of the request made with this signed_request, if one was.
@@ -158,29 +180,6 @@ impl Owners {
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(row)
-    }
-
-    /// Records what the request deleted at once.
-    pub async fn set_data_deletion_outcome(
-        &self,
-        confirmation_code: &str,
-        outcome: &Forgotten,
-    ) -> Result<(), DbError> {
-        let (users, removed, kept) = as_columns(outcome);
-        sqlx::query(
-            "UPDATE data_deletions SET user_uuids = $2, removed_pages = $3, kept_pages = $4,
-                 pages_removed = $5, sessions_removed = $6
-             WHERE confirmation_code = $1",
-        )
-        .bind(confirmation_code)
-        .bind(users)
-        .bind(removed)
-        .bind(kept)
-        .bind(i64::try_from(outcome.removed.len()).unwrap_or(i64::MAX))
-        .bind(i64::try_from(outcome.sessions).unwrap_or(i64::MAX))
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
     }
 
     /// Records that the objects are deleted.

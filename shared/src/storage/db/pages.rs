@@ -157,6 +157,12 @@ impl Registry {
         token_sealed: Vec<u8>,
         now: i64,
     ) -> Result<(), DbError> {
+        // A Page registered for another shop takes none of the old shop's people with it.
+        sqlx::query("DELETE FROM page_connections WHERE page_id = $1 AND user_uuid <> $2")
+            .bind(page_id.as_str())
+            .bind(user_uuid.as_str())
+            .execute(&self.db.pool)
+            .await?;
         sqlx::query(
             "INSERT INTO pages (page_id, user_uuid, token_sealed, status, created_at_ms)
              VALUES ($1, $2, $3, $4, $5)

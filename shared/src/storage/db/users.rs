@@ -39,12 +39,8 @@ impl Owners {
         Ok(shop.and_then(|(shop,)| ShopDomain::parse(&shop).ok()))
     }
 
-    /// Removes every Page of `user` (tokens with them, and who connected them); how many.
+    /// Removes every Page of `user` (tokens with them); how many.
     pub async fn remove_pages_of_user(&self, user: &UserUuid) -> Result<u64, DbError> {
-        sqlx::query("DELETE FROM page_connections WHERE user_uuid = $1")
-            .bind(user.as_str())
-            .execute(&self.db.pool)
-            .await?;
         let done = sqlx::query("DELETE FROM pages WHERE user_uuid = $1")
             .bind(user.as_str())
             .execute(&self.db.pool)
