@@ -98,3 +98,72 @@ async fn an_owner_who_connects_while_the_broker_is_away_ends_with_every_page_onb
     env.finish(&["3001"], &[EARLIER, NEW], &["blip.myshopify.com"])
         .await;
 }
+
+/// Waits until every one of `pages` has a finished poll and none in progress.
+async fn wait_polled(owner: &mut crate::onboarding::Owner, pages: &[&str]) {
+    let deadline = Instant::now() + ONBOARDING_LIMIT;
+    loop {
+        let status = owner.status().await;
+        let done = pages.iter().all(|page| {
+            status["pages"].as_array().into_iter().flatten().any(|p| {
+                p["page_id"] == *page && !p["last_poll"].is_null() && p["poll_in_progress"] == false
+            })
+        });
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not polled: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reconnect_reads_the_history_of_the_new_page_only() {
+    let env = OwnerEnv::start(DbKind::Sqlite, StoreKind::Local).await;
+    let (first, second, added) = ("930000000000001", "930000000000002", "930000000000003");
+    // One conversation and one message per page of results: a backfill makes many reads.
+    env.graph.set_paging(1, 1);
+    for page in [first, second, added] {
+        for n in 0..3 {
+            env.graph
+                .add_conversation(page, &format!("psid-{page}-{n}"), 3, 1_700_000_000_000 + n);
+        }
+    }
+    env.graph.set_person("3101", &[first, second]);
+    let mut owner = env.owner();
+    owner.install_shop("again.myshopify.com").await;
+    owner.connect_facebook(&env, "3101").await;
+    owner.wait_onboarded(&[first, second]).await;
+    wait_polled(&mut owner, &[first, second]).await;
+    let backfill_reads = env.graph.history_reads(first);
+    assert!(
+        backfill_reads >= 6,
+        "a backfill reads it all: {backfill_reads}"
+    );
+
+    env.graph.set_person("3101", &[first, second, added]);
+    let before = [first, second].map(|page| env.graph.history_reads(page));
+    owner.connect_facebook(&env, "3101").await;
+    owner.wait_onboarded(&[first, second, added]).await;
+    wait_polled(&mut owner, &[first, second, added]).await;
+    let status = owner.status().await;
+    for (page, before) in [first, second].into_iter().zip(before) {
+        let reads = env.graph.history_reads(page) - before;
+        assert!(
+            reads <= 1,
+            "{page} was read again ({reads} history reads, {backfill_reads} for its backfill)"
+        );
+        assert_eq!(
+            steps(&status, page)["backfill"],
+            crate::onboarding::HISTORY_KEPT,
+            "{status}"
+        );
+    }
+    assert!(
+        env.graph.history_reads(added) >= 6,
+        "the new Page's history is read: {}",
+        env.graph.history_reads(added)
+    );
+    env.finish(&["3101"], &[first, second, added], &["again.myshopify.com"])
+        .await;
+}

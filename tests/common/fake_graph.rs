@@ -252,6 +252,16 @@ impl FakeGraph {
     }
 
     /// When each request for the Page arrived, in order.
+    /// How many calls so far read a Page's history (its conversations or their messages).
+    pub fn history_reads(&self, page_id: &str) -> usize {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| c.page_id == page_id)
+            .filter(|c| c.path.ends_with("/conversations") || c.path.ends_with("/messages"))
+            .count()
+    }
+
     pub fn calls_for(&self, page_id: &str) -> Vec<Instant> {
         let state = self.state();
         let calls = state.calls.iter().filter(|c| c.page_id == page_id);

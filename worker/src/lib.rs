@@ -115,6 +115,7 @@ impl Worker {
         };
         let onboarder = PageOnboarder {
             registry: db.registry(),
+            polls: db.polls(),
             cipher: cipher.clone(),
             graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),

@@ -369,7 +369,10 @@ mod tests {
         let (signature, body) = plain.split_once('.').expect("two parts");
         let first = verify_signed_request(&secret, Some(&plain), NOW).expect("valid");
         // The payload is signed as sent, so only the signature's encoding can vary.
-        for padded in [format!("{signature}=.{body}"), format!("{signature}==.{body}")] {
+        for padded in [
+            format!("{signature}=.{body}"),
+            format!("{signature}==.{body}"),
+        ] {
             let again = verify_signed_request(&secret, Some(&padded), NOW).expect("valid");
             assert_eq!(again.sha256, first.sha256, "{padded}");
         }

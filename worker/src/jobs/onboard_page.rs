@@ -5,7 +5,8 @@
 //! Page (`fbsync pages list`, the owner's `/connect`): subscribe the app to the Page's webhooks
 //! when it is not subscribed yet, write `page_data.json` (the page-change job's own
 //! [`PageDataRefresher::refresh`]: only that Page's fields, only when changed), and start the
-//! conversation backfill ([`PageOnboarder::start_backfill`]: a backfill poll job, confirmed). Nothing but real data reaches the bucket: no test
+//! conversation backfill ([`PageOnboarder::start_backfill`]: a backfill poll job, confirmed; a
+//! Page whose history was read before gets a poll of what is new since instead). Nothing but real data reaches the bucket: no test
 //! deliveries, no fake conversations. A step that cannot succeed is recorded as failed in words
 //! and the job dead-lettered (replayable); a long wait parks it; every step is idempotent, so a
 //! redelivery or a replay repeats nothing that was done.
@@ -17,22 +18,28 @@ use fbsync_shared::ids::PageId;
 use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
-use fbsync_shared::storage::db::{OnboardStep, Registry};
+use fbsync_shared::storage::db::{OnboardStep, Polls, Registry};
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{AttemptError, page_with_token};
 use super::page_change::{PageDataOutcome, PageDataRefresher};
 use crate::runtime::forward::Forwarder;
-use crate::runtime::settle::{JobError, page_step};
+use crate::runtime::settle::{JobError, page_step, step};
 
 /// What the backfill step records once its poll job is queued (the poll's own progress shows
 /// as the Page's last poll).
 pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
 
+/// What the backfill step records for a Page whose history was read before (a reconnect): no
+/// backfill, a poll of what is new since the last complete poll instead.
+pub const HISTORY_KEPT: &str = "done earlier: a poll of what is new since is queued";
+
 /// Onboards the Pages owners connect (the page-data step borrows the page-change handler).
 pub struct PageOnboarder {
     /// The Page registry.
     pub registry: Registry,
+    /// Whether the Page's history was read before (a reconnect reads it again for nothing).
+    pub polls: Polls,
     /// Opens the Page tokens.
     pub cipher: TokenCipher,
     /// The subscription calls.
@@ -96,28 +103,43 @@ impl PageOnboarder {
                 return Err(error);
             }
         }
-        self.start_backfill(page_id).await?;
+        self.start_backfill(page_id, shutdown).await?;
         tracing::info!(%page_id, "Page onboarded");
         Ok(())
     }
 
-    /// Starts the conversation backfill of a newly connected Page: a poll job that reads its
-    /// whole history (`backfill`), confirmed by the broker, then the step recorded. When the
-    /// broker cannot confirm, the onboarding job is parked and runs again later (its other steps
-    /// repeat nothing).
-    pub async fn start_backfill(&self, page_id: &PageId) -> Result<(), JobError> {
+    /// Starts reading the Page's conversations: a backfill poll (its whole history) for a Page
+    /// whose history was never read to the end; for one that was (a reconnect), a poll of what
+    /// is new since its last complete poll, so connecting again re-reads nothing. The poll job
+    /// is confirmed by the broker, then the step recorded. When the broker cannot confirm, the
+    /// onboarding job is parked and runs again later (its other steps repeat nothing).
+    pub async fn start_backfill(
+        &self,
+        page_id: &PageId,
+        shutdown: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let history_read = step(&self.retry, "poll_summary", shutdown, || async {
+            Ok::<_, AttemptError>(self.polls.poll_summary(page_id).await?)
+        })
+        .await?
+        .last_backfill_end_ms
+        .is_some();
+        let (backfill, requested_by, outcome) = if history_read {
+            (false, "reconnect", HISTORY_KEPT)
+        } else {
+            (true, "onboarding", BACKFILL_STARTED)
+        };
         let job = self.topology.job(&Job::Poll(PollRequest {
             page_id: page_id.as_str().to_string(),
-            backfill: true,
-            requested_by: "onboarding".into(),
+            backfill,
+            requested_by: requested_by.into(),
             requested_at_ms: now_ms(),
         }));
         if let Err(e) = self.forwarder.publish_once(&[job]).await {
-            tracing::warn!(%page_id, error = %e, "the backfill poll job was not confirmed; parked");
+            tracing::warn!(%page_id, error = %e, "the poll job was not confirmed; parked");
             return Err(JobError::Wait(self.retry.max_delay));
         }
-        self.record(page_id, OnboardStep::Backfill, BACKFILL_STARTED)
-            .await;
+        self.record(page_id, OnboardStep::Backfill, outcome).await;
         Ok(())
     }
 

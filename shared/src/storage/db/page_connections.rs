@@ -273,6 +273,23 @@ async fn connect_page(
         .bind(user.as_str())
         .execute(&mut **transaction)
         .await?;
+    // A Page moving to another shop is onboarded afresh there: its steps start again, and its
+    // history is read again into the new shop's folder.
+    let moved = sqlx::query(
+        "UPDATE pages SET onboard_subscribe = NULL, onboard_page_data = NULL,
+             onboard_backfill = NULL
+         WHERE page_id = $1 AND user_uuid <> $2",
+    )
+    .bind(page_id.as_str())
+    .bind(user.as_str())
+    .execute(&mut **transaction)
+    .await?;
+    if moved.rows_affected() > 0 {
+        sqlx::query("UPDATE page_polls SET last_backfill_end_ms = NULL WHERE page_id = $1")
+            .bind(page_id.as_str())
+            .execute(&mut **transaction)
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO page_connections
              (page_id, facebook_user_id, user_uuid, token_sealed, connected_at_ms)
