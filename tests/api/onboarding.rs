@@ -649,7 +649,12 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let html = owner.get("/connect").await;
-    assert!(html.body.contains(PAGE_A) && html.body.contains("already subscribed"));
+    // In the owner's words: the Page by name, no step names.
+    assert!(html.body.contains(PAGE_A), "{}", html.body);
+    assert!(html.body.contains("Receiving messages"), "{}", html.body);
+    for internal in ["already subscribed", "backfill", "needs_reauth", "poll"] {
+        assert!(!html.body.contains(internal), "{internal}: {}", html.body);
+    }
     assert!(
         !html.body.contains("<script"),
         "no script on the status page"

@@ -16,8 +16,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use fbsync_shared::facebook::graph::GraphError;
 use fbsync_shared::facebook::login::{AppCredentials, ConnectedPage, LOGIN_SCOPES};
-use fbsync_shared::ids::{FacebookUserId, PageId, UserUuid};
+use fbsync_shared::ids::{FacebookUserId, UserUuid};
 use fbsync_shared::now_ms;
+use fbsync_shared::storage::db::GrantedPage;
 use secrecy::SecretString;
 
 use super::browser_binding::BrowserBinding;
@@ -121,11 +122,12 @@ pub async fn callback(
     let (person, pages) = read_pages(&state, code).await?;
     // The Pages, their tokens and their onboarding jobs are stored together: a broker that is
     // away delays the jobs (the outbox relay publishes them), it never loses them.
-    let sealed: Vec<(PageId, Vec<u8>)> = pages
+    let sealed: Vec<GrantedPage> = pages
         .iter()
-        .map(|page| {
-            let sealed = state.cipher.seal(page.page_id.as_str(), &page.token);
-            (page.page_id.clone(), sealed)
+        .map(|page| GrantedPage {
+            page_id: page.page_id.clone(),
+            name: page.name.clone(),
+            token_sealed: state.cipher.seal(page.page_id.as_str(), &page.token),
         })
         .collect();
     let jobs = state

@@ -20,6 +20,7 @@ pub mod error;
 pub mod facebook_login;
 pub mod meta_callbacks;
 pub mod page;
+pub mod page_card;
 pub mod session;
 pub mod shopify;
 pub mod state;
@@ -166,6 +167,7 @@ pub fn router(state: Arc<OwnerState>) -> Router {
         .route("/facebook/login", get(facebook_login::login))
         .route(FACEBOOK_CALLBACK_PATH, get(facebook_login::callback))
         .route("/", get(status::start))
+        .route(page::STYLESHEET_PATH, get(page::stylesheet))
         .route("/connect", get(status::connect))
         .route("/facebook/deauthorize", post(meta_callbacks::deauthorize))
         .route(

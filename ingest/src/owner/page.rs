@@ -36,11 +36,32 @@ pub fn redirect_with(
 
 /// A whole page: `title` (escaped here) and `body`, HTML the caller escaped.
 pub fn html(status: StatusCode, title: &str, body: &str) -> Response {
+    document(status, title, body, None)
+}
+
+/// How a page reloads itself: after `secs`, from `path` (named, not implied: Facebook's
+/// redirect leaves a `#_=_` fragment, and a refresh to the same URL with a fragment reloads
+/// nothing).
+pub struct Refresh {
+    pub secs: u32,
+    pub path: &'static str,
+}
+
+/// A whole page that reloads itself when `refresh` says so (a meta refresh: the owner's pages
+/// run no script), with the one stylesheet.
+pub fn document(status: StatusCode, title: &str, body: &str, refresh: Option<Refresh>) -> Response {
     let title = escape(title);
+    let refresh = refresh
+        .map(|Refresh { secs, path }| {
+            format!("<meta http-equiv=\"refresh\" content=\"{secs}; url={path}\">")
+        })
+        .unwrap_or_default();
     let document = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title}</title></head>\n<body>\n<h1>{title}</h1>\n{body}\n</body></html>\n"
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">{refresh}\
+         <link rel=\"stylesheet\" href=\"{STYLESHEET_PATH}\">\
+         <title>{title}</title></head>\n<body>\n<main>\n<h1>{title}</h1>\n{body}\n</main>\n\
+         </body></html>\n"
     );
     let mut response = (status, document).into_response();
     let headers = response.headers_mut();
@@ -49,6 +70,28 @@ pub fn html(status: StatusCode, title: &str, body: &str) -> Response {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     with_private_headers(headers);
+    response
+}
+
+/// Where the stylesheet is served.
+pub const STYLESHEET_PATH: &str = "/fbsync.css";
+
+/// The owner pages' one stylesheet: readable from a 390 px phone (nothing wider than the
+/// screen; a Page's facts stack) to a desktop (a narrow column), with contrast above 4.5:1.
+const STYLESHEET: &str = include_str!("fbsync.css");
+
+/// GET /fbsync.css
+pub async fn stylesheet() -> Response {
+    let mut response = STYLESHEET.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
     response
 }
 
@@ -65,7 +108,8 @@ pub fn problem(status: StatusCode, title: &str, message: &str) -> Response {
     )
 }
 
-/// No caching, no referrer, no framing, no script: for every owner answer.
+/// No caching, no referrer, no framing, no script, styles from this origin only: for every
+/// owner answer.
 pub fn with_private_headers(headers: &mut axum::http::HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
@@ -74,7 +118,9 @@ pub fn with_private_headers(headers: &mut axum::http::HeaderMap) {
     );
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'",
+        ),
     );
 }
 

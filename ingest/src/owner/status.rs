@@ -16,8 +16,8 @@ use fbsync_shared::storage::db::{PageStatus, PageSummary};
 use serde_json::{Value, json};
 
 use super::error::OwnerError;
-use super::page::{escape, html, with_private_headers};
-use super::{OwnerState, session};
+use super::page::{Refresh, document, escape, html, with_private_headers};
+use super::{OwnerState, page_card, session};
 
 /// True when the client asked for JSON.
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -59,12 +59,14 @@ fn page_json(page: &PageSummary) -> Value {
         .collect();
     json!({
         "page_id": page.page_id.as_str(),
+        "name": page.name,
         "status": page.status.as_str(),
         "onboarding": onboarding,
         "conversations_stored": page.conversations_stored,
         "last_event_ms": page.last_event_ms,
         "last_event": when(page.last_event_ms),
         "last_poll": when(page.last_poll_ms),
+        "history_done": when(page.last_backfill_end_ms),
         "poll_in_progress": page.poll_started_ms.is_some(),
         "last_error": trouble(page),
         "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),
@@ -127,8 +129,9 @@ pub async fn connect(
             json!({"shop": shop, "user_uuid": user.as_str(), "pages": pages}),
         ));
     }
+    let now = fbsync_shared::now_ms();
     let mut body = format!(
-        "<p>Shop: <strong id=\"shop\">{}</strong></p>\n{SIGN_OUT}",
+        "<header><p>Shop: <strong id=\"shop\">{}</strong></p>\n{SIGN_OUT}</header>\n",
         escape(shop.as_deref().unwrap_or("-"))
     );
     if pages.is_empty() {
@@ -138,47 +141,27 @@ pub async fn connect(
         );
         return Ok(html(StatusCode::OK, "Your connected Pages", &body));
     }
-    body.push_str(
-        "<table>\n<thead><tr><th>Page</th><th>Status</th><th>Webhooks</th><th>Page data</th>\
-         <th>Backfill</th><th>Last poll</th><th>Conversations stored</th><th>Last event</th>\
-         <th>Last error</th>\
-         </tr></thead>\n<tbody>\n",
-    );
     for page in &pages {
-        let step = |outcome: Option<&str>| escape(outcome.unwrap_or("-"));
-        let [subscribe, page_data, backfill] = page.onboarding().map(|(_, outcome)| outcome);
-        let reconnect = if page.status == PageStatus::NeedsReauth {
-            " <a class=\"reconnect\" href=\"/facebook/login\">reconnect</a>"
-        } else {
-            ""
-        };
-        body.push_str(&format!(
-            "<tr class=\"page\" data-page-id=\"{id}\"><td>{id}</td><td>{status}{reconnect}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            step(subscribe),
-            step(page_data),
-            step(backfill),
-            escape(&when(page.last_poll_ms).unwrap_or_else(|| {
-                if page.poll_started_ms.is_some() {
-                    "in progress"
-                } else {
-                    "-"
-                }
-                .into()
-            })),
-            page.conversations_stored,
-            escape(&when(page.last_event_ms).unwrap_or_else(|| "-".into())),
-            escape(&trouble(page).unwrap_or_else(|| "-".into())),
-            id = escape(page.page_id.as_str()),
-            status = escape(page.status.as_str()),
-        ));
+        body.push_str(&page_card::card(page, now));
     }
     body.push_str(
-        "</tbody></table>\n<p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect more \
-         Pages</a></p>",
+        "<p><a id=\"connect-facebook\" href=\"/facebook/login\">Connect more Pages</a></p>",
     );
-    Ok(html(StatusCode::OK, "Your connected Pages", &body))
+    // While a Page is still being set up or copied, the page refreshes itself (no script).
+    let refresh = pages.iter().any(page_card::in_progress).then_some(Refresh {
+        secs: REFRESH_SECS,
+        path: "/connect",
+    });
+    Ok(document(
+        StatusCode::OK,
+        "Your connected Pages",
+        &body,
+        refresh,
+    ))
 }
+
+/// How often the status page reloads while onboarding or a copy runs.
+const REFRESH_SECS: u32 = 5;
 
 /// GET /facebook/data-deletion/status?code=
 pub async fn deletion_status(

@@ -56,7 +56,7 @@ use crate::retry::RetryClass;
 pub use backlog::Backlog;
 pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
 pub use data_deletions::{DataDeletion, NewDataDeletion};
-pub use page_connections::Forgotten;
+pub use page_connections::{Forgotten, GrantedPage};
 pub use page_polls::{PagePollState, PollCounts, PollLease, PollStart, PollSummary};
 pub use pages::{OnboardStep, PageRecord, PageStatus, PageSummary};
 pub use put_budget::{PutReservation, RecentPuts};

@@ -35,6 +35,17 @@ pub struct Forgotten {
     pub sessions: u64,
 }
 
+/// A Page as Facebook Login hands it over.
+#[derive(Debug, Clone)]
+pub struct GrantedPage {
+    /// The Page.
+    pub page_id: PageId,
+    /// Its name, for the owner's status page.
+    pub name: String,
+    /// The person's Page token, sealed.
+    pub token_sealed: Vec<u8>,
+}
+
 /// Which of Meta's callbacks a person is forgotten for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Forget {
@@ -45,7 +56,7 @@ pub(super) enum Forget {
 }
 
 impl Registry {
-    /// `person` connected `pages` (each Page's id and sealed token) through `user`'s shop, in
+    /// `person` connected `pages` through `user`'s shop, in
     /// one transaction: each person's row is recorded (or renewed), each Page registered under
     /// `user` with this token in use (a re-auth flag cleared; the rows of another shop's people
     /// for it go, as the Page moved), its onboarding steps that did not succeed marked queued
@@ -56,15 +67,15 @@ impl Registry {
         &self,
         user: &UserUuid,
         person: &FacebookUserId,
-        pages: &[(PageId, Vec<u8>)],
+        pages: &[GrantedPage],
         now: i64,
     ) -> Result<Vec<(String, Job)>, DbError> {
         let mut transaction = self.db.pool.begin().await?;
         let mut queued = Vec::with_capacity(pages.len());
-        for (page_id, token_sealed) in pages {
-            connect_page(&mut transaction, page_id, user, person, token_sealed, now).await?;
+        for page in pages {
+            connect_page(&mut transaction, page, user, person, now).await?;
             let job = Job::OnboardPage(OnboardPage {
-                page_id: page_id.clone(),
+                page_id: page.page_id.clone(),
             });
             let row = outbox::enqueue(&mut transaction, &job, now).await?;
             queued.push((row, job));
@@ -262,12 +273,12 @@ pub(super) async fn forget(
 /// One Page of [`Registry::connect_pages`], inside its transaction.
 async fn connect_page(
     transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
-    page_id: &PageId,
+    page: &GrantedPage,
     user: &UserUuid,
     person: &FacebookUserId,
-    token_sealed: &[u8],
     now: i64,
 ) -> Result<(), DbError> {
+    let (page_id, token_sealed) = (&page.page_id, &page.token_sealed);
     sqlx::query("DELETE FROM page_connections WHERE page_id = $1 AND user_uuid <> $2")
         .bind(page_id.as_str())
         .bind(user.as_str())
@@ -307,11 +318,12 @@ async fn connect_page(
     .await?;
     sqlx::query(
         "INSERT INTO pages (page_id, user_uuid, token_sealed, status, created_at_ms,
-             connected_by)
-         VALUES ($1, $2, $3, $4, $5, $6)
+             connected_by, name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (page_id) DO UPDATE SET user_uuid = excluded.user_uuid,
              token_sealed = excluded.token_sealed, status = excluded.status,
-             connected_by = excluded.connected_by, last_error = NULL, last_error_ms = NULL",
+             connected_by = excluded.connected_by, name = excluded.name, last_error = NULL,
+             last_error_ms = NULL",
     )
     .bind(page_id.as_str())
     .bind(user.as_str())
@@ -319,6 +331,7 @@ async fn connect_page(
     .bind(PageStatus::Active.as_str())
     .bind(now)
     .bind(person.as_str())
+    .bind(&page.name)
     .execute(&mut **transaction)
     .await?;
     // A step that succeeded keeps its outcome; one never run, or failed, waits for the job.
@@ -351,6 +364,14 @@ mod tests {
         FacebookUserId::parse(text).expect("person")
     }
 
+    fn granted(page_id: &PageId, token: u8) -> GrantedPage {
+        GrantedPage {
+            page_id: page_id.clone(),
+            name: format!("Page {page_id}"),
+            token_sealed: vec![token],
+        }
+    }
+
     /// A data deletion for `who`, as Meta's callback makes it.
     async fn data_deletion(owners: &Owners, who: &str) -> Forgotten {
         let code = format!("code-{who}");
@@ -379,7 +400,7 @@ mod tests {
                 let (registry, shop, page) = (registry.clone(), shop.clone(), page.clone());
                 async move {
                     registry
-                        .connect_pages(&shop, &person(who), &[(page, vec![token])], at)
+                        .connect_pages(&shop, &person(who), &[granted(&page, token)], at)
                         .await
                         .expect("connect")
                 }
@@ -431,7 +452,7 @@ mod tests {
             let other_shop = UserUuid::new_random();
             connect("3", &own, 3, 4).await;
             registry
-                .connect_pages(&other_shop, &person("4"), &[(own.clone(), vec![4])], 5)
+                .connect_pages(&other_shop, &person("4"), &[granted(&own, 4)], 5)
                 .await
                 .expect("connect");
             assert_eq!(

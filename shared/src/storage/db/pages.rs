@@ -86,6 +86,10 @@ pub struct PageSummary {
     pub onboard_page_data: Option<String>,
     /// Onboarding: the conversation backfill.
     pub onboard_backfill: Option<String>,
+    /// The Page's name as Facebook Login handed it over; `None` for Pages an operator added.
+    pub name: Option<String>,
+    /// When the last complete backfill (the Page's whole history) ended.
+    pub last_backfill_end_ms: Option<i64>,
 }
 
 /// The steps of a Page's onboarding, each with its outcome on the Page's row.
@@ -142,7 +146,8 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
         COALESCE(q.details_unavailable_total, 0) AS details_unavailable,
         (SELECT COUNT(*) FROM conversations c
          WHERE c.page_id = p.page_id AND c.flushed_gen > 0) AS conversations_stored,
-        p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill";
+        p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill, p.name,
+        q.last_backfill_end_ms";
 
 /// The tables a [`PageSummary`] is read from.
 const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
