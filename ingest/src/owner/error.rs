@@ -90,11 +90,19 @@ impl IntoResponse for OwnerError {
                 title,
                 body,
             } => html(status, title, &body),
-            OwnerError::Misconfigured { setting } => problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Misconfigured",
-                &format!("{setting} does not make a valid URL."),
-            ),
+            OwnerError::Misconfigured { setting } => {
+                // The operator's mistake: the log names it; the owner is told in their words.
+                tracing::error!(
+                    setting,
+                    "a setting of the owner routes does not make a valid URL"
+                );
+                problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Please try again later",
+                    "fbsync is not set up correctly on the server, so this step cannot go on. \
+                     Nothing was changed; the people who run fbsync can see what to fix.",
+                )
+            }
         }
     }
 }
