@@ -130,7 +130,26 @@ impl UserUuid {
     }
 }
 
+/// The thread of a Page's own events (policy enforcement, app roles: a recipient, no person):
+/// not a PSID (those are digits), so it never names a person's conversation. Its object is the
+/// Page's `page_events.json` (see `storage::object_key`).
+pub const PAGE_EVENTS_THREAD: &str = "page_events";
+
+/// What names the conversation of a person known only by a plugin's `user_ref` (checkbox
+/// opt-ins, chat-plugin guests): `user_ref_<ref>`, so a later message from them is findable.
+pub const USER_REF_PREFIX: &str = "user_ref_";
+
 impl Psid {
+    /// The thread of the Page's own events ([`PAGE_EVENTS_THREAD`]).
+    pub fn page_events() -> Self {
+        Self(PAGE_EVENTS_THREAD.to_string())
+    }
+
+    /// Whether this is the thread of the Page's own events.
+    pub fn is_page_events(&self) -> bool {
+        self.0 == PAGE_EVENTS_THREAD
+    }
+
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
         let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
         if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(allowed) {

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use crate::common::broker::drain_queue;
 use crate::common::fixtures::fixture;
 use crate::common::metrics::{sample, scrape, total};
-use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID};
+use crate::common::pipeline::{
+    DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, USER_UUID, conversation_key,
+};
 use crate::common::process::{FbsyncProcess, log_summary};
 use crate::common::spaces_limits::{SpacesLimits, s3_endpoint};
 use crate::common::tally::{expected_mids, mids, sorted_by_timestamp};
@@ -955,6 +957,99 @@ async fn a_conversation_whose_object_is_not_an_array_is_set_aside_until_requeued
         (&0.into(), &0.into())
     );
     wait_for_sample(&metrics_url, set_aside_gauge, 0.0, Duration::from_secs(20)).await;
+    process.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// The bytes of each object `expected` names (`None`: not stored yet).
+async fn stored_objects(pipeline: &Pipeline, expected: &[(String, usize)]) -> Vec<Option<Vec<u8>>> {
+    let mut all = Vec::new();
+    for (key, _) in expected {
+        all.push(pipeline.object(key).await);
+    }
+    all
+}
+
+/// The events that name no person by id, or arrive on other channels, are kept where the
+/// README's layout says, each once, and none is dead-lettered: the Page's own events in its
+/// `page_events.json`, a plugin's `user_ref` in `conversations/user_ref_<ref>.json`, handover,
+/// standby and cart events in the person's conversation file. The same deliveries again change
+/// no byte.
+#[tokio::test]
+async fn every_kind_of_event_facebook_sends_is_kept_once_and_none_is_dead_lettered() {
+    let mut pipeline = Pipeline::new(DbKind::Sqlite, StoreKind::Local).await;
+    pipeline.set("SPACES_OBJECT_PUTS_PER_5MIN", "0");
+    pipeline.register_page(PAGE_ID).await;
+    let (mut process, ingest) = pipeline.up().await;
+    let client = reqwest::Client::new();
+    let names = [
+        "policy_enforcement.json",
+        "app_roles.json",
+        "pass_thread_control.json",
+        "take_thread_control.json",
+        "standby.json",
+        "optin_user_ref.json",
+        "chat_plugin_referral.json",
+        "send_cart.json",
+    ];
+    let page_events = format!("users/{USER_UUID}/facebook_messenger/{PAGE_ID}/page_events.json");
+    let expected = [
+        (page_events.clone(), 2),
+        (conversation_key(PAGE_ID, FIXTURE_USER), 4),
+        (conversation_key(PAGE_ID, "user_ref_cbx-8f3a2c"), 1),
+        (conversation_key(PAGE_ID, "user_ref_guest-4b1e"), 1),
+    ];
+    for name in names {
+        assert_eq!(
+            post_signed(&client, &ingest.webhook, &fixture(name)).await,
+            200,
+            "{name}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let objects = stored_objects(&pipeline, &expected).await;
+        let counts: Vec<usize> = objects
+            .iter()
+            .map(|bytes| {
+                bytes.as_ref().map_or(0, |bytes| {
+                    serde_json::from_slice::<Vec<Value>>(bytes).map_or(0, |events| events.len())
+                })
+            })
+            .collect();
+        if counts == expected.iter().map(|(_, n)| *n).collect::<Vec<_>>() {
+            break objects;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored so far: {counts:?} of {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let page_level: Vec<Value> =
+        serde_json::from_slice(first[0].as_ref().expect("page events")).expect("an array");
+    assert!(sorted_by_timestamp(&page_level));
+    assert!(
+        page_level[0]["policy_enforcement"]["action"] == "warning",
+        "{page_level:?}"
+    );
+    let letters = pipeline.dlq_list(&[]).await.expect("dlq list");
+    assert!(letters.is_empty(), "nothing dead-lettered: {letters:?}");
+
+    // Again: the same bytes everywhere.
+    for name in names {
+        assert_eq!(
+            post_signed(&client, &ingest.webhook, &fixture(name)).await,
+            200,
+            "{name}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stored_objects(&pipeline, &expected).await,
+        first,
+        "a second delivery changes nothing"
+    );
     process.stop().await;
     pipeline.cleanup().await;
 }

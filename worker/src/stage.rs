@@ -140,7 +140,10 @@ impl UnknownPages {
 /// The conversation an event belongs to, with both ids validated.
 fn conversation_of(event: &EventMessage) -> Result<ConversationKey, String> {
     let Some(user_psid) = event.user_psid.as_deref().filter(|psid| !psid.is_empty()) else {
-        return Err("the event names no conversation partner".into());
+        return Err(
+            "the event names neither a person (by id or user_ref) nor its Page: it has no place"
+                .into(),
+        );
     };
     Ok(ConversationKey {
         page_id: PageId::parse(&event.page_id).map_err(|e| e.to_string())?,

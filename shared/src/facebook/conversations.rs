@@ -186,7 +186,10 @@ pub fn reconstruct(page_id: &str, message: &GraphMessage) -> Option<PolledEvent>
     let value: Value = serde_json::from_str(&body).expect("just serialised");
     let facts = EventFacts::of(page_id, &value);
     Some(PolledEvent {
-        user_psid: facts.user_psid?,
+        // A polled message is always with a person: one naming only the Page has no place.
+        user_psid: facts
+            .user_psid
+            .filter(|thread| thread != crate::ids::PAGE_EVENTS_THREAD)?,
         event_id: facts.identity,
         timestamp_ms,
         body,

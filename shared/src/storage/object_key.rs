@@ -20,8 +20,15 @@ pub const PROBE_PREFIX: &str = "_fbsync/probe/";
 pub struct ObjectKey(String);
 
 impl ObjectKey {
-    /// A conversation's file: `users/<uuid>/facebook_messenger/<page_id>/conversations/<psid>.json`.
+    /// A conversation's file: `users/<uuid>/facebook_messenger/<page_id>/conversations/<psid>.json`;
+    /// the thread of the Page's own events is `users/<uuid>/facebook_messenger/<page_id>/page_events.json`.
     pub fn conversation(user_uuid: &UserUuid, conversation: &ConversationKey) -> Self {
+        if conversation.user_psid.is_page_events() {
+            return Self(format!(
+                "users/{user_uuid}/facebook_messenger/{}/page_events.json",
+                conversation.page_id
+            ));
+        }
         let folder = KeyPrefix::conversations(user_uuid, &conversation.page_id);
         Self(format!("{}{}.json", folder.0, conversation.user_psid))
     }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::{EventKind, Identity};
+use crate::ids::{PAGE_EVENTS_THREAD, USER_REF_PREFIX};
 
 /// What the merge needs to know about a messaging event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,23 @@ impl EventFacts {
         };
         let sender = str_at(&["sender", "id"]);
         let recipient = str_at(&["recipient", "id"]);
-        let user_psid = conversation_partner(page_id, sender, recipient);
+        let names_the_page = [&sender, &recipient]
+            .iter()
+            .any(|id| id.as_deref() == Some(page_id));
+        // A person known by a plugin's `user_ref` only, or else the Page's own thread for an
+        // event with the Page and no person (policy enforcement, app roles).
+        let user_psid = conversation_partner(page_id, sender, recipient)
+            .or_else(|| {
+                [
+                    &["sender", "user_ref"][..],
+                    &["recipient", "user_ref"],
+                    &["optin", "user_ref"],
+                ]
+                .iter()
+                .find_map(|path| str_at(path))
+                .map(|user_ref| format!("{USER_REF_PREFIX}{user_ref}"))
+            })
+            .or_else(|| names_the_page.then(|| PAGE_EVENTS_THREAD.to_string()));
         let timestamp_ms = event.get("timestamp").and_then(whole_number).unwrap_or(0);
         let (kind, identity) = if let Some(message) = event.get("message") {
             let is_echo = message
@@ -130,7 +147,8 @@ impl EventFacts {
         };
         let sender = id_of(keys.sender)?;
         let recipient = id_of(keys.recipient)?;
-        let user_psid = conversation_partner(page_id, sender, recipient);
+        // No person by id: `user_ref` and the Page's own thread are `of`'s to settle.
+        let user_psid = Some(conversation_partner(page_id, sender, recipient)?);
         let timestamp_ms = value_of(keys.timestamp)
             .as_ref()
             .and_then(whole_number)

@@ -112,8 +112,6 @@ fn facts_from_the_text_are_the_facts_from_the_value() {
         r#"{"sender":{"id":"p"},"recipient":{"id":"u"},"timestamp":5,"message":{"mid":"m","is_echo":true}}"#,
         r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":5,"message":{"mid":"\u0041b","is_echo":"true"}}"#,
         r#"{"sender":{"id":7},"recipient":{"id":1.5},"timestamp":5.5,"message":{"mid":12}}"#,
-        r#"{"sender":{"id":null},"recipient":["p"],"timestamp":"5","message":{"mid":"m"}}"#,
-        r#"{"sender":{"id":"p"},"recipient":{"id":"p"},"message":{"mid":"m"},"postback":{}}"#,
         r#"{"sender":{"id":"u"},"recipient":{"id":"p"},"timestamp":9,"postback":{"mid":"pb","title":"x"}}"#,
         r#"{"sender":{"id":"u"},"timestamp":9,"reaction":{"mid":"m","action":"react","reaction":"love"}}"#,
         r#"{"sender":{"id":"u"},"timestamp":9,"reaction":{"mid":"m","reaction":{"x":1}}}"#,
@@ -126,6 +124,11 @@ fn facts_from_the_text_are_the_facts_from_the_value() {
         r#"{"sender":{"id":"u"},"delivery":{"seq":1},"read":{"watermark":-0}}"#,
     ];
     let unusual = [
+        // No person by id: a `user_ref`, the Page's own thread, or nobody.
+        r#"{"sender":{"id":null},"recipient":["p"],"timestamp":"5","message":{"mid":"m"}}"#,
+        r#"{"sender":{"id":"p"},"recipient":{"id":"p"},"message":{"mid":"m"},"postback":{}}"#,
+        r#"{"sender":{"user_ref":"guest-1"},"recipient":{"id":"p"},"message":{"mid":"m"}}"#,
+        r#"{"recipient":{"id":"p"},"timestamp":3,"policy_enforcement":{"action":"block"}}"#,
         r#"{"sender":{"id":"u"},"message":null}"#,
         r#"{"sender":{"id":"u"},"message":"m"}"#,
         r#"{"sender":{"id":"u"},"message":["m"]}"#,
@@ -377,4 +380,42 @@ fn more_events_than_the_cap_refuse_the_delivery() {
 
 fn split_bytes(body: &[u8]) -> Result<Vec<EventMessage>, DeliveryError> {
     split_delivery(body, 1)
+}
+
+/// Events that name no person by id are placed all the same: a plugin's `user_ref` names a
+/// conversation of its own, and an event of the Page alone goes to the Page's own thread; only
+/// an event with neither a person nor the Page has no place.
+#[test]
+fn events_without_a_person_by_id_are_placed_by_user_ref_or_on_the_pages_own_thread() {
+    let partner = |text: &str| {
+        let value: Value = serde_json::from_str(text).expect("json");
+        EventFacts::of(PAGE, &value).user_psid
+    };
+    assert_eq!(
+        partner(&format!(
+            r#"{{"recipient":{{"id":"{PAGE}"}},"timestamp":1,"optin":{{"ref":"r","user_ref":"cb-42"}}}}"#
+        )),
+        Some("user_ref_cb-42".into())
+    );
+    assert_eq!(
+        partner(&format!(
+            r#"{{"sender":{{"user_ref":"guest_7"}},"recipient":{{"id":"{PAGE}"}},"message":{{"mid":"m"}}}}"#
+        )),
+        Some("user_ref_guest_7".into())
+    );
+    for page_level in [
+        format!(
+            r#"{{"recipient":{{"id":"{PAGE}"}},"timestamp":1,"policy_enforcement":{{"action":"block","reason":"r"}}}}"#
+        ),
+        format!(
+            r#"{{"recipient":{{"id":"{PAGE}"}},"timestamp":1,"app_roles":{{"123":["primary_receiver"]}}}}"#
+        ),
+    ] {
+        assert_eq!(
+            partner(&page_level),
+            Some("page_events".into()),
+            "{page_level}"
+        );
+    }
+    assert_eq!(partner(r#"{"timestamp":1,"something":{}}"#), None);
 }
