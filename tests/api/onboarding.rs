@@ -542,14 +542,23 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
     assert_eq!(page["onboarding"]["page_data"], "written");
     assert_eq!(page["status"], "active");
     let fields = env.graph.subscribed_fields(PAGE_A);
+    // Every Messenger field of the README's table, and the Page profile fields.
     for field in [
         "messages",
-        "messaging_postbacks",
         "message_echoes",
+        "message_edits",
+        "message_reactions",
         "message_deliveries",
         "message_reads",
-        "message_reactions",
-        "message_edits",
+        "messaging_postbacks",
+        "messaging_referrals",
+        "messaging_optins",
+        "messaging_handovers",
+        "standby",
+        "messaging_policy_enforcement",
+        "messaging_account_linking",
+        "messaging_feedback",
+        "send_cart",
         "name",
         "category",
     ] {
@@ -558,6 +567,10 @@ async fn a_shop_owner_connects_a_page_end_to_end_token_sealed_app_subscribed_pag
             "{field} not subscribed: {fields:?}"
         );
     }
+    assert!(
+        !fields.iter().any(|f| f == "response_feedback"),
+        "response_feedback stays opt-in: {fields:?}"
+    );
     // The backfill stores the Page's history; the objects written are that Page's metadata,
     // token dropped, and its real conversations: no test deliveries, no fake conversations.
     let conversation_key =

@@ -119,6 +119,7 @@ impl Worker {
             cipher: cipher.clone(),
             graph: graph.clone(),
             app_id: settings.facebook.app_id.clone(),
+            webhook_fields: settings.facebook.webhook_fields.clone(),
             retry: settings.retry.clone(),
             forwarder: forwarder.clone(),
             topology: topology.clone(),

@@ -79,6 +79,9 @@ pub struct FacebookSettings {
     redirect_uri: Option<String>,
     /// Facebook Login's dialog, version included; tests point it at a fake dialog.
     dialog_url: String,
+    /// The webhook fields every Page is subscribed to (onboarding): FACEBOOK_WEBHOOK_FIELDS,
+    /// by default [`crate::facebook::login::SUBSCRIBED_FIELDS`].
+    pub webhook_fields: Vec<String>,
 }
 
 /// The Shopify app: the first step of the owner's connect flow.
@@ -268,6 +271,12 @@ impl Settings {
                 app_id: reader.optional("FACEBOOK_APP_ID"),
                 redirect_uri: reader.optional("FACEBOOK_REDIRECT_URI"),
                 dialog_url: reader.text("FACEBOOK_DIALOG_URL"),
+                webhook_fields: reader
+                    .text("FACEBOOK_WEBHOOK_FIELDS")
+                    .split(',')
+                    .map(|field| field.trim().to_string())
+                    .filter(|field| !field.is_empty())
+                    .collect(),
             },
             shopify: ShopifySettings {
                 api_key: reader.optional("SHOPIFY_API_KEY"),
@@ -350,6 +359,19 @@ impl Settings {
                 "WORKER_OBJECT_WRITE_GAP_MS must be at most {}: a busy conversation's messages wait up to the gap to be stored",
                 MAX_OBJECT_WRITE_GAP.as_millis()
             ));
+        }
+        let fields = &settings.facebook.webhook_fields;
+        if fields.is_empty() {
+            reader
+                .problems
+                .push("FACEBOOK_WEBHOOK_FIELDS must name at least one field (`messages`)".into());
+        }
+        for field in fields {
+            if !field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                reader.problems.push(format!(
+                    "FACEBOOK_WEBHOOK_FIELDS: {field:?} is not a webhook field name (lower-case letters and `_`, comma separated)"
+                ));
+            }
         }
         if settings.ingest.max_in_flight == 0 {
             reader

@@ -327,3 +327,25 @@ fn an_s3_store_needs_its_bucket_and_both_keys_reported_at_once() {
         Ok(StoreLocation::Local(_))
     ));
 }
+
+#[test]
+fn the_webhook_fields_default_to_the_one_list_and_a_bad_name_is_refused() {
+    let settings = Settings::from_map(&vars(&[])).expect("defaults");
+    assert_eq!(
+        settings.facebook.webhook_fields,
+        crate::facebook::login::SUBSCRIBED_FIELDS.map(String::from),
+        "FACEBOOK_WEBHOOK_FIELDS' default is the list onboarding subscribes"
+    );
+    let custom = Settings::from_map(&vars(&[(
+        "FACEBOOK_WEBHOOK_FIELDS",
+        "messages, message_echoes",
+    )]))
+    .expect("a custom list");
+    assert_eq!(
+        custom.facebook.webhook_fields,
+        ["messages", "message_echoes"]
+    );
+    let bad = Settings::from_map(&vars(&[("FACEBOOK_WEBHOOK_FIELDS", "messages,Bad Field")]));
+    let problems = bad.expect_err("refused").to_string();
+    assert!(problems.contains("\"Bad Field\""), "{problems}");
+}

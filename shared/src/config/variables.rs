@@ -53,6 +53,13 @@ pub const VARIABLES: &[Variable] = &[
         "ingest, up",
     ),
     var(
+        "FACEBOOK_WEBHOOK_FIELDS",
+        Some(
+            "messages,message_echoes,message_edits,message_reactions,message_deliveries,message_reads,messaging_postbacks,messaging_referrals,messaging_optins,messaging_handovers,standby,messaging_policy_enforcement,messaging_account_linking,messaging_feedback,send_cart,name,category",
+        ),
+        "worker, up (the fields every Page is subscribed to)",
+    ),
+    var(
         "SHOPIFY_API_KEY",
         None,
         "ingest, up (required for the owner routes)",

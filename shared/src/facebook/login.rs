@@ -22,16 +22,28 @@ pub const LOGIN_SCOPES: [&str; 4] = [
     "pages_read_engagement",
 ];
 
-/// The webhook fields a Page is subscribed to: the Messenger events, and the Page profile
-/// fields the seed uses (`name`, `category`).
-pub const SUBSCRIBED_FIELDS: [&str; 9] = [
+/// The webhook fields a Page is subscribed to unless FACEBOOK_WEBHOOK_FIELDS says otherwise:
+/// every Messenger field a shop's conversations consist of, and the Page profile fields the
+/// seed uses (`name`, `category`). Checked against Meta's field list (the Messenger Platform's
+/// webhook reference, read 2026-12-04); the README's table says what each carries, and why
+/// `response_feedback` (it adds feedback buttons to every message the app sends) and
+/// `messaging_game_plays` (Instant Games) are left out.
+pub const SUBSCRIBED_FIELDS: [&str; 17] = [
     "messages",
-    "messaging_postbacks",
     "message_echoes",
+    "message_edits",
+    "message_reactions",
     "message_deliveries",
     "message_reads",
-    "message_reactions",
-    "message_edits",
+    "messaging_postbacks",
+    "messaging_referrals",
+    "messaging_optins",
+    "messaging_handovers",
+    "standby",
+    "messaging_policy_enforcement",
+    "messaging_account_linking",
+    "messaging_feedback",
+    "send_cart",
     "name",
     "category",
 ];
@@ -200,15 +212,17 @@ impl GraphClient {
         )))
     }
 
-    /// Whether the app is subscribed to the Page's webhooks with every field of
-    /// [`SUBSCRIBED_FIELDS`]. The app is recognised by `app_id`; without it any subscribed app
-    /// seen through the Page token (which only our app holds) counts.
+    /// Whether the app is subscribed to the Page's webhooks with every one of `fields`. The app
+    /// is recognised by `app_id`; without it any subscribed app seen through the Page token
+    /// (which only our app holds) counts.
     pub async fn is_app_subscribed(
         &self,
         page_id: &PageId,
         page_token: &SecretString,
         app_id: Option<&str>,
+        fields: &[String],
     ) -> Result<bool, GraphError> {
+        let wanted = fields;
         let url = self.url(&format!("{page_id}/subscribed_apps"));
         let answer = self.get(&url, &[], page_token).await?;
         let subscribed = answer
@@ -225,19 +239,21 @@ impl GraphClient {
                     .flatten()
                     .filter_map(Value::as_str)
                     .collect();
-                SUBSCRIBED_FIELDS.iter().all(|field| fields.contains(field))
+                wanted.iter().all(|field| fields.contains(&field.as_str()))
             });
         Ok(subscribed)
     }
 
-    /// Subscribes the app to the Page's webhooks with [`SUBSCRIBED_FIELDS`].
+    /// Subscribes the app to the Page's webhooks with `fields` (the whole list: Graph replaces
+    /// the app's fields with it).
     pub async fn subscribe_app(
         &self,
         page_id: &PageId,
         page_token: &SecretString,
+        fields: &[String],
     ) -> Result<(), GraphError> {
         let url = self.url(&format!("{page_id}/subscribed_apps"));
-        let fields = SUBSCRIBED_FIELDS.join(",");
+        let fields = fields.join(",");
         let answer = self
             .post_form(&url, &[("subscribed_fields", &fields)], page_token)
             .await?;

@@ -47,6 +47,9 @@ pub struct PageOnboarder {
     /// Recognises this app among a Page's subscribed apps (FACEBOOK_APP_ID; without it any
     /// app seen through the Page's token counts).
     pub app_id: Option<String>,
+    /// The webhook fields every Page is subscribed to (FACEBOOK_WEBHOOK_FIELDS): a Page lacking
+    /// one is subscribed again with the whole list.
+    pub webhook_fields: Vec<String>,
     /// Transient failures are retried under the one policy.
     pub retry: RetrySettings,
     /// Publishes the backfill's poll job with a confirm.
@@ -156,12 +159,19 @@ impl PageOnboarder {
         let (_, token) = page_with_token(&self.registry, &self.cipher, page_id).await?;
         if self
             .graph
-            .is_app_subscribed(page_id, &token, self.app_id.as_deref())
+            .is_app_subscribed(
+                page_id,
+                &token,
+                self.app_id.as_deref(),
+                &self.webhook_fields,
+            )
             .await?
         {
             return Ok("already subscribed");
         }
-        self.graph.subscribe_app(page_id, &token).await?;
+        self.graph
+            .subscribe_app(page_id, &token, &self.webhook_fields)
+            .await?;
         Ok("subscribed")
     }
 }
