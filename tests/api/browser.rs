@@ -296,6 +296,26 @@ async fn an_owner_connects_in_a_real_browser_and_an_attackers_sign_in_link_canno
     // The click returns before the next page has loaded: wait for it.
     wait_for_heading(&browser, "Signed out").await;
     assert_readable(&browser, "the signed-out page at 390 px").await;
+    // The other error pages an owner can meet, each with its way on.
+    for (path, heading) in [
+        ("/connect", "Not signed in"),
+        (
+            "/facebook/callback?error=access_denied&error_reason=user_denied",
+            "Facebook Pages not connected",
+        ),
+        ("/shopify/callback?shop=x.myshopify.com", "Sign-in refused"),
+        ("/shopify/login?shop=not-a-shop", "Not a Shopify shop"),
+    ] {
+        browser
+            .goto(&format!("{}{path}", env.base))
+            .await
+            .expect("open an error page");
+        wait_for_heading(&browser, heading).await;
+        let source = browser.source().await.expect("source");
+        env.record(source.clone());
+        assert!(source.contains("href=\"/"), "{path}: a way on: {source}");
+        assert_readable(&browser, path).await;
+    }
     assert!(
         browser.get_named_cookie("session_id").await.is_err(),
         "the session cookie is gone"
