@@ -133,6 +133,13 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "details_unavailable": page.details_unavailable,
         "conversations_stored": page.conversations_stored,
         "onboarding": onboarding_json(page),
+        "name": page.name,
+        "messaging_blocked": page.messaging_blocked(),
+        "policy_enforcement": page.policy_action.as_ref().map(|action| serde_json::json!({
+            "action": action,
+            "reason": page.policy_reason,
+            "at_ms": page.policy_at_ms,
+        })),
     })
 }
 
@@ -186,6 +193,14 @@ fn print_table(pages: &[PageSummary]) {
             .collect();
         if !steps.is_empty() {
             println!("{:<20} onboarding: {}", "", steps.join("; "));
+        }
+        if page.messaging_blocked() {
+            println!(
+                "{:<20} messaging blocked by Facebook since {}: {}",
+                "",
+                format_time(page.policy_at_ms),
+                page.policy_reason.as_deref().unwrap_or("no reason given")
+            );
         }
     }
 }

@@ -1050,6 +1050,58 @@ async fn every_kind_of_event_facebook_sends_is_kept_once_and_none_is_dead_letter
         first,
         "a second delivery changes nothing"
     );
+
+    // Facebook's warning shows on the Page; a block marks it, an unblock lifts it, and a block
+    // older than the unblock (arriving late) does not come back.
+    let enforcement = |action: &str, timestamp: i64| {
+        format!(
+            r#"{{"object":"page","entry":[{{"id":"{PAGE_ID}","time":{timestamp},"messaging":[{{"recipient":{{"id":"{PAGE_ID}"}},"timestamp":{timestamp},"policy_enforcement":{{"action":"{action}","reason":"Spammy messages"}}}}]}}]}}"#
+        )
+    };
+    let page_listed = || listed(&pipeline, PAGE_ID);
+    assert_eq!(
+        page_listed().await.expect("listed")["policy_enforcement"]["action"],
+        "warning"
+    );
+    let (blocked_at, unblocked_at, late_at) =
+        (1_468_152_800_000_i64, 1_468_152_900_000, 1_468_152_850_000);
+    for (action, timestamp) in [
+        ("block", blocked_at),
+        ("unblock", unblocked_at),
+        ("block", late_at),
+    ] {
+        let body = enforcement(action, timestamp);
+        assert_eq!(
+            post_signed(&client, &ingest.webhook, body.as_bytes()).await,
+            200
+        );
+        // Once the event is stored, the Page's record has seen it too.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pipeline
+            .object(&page_events)
+            .await
+            .is_some_and(|bytes| String::from_utf8_lossy(&bytes).contains(&timestamp.to_string()))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the {action} at {timestamp} is not stored"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let page = page_listed().await.expect("listed");
+        let (blocked, recorded) = match timestamp {
+            t if t == blocked_at => (true, blocked_at),
+            t if t == unblocked_at => (false, unblocked_at),
+            _ => (false, unblocked_at),
+        };
+        assert_eq!(
+            page["messaging_blocked"], blocked,
+            "after {action} at {timestamp}: {page}"
+        );
+        assert_eq!(page["policy_enforcement"]["at_ms"], recorded, "{page}");
+    }
+    let (_, table, _) = pipeline.run(&["pages", "list"]).await;
+    assert!(!table.contains("messaging blocked"), "{table}");
     process.stop().await;
     pipeline.cleanup().await;
 }

@@ -33,8 +33,8 @@ use fbsync_shared::storage::db::Database;
 use fbsync_shared::storage::object_store::open_store;
 use fbsync_shared::storage::write_conditions::{self, Verdict};
 use fbsync_shared::telemetry::{
-    CONDITIONAL_WRITES_HONOURED, CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, POLL_AGE_SECONDS,
-    STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
+    CONDITIONAL_WRITES_HONOURED, CONVERSATIONS_SET_ASIDE, DLQ_DEPTH, PAGES_MESSAGING_BLOCKED,
+    POLL_AGE_SECONDS, STAGED_BACKLOG, STAGED_OLDEST_SECONDS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -275,6 +275,9 @@ async fn report_backlog(
                 .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
             metrics::gauge!(STAGED_OLDEST_SECONDS).set(oldest);
             metrics::gauge!(CONVERSATIONS_SET_ASIDE).set(backlog.set_aside as f64);
+        }
+        if let Ok(blocked) = db.registry().messaging_blocked_pages().await {
+            metrics::gauge!(PAGES_MESSAGING_BLOCKED).set(blocked as f64);
         }
         if let Ok(states) = db.polls().poll_states().await {
             let now = now_ms();

@@ -92,6 +92,9 @@ impl Stager {
                 ));
                 continue;
             }
+            if key.user_psid.is_page_events() {
+                self.note_policy_enforcement(&key.page_id, event).await?;
+            }
             metrics::counter!(EVENTS_STAGED, "kind" => event.kind.as_str()).increment(1);
             to_stage.push(NewStagedEvent {
                 key,
@@ -107,6 +110,43 @@ impl Stager {
             self.staging.stage_events(&to_stage, now).await?;
         }
         Ok(decisions)
+    }
+
+    /// A `messaging_policy_enforcement` event (Facebook warning, blocking or unblocking the
+    /// Page's messaging) is also recorded on the Page, for the owner's page, `pages list` and
+    /// the alert; the event itself is staged as any other.
+    async fn note_policy_enforcement(
+        &self,
+        page_id: &PageId,
+        event: &EventMessage,
+    ) -> Result<(), DbError> {
+        #[derive(serde::Deserialize)]
+        struct Enforcement {
+            policy_enforcement: Option<Action>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Action {
+            action: String,
+            reason: Option<String>,
+        }
+        let Ok(Enforcement {
+            policy_enforcement: Some(enforcement),
+        }) = serde_json::from_str::<Enforcement>(event.event.get())
+        else {
+            return Ok(());
+        };
+        if !["warning", "block", "unblock"].contains(&enforcement.action.as_str()) {
+            return Ok(());
+        }
+        tracing::warn!(%page_id, action = %enforcement.action, "Facebook's policy enforcement on the Page's messaging");
+        self.registry
+            .record_policy_enforcement(
+                page_id,
+                &enforcement.action,
+                enforcement.reason.as_deref(),
+                event.timestamp_ms,
+            )
+            .await
     }
 
     fn report_unknown(&self, page_id: &PageId) {

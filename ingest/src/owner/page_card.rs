@@ -126,6 +126,21 @@ fn problem(page: &PageSummary) -> Option<String> {
                 .into(),
         );
     }
+    if page.messaging_blocked() {
+        return Some(format!(
+            "Facebook has blocked this Page from sending messages ({}). Messages people send are \
+             still kept here. Review the Page's messaging issues in Meta Business Suite to have \
+             the block lifted.",
+            escape(page.policy_reason.as_deref().unwrap_or("no reason given"))
+        ));
+    }
+    if page.policy_action.as_deref() == Some("warning") {
+        return Some(format!(
+            "Facebook has warned this Page about its messaging ({}). Review it in Meta \
+             Business Suite before Facebook blocks it.",
+            escape(page.policy_reason.as_deref().unwrap_or("no reason given"))
+        ));
+    }
     if page.details_unavailable > 0 {
         return Some(format!(
             "{} older message(s) could not be copied: Facebook only gives the details of a \

@@ -67,6 +67,7 @@ fn page_json(page: &PageSummary) -> Value {
         "last_event": when(page.last_event_ms),
         "last_poll": when(page.last_poll_ms),
         "history_done": when(page.last_backfill_end_ms),
+        "messaging_blocked": page.messaging_blocked(),
         "poll_in_progress": page.poll_started_ms.is_some(),
         "last_error": trouble(page),
         "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),

@@ -90,6 +90,18 @@ pub struct PageSummary {
     pub name: Option<String>,
     /// When the last complete backfill (the Page's whole history) ended.
     pub last_backfill_end_ms: Option<i64>,
+    /// Facebook's last policy enforcement on the Page's messaging: `warning`, `block` or
+    /// `unblock`, with its reason and time.
+    pub policy_action: Option<String>,
+    pub policy_reason: Option<String>,
+    pub policy_at_ms: Option<i64>,
+}
+
+impl PageSummary {
+    /// Whether Facebook blocks the Page's messaging now (its last enforcement was a block).
+    pub fn messaging_blocked(&self) -> bool {
+        self.policy_action.as_deref() == Some("block")
+    }
 }
 
 /// The steps of a Page's onboarding, each with its outcome on the Page's row.
@@ -147,7 +159,7 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
         (SELECT COUNT(*) FROM conversations c
          WHERE c.page_id = p.page_id AND c.flushed_gen > 0) AS conversations_stored,
         p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill, p.name,
-        q.last_backfill_end_ms";
+        q.last_backfill_end_ms, p.policy_action, p.policy_reason, p.policy_at_ms";
 
 /// The tables a [`PageSummary`] is read from.
 const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
@@ -228,6 +240,37 @@ impl Registry {
             .fetch_all(&self.db.pool)
             .await?;
         Ok(pages)
+    }
+
+    /// Records Facebook's policy enforcement on the Page's messaging (`warning`, `block`,
+    /// `unblock`) unless a later one is recorded already (events may arrive out of order).
+    pub async fn record_policy_enforcement(
+        &self,
+        page_id: &PageId,
+        action: &str,
+        reason: Option<&str>,
+        at_ms: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE pages SET policy_action = $2, policy_reason = $3, policy_at_ms = $4
+             WHERE page_id = $1 AND (policy_at_ms IS NULL OR policy_at_ms <= $4)",
+        )
+        .bind(page_id.as_str())
+        .bind(action)
+        .bind(reason)
+        .bind(at_ms)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many Pages Facebook blocks from messaging now (the gauge).
+    pub async fn messaging_blocked_pages(&self) -> Result<i64, DbError> {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM pages WHERE policy_action = 'block'")
+                .fetch_one(&self.db.pool)
+                .await?;
+        Ok(count)
     }
 
     /// Records the outcome of one onboarding step of a Page.
