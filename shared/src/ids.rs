@@ -74,16 +74,21 @@ fn shown(text: &str) -> String {
 /// Longest id accepted; Facebook's are about 16 digits.
 const MAX_ID_LEN: usize = 64;
 
+/// `text` when it is 1 to [`MAX_ID_LEN`] digits, as Facebook's numeric ids are.
+fn digits(text: &str, what: &'static str, rule: &'static str) -> Result<String, InvalidId> {
+    if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(InvalidId {
+            what,
+            value: shown(text),
+            rule,
+        });
+    }
+    Ok(text.to_string())
+}
+
 impl PageId {
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
-        if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(InvalidId {
-                what: "page id",
-                value: shown(text),
-                rule: "a Facebook Page id is 1 to 64 digits",
-            });
-        }
-        Ok(Self(text.to_string()))
+        digits(text, "page id", "a Facebook Page id is 1 to 64 digits").map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -93,14 +98,12 @@ impl PageId {
 
 impl FacebookUserId {
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
-        if text.is_empty() || text.len() > MAX_ID_LEN || !text.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(InvalidId {
-                what: "Facebook user id",
-                value: shown(text),
-                rule: "an app-scoped Facebook user id is 1 to 64 digits",
-            });
-        }
-        Ok(Self(text.to_string()))
+        digits(
+            text,
+            "Facebook user id",
+            "an app-scoped Facebook user id is 1 to 64 digits",
+        )
+        .map(Self)
     }
 
     pub fn as_str(&self) -> &str {

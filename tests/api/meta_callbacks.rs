@@ -50,7 +50,7 @@ async fn callback(meta: &mut Owner, path: &str, signed: &str) -> Value {
 }
 
 /// The status page of a data deletion, as JSON, once it is complete.
-async fn completed(meta: &mut Owner, confirmation: &Value) -> Value {
+pub(crate) async fn completed(meta: &mut Owner, confirmation: &Value) -> Value {
     let url = confirmation["url"].as_str().expect("url").to_string();
     let deadline = Instant::now() + ONBOARDING_LIMIT;
     loop {
