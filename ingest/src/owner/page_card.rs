@@ -56,17 +56,31 @@ fn waiting(outcome: Option<&str>) -> bool {
     outcome == Some("queued")
 }
 
-/// Whether the page is still moving (a step waiting, or a poll in progress): the status page
-/// then refreshes itself.
-pub fn in_progress(page: &PageSummary) -> bool {
-    page.poll_started_ms.is_some()
+/// Whether a step failed: the steps after it do not run until the owner reconnects.
+fn stopped(page: &PageSummary) -> bool {
+    page.status == PageStatus::NeedsReauth
+        || page.last_error.is_some()
         || [
             &page.onboard_subscribe,
             &page.onboard_page_data,
             &page.onboard_backfill,
         ]
         .iter()
-        .any(|step| waiting(step.as_deref()))
+        .any(|step| failure(step.as_deref()).is_some())
+}
+
+/// Whether the page is still moving (a step waiting, or a poll in progress, and nothing has
+/// stopped it): the status page then refreshes itself.
+pub fn in_progress(page: &PageSummary) -> bool {
+    !stopped(page)
+        && (page.poll_started_ms.is_some()
+            || [
+                &page.onboard_subscribe,
+                &page.onboard_page_data,
+                &page.onboard_backfill,
+            ]
+            .iter()
+            .any(|step| waiting(step.as_deref())))
 }
 
 /// Whether the Page receives its messages.
@@ -87,6 +101,9 @@ fn details(page: &PageSummary) -> String {
     let step = page.onboard_page_data.as_deref();
     match failure(step) {
         Some(reason) => format!("Not saved yet ({})", reason.trim()),
+        None if waiting(step) && stopped(page) => {
+            "Not started: a step above did not succeed".into()
+        }
         None if waiting(step) => "Saving…".into(),
         None if step.is_none() => "Saved with the first message".into(),
         None => "Saved".into(),
@@ -96,8 +113,11 @@ fn details(page: &PageSummary) -> String {
 /// How far the Page's history has been copied.
 fn history(page: &PageSummary, now_ms: i64) -> String {
     let stored = grouped(page.conversations_stored);
-    if page.poll_started_ms.is_some() {
+    if page.poll_started_ms.is_some() && !stopped(page) {
         return format!("Copying: {stored} conversations so far…");
+    }
+    if page.poll_started_ms.is_some() {
+        return format!("Paused at {stored} conversations: see the problem below");
     }
     if let Some(done) = page.last_backfill_end_ms {
         return format!(
@@ -108,6 +128,9 @@ fn history(page: &PageSummary, now_ms: i64) -> String {
     let step = page.onboard_backfill.as_deref();
     match failure(step) {
         Some(reason) => format!("Not copied yet ({})", escape(reason.trim())),
+        None if step.is_some() && stopped(page) => {
+            "Not started: a step above did not succeed".into()
+        }
         None if step.is_some() => "Waiting to start…".into(),
         None => match page.last_poll_ms {
             Some(polled) => format!("Checked {}", relative_time(polled, now_ms)),

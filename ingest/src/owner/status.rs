@@ -1,7 +1,8 @@
 //! The owner's status page, `GET /connect` (session cookie): the shop, and each connected Page
-//! with its onboarding steps, last poll, conversations stored, last event, last error in words and a
-//! reconnect link when its token needs re-authorisation. Server-rendered HTML, or the same data
-//! as JSON with `Accept: application/json`. Built from `PageSummary`, which holds no token.
+//! as a card in the owner's words (`page_card.rs`), reloading itself while a Page is being set
+//! up; or, with `Accept: application/json`, every step's raw outcome, last poll, conversations
+//! stored, last event and last error. Built from `PageSummary`, which holds no token. `GET /`
+//! is the way in.
 //!
 //! Also the status page of a data-deletion request (`/facebook/data-deletion/status?code=`),
 //! the URL Meta shows the person.

@@ -57,7 +57,7 @@ pub const VARIABLES: &[Variable] = &[
         Some(
             "messages,message_echoes,message_edits,message_reactions,message_deliveries,message_reads,messaging_postbacks,messaging_referrals,messaging_optins,messaging_handovers,standby,messaging_policy_enforcement,messaging_account_linking,messaging_feedback,send_cart,name,category",
         ),
-        "worker, up (the fields every Page is subscribed to)",
+        "worker, up (the fields a Page is subscribed to when it is connected)",
     ),
     var(
         "SHOPIFY_API_KEY",

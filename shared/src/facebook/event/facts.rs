@@ -6,6 +6,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use sha2::Digest;
 
 use super::{EventKind, Identity};
 use crate::ids::{PAGE_EVENTS_THREAD, USER_REF_PREFIX};
@@ -46,7 +47,7 @@ impl EventFacts {
                 ]
                 .iter()
                 .find_map(|path| str_at(path))
-                .map(|user_ref| format!("{USER_REF_PREFIX}{user_ref}"))
+                .map(|user_ref| user_ref_thread(&user_ref))
             })
             .or_else(|| names_the_page.then(|| PAGE_EVENTS_THREAD.to_string()));
         let timestamp_ms = event.get("timestamp").and_then(whole_number).unwrap_or(0);
@@ -303,15 +304,32 @@ fn text_of(raw: Option<&RawValue>) -> Option<String> {
     scalar_text(&value_of(raw)?)
 }
 
-/// Whom the conversation is named after: whoever of sender and recipient is not the Page.
+/// Whom the conversation is named after: whoever of sender and recipient is not the Page. An id
+/// that reads as one of the reserved thread names (the Page's own thread, a `user_ref` thread)
+/// names nobody: it could otherwise write into another thread's file.
 fn conversation_partner(
     page_id: &str,
     sender: Option<String>,
     recipient: Option<String>,
 ) -> Option<String> {
+    let reserved = |id: &str| id == PAGE_EVENTS_THREAD || id.starts_with(USER_REF_PREFIX);
     match (sender, recipient) {
         (Some(s), _) if s != page_id => Some(s),
         (_, Some(r)) if r != page_id => Some(r),
         _ => None,
     }
+    .filter(|partner| !reserved(partner))
+}
+
+/// The thread of a person a plugin names by `user_ref` only: `user_ref_<ref>` when the ref is
+/// short and plain (letters, digits, `_`, `-`: it then reads in the bucket as it was set), else
+/// `user_ref_` and the first 32 hex digits of its SHA-256, so a ref of any shape has a file and
+/// one odd ref never stops a delivery.
+fn user_ref_thread(user_ref: &str) -> String {
+    let plain = format!("{USER_REF_PREFIX}{user_ref}");
+    if crate::ids::Psid::parse(&plain).is_ok() {
+        return plain;
+    }
+    let digest = sha2::Sha256::digest(user_ref.as_bytes());
+    format!("{USER_REF_PREFIX}{}", &hex::encode(digest)[..32])
 }

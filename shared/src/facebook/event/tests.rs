@@ -418,4 +418,25 @@ fn events_without_a_person_by_id_are_placed_by_user_ref_or_on_the_pages_own_thre
         );
     }
     assert_eq!(partner(r#"{"timestamp":1,"something":{}}"#), None);
+    // A ref of any shape has a thread of its own; an id that reads as a reserved thread names
+    // nobody.
+    let odd = partner(&format!(
+        r#"{{"recipient":{{"id":"{PAGE}"}},"optin":{{"user_ref":"0.k3j/9+x=={}"}}}}"#,
+        "z".repeat(80)
+    ))
+    .expect("a thread");
+    assert!(
+        odd.starts_with("user_ref_") && odd.len() == "user_ref_".len() + 32,
+        "{odd}"
+    );
+    assert!(crate::ids::Psid::parse(&odd).is_ok());
+    for reserved in ["page_events", "user_ref_someone"] {
+        assert_eq!(
+            partner(&format!(
+                r#"{{"sender":{{"id":"{reserved}"}},"recipient":{{"id":"x"}},"message":{{"mid":"m"}}}}"#
+            )),
+            None,
+            "{reserved} names nobody"
+        );
+    }
 }

@@ -157,7 +157,8 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
         q.last_complete_end_ms AS last_poll_ms, q.started_at_ms AS poll_started_ms,
         COALESCE(q.details_unavailable_total, 0) AS details_unavailable,
         (SELECT COUNT(*) FROM conversations c
-         WHERE c.page_id = p.page_id AND c.flushed_gen > 0) AS conversations_stored,
+         WHERE c.page_id = p.page_id AND c.flushed_gen > 0
+           AND c.user_psid <> 'page_events') AS conversations_stored,
         p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill, p.name,
         q.last_backfill_end_ms, p.policy_action, p.policy_reason, p.policy_at_ms";
 
