@@ -1,12 +1,16 @@
-//! The scheduler role: one poll job per active Page and period.
+//! The scheduler role: one poll job per active Page and period, and one webhook subscription
+//! check per active Page and SUBSCRIPTION_CHECK_INTERVAL (Facebook unsubscribes an app from a
+//! Page after an hour of failed deliveries; the check subscribes it again and polls the gap).
 //!
 //! A period runs from one firing of POLL_SCHEDULE to the next. Within it, each Page's job is
 //! due at the Page's own offset (a hash of its id) into POLL_SPREAD after the round starts, so
 //! thousands of Pages do not call the Graph API in the same minute; every scheduler computes
 //! the same offsets. Before it publishes a job the scheduler claims the Page and period in the
-//! database ([`Polls::claim_poll`](fbsync_shared::storage::db::Polls::claim_poll)), so two schedulers running at once still enqueue each
-//! Page once per period. Pages that need re-authorisation are skipped until they are
-//! connected again.
+//! database ([`Polls::claim`](fbsync_shared::storage::db::Polls::claim)), so two schedulers running at once still enqueue each
+//! Page once per period. Subscription checks are planned the same way: their periods are the
+//! interval's multiples, spread over the whole interval, claimed in their own table
+//! ([`Round::SubscriptionCheck`]). Pages that need re-authorisation are skipped until they
+//! are connected again.
 //!
 //! Invariant: a claim is marked enqueued only after the broker confirmed the job; a job that
 //! could not be published gives its claim back, and a claim left by a scheduler that died
@@ -17,9 +21,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fbsync_shared::config::{SchedulerSettings, Settings};
 use fbsync_shared::ids::PageId;
-use fbsync_shared::jobs::{Job, PollRequest};
+use fbsync_shared::jobs::{CheckSubscription, Job, PollRequest};
 use fbsync_shared::queue::{Publisher, Topology};
-use fbsync_shared::storage::db::{Database, DbError};
+use fbsync_shared::storage::db::{Database, DbError, Round};
 use fbsync_shared::telemetry::POLLS_ENQUEUED;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -96,13 +100,16 @@ impl Scheduler {
     pub async fn plan_once(&self) -> Result<RoundReport, ScheduleError> {
         let now = Utc::now();
         let (period, _) = self.period(now)?;
-        self.plan(period, period, Duration::ZERO, now).await
+        let period_ms = period.timestamp_millis();
+        self.plan(Round::Poll, period_ms, period_ms, Duration::ZERO, now)
+            .await
     }
 
     /// Plans rounds until shutdown: each tick enqueues the jobs that came due.
     pub async fn run(self, shutdown: CancellationToken) {
         let started = Utc::now();
         let mut current_period: Option<DateTime<Utc>> = None;
+        let mut current_check_period: Option<i64> = None;
         while !shutdown.is_cancelled() {
             // Nothing is planned while the broker is away (at start, before the publisher has
             // connected, too): every job would fail and give its claim back. The publisher
@@ -135,13 +142,18 @@ impl Scheduler {
                         if let Err(e) = self
                             .db
                             .polls()
-                            .prune_poll_claims((period - retention).timestamp_millis())
+                            .prune_claims(Round::Poll, (period - retention).timestamp_millis())
                             .await
                         {
                             tracing::warn!(error = %e, "could not prune old poll claims");
                         }
                     }
-                    match self.plan(period, round_start, spread, now).await {
+                    let (period_ms, round_start_ms) =
+                        (period.timestamp_millis(), round_start.timestamp_millis());
+                    match self
+                        .plan(Round::Poll, period_ms, round_start_ms, spread, now)
+                        .await
+                    {
                         Ok(report) if report.enqueued > 0 || report.failed > 0 => {
                             tracing::info!(
                                 enqueued = report.enqueued,
@@ -159,9 +171,61 @@ impl Scheduler {
                 }
                 Err(e) => tracing::error!(error = %e, "no poll period"),
             }
+            self.plan_subscription_checks(started, now, &mut current_check_period)
+                .await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    /// Enqueues the subscription checks due at `now`: the check period is the multiple of
+    /// SUBSCRIPTION_CHECK_INTERVAL `now` falls in, each Page due at its offset into it (from
+    /// `started` for a scheduler started mid-period).
+    async fn plan_subscription_checks(
+        &self,
+        started: DateTime<Utc>,
+        now: DateTime<Utc>,
+        current: &mut Option<i64>,
+    ) {
+        let interval = self.settings.subscription_check_interval;
+        let interval_ms = i64::try_from(interval.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let now_ms = now.timestamp_millis();
+        let period_ms = now_ms - now_ms.rem_euclid(interval_ms);
+        if *current != Some(period_ms) {
+            *current = Some(period_ms);
+            let before = period_ms.saturating_sub(2 * interval_ms);
+            if let Err(e) = self
+                .db
+                .polls()
+                .prune_claims(Round::SubscriptionCheck, before)
+                .await
+            {
+                tracing::warn!(error = %e, "could not prune old subscription-check claims");
+            }
+        }
+        let round_start_ms = period_ms.max(started.timestamp_millis());
+        match self
+            .plan(
+                Round::SubscriptionCheck,
+                period_ms,
+                round_start_ms,
+                interval,
+                now,
+            )
+            .await
+        {
+            Ok(report) if report.failed > 0 => tracing::info!(
+                enqueued = report.enqueued,
+                failed = report.failed,
+                "subscription checks enqueued"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not plan subscription checks; trying again")
             }
         }
     }
@@ -175,76 +239,78 @@ impl Scheduler {
         Ok((start, next))
     }
 
-    /// Enqueues the jobs of period `period` that are due at `now`: each Page's at
-    /// `round_start` + its offset into `spread`.
+    /// Enqueues the jobs of `round` for the period starting at `period_ms` that are due at
+    /// `now`: each Page's at `round_start_ms` + its offset into `spread`.
     async fn plan(
         &self,
-        period: DateTime<Utc>,
-        round_start: DateTime<Utc>,
+        round: Round,
+        period_ms: i64,
+        round_start_ms: i64,
         spread: Duration,
         now: DateTime<Utc>,
     ) -> Result<RoundReport, ScheduleError> {
-        let period_ms = period.timestamp_millis();
         let now_ms = now.timestamp_millis();
         let stale_before = now_ms - STALE_CLAIM.as_millis() as i64;
         let mut report = RoundReport {
             period_ms,
             ..RoundReport::default()
         };
-        for page_id in self
-            .db
-            .polls()
-            .pages_to_poll(period_ms, stale_before)
-            .await?
-        {
-            let due = round_start.timestamp_millis() + offset_ms(&page_id, spread);
+        let polls = self.db.polls();
+        for page_id in polls.pages_due(round, period_ms, stale_before).await? {
+            let due = round_start_ms + offset_ms(&page_id, spread);
             if due > now_ms {
                 report.not_due += 1;
                 continue;
             }
-            if !self
-                .db
-                .polls()
-                .claim_poll(&page_id, period_ms, now_ms, stale_before)
+            if !polls
+                .claim(round, &page_id, period_ms, now_ms, stale_before)
                 .await?
             {
                 report.claimed_elsewhere += 1;
                 continue;
             }
-            if self.enqueue(&page_id, period_ms).await {
-                self.db
-                    .polls()
-                    .mark_poll_enqueued(&page_id, period_ms, fbsync_shared::now_ms())
+            if self.enqueue(round, &page_id, period_ms).await {
+                polls
+                    .mark_enqueued(round, &page_id, period_ms, fbsync_shared::now_ms())
                     .await?;
                 report.enqueued += 1;
             } else {
-                self.db.polls().drop_poll_claim(&page_id, period_ms).await?;
+                polls.drop_claim(round, &page_id, period_ms).await?;
                 report.failed += 1;
             }
         }
         Ok(report)
     }
 
-    /// Publishes the Page's poll job with a confirm; false when the broker did not confirm.
-    async fn enqueue(&self, page_id: &PageId, period_ms: i64) -> bool {
-        let request = PollRequest {
-            page_id: page_id.as_str().to_string(),
-            backfill: false,
-            requested_by: "scheduler".into(),
-            requested_at_ms: period_ms,
+    /// Publishes the Page's job of `round` with a confirm; false when the broker did not
+    /// confirm.
+    async fn enqueue(&self, round: Round, page_id: &PageId, period_ms: i64) -> bool {
+        let job = match round {
+            Round::Poll => Job::Poll(PollRequest {
+                page_id: page_id.as_str().to_string(),
+                backfill: false,
+                requested_by: "scheduler".into(),
+                requested_at_ms: period_ms,
+            }),
+            Round::SubscriptionCheck => Job::CheckSubscription(CheckSubscription {
+                page_id: page_id.clone(),
+                period_ms,
+            }),
         };
-        let job = self.topology.job(&Job::Poll(request));
+        let outgoing = self.topology.job(&job);
         match self
             .publisher
-            .publish_all(std::slice::from_ref(&job), PUBLISH_TIMEOUT)
+            .publish_all(std::slice::from_ref(&outgoing), PUBLISH_TIMEOUT)
             .await
         {
             Ok(()) => {
-                metrics::counter!(POLLS_ENQUEUED).increment(1);
+                if round == Round::Poll {
+                    metrics::counter!(POLLS_ENQUEUED).increment(1);
+                }
                 true
             }
             Err(e) => {
-                tracing::warn!(%page_id, error = %e, "poll job not confirmed; its claim is given back");
+                tracing::warn!(%page_id, job = job.name(), error = %e, "job not confirmed; its claim is given back");
                 false
             }
         }

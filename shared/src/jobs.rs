@@ -100,6 +100,18 @@ pub enum Job {
     OnboardPage(OnboardPage),
     /// Meta's data-deletion request: delete the objects of its users.
     DeleteUserData(DeleteUserData),
+    /// The scheduler's periodic check of a Page's webhook subscription: subscribe it again
+    /// (and poll the gap) when it was lost or lacks a field.
+    CheckSubscription(CheckSubscription),
+}
+
+/// The body of a subscription check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSubscription {
+    /// The Page to check.
+    pub page_id: PageId,
+    /// The check period it belongs to (ms), so a redelivery is the same check.
+    pub period_ms: i64,
 }
 
 /// The body of an onboarding job.
@@ -157,6 +169,7 @@ pub struct MalformedJob(pub String);
 enum OwnerJobBody {
     OnboardPage { page_id: String },
     DeleteUserData { confirmation_code: String },
+    CheckSubscription { page_id: String, period_ms: i64 },
 }
 
 impl Job {
@@ -175,7 +188,9 @@ impl Job {
             Job::Conversation(_) => JobKind::Conversation,
             Job::PageChange(_) => JobKind::PageChange,
             Job::Poll(_) => JobKind::Poll,
-            Job::OnboardPage(_) | Job::DeleteUserData(_) => JobKind::Onboard,
+            Job::OnboardPage(_) | Job::DeleteUserData(_) | Job::CheckSubscription(_) => {
+                JobKind::Onboard
+            }
         }
     }
 
@@ -187,6 +202,7 @@ impl Job {
             Job::Poll(_) => "poll",
             Job::OnboardPage(_) => "onboard_page",
             Job::DeleteUserData(_) => "delete_user_data",
+            Job::CheckSubscription(_) => "check_subscription",
         }
     }
 
@@ -197,6 +213,7 @@ impl Job {
             Job::Poll(request) => Some(&request.page_id),
             Job::OnboardPage(job) => Some(job.page_id.as_str()),
             Job::DeleteUserData(_) => None,
+            Job::CheckSubscription(job) => Some(job.page_id.as_str()),
         }
     }
 
@@ -220,6 +237,15 @@ impl Job {
                 headers: vec![("page_id", job.page_id.as_str().to_string())],
                 body: to_json(&OwnerJobBody::OnboardPage {
                     page_id: job.page_id.as_str().to_string(),
+                }),
+            },
+            Job::CheckSubscription(job) => Envelope {
+                kind,
+                message_id: format!("subscription:{}:{}", job.page_id, job.period_ms),
+                headers: vec![("page_id", job.page_id.as_str().to_string())],
+                body: to_json(&OwnerJobBody::CheckSubscription {
+                    page_id: job.page_id.as_str().to_string(),
+                    period_ms: job.period_ms,
                 }),
             },
             Job::DeleteUserData(job) => Envelope {
@@ -257,6 +283,14 @@ impl Job {
                     }
                     OwnerJobBody::DeleteUserData { confirmation_code } => {
                         Ok(Job::DeleteUserData(DeleteUserData { confirmation_code }))
+                    }
+                    OwnerJobBody::CheckSubscription { page_id, period_ms } => {
+                        let page_id =
+                            PageId::parse(&page_id).map_err(|e| MalformedJob(e.to_string()))?;
+                        Ok(Job::CheckSubscription(CheckSubscription {
+                            page_id,
+                            period_ms,
+                        }))
                     }
                 }
             }

@@ -26,6 +26,10 @@ fn every_job_decodes_from_its_own_envelope() {
         Job::DeleteUserData(DeleteUserData {
             confirmation_code: "abc".into(),
         }),
+        Job::CheckSubscription(CheckSubscription {
+            page_id: PageId::parse("42").expect("id"),
+            period_ms: 900_000,
+        }),
     ];
     for job in jobs {
         let envelope = job.envelope();
@@ -60,6 +64,13 @@ fn owner_jobs_go_to_the_onboard_queue_as_tagged_json() {
         serde_json::json!({"job": "delete_user_data", "confirmation_code": "abc"})
     );
     assert_eq!(deletion.message_id, "delete-abc");
+    let check = Job::CheckSubscription(CheckSubscription {
+        page_id: PageId::parse("42").expect("id"),
+        period_ms: 900_000,
+    })
+    .envelope();
+    assert_eq!(check.kind.as_str(), "onboard");
+    assert_eq!(check.message_id, "subscription:42:900000");
 }
 
 #[test]

@@ -37,6 +37,9 @@ pub const STAGED_OLDEST_SECONDS: &str = "fbsync_staged_oldest_seconds";
 pub const CONVERSATIONS_SET_ASIDE: &str = "fbsync_conversations_set_aside";
 /// Messages waiting in the dead-letter queue.
 pub const DLQ_DEPTH: &str = "fbsync_dlq_depth";
+/// Webhook subscriptions found lost (or lacking a field) by the scheduler's check and
+/// subscribed again.
+pub const SUBSCRIPTIONS_RESTORED: &str = "fbsync_subscriptions_restored_total";
 /// Pages Facebook blocks from messaging now (their last `messaging_policy_enforcement`).
 pub const PAGES_MESSAGING_BLOCKED: &str = "fbsync_pages_messaging_blocked";
 /// Jobs in the outbox the broker has not confirmed yet (owners' onboarding and deletions).

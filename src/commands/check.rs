@@ -14,7 +14,7 @@ use fbsync_shared::facebook::graph::{GraphClient, GraphError};
 use fbsync_shared::queue::{Topology, connect};
 use fbsync_shared::storage::budget::StoreBudgets;
 use fbsync_shared::storage::budgeted_store::{BudgetedError, BudgetedStore};
-use fbsync_shared::storage::db::{Database, PageStatus};
+use fbsync_shared::storage::db::{Database, PageStatus, PageSummary};
 use fbsync_shared::storage::object_store::{ObjectKey, PROBE_PREFIX, WriteCondition, open_store};
 use fbsync_shared::storage::write_conditions::{self, Verdict};
 use secrecy::ExposeSecret;
@@ -257,6 +257,10 @@ async fn check_tokens(
         let answer =
             tokio::time::timeout(CHECK_TIMEOUT, graph.page_metadata(page_id.as_str(), &token))
                 .await;
+        if let Ok(Ok(_)) = &answer {
+            outcomes.push(check_subscription(&graph, &summary, &token, settings).await);
+            continue;
+        }
         outcomes.push(match answer {
             Ok(Ok(_)) => pass(format!("graph: page {page_id}: token valid")),
             Ok(Err(GraphError::TokenInvalid { .. })) => fail(format!(
@@ -267,6 +271,44 @@ async fn check_tokens(
         });
     }
     outcomes
+}
+
+/// A Page whose token works: whether its webhook subscription has every field. A Page
+/// connected through the owner flow must have it (the scheduler's check restores it within
+/// SUBSCRIPTION_CHECK_INTERVAL); a Page an operator added is subscribed by the operator, in the
+/// app's dashboard, so only its token is checked.
+async fn check_subscription(
+    graph: &GraphClient,
+    summary: &PageSummary,
+    token: &secrecy::SecretString,
+    settings: &Settings,
+) -> Outcome {
+    let page_id = &summary.page_id;
+    if summary.onboard_subscribe.is_none() {
+        // Added with `pages add`: its subscription is the operator's, in the app's dashboard.
+        return pass(format!("graph: page {page_id}: token valid"));
+    }
+    let fields = &settings.facebook.webhook_fields;
+    let answer = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        graph.is_app_subscribed(page_id, token, settings.facebook.app_id.as_deref(), fields),
+    )
+    .await;
+    match answer {
+        Ok(Ok(true)) => pass(format!(
+            "graph: page {page_id}: token valid; webhooks subscribed with every field"
+        )),
+        Ok(Ok(false)) => fail(format!(
+            "graph: page {page_id}: token valid, but its webhook subscription is lost or lacks a field of FACEBOOK_WEBHOOK_FIELDS; the scheduler subscribes it again within SUBSCRIPTION_CHECK_INTERVAL ({:?})",
+            settings.scheduler.subscription_check_interval
+        )),
+        Ok(Err(e)) => fail(format!(
+            "graph: page {page_id}: token valid; its subscription could not be read: {e}"
+        )),
+        Err(_) => fail(format!(
+            "graph: page {page_id}: no answer within {CHECK_TIMEOUT:?} about its subscription"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -135,6 +135,8 @@ fn page_json(page: &PageSummary) -> serde_json::Value {
         "onboarding": onboarding_json(page),
         "name": page.name,
         "messaging_blocked": page.messaging_blocked(),
+        "subscription_checked_at_ms": page.subscription_checked_at_ms,
+        "subscription_restored_at_ms": page.subscription_restored_at_ms,
         "policy_enforcement": page.policy_action.as_ref().map(|action| serde_json::json!({
             "action": action,
             "reason": page.policy_reason,
@@ -193,6 +195,17 @@ fn print_table(pages: &[PageSummary]) {
             .collect();
         if !steps.is_empty() {
             println!("{:<20} onboarding: {}", "", steps.join("; "));
+        }
+        if let Some(checked) = page.subscription_checked_at_ms {
+            let restored = page
+                .subscription_restored_at_ms
+                .map(|t| format!("; found lost and subscribed again {}", format_time(Some(t))))
+                .unwrap_or_default();
+            println!(
+                "{:<20} webhooks: subscription checked {}{restored}",
+                "",
+                format_time(Some(checked))
+            );
         }
         if page.messaging_blocked() {
             println!(

@@ -22,4 +22,5 @@ mod quick_start;
 mod sign_in;
 mod store;
 mod store_budgets;
+mod subscriptions;
 mod worker;

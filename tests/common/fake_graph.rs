@@ -815,6 +815,16 @@ impl FakeGraph {
             .unwrap_or_default()
     }
 
+    /// Facebook unsubscribes the app from the Page (as after an hour of failed deliveries), or
+    /// leaves it `fields` only.
+    pub fn set_subscription(&self, page_id: &str, fields: &[&str]) {
+        let fields = fields.iter().map(|f| f.to_string()).collect();
+        self.state()
+            .login
+            .subscriptions
+            .insert(page_id.to_string(), fields);
+    }
+
     /// Every Login request so far: (method, path, query).
     pub fn login_requests(&self) -> Vec<(String, String, String)> {
         self.state().login.requests.clone()

@@ -118,6 +118,10 @@ impl Pipeline {
             ("WORKER_FLUSH_INTERVAL_MS".to_string(), "50".to_string()),
             ("WORKER_RETRY_BASE_MS".to_string(), "50".to_string()),
             ("WORKER_RETRY_MAX_MS".to_string(), "1000".to_string()),
+            // The scheduler's subscription checks spread over 30 days: none comes during a test
+            // (it would take a Graph failure the test set up for something else) unless the
+            // test sets a short interval of its own.
+            ("SUBSCRIPTION_CHECK_INTERVAL".to_string(), "30d".to_string()),
         ];
         let bucket = match store {
             StoreKind::Local => None,

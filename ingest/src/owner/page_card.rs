@@ -83,6 +83,27 @@ pub fn in_progress(page: &PageSummary) -> bool {
             .any(|step| waiting(step.as_deref())))
 }
 
+/// Whether the Page receives its messages, and since when its subscription is known good.
+fn receiving_with_check(page: &PageSummary, now_ms: i64) -> String {
+    let words = escape(&receiving(page));
+    if words != "Receiving messages" {
+        return words;
+    }
+    let day_ms = 86_400_000;
+    match (
+        page.subscription_restored_at_ms,
+        page.subscription_checked_at_ms,
+    ) {
+        (Some(restored), _) if now_ms - restored < day_ms => format!(
+            "Receiving messages again since {} (Facebook had stopped sending them; what was \
+             missed is being read back)",
+            relative_time(restored, now_ms)
+        ),
+        (_, Some(checked)) => format!("{words} (checked {})", relative_time(checked, now_ms)),
+        _ => words,
+    }
+}
+
 /// Whether the Page receives its messages.
 fn receiving(page: &PageSummary) -> String {
     if page.status == PageStatus::NeedsReauth {
@@ -204,7 +225,7 @@ pub fn card(page: &PageSummary, now_ms: i64) -> String {
          <dt>Last message</dt><dd>{last_message}</dd>\n\
          <dt>Conversations stored</dt><dd>{}</dd>\n\
          </dl>\n{problem}</section>\n",
-        escape(&receiving(page)),
+        receiving_with_check(page, now_ms),
         escape(&details(page)),
         history(page, now_ms),
         grouped(page.conversations_stored),

@@ -69,6 +69,8 @@ fn page_json(page: &PageSummary) -> Value {
         "last_poll": when(page.last_poll_ms),
         "history_done": when(page.last_backfill_end_ms),
         "messaging_blocked": page.messaging_blocked(),
+        "subscription_checked": when(page.subscription_checked_at_ms),
+        "subscription_restored": when(page.subscription_restored_at_ms),
         "poll_in_progress": page.poll_started_ms.is_some(),
         "last_error": trouble(page),
         "reconnect_url": (page.status == PageStatus::NeedsReauth).then_some("/facebook/login"),

@@ -211,6 +211,9 @@ pub struct SchedulerSettings {
     /// A round's jobs are enqueued over this long, each Page at its own offset, so thousands
     /// of Pages do not call the Graph API in the same minute.
     pub spread: Duration,
+    /// How often each active Page's webhook subscription is checked (spread over the interval
+    /// the same way): Facebook unsubscribes an app after an hour of failed deliveries.
+    pub subscription_check_interval: Duration,
 }
 
 impl Settings {
@@ -341,6 +344,7 @@ impl Settings {
             scheduler: SchedulerSettings {
                 schedule: reader.parsed("POLL_SCHEDULE"),
                 spread: reader.parsed::<Span>("POLL_SPREAD").0,
+                subscription_check_interval: reader.parsed::<Span>("SUBSCRIPTION_CHECK_INTERVAL").0,
             },
             json_logs: reader.text("LOG_FORMAT") == "json",
         };
@@ -372,6 +376,11 @@ impl Settings {
                     "FACEBOOK_WEBHOOK_FIELDS: {field:?} is not a webhook field name (lower-case letters and `_`, comma separated)"
                 ));
             }
+        }
+        if settings.scheduler.subscription_check_interval.is_zero() {
+            reader
+                .problems
+                .push("SUBSCRIPTION_CHECK_INTERVAL must be at least 1s".into());
         }
         if settings.ingest.max_in_flight == 0 {
             reader

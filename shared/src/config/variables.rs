@@ -175,6 +175,11 @@ pub const VARIABLES: &[Variable] = &[
     ),
     var("POLL_SPREAD", Some("1h"), "scheduler, up"),
     var(
+        "SUBSCRIPTION_CHECK_INTERVAL",
+        Some("15m"),
+        "scheduler, up (each Page's webhook subscription checked this often)",
+    ),
+    var(
         "LOG_FORMAT",
         Some("text"),
         "every role (json for JSON lines)",

@@ -60,5 +60,10 @@ pub async fn run(job: Job, env: &Env, shutdown: &CancellationToken) -> Result<()
                 .await
         }
         Job::DeleteUserData(job) => env.eraser.erase(&job.confirmation_code, shutdown).await,
+        Job::CheckSubscription(job) => {
+            env.onboarder
+                .check_subscription(&job.page_id, shutdown)
+                .await
+        }
     }
 }

@@ -19,6 +19,7 @@ use fbsync_shared::jobs::{Job, PollRequest};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::Topology;
 use fbsync_shared::storage::db::{OnboardStep, Polls, Registry};
+use fbsync_shared::telemetry::SUBSCRIPTIONS_RESTORED;
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{AttemptError, page_with_token};
@@ -29,6 +30,12 @@ use crate::runtime::settle::{JobError, page_step, step};
 /// What the backfill step records once its poll job is queued (the poll's own progress shows
 /// as the Page's last poll).
 pub const BACKFILL_STARTED: &str = "started: a backfill poll is queued";
+
+/// What the subscription step records when the app was subscribed with every field already.
+const ALREADY_SUBSCRIBED: &str = "already subscribed";
+
+/// What the subscription step records when it subscribed the app (again).
+const SUBSCRIBED: &str = "subscribed";
 
 /// What the backfill step records for a Page whose history was read before (a reconnect): no
 /// backfill, a poll of what is new since the last complete poll instead.
@@ -146,6 +153,51 @@ impl PageOnboarder {
         Ok(())
     }
 
+    /// The scheduler's check of a Page's webhook subscription: a complete one is recorded as
+    /// checked; a lost one, or one lacking a field, is subscribed again with the whole list,
+    /// recorded as restored, and followed by a poll of what is new since the last complete poll
+    /// (the events Facebook did not send meanwhile). A refused token flags the Page
+    /// `needs_reauth` (as polls do), which the scheduler then skips and the owner is asked to
+    /// reconnect.
+    pub async fn check_subscription(
+        &self,
+        page_id: &PageId,
+        shutdown: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let outcome = page_step(
+            &self.registry,
+            page_id,
+            &self.retry,
+            "check_subscription",
+            shutdown,
+            || self.subscribe_once(page_id),
+        )
+        .await?;
+        let restored = outcome == SUBSCRIBED;
+        if restored {
+            tracing::warn!(%page_id, "the Page had lost its webhook subscription (or a field): subscribed again; polling the gap");
+            metrics::counter!(SUBSCRIPTIONS_RESTORED).increment(1);
+            let job = self.topology.job(&Job::Poll(PollRequest {
+                page_id: page_id.as_str().to_string(),
+                backfill: false,
+                requested_by: "resubscription".into(),
+                requested_at_ms: now_ms(),
+            }));
+            if let Err(e) = self.forwarder.publish_once(&[job]).await {
+                tracing::warn!(%page_id, error = %e, "the gap's poll job was not confirmed; parked");
+                return Err(JobError::Wait(self.retry.max_delay));
+            }
+        }
+        if let Err(e) = self
+            .registry
+            .record_subscription_check(page_id, restored, now_ms())
+            .await
+        {
+            tracing::warn!(%page_id, error = %e, "could not record a subscription check");
+        }
+        Ok(())
+    }
+
     /// Records a step's outcome; a database failure here is logged (the step itself is done
     /// and idempotent).
     async fn record(&self, page_id: &PageId, step: OnboardStep, outcome: &str) {
@@ -167,11 +219,11 @@ impl PageOnboarder {
             )
             .await?
         {
-            return Ok("already subscribed");
+            return Ok(ALREADY_SUBSCRIBED);
         }
         self.graph
             .subscribe_app(page_id, &token, &self.webhook_fields)
             .await?;
-        Ok("subscribed")
+        Ok(SUBSCRIBED)
     }
 }

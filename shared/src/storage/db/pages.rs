@@ -95,6 +95,10 @@ pub struct PageSummary {
     pub policy_action: Option<String>,
     pub policy_reason: Option<String>,
     pub policy_at_ms: Option<i64>,
+    /// When the scheduler last found the Page's webhook subscription complete (or restored it).
+    pub subscription_checked_at_ms: Option<i64>,
+    /// When the check last found the subscription lost and subscribed the Page again.
+    pub subscription_restored_at_ms: Option<i64>,
 }
 
 impl PageSummary {
@@ -160,7 +164,8 @@ const SUMMARY_COLUMNS: &str = "p.page_id, p.user_uuid, p.status, p.last_event_ms
          WHERE c.page_id = p.page_id AND c.flushed_gen > 0
            AND c.user_psid <> 'page_events') AS conversations_stored,
         p.onboard_subscribe, p.onboard_page_data, p.onboard_backfill, p.name,
-        q.last_backfill_end_ms, p.policy_action, p.policy_reason, p.policy_at_ms";
+        q.last_backfill_end_ms, p.policy_action, p.policy_reason, p.policy_at_ms,
+        p.subscription_checked_at_ms, p.subscription_restored_at_ms";
 
 /// The tables a [`PageSummary`] is read from.
 const SUMMARY_FROM: &str = "FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id";
@@ -262,6 +267,28 @@ impl Registry {
         .bind(at_ms)
         .execute(&self.db.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Records a subscription check of the Page at `now`, and when it was `restored` (found
+    /// lost and subscribed again).
+    pub async fn record_subscription_check(
+        &self,
+        page_id: &PageId,
+        restored: bool,
+        now: i64,
+    ) -> Result<(), DbError> {
+        let sql = if restored {
+            "UPDATE pages SET subscription_checked_at_ms = $2, subscription_restored_at_ms = $2
+             WHERE page_id = $1"
+        } else {
+            "UPDATE pages SET subscription_checked_at_ms = $2 WHERE page_id = $1"
+        };
+        sqlx::query(sql)
+            .bind(page_id.as_str())
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
         Ok(())
     }
 

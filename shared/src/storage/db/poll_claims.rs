@@ -1,5 +1,5 @@
-//! The scheduler's claims: one per Page and poll period, so a Page's poll job is enqueued once
-//! per period however many schedulers run.
+//! The scheduler's claims: one per Page and period of each kind of round (polls; subscription
+//! checks), so a Page's job is enqueued once per period however many schedulers run.
 //!
 //! A scheduler claims, publishes the job with a confirm, then marks the claim enqueued. A
 //! publish that fails drops the claim (the next tick tries again); a scheduler that dies between
@@ -9,27 +9,49 @@
 use super::{DbError, Polls};
 use crate::ids::PageId;
 
+/// A kind of round the scheduler plans, each with its own claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// A Graph poll per Page and POLL_SCHEDULE period (`poll_claims`).
+    Poll,
+    /// A webhook subscription check per Page and SUBSCRIPTION_CHECK_INTERVAL (`subscription_claims`).
+    SubscriptionCheck,
+}
+
+impl Round {
+    /// The table of its claims.
+    fn table(self) -> &'static str {
+        match self {
+            Round::Poll => "poll_claims",
+            Round::SubscriptionCheck => "subscription_claims",
+        }
+    }
+}
+
 impl Polls {
-    /// Active Pages (not waiting for re-authorisation) whose poll for the period starting at
-    /// `period_ms` is neither enqueued nor freshly claimed (claimed at or after
+    /// Active Pages (not waiting for re-authorisation) whose job of `round` for the period
+    /// starting at `period_ms` is neither enqueued nor freshly claimed (claimed at or after
     /// `stale_before_ms`), ordered by id.
-    pub async fn pages_to_poll(
+    pub async fn pages_due(
         &self,
+        round: Round,
         period_ms: i64,
         stale_before_ms: i64,
     ) -> Result<Vec<PageId>, DbError> {
-        let rows = sqlx::query_as::<_, (String,)>(
+        let sql = format!(
             "SELECT p.page_id FROM pages p
              WHERE p.status = 'active' AND NOT EXISTS (
-                 SELECT 1 FROM poll_claims c
+                 SELECT 1 FROM {} c
                  WHERE c.page_id = p.page_id AND c.period_ms = $1
                    AND (c.enqueued_at_ms IS NOT NULL OR c.claimed_at_ms >= $2))
              ORDER BY p.page_id",
-        )
-        .bind(period_ms)
-        .bind(stale_before_ms)
-        .fetch_all(&self.db.pool)
-        .await?;
+            round.table()
+        );
+        let rows = sqlx::query_as::<_, (String,)>(&sql)
+            .bind(period_ms)
+            .bind(stale_before_ms)
+            .fetch_all(&self.db.pool)
+            .await?;
         page_ids(rows)
     }
 
@@ -53,63 +75,76 @@ impl Polls {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
-    /// Claims the Page's poll for the period: true when this caller won it (a new claim, or a
-    /// stale one never enqueued, claimed before `stale_before_ms`).
-    pub async fn claim_poll(
+    /// Claims the Page's job of `round` for the period: true when this caller won it (a new
+    /// claim, or a stale one never enqueued, claimed before `stale_before_ms`).
+    pub async fn claim(
         &self,
+        round: Round,
         page_id: &PageId,
         period_ms: i64,
         now: i64,
         stale_before_ms: i64,
     ) -> Result<bool, DbError> {
-        let done = sqlx::query(
-            "INSERT INTO poll_claims (page_id, period_ms, claimed_at_ms) VALUES ($1, $2, $3)
+        let table = round.table();
+        let sql = format!(
+            "INSERT INTO {table} (page_id, period_ms, claimed_at_ms) VALUES ($1, $2, $3)
              ON CONFLICT (page_id, period_ms) DO UPDATE SET claimed_at_ms = excluded.claimed_at_ms
-             WHERE poll_claims.enqueued_at_ms IS NULL AND poll_claims.claimed_at_ms < $4",
-        )
-        .bind(page_id.as_str())
-        .bind(period_ms)
-        .bind(now)
-        .bind(stale_before_ms)
-        .execute(&self.db.pool)
-        .await?;
+             WHERE {table}.enqueued_at_ms IS NULL AND {table}.claimed_at_ms < $4"
+        );
+        let done = sqlx::query(&sql)
+            .bind(page_id.as_str())
+            .bind(period_ms)
+            .bind(now)
+            .bind(stale_before_ms)
+            .execute(&self.db.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records that the claimed poll's job is confirmed on the queue.
-    pub async fn mark_poll_enqueued(
+    /// Records that the claimed job is confirmed on the queue.
+    pub async fn mark_enqueued(
         &self,
+        round: Round,
         page_id: &PageId,
         period_ms: i64,
         now: i64,
     ) -> Result<(), DbError> {
-        sqlx::query(
-            "UPDATE poll_claims SET enqueued_at_ms = $3 WHERE page_id = $1 AND period_ms = $2",
-        )
-        .bind(page_id.as_str())
-        .bind(period_ms)
-        .bind(now)
-        .execute(&self.db.pool)
-        .await?;
+        let sql = format!(
+            "UPDATE {} SET enqueued_at_ms = $3 WHERE page_id = $1 AND period_ms = $2",
+            round.table()
+        );
+        sqlx::query(&sql)
+            .bind(page_id.as_str())
+            .bind(period_ms)
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
         Ok(())
     }
 
     /// Drops a claim whose job could not be published, so the next tick tries again.
-    pub async fn drop_poll_claim(&self, page_id: &PageId, period_ms: i64) -> Result<(), DbError> {
-        sqlx::query(
-            "DELETE FROM poll_claims
-             WHERE page_id = $1 AND period_ms = $2 AND enqueued_at_ms IS NULL",
-        )
-        .bind(page_id.as_str())
-        .bind(period_ms)
-        .execute(&self.db.pool)
-        .await?;
+    pub async fn drop_claim(
+        &self,
+        round: Round,
+        page_id: &PageId,
+        period_ms: i64,
+    ) -> Result<(), DbError> {
+        let sql = format!(
+            "DELETE FROM {} WHERE page_id = $1 AND period_ms = $2 AND enqueued_at_ms IS NULL",
+            round.table()
+        );
+        sqlx::query(&sql)
+            .bind(page_id.as_str())
+            .bind(period_ms)
+            .execute(&self.db.pool)
+            .await?;
         Ok(())
     }
 
-    /// Deletes claims of periods that started before `before_ms`.
-    pub async fn prune_poll_claims(&self, before_ms: i64) -> Result<u64, DbError> {
-        let done = sqlx::query("DELETE FROM poll_claims WHERE period_ms < $1")
+    /// Deletes claims of `round` whose periods started before `before_ms`.
+    pub async fn prune_claims(&self, round: Round, before_ms: i64) -> Result<u64, DbError> {
+        let sql = format!("DELETE FROM {} WHERE period_ms < $1", round.table());
+        let done = sqlx::query(&sql)
             .bind(before_ms)
             .execute(&self.db.pool)
             .await?;
@@ -156,27 +191,30 @@ mod tests {
                 .await
                 .expect("flag");
             assert_eq!(
-                db.polls().pages_to_poll(100, 0).await.expect("plan"),
+                db.polls()
+                    .pages_due(Round::Poll, 100, 0)
+                    .await
+                    .expect("plan"),
                 vec![a.clone()],
                 "{backend}: a Page that needs re-authorisation is skipped"
             );
             assert!(
                 db.polls()
-                    .claim_poll(&a, 100, 1_000, 0)
+                    .claim(Round::Poll, &a, 100, 1_000, 0)
                     .await
                     .expect("claim"),
                 "{backend}"
             );
             assert!(
                 !db.polls()
-                    .claim_poll(&a, 100, 1_001, 0)
+                    .claim(Round::Poll, &a, 100, 1_001, 0)
                     .await
                     .expect("claim"),
                 "{backend}: a second scheduler loses"
             );
             assert!(
                 db.polls()
-                    .pages_to_poll(100, 500)
+                    .pages_due(Round::Poll, 100, 500)
                     .await
                     .expect("plan")
                     .is_empty(),
@@ -184,44 +222,53 @@ mod tests {
             );
             // Its scheduler died before publishing: once stale, another takes it over.
             assert_eq!(
-                db.polls().pages_to_poll(100, 2_000).await.expect("plan"),
+                db.polls()
+                    .pages_due(Round::Poll, 100, 2_000)
+                    .await
+                    .expect("plan"),
                 vec![a.clone()]
             );
             assert!(
                 db.polls()
-                    .claim_poll(&a, 100, 5_000, 2_000)
+                    .claim(Round::Poll, &a, 100, 5_000, 2_000)
                     .await
                     .expect("claim"),
                 "{backend}: stale and never enqueued"
             );
             db.polls()
-                .mark_poll_enqueued(&a, 100, 5_001)
+                .mark_enqueued(Round::Poll, &a, 100, 5_001)
                 .await
                 .expect("mark");
             assert!(
                 !db.polls()
-                    .claim_poll(&a, 100, 9_000, 9_000)
+                    .claim(Round::Poll, &a, 100, 9_000, 9_000)
                     .await
                     .expect("claim"),
                 "{backend}: an enqueued claim is never taken again"
             );
             assert!(
                 db.polls()
-                    .claim_poll(&a, 200, 9_000, 0)
+                    .claim(Round::Poll, &a, 200, 9_000, 0)
                     .await
                     .expect("claim"),
                 "{backend}: the next period is a new claim"
             );
-            db.polls().drop_poll_claim(&a, 200).await.expect("drop");
+            db.polls()
+                .drop_claim(Round::Poll, &a, 200)
+                .await
+                .expect("drop");
             assert!(
                 db.polls()
-                    .claim_poll(&a, 200, 9_001, 0)
+                    .claim(Round::Poll, &a, 200, 9_001, 0)
                     .await
                     .expect("claim"),
                 "{backend}"
             );
             assert_eq!(
-                db.polls().prune_poll_claims(200).await.expect("prune"),
+                db.polls()
+                    .prune_claims(Round::Poll, 200)
+                    .await
+                    .expect("prune"),
                 1,
                 "{backend}"
             );
