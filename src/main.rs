@@ -393,6 +393,29 @@ async fn serve_ingest(
             "owner routes not served: set the Shopify and Facebook Login variables to serve them"
         ),
     }
+    // Down (or unreachable) for longer than the threshold: the window Facebook could not deliver
+    // in is reconciled with the first delivery taken again.
+    let alive = settings
+        .storage
+        .data_dir
+        .join(fbsync_ingest::refusal_window::ALIVE_FILE);
+    if let Some(last_alive) = fbsync_ingest::refusal_window::unreachable_since(
+        &alive,
+        settings.ingest.reconcile_after,
+        fbsync_shared::now_ms(),
+    ) {
+        tracing::warn!(
+            last_alive_ms = last_alive,
+            "ingest was down for a while; what Facebook could not deliver meanwhile will be polled back"
+        );
+        state.refusals.refused(last_alive);
+    }
+    if fbsync_shared::private_files::create_dir_all(&settings.storage.data_dir).is_ok() {
+        tokio::spawn(fbsync_ingest::refusal_window::keep_alive(
+            alive,
+            shutdown.clone(),
+        ));
+    }
     let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(settings.ingest.addr)
         .await

@@ -25,6 +25,7 @@
 mod body_budget;
 mod delivery_metrics;
 pub mod owner;
+pub mod refusal_window;
 mod request_limits;
 mod server;
 mod webhook;
@@ -69,6 +70,8 @@ pub struct IngestState {
     pub metrics: PrometheusHandle,
     /// The deliveries' counters and histogram, kept once registered.
     delivery_metrics: DeliveryMetrics,
+    /// The open window of refused deliveries, reconciled when it closes (`refusal_window.rs`).
+    pub refusals: refusal_window::RefusalWindow,
     /// The owner routes' state; `None` when the owner settings are not configured (the
     /// routes are then not served).
     pub owner: Option<Arc<owner::OwnerState>>,
@@ -98,6 +101,7 @@ impl IngestState {
             max_connections: settings.ingest.max_connections,
             metrics,
             delivery_metrics: DeliveryMetrics::default(),
+            refusals: refusal_window::RefusalWindow::new(settings.ingest.reconcile_after),
             owner: None,
         }
     }

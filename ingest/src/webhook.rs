@@ -16,7 +16,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fbsync_shared::facebook::event::{EventMessage, split_delivery};
 use fbsync_shared::facebook::signature::{SHA1_HEADER, SHA256_HEADER, verify_signature};
-use fbsync_shared::jobs::Envelope;
+use fbsync_shared::jobs::{Envelope, Job, Reconcile};
 use fbsync_shared::now_ms;
 use fbsync_shared::queue::{Outgoing, PublishError, Topology};
 use secrecy::ExposeSecret;
@@ -123,9 +123,13 @@ pub(crate) async fn receive_delivery(
             for event in &events {
                 metrics.published(event.kind);
             }
+            if let Some(window) = state.refusals.accepted(now_ms()) {
+                reconcile(&state, window).await;
+            }
             answer(Outcome::Accepted, StatusCode::OK, "EVENT_RECEIVED".into())
         }
         Err(e) => {
+            state.refusals.refused(now_ms());
             if !matches!(e, PublishError::Unavailable) {
                 tracing::warn!(error = %e, events = events.len(), "delivery not confirmed; answering 503");
             }
@@ -134,6 +138,30 @@ pub(crate) async fn receive_delivery(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "try again later".into(),
             )
+        }
+    }
+}
+
+/// Publishes the reconciliation of a closed window of refusals (with a confirm); a window that
+/// cannot be published stays open for the next accepted delivery.
+async fn reconcile(state: &IngestState, window: Reconcile) {
+    let job = Outgoing::envelope(
+        state.events_exchange.clone(),
+        Job::Reconcile(window.clone()).envelope(),
+    );
+    match state
+        .publisher
+        .publish_all(&[job], state.publish_timeout)
+        .await
+    {
+        Ok(()) => tracing::warn!(
+            since_ms = window.since_ms,
+            until_ms = window.until_ms,
+            "deliveries were refused for a while: every active Page will be polled back to the window's start"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "the reconciliation was not confirmed; it goes with the next delivery");
+            state.refusals.reopen(&window);
         }
     }
 }

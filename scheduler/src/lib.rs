@@ -291,6 +291,7 @@ impl Scheduler {
                 backfill: false,
                 requested_by: "scheduler".into(),
                 requested_at_ms: period_ms,
+                since_ms: None,
             }),
             Round::SubscriptionCheck => Job::CheckSubscription(CheckSubscription {
                 page_id: page_id.clone(),

@@ -84,6 +84,10 @@ pub struct PollRequest {
     pub requested_by: String,
     /// When it was asked.
     pub requested_at_ms: i64,
+    /// Read back to this time instead of the last complete poll's start: a reconciliation of a
+    /// gap in the webhooks reads from the gap's start, no further.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<i64>,
 }
 
 /// One unit of work on the broker.
@@ -103,6 +107,18 @@ pub enum Job {
     /// The scheduler's periodic check of a Page's webhook subscription: subscribe it again
     /// (and poll the gap) when it was lost or lacks a field.
     CheckSubscription(CheckSubscription),
+    /// Ingest refused deliveries for a while (the broker was away): poll every active Page
+    /// back to the window's start, as Facebook's retries may have given up meanwhile.
+    Reconcile(Reconcile),
+}
+
+/// The body of a reconciliation: the window in which deliveries may have been lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconcile {
+    /// When the window began (ms): the polls read back to it.
+    pub since_ms: i64,
+    /// When it ended (ms).
+    pub until_ms: i64,
 }
 
 /// The body of a subscription check.
@@ -170,6 +186,7 @@ enum OwnerJobBody {
     OnboardPage { page_id: String },
     DeleteUserData { confirmation_code: String },
     CheckSubscription { page_id: String, period_ms: i64 },
+    Reconcile { since_ms: i64, until_ms: i64 },
 }
 
 impl Job {
@@ -188,9 +205,10 @@ impl Job {
             Job::Conversation(_) => JobKind::Conversation,
             Job::PageChange(_) => JobKind::PageChange,
             Job::Poll(_) => JobKind::Poll,
-            Job::OnboardPage(_) | Job::DeleteUserData(_) | Job::CheckSubscription(_) => {
-                JobKind::Onboard
-            }
+            Job::OnboardPage(_)
+            | Job::DeleteUserData(_)
+            | Job::CheckSubscription(_)
+            | Job::Reconcile(_) => JobKind::Onboard,
         }
     }
 
@@ -203,6 +221,7 @@ impl Job {
             Job::OnboardPage(_) => "onboard_page",
             Job::DeleteUserData(_) => "delete_user_data",
             Job::CheckSubscription(_) => "check_subscription",
+            Job::Reconcile(_) => "reconcile",
         }
     }
 
@@ -214,6 +233,7 @@ impl Job {
             Job::OnboardPage(job) => Some(job.page_id.as_str()),
             Job::DeleteUserData(_) => None,
             Job::CheckSubscription(job) => Some(job.page_id.as_str()),
+            Job::Reconcile(_) => None,
         }
     }
 
@@ -246,6 +266,15 @@ impl Job {
                 body: to_json(&OwnerJobBody::CheckSubscription {
                     page_id: job.page_id.as_str().to_string(),
                     period_ms: job.period_ms,
+                }),
+            },
+            Job::Reconcile(job) => Envelope {
+                kind,
+                message_id: format!("reconcile:{}:{}", job.since_ms, job.until_ms),
+                headers: Vec::new(),
+                body: to_json(&OwnerJobBody::Reconcile {
+                    since_ms: job.since_ms,
+                    until_ms: job.until_ms,
                 }),
             },
             Job::DeleteUserData(job) => Envelope {
@@ -291,6 +320,9 @@ impl Job {
                             page_id,
                             period_ms,
                         }))
+                    }
+                    OwnerJobBody::Reconcile { since_ms, until_ms } => {
+                        Ok(Job::Reconcile(Reconcile { since_ms, until_ms }))
                     }
                 }
             }

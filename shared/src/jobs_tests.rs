@@ -19,6 +19,11 @@ fn every_job_decodes_from_its_own_envelope() {
             backfill: true,
             requested_by: "operator".into(),
             requested_at_ms: 5,
+            since_ms: None,
+        }),
+        Job::Reconcile(Reconcile {
+            since_ms: 1,
+            until_ms: 2,
         }),
         Job::OnboardPage(OnboardPage {
             page_id: PageId::parse("42").expect("id"),

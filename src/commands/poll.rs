@@ -85,6 +85,7 @@ pub async fn run(settings: Settings, command: PollCommand) -> anyhow::Result<Exi
                 backfill: command.backfill,
                 requested_by: "operator".into(),
                 requested_at_ms,
+                since_ms: None,
             }))
         })
         .collect();

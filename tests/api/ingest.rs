@@ -10,7 +10,9 @@ use fbsync_shared::jobs::JobKind;
 
 use crate::common::broker::{AMQP_URL, TcpProxy, delete_topology, unique_prefix};
 use crate::common::fixtures::{fixture, fixture_names};
-use crate::common::ingest::spawn_ingest_in_process;
+use crate::common::ingest::{
+    InProcessIngest, spawn_ingest_in_process, spawn_ingest_in_process_with,
+};
 use crate::common::metrics::{sample, scrape};
 use crate::common::pipeline::{DbKind, IngestUrls, Pipeline, StoreKind};
 use crate::common::process::{FbsyncProcess, fbsync_command};
@@ -589,4 +591,56 @@ async fn text_logs_into_a_pipe_carry_no_colour_codes() {
         "colour codes in a pipe: {lines:?}"
     );
     delete_topology(&prefix).await;
+}
+
+/// A window of refused deliveries (the broker away) lasting INGEST_RECONCILE_AFTER_MS is
+/// reconciled when a delivery is accepted again: one job asks the workers to poll every active
+/// Page back to the window's start. A shorter one asks nothing.
+#[tokio::test]
+async fn a_long_window_of_refused_deliveries_is_reconciled_when_it_ends_and_a_short_one_is_not() {
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let ingest =
+        spawn_ingest_in_process_with(&proxy.amqp_url(), &[("INGEST_RECONCILE_AFTER_MS", "1500")])
+            .await;
+    // Short: refused, then accepted within the threshold.
+    proxy.cut();
+    assert_eq!(ingest.post_signed(&fixture("echo.json")).await, 503);
+    proxy.restore();
+    accepted_again(&ingest).await;
+    assert!(
+        ingest.drain_jobs(JobKind::Onboard).await.is_empty(),
+        "a short window asks nothing"
+    );
+
+    // Long: refused for longer than the threshold.
+    proxy.cut();
+    let first_refusal = fbsync_shared::now_ms();
+    assert_eq!(ingest.post_signed(&fixture("echo.json")).await, 503);
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    assert_eq!(ingest.post_signed(&fixture("echo.json")).await, 503);
+    proxy.restore();
+    accepted_again(&ingest).await;
+    let jobs = ingest.drain_jobs(JobKind::Onboard).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let fbsync_shared::jobs::Job::Reconcile(window) = &jobs[0] else {
+        panic!("not a reconciliation: {jobs:?}");
+    };
+    assert!(
+        window.since_ms <= first_refusal,
+        "{window:?} starts before the first refusal"
+    );
+    assert!(window.until_ms >= first_refusal + 1_800, "{window:?}");
+    ingest.cleanup().await;
+}
+
+/// Posts a delivery until ingest accepts it again (the broker is back).
+async fn accepted_again(ingest: &InProcessIngest) {
+    let body = fixture("read.json");
+    for _ in 0..100 {
+        if ingest.post_signed(&body).await == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("ingest did not recover after the broker came back");
 }

@@ -14,7 +14,7 @@ use fbsync_shared::jobs::JobKind;
 use fbsync_shared::queue::Topology;
 use serde_json::Value;
 
-use crate::common::broker::queue_depth;
+use crate::common::broker::{TcpProxy, queue_depth};
 use crate::common::fake_graph::{Failure, FakeGraph, FakeMessage};
 use crate::common::pipeline::{DbKind, PAGE_ID, PAGE_TOKEN, Pipeline, StoreKind, conversation_key};
 use crate::common::process::FbsyncProcess;
@@ -484,5 +484,74 @@ async fn a_worker_killed_mid_backfill_resumes_it_and_nothing_is_lost_or_doubled(
         assert_eq!(ids, detailed_ids(messages), "{psid}: nothing lost");
     }
     restarted.stop().await;
+    pipeline.cleanup().await;
+}
+
+/// The broker away for longer than INGEST_RECONCILE_AFTER_MS (ingest answering 503, so Facebook
+/// would retry and then give up): once ingest takes deliveries again, every active Page is
+/// polled back to the window's start, and a message Facebook never delivered meanwhile is
+/// stored from the Conversations API, without anyone asking.
+#[tokio::test]
+async fn an_ingest_outage_of_more_than_the_threshold_is_followed_by_a_poll_of_the_gap() {
+    let fake = FakeGraph::start().await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().expect("addr")).await;
+    let mut pipeline = polling_pipeline(DbKind::Sqlite, StoreKind::Local, &fake).await;
+    pipeline.set("AMQP_URL", &proxy.amqp_url());
+    pipeline.set("INGEST_RECONCILE_AFTER_MS", "1500");
+    // No daily round during the test: only the reconciliation may read the gap.
+    pipeline.set("POLL_SPREAD", "30d");
+    // The person's conversation has history from long ago, which the gap's poll leaves alone.
+    fake.add_conversation(PAGE_ID, "psid-0", 2, HISTORY_START_MS);
+    let (mut process, urls) = pipeline.up().await;
+    let client = reqwest::Client::new();
+    let delivery = |mid: &str| {
+        format!(
+            r#"{{"object":"page","entry":[{{"id":"{PAGE_ID}","time":1,"messaging":[{{"sender":{{"id":"psid-0"}},"recipient":{{"id":"{PAGE_ID}"}},"timestamp":{},"message":{{"mid":"{mid}","text":"hi"}}}}]}}]}}"#,
+            fbsync_shared::now_ms()
+        )
+    };
+    assert_eq!(
+        post_signed(&client, &urls.webhook, delivery("m_before").as_bytes()).await,
+        200
+    );
+
+    proxy.cut();
+    assert_eq!(
+        post_signed(&client, &urls.webhook, delivery("m_refused").as_bytes()).await,
+        503
+    );
+    // Meanwhile a person writes; Facebook's delivery of it never gets through.
+    let missed = fake.add_message(PAGE_ID, "psid-0", fbsync_shared::now_ms());
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    proxy.restore();
+    let deadline = Instant::now() + STEP;
+    while post_signed(&client, &urls.webhook, delivery("m_after").as_bytes()).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not take deliveries again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + STEP;
+    loop {
+        let stored = pipeline
+            .conversation(PAGE_ID, "psid-0")
+            .await
+            .unwrap_or_default();
+        let ids = mids(&stored);
+        if ids.contains(&missed.id) {
+            assert!(
+                ids.contains(&"m_before".to_string()) && ids.contains(&"m_after".to_string()),
+                "{ids:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the missed message was not polled: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    process.stop().await;
     pipeline.cleanup().await;
 }

@@ -26,22 +26,29 @@ pub fn unique_prefix() -> String {
 /// Takes every message waiting in `queue`.
 #[allow(dead_code)] // The reliability target reads its queues with rabbitmqctl instead.
 pub async fn drain_queue(queue: &str) -> Vec<EventMessage> {
+    drain_queue_bodies(queue)
+        .await
+        .iter()
+        .map(|body| serde_json::from_slice(body).expect("an event message"))
+        .collect()
+}
+
+/// Takes every message ready in `queue`: their bodies.
+pub async fn drain_queue_bodies(queue: &str) -> Vec<Vec<u8>> {
     let connection = connect(&AMQP_URL.into(), "fbsync-test-drain")
         .await
         .expect("broker");
     let channel = connection.create_channel().await.expect("channel");
-    let mut messages = Vec::new();
+    let mut bodies = Vec::new();
     while let Some(message) = channel
         .basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .expect("basic.get")
     {
-        let event: EventMessage =
-            serde_json::from_slice(&message.delivery.data).expect("an event message");
-        messages.push(event);
+        bodies.push(message.delivery.data);
     }
     let _ = connection.close(200, "done".into()).await;
-    messages
+    bodies
 }
 
 /// Messages ready in `queue` (not counting the ones delivered and not yet acked).

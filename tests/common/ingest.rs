@@ -16,7 +16,7 @@ use fbsync_shared::telemetry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{delete_topology, drain_queue, unique_prefix};
+use super::broker::{delete_topology, drain_queue, drain_queue_bodies, unique_prefix};
 use super::webhook::{APP_SECRET, VERIFY_TOKEN, post_signed};
 
 /// An ingest service running in this process.
@@ -30,6 +30,14 @@ pub struct InProcessIngest {
 /// Starts ingest in this process against `amqp_url` (the real broker, or a proxy in front of
 /// it) with a prefix of its own, and waits until it is connected.
 pub async fn spawn_ingest_in_process(amqp_url: &str) -> InProcessIngest {
+    spawn_ingest_in_process_with(amqp_url, &[]).await
+}
+
+/// As [`spawn_ingest_in_process`], with more settings.
+pub async fn spawn_ingest_in_process_with(
+    amqp_url: &str,
+    settings: &[(&str, &str)],
+) -> InProcessIngest {
     let prefix = unique_prefix();
     let vars: HashMap<String, String> = [
         ("FACEBOOK_APP_SECRET", APP_SECRET),
@@ -39,6 +47,7 @@ pub async fn spawn_ingest_in_process(amqp_url: &str) -> InProcessIngest {
         ("INGEST_PUBLISH_TIMEOUT_MS", "2000"),
     ]
     .into_iter()
+    .chain(settings.iter().copied())
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let settings = Settings::from_map(&vars).expect("test settings are valid");
@@ -84,6 +93,15 @@ impl InProcessIngest {
     /// Takes every message waiting in this test's queue of `kind`.
     pub async fn drain(&self, kind: JobKind) -> Vec<EventMessage> {
         drain_queue(&Topology::new(&self.prefix).queue(kind)).await
+    }
+
+    /// Takes every job ready on the queue of `kind`.
+    pub async fn drain_jobs(&self, kind: JobKind) -> Vec<fbsync_shared::jobs::Job> {
+        drain_queue_bodies(&Topology::new(&self.prefix).queue(kind))
+            .await
+            .iter()
+            .map(|body| fbsync_shared::jobs::Job::decode(kind, body).expect("a job"))
+            .collect()
     }
 
     /// Stops ingest and deletes the test's queues and exchanges.

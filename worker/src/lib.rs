@@ -45,6 +45,7 @@ use crate::jobs::delete_user_data::UserDataEraser;
 use crate::jobs::onboard_page::PageOnboarder;
 use crate::jobs::page_change::PageDataRefresher;
 use crate::jobs::poll::Poller;
+use crate::jobs::reconcile::Reconciler;
 use crate::outbox_relay::OutboxRelay;
 use crate::runtime::consume::{ConsumerContext, consume_forever};
 use crate::runtime::forward::Forwarder;
@@ -146,6 +147,12 @@ impl Worker {
             store: store.clone(),
             list_before_backfill: conditions_honoured,
         };
+        let reconciler = Reconciler {
+            polls: db.polls(),
+            forwarder: forwarder.clone(),
+            topology: topology.clone(),
+            retry: settings.retry.clone(),
+        };
         let parker = Parker::new(forwarder.clone(), topology.clone());
         let dead_letters = Arc::new(DeadLetterSender::new(forwarder, topology.clone()));
         let health = Arc::new(Health::default());
@@ -166,6 +173,7 @@ impl Worker {
                 poller,
                 onboarder,
                 eraser,
+                reconciler,
             },
         });
         let flusher = Arc::new(Flusher::new(

@@ -130,6 +130,9 @@ pub struct IngestSettings {
     /// Longest time a client may take to send a request's headers, and then its body: slow
     /// clients are cut off instead of holding connections and memory.
     pub read_timeout: Duration,
+    /// A window of refused deliveries (503) lasting this long is reconciled when it ends: every
+    /// active Page is polled back to its start (`INGEST_RECONCILE_AFTER_MS`).
+    pub reconcile_after: Duration,
     /// Where ingest serves `/metrics` (and `/healthz`, `/readyz`): not on the public webhook
     /// listener.
     pub metrics_addr: SocketAddr,
@@ -304,6 +307,7 @@ impl Settings {
                 body_budget_bytes: reader.parsed("INGEST_BODY_BUDGET_BYTES"),
                 max_connections: reader.parsed("INGEST_MAX_CONNECTIONS"),
                 read_timeout: Duration::from_millis(reader.parsed("INGEST_READ_TIMEOUT_MS")),
+                reconcile_after: Duration::from_millis(reader.parsed("INGEST_RECONCILE_AFTER_MS")),
                 metrics_addr: reader.parsed("INGEST_METRICS_ADDR"),
             },
             storage: StorageSettings {

@@ -157,6 +157,11 @@ pub const VARIABLES: &[Variable] = &[
     var("INGEST_BODY_BUDGET_BYTES", Some("67108864"), "ingest, up"),
     var("INGEST_MAX_CONNECTIONS", Some("10000"), "ingest, up"),
     var("INGEST_READ_TIMEOUT_MS", Some("10000"), "ingest, up"),
+    var(
+        "INGEST_RECONCILE_AFTER_MS",
+        Some("60000"),
+        "ingest, up (a window of refused deliveries this long is polled back)",
+    ),
     var("WORKER_PREFETCH", Some("256"), "worker, up"),
     var("WORKER_MAX_ATTEMPTS", Some("8"), "worker, up"),
     var("WORKER_RETRY_BASE_MS", Some("200"), "worker, up"),

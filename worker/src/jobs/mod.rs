@@ -1,5 +1,6 @@
 //! The job handlers: what the worker does with each kind of [`Job`], one file per handler
-//! (`page_change.rs`, `poll.rs`, `onboard_page.rs`, `delete_user_data.rs`; `attempt.rs` is the
+//! (`page_change.rs`, `poll.rs`, `onboard_page.rs` (onboarding and subscription checks),
+//! `delete_user_data.rs`, `reconcile.rs`; `attempt.rs` is the
 //! error of one attempt at a step that calls the Graph API and the store).
 //!
 //! [`run`] is the registration: one line per job kind, naming the handler that carries it
@@ -13,6 +14,7 @@ pub mod delete_user_data;
 pub mod onboard_page;
 pub mod page_change;
 pub mod poll;
+pub mod reconcile;
 
 use std::sync::Arc;
 
@@ -25,6 +27,7 @@ use delete_user_data::UserDataEraser;
 use onboard_page::PageOnboarder;
 use page_change::PageDataRefresher;
 use poll::Poller;
+use reconcile::Reconciler;
 
 /// What the handlers share: the database, the store, the Graph API and the token cipher,
 /// through the parts that use them.
@@ -38,6 +41,9 @@ pub struct Env {
     pub onboarder: PageOnboarder,
     /// Deletes a user's data on Meta's request.
     pub eraser: UserDataEraser,
+    /// Polls every active Page back to the start of a window in which ingest refused
+    /// deliveries.
+    pub reconciler: Reconciler,
 }
 
 /// Carries out one job: the one line per kind that registers its handler.
@@ -60,6 +66,7 @@ pub async fn run(job: Job, env: &Env, shutdown: &CancellationToken) -> Result<()
                 .await
         }
         Job::DeleteUserData(job) => env.eraser.erase(&job.confirmation_code, shutdown).await,
+        Job::Reconcile(window) => env.reconciler.reconcile(&window, shutdown).await,
         Job::CheckSubscription(job) => {
             env.onboarder
                 .check_subscription(&job.page_id, shutdown)

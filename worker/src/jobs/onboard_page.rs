@@ -144,6 +144,7 @@ impl PageOnboarder {
             backfill,
             requested_by: requested_by.into(),
             requested_at_ms: now_ms(),
+            since_ms: None,
         }));
         if let Err(e) = self.forwarder.publish_once(&[job]).await {
             tracing::warn!(%page_id, error = %e, "the poll job was not confirmed; parked");
@@ -175,6 +176,14 @@ impl PageOnboarder {
         .await?;
         let restored = outcome == SUBSCRIBED;
         if restored {
+            // Lost since the last good check at the latest, or since the last event if that
+            // came earlier: the poll reads back to there.
+            let since_ms = self
+                .registry
+                .subscription_gap_start(page_id)
+                .await
+                .ok()
+                .flatten();
             tracing::warn!(%page_id, "the Page had lost its webhook subscription (or a field): subscribed again; polling the gap");
             metrics::counter!(SUBSCRIPTIONS_RESTORED).increment(1);
             let job = self.topology.job(&Job::Poll(PollRequest {
@@ -182,6 +191,7 @@ impl PageOnboarder {
                 backfill: false,
                 requested_by: "resubscription".into(),
                 requested_at_ms: now_ms(),
+                since_ms,
             }));
             if let Err(e) = self.forwarder.publish_once(&[job]).await {
                 tracing::warn!(%page_id, error = %e, "the gap's poll job was not confirmed; parked");

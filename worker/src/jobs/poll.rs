@@ -120,8 +120,13 @@ impl Poller {
         let lease_ms = self.lease.as_millis() as i64;
         let begun = self
             .db_step(shutdown, || {
-                self.polls
-                    .begin_poll(&page_id, request.backfill, lease_ms, now_ms())
+                self.polls.begin_poll(
+                    &page_id,
+                    request.backfill,
+                    request.since_ms,
+                    lease_ms,
+                    now_ms(),
+                )
             })
             .await?;
         let lease = match begun {

@@ -82,11 +82,13 @@ impl std::ops::AddAssign for PollCounts {
 impl Polls {
     /// Leases the Page's poll to the caller until `now + lease_ms`: the poll in progress
     /// (resumed where it stopped) or a new one. A `backfill` request restarts a daily poll in
-    /// progress as a backfill.
+    /// progress as a backfill. A new daily poll reads back to `since_ms` when given (a gap's
+    /// start), else to the last complete poll's start.
     pub async fn begin_poll(
         &self,
         page_id: &PageId,
         backfill: bool,
+        since_ms: Option<i64>,
         lease_ms: i64,
         now: i64,
     ) -> Result<PollStart, DbError> {
@@ -105,7 +107,8 @@ impl Polls {
                  lease_until_ms = $3 + $4,
                  started_at_ms = CASE WHEN {FRESH} THEN $3 ELSE started_at_ms END,
                  since_ms = CASE WHEN {FRESH}
-                     THEN (CASE WHEN $2 = 1 THEN NULL ELSE last_complete_start_ms END)
+                     THEN (CASE WHEN $2 = 1 THEN NULL
+                                WHEN $5 >= 0 THEN $5 ELSE last_complete_start_ms END)
                      ELSE since_ms END,
                  resume_url = CASE WHEN {FRESH} THEN NULL ELSE resume_url END,
                  messages_found = CASE WHEN {FRESH} THEN 0 ELSE messages_found END,
@@ -120,6 +123,8 @@ impl Polls {
             .bind(i64::from(backfill))
             .bind(now)
             .bind(lease_ms)
+            // -1: none given (a plain integer binds alike on SQLite and PostgreSQL).
+            .bind(since_ms.unwrap_or(-1))
             .fetch_optional(&self.db.pool)
             .await?;
         if let Some(lease) = leased {
@@ -291,7 +296,7 @@ mod tests {
                 .expect("page");
             let first = leased(
                 db.polls()
-                    .begin_poll(&page, false, LEASE, 1_000)
+                    .begin_poll(&page, false, None, LEASE, 1_000)
                     .await
                     .expect("begin"),
             );
@@ -301,7 +306,7 @@ mod tests {
             );
             assert_eq!(
                 db.polls()
-                    .begin_poll(&page, false, LEASE, 2_000)
+                    .begin_poll(&page, false, None, LEASE, 2_000)
                     .await
                     .expect("begin"),
                 PollStart::Busy {
@@ -328,7 +333,7 @@ mod tests {
             // The next job resumes at the saved step, with the same start and cut-off.
             let resumed = leased(
                 db.polls()
-                    .begin_poll(&page, false, LEASE, 6_000)
+                    .begin_poll(&page, false, None, LEASE, 6_000)
                     .await
                     .expect("begin"),
             );
@@ -356,7 +361,7 @@ mod tests {
             assert_eq!(summary.details_unavailable_total, 1, "{backend}");
             let daily = leased(
                 db.polls()
-                    .begin_poll(&page, false, LEASE, 9_000)
+                    .begin_poll(&page, false, None, LEASE, 9_000)
                     .await
                     .expect("begin"),
             );
@@ -372,7 +377,7 @@ mod tests {
                 .expect("release");
             let backfill = leased(
                 db.polls()
-                    .begin_poll(&page, true, LEASE, 10_000)
+                    .begin_poll(&page, true, None, LEASE, 10_000)
                     .await
                     .expect("begin"),
             );

@@ -292,6 +292,21 @@ impl Registry {
         Ok(())
     }
 
+    /// Where a lost subscription's gap begins at the latest: the earlier of the last good
+    /// subscription check and the Page's last webhook event (`None`: neither is known).
+    pub async fn subscription_gap_start(&self, page_id: &PageId) -> Result<Option<i64>, DbError> {
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT subscription_checked_at_ms, last_event_ms FROM pages WHERE page_id = $1",
+        )
+        .bind(page_id.as_str())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.and_then(|(checked, event)| match (checked, event) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }))
+    }
+
     /// How many Pages Facebook blocks from messaging now (the gauge).
     pub async fn messaging_blocked_pages(&self) -> Result<i64, DbError> {
         let (count,): (i64,) =
