@@ -5,7 +5,7 @@
 //! accepted again), ingest publishes one reconciliation job: the workers poll every active Page
 //! back to the window's start (`worker/src/jobs/reconcile.rs`).
 //!
-//! Ingest that was down (or unreachable) refused nothing itself, yet Facebook could not deliver:
+//! Ingest that was down refused nothing itself, yet Facebook could not deliver:
 //! it notes it is alive in `DATA_DIR/ingest.alive` every [`ALIVE_EVERY`], and a start that finds
 //! the note older than the threshold opens the window at the note's time
 //! ([`unreachable_since`]).
@@ -32,8 +32,8 @@ pub const ALIVE_FILE: &str = "ingest.alive";
 /// after an outage Facebook saw as unreachable); `None` for a first start or a quick restart.
 pub fn unreachable_since(path: &Path, threshold: Duration, now: i64) -> Option<i64> {
     let text = std::fs::read_to_string(path).ok()?;
-    let last: i64 = text.trim().parse().ok()?;
-    let gap = u128::try_from(now - last).unwrap_or(0);
+    let last: i64 = text.trim().parse().ok().filter(|last| *last > 0)?;
+    let gap = u128::try_from(now.checked_sub(last)?).unwrap_or(0);
     (gap >= threshold.as_millis()).then_some(last)
 }
 
@@ -90,7 +90,7 @@ impl RefusalWindow {
         let lasted = u128::try_from(now - start).unwrap_or(0);
         *started = None;
         (lasted >= self.reconcile_after.as_millis()).then_some(Reconcile {
-            since_ms: start - MARGIN_MS,
+            since_ms: (start - MARGIN_MS).max(0),
             until_ms: now,
         })
     }

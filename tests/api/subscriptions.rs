@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::common::fake_graph::Failure;
 use crate::common::pipeline::{DbKind, StoreKind};
-use crate::onboarding::{ONBOARDING_LIMIT, OwnerEnv};
+use crate::onboarding::{ONBOARDING_LIMIT, Owner, OwnerEnv};
 
 const PAGE: &str = "940000000000001";
 const INTERVAL: &str = "2s";
@@ -34,19 +34,26 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
-#[tokio::test]
-async fn a_lost_subscription_is_restored_within_an_interval_and_a_healthy_one_is_left_alone() {
+/// A pipeline checking subscriptions every [`INTERVAL`], with [`PAGE`] connected by `person`
+/// through `shop` and onboarded.
+async fn onboarded(person: &str, shop: &str) -> (OwnerEnv, Owner) {
     let env = OwnerEnv::start_with(
         DbKind::Sqlite,
         StoreKind::Local,
         &[("SUBSCRIPTION_CHECK_INTERVAL", INTERVAL.to_string())],
     )
     .await;
-    env.graph.set_person("9401", &[PAGE]);
+    env.graph.set_person(person, &[PAGE]);
     let mut owner = env.owner();
-    owner.install_shop("healthy.myshopify.com").await;
-    owner.connect_facebook(&env, "9401").await;
+    owner.install_shop(shop).await;
+    owner.connect_facebook(&env, person).await;
     owner.wait_onboarded(&[PAGE]).await;
+    (env, owner)
+}
+
+#[tokio::test]
+async fn a_lost_subscription_is_restored_within_an_interval_and_a_healthy_one_is_left_alone() {
+    let (env, mut owner) = onboarded("9401", "healthy.myshopify.com").await;
     let full = env.graph.subscribed_fields(PAGE);
     assert!(full.len() >= 17, "{full:?}");
 
@@ -134,17 +141,7 @@ async fn a_lost_subscription_is_restored_within_an_interval_and_a_healthy_one_is
 
 #[tokio::test]
 async fn two_schedulers_check_each_page_once_per_interval() {
-    let env = OwnerEnv::start_with(
-        DbKind::Sqlite,
-        StoreKind::Local,
-        &[("SUBSCRIPTION_CHECK_INTERVAL", INTERVAL.to_string())],
-    )
-    .await;
-    env.graph.set_person("9402", &[PAGE]);
-    let mut owner = env.owner();
-    owner.install_shop("twice.myshopify.com").await;
-    owner.connect_facebook(&env, "9402").await;
-    owner.wait_onboarded(&[PAGE]).await;
+    let (env, _owner) = onboarded("9402", "twice.myshopify.com").await;
     let mut second = env.pipeline.spawn(&["scheduler"]);
     // Let the second scheduler connect, then count over ten intervals.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -156,8 +156,9 @@ impl PageOnboarder {
 
     /// The scheduler's check of a Page's webhook subscription: a complete one is recorded as
     /// checked; a lost one, or one lacking a field, is subscribed again with the whole list,
-    /// recorded as restored, and followed by a poll of what is new since the last complete poll
-    /// (the events Facebook did not send meanwhile). A refused token flags the Page
+    /// recorded as restored, and followed by a poll reading back to where it may have been
+    /// lost (`SubscriptionRecord::gap_start_ms`): the events Facebook did not send meanwhile.
+    /// A redelivery of a check that restored it still queues that poll. A refused token flags the Page
     /// `needs_reauth` (as polls do), which the scheduler then skips and the owner is asked to
     /// reconnect.
     pub async fn check_subscription(
@@ -174,24 +175,36 @@ impl PageOnboarder {
             || self.subscribe_once(page_id),
         )
         .await?;
-        let restored = outcome == SUBSCRIBED;
-        if restored {
-            // Lost since the last good check at the latest, or since the last event if that
-            // came earlier: the poll reads back to there.
-            let since_ms = self
-                .registry
-                .subscription_gap_start(page_id)
-                .await
-                .ok()
-                .flatten();
+        let now = now_ms();
+        if outcome == SUBSCRIBED {
             tracing::warn!(%page_id, "the Page had lost its webhook subscription (or a field): subscribed again; polling the gap");
             metrics::counter!(SUBSCRIPTIONS_RESTORED).increment(1);
+            step(
+                &self.retry,
+                "record_subscription_restored",
+                shutdown,
+                || async {
+                    Ok::<_, AttemptError>(
+                        self.registry
+                            .record_subscription_restored(page_id, now)
+                            .await?,
+                    )
+                },
+            )
+            .await?;
+        }
+        let record = step(&self.retry, "subscription_record", shutdown, || async {
+            Ok::<_, AttemptError>(self.registry.subscription_record(page_id).await?)
+        })
+        .await?;
+        // Owed since this check restored it, or since a redelivery of the check that did.
+        if record.gap_poll_owed() {
             let job = self.topology.job(&Job::Poll(PollRequest {
                 page_id: page_id.as_str().to_string(),
                 backfill: false,
                 requested_by: "resubscription".into(),
-                requested_at_ms: now_ms(),
-                since_ms,
+                requested_at_ms: now,
+                since_ms: record.gap_start_ms(),
             }));
             if let Err(e) = self.forwarder.publish_once(&[job]).await {
                 tracing::warn!(%page_id, error = %e, "the gap's poll job was not confirmed; parked");
@@ -200,7 +213,7 @@ impl PageOnboarder {
         }
         if let Err(e) = self
             .registry
-            .record_subscription_check(page_id, restored, now_ms())
+            .record_subscription_check(page_id, now_ms())
             .await
         {
             tracing::warn!(%page_id, error = %e, "could not record a subscription check");

@@ -1,6 +1,7 @@
 //! Reconciling a window in which ingest refused deliveries (the broker was away): Facebook
 //! retries a delivery for a while, then gives up, and its events are not queryable afterwards.
-//! One job (ingest publishes it when such a window of more than a minute ends) becomes one poll
+//! One job (ingest publishes it when such a window of at least INGEST_RECONCILE_AFTER_MS ends)
+//! becomes one poll
 //! per active Page, each reading back to the window's start and no further, so what Facebook
 //! gave up on is read from the Conversations API while it still can be.
 

@@ -58,7 +58,7 @@ pub use claims::{ClaimError, ConversationClaim, SetAsideConversation};
 pub use data_deletions::{DataDeletion, NewDataDeletion};
 pub use page_connections::{Forgotten, GrantedPage};
 pub use page_polls::{PagePollState, PollCounts, PollLease, PollStart, PollSummary};
-pub use pages::{OnboardStep, PageRecord, PageStatus, PageSummary};
+pub use pages::{OnboardStep, PageRecord, PageStatus, PageSummary, SubscriptionRecord};
 pub use poll_claims::Round;
 pub use put_budget::{PutReservation, RecentPuts};
 pub use staging::{NewStagedEvent, StagedEvent};

@@ -195,7 +195,13 @@ impl Polls {
         now: i64,
     ) -> Result<bool, DbError> {
         let done = sqlx::query(
-            "UPDATE page_polls SET last_complete_start_ms = started_at_ms,
+            // A poll that read back to a gap's start only (its `since_ms` later than the last
+            // complete poll's start) leaves the next daily poll's cut-off where it was: the time
+            // between was not read.
+            "UPDATE page_polls SET last_complete_start_ms = CASE
+                     WHEN backfill = 1 OR since_ms IS NULL OR last_complete_start_ms IS NULL
+                       OR since_ms <= last_complete_start_ms THEN started_at_ms
+                     ELSE last_complete_start_ms END,
                  last_complete_end_ms = $3,
                  last_backfill_end_ms = CASE WHEN backfill = 1 THEN $3 ELSE last_backfill_end_ms END,
                  started_at_ms = NULL, resume_url = NULL, lease_until_ms = 0
@@ -387,6 +393,48 @@ mod tests {
             );
             assert_eq!(backfill.since_ms, None, "{backend}");
             assert_eq!(backfill.started_at_ms, 10_000, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gaps_poll_reads_back_to_the_gap_and_leaves_the_daily_cut_off_where_it_was() {
+        for (backend, db) in backends().await {
+            let page = PageId::parse("8").expect("page");
+            let user = UserUuid::parse("6f1c2a7e-3b7d-4c1e-9d2a-0c8e5b1f4a11").expect("uuid");
+            db.registry()
+                .upsert_page(&page, &user, vec![1], 1)
+                .await
+                .expect("page");
+            let polls = db.polls();
+            let daily = leased(
+                polls
+                    .begin_poll(&page, false, None, LEASE, 1_000)
+                    .await
+                    .expect("begin"),
+            );
+            assert!(
+                polls
+                    .finish_poll(&page, &daily, 2_000)
+                    .await
+                    .expect("finish")
+            );
+            // A gap opened at 5 000: its poll reads back there, not to 1 000...
+            let gap = leased(
+                polls
+                    .begin_poll(&page, false, Some(5_000), LEASE, 6_000)
+                    .await
+                    .expect("begin"),
+            );
+            assert_eq!(gap.since_ms, Some(5_000), "{backend}");
+            assert!(polls.finish_poll(&page, &gap, 7_000).await.expect("finish"));
+            // ...and the next daily poll still reads from 1 000: 1 000 to 5 000 was not read.
+            let next = leased(
+                polls
+                    .begin_poll(&page, false, None, LEASE, 8_000)
+                    .await
+                    .expect("begin"),
+            );
+            assert_eq!(next.since_ms, Some(1_000), "{backend}");
         }
     }
 }

@@ -101,6 +101,42 @@ pub struct PageSummary {
     pub subscription_restored_at_ms: Option<i64>,
 }
 
+/// What a subscription check needs to know of a Page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct SubscriptionRecord {
+    /// When the last check finished.
+    pub checked_at_ms: Option<i64>,
+    /// When a lost subscription was last restored.
+    pub restored_at_ms: Option<i64>,
+    /// The Page's last webhook event.
+    pub last_event_ms: Option<i64>,
+    /// The last complete poll's start: everything updated before it was read then.
+    pub last_complete_start_ms: Option<i64>,
+}
+
+impl SubscriptionRecord {
+    /// Whether a restoration's gap poll is still owed (restored after the last finished check).
+    pub fn gap_poll_owed(&self) -> bool {
+        self.restored_at_ms
+            .is_some_and(|restored| self.checked_at_ms.is_none_or(|checked| restored > checked))
+    }
+
+    /// Where the gap's poll reads back to: the subscription was good at the last finished
+    /// check, so it was lost after it; from the Page's last event if that is earlier (Meta's
+    /// advice); never before the last complete poll's start, which read everything older.
+    /// `None`: the plain daily cut-off.
+    pub fn gap_start_ms(&self) -> Option<i64> {
+        let lost_after = match (self.checked_at_ms, self.last_event_ms) {
+            (Some(checked), Some(event)) => Some(checked.min(event)),
+            (checked, event) => checked.or(event),
+        }?;
+        Some(match self.last_complete_start_ms {
+            Some(polled) => lost_after.max(polled),
+            None => lost_after,
+        })
+    }
+}
+
 impl PageSummary {
     /// Whether Facebook blocks the Page's messaging now (its last enforcement was a block).
     pub fn messaging_blocked(&self) -> bool {
@@ -270,21 +306,14 @@ impl Registry {
         Ok(())
     }
 
-    /// Records a subscription check of the Page at `now`, and when it was `restored` (found
-    /// lost and subscribed again).
-    pub async fn record_subscription_check(
+    /// Records that the Page's subscription was found lost and subscribed again at `now`
+    /// (before its gap's poll is queued, so a redelivery of the check still queues it).
+    pub async fn record_subscription_restored(
         &self,
         page_id: &PageId,
-        restored: bool,
         now: i64,
     ) -> Result<(), DbError> {
-        let sql = if restored {
-            "UPDATE pages SET subscription_checked_at_ms = $2, subscription_restored_at_ms = $2
-             WHERE page_id = $1"
-        } else {
-            "UPDATE pages SET subscription_checked_at_ms = $2 WHERE page_id = $1"
-        };
-        sqlx::query(sql)
+        sqlx::query("UPDATE pages SET subscription_restored_at_ms = $2 WHERE page_id = $1")
             .bind(page_id.as_str())
             .bind(now)
             .execute(&self.db.pool)
@@ -292,19 +321,37 @@ impl Registry {
         Ok(())
     }
 
-    /// Where a lost subscription's gap begins at the latest: the earlier of the last good
-    /// subscription check and the Page's last webhook event (`None`: neither is known).
-    pub async fn subscription_gap_start(&self, page_id: &PageId) -> Result<Option<i64>, DbError> {
-        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT subscription_checked_at_ms, last_event_ms FROM pages WHERE page_id = $1",
+    /// Records a finished subscription check of the Page at `now` (its gap polled, if any).
+    pub async fn record_subscription_check(
+        &self,
+        page_id: &PageId,
+        now: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query("UPDATE pages SET subscription_checked_at_ms = $2 WHERE page_id = $1")
+            .bind(page_id.as_str())
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The Page's subscription record: when the last check finished, when a lost subscription
+    /// was last restored, its last webhook event and its last complete poll's start.
+    pub async fn subscription_record(
+        &self,
+        page_id: &PageId,
+    ) -> Result<SubscriptionRecord, DbError> {
+        let row: Option<SubscriptionRecord> = sqlx::query_as(
+            "SELECT p.subscription_checked_at_ms AS checked_at_ms,
+                    p.subscription_restored_at_ms AS restored_at_ms,
+                    p.last_event_ms, q.last_complete_start_ms
+             FROM pages p LEFT JOIN page_polls q ON q.page_id = p.page_id
+             WHERE p.page_id = $1",
         )
         .bind(page_id.as_str())
         .fetch_optional(&self.db.pool)
         .await?;
-        Ok(row.and_then(|(checked, event)| match (checked, event) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }))
+        Ok(row.unwrap_or_default())
     }
 
     /// How many Pages Facebook blocks from messaging now (the gauge).
@@ -442,6 +489,34 @@ pub(super) async fn remove_page_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_subscriptions_gap_reads_back_to_its_loss_and_no_further_than_needed() {
+        let record = |checked, event, polled| SubscriptionRecord {
+            checked_at_ms: checked,
+            restored_at_ms: None,
+            last_event_ms: event,
+            last_complete_start_ms: polled,
+        };
+        // Lost after the last good check, or from the last event if earlier.
+        assert_eq!(record(Some(500), Some(900), None).gap_start_ms(), Some(500));
+        assert_eq!(record(Some(500), Some(300), None).gap_start_ms(), Some(300));
+        // Never before the last complete poll, which read everything older.
+        assert_eq!(
+            record(Some(500), Some(10), Some(400)).gap_start_ms(),
+            Some(400)
+        );
+        assert_eq!(record(None, None, Some(400)).gap_start_ms(), None);
+        let mut owed = record(Some(500), None, None);
+        assert!(!owed.gap_poll_owed());
+        owed.restored_at_ms = Some(600);
+        assert!(
+            owed.gap_poll_owed(),
+            "restored after the last finished check"
+        );
+        owed.checked_at_ms = Some(700);
+        assert!(!owed.gap_poll_owed());
+    }
     use crate::storage::db::test_support::backends;
 
     #[tokio::test]

@@ -38,9 +38,15 @@ impl Polls {
         period_ms: i64,
         stale_before_ms: i64,
     ) -> Result<Vec<PageId>, DbError> {
+        // Subscription checks are for Pages connected through the owner flow: a Page an
+        // operator added is subscribed by the operator, in the app's dashboard.
+        let owned = match round {
+            Round::Poll => "",
+            Round::SubscriptionCheck => "AND p.onboard_subscribe IS NOT NULL",
+        };
         let sql = format!(
             "SELECT p.page_id FROM pages p
-             WHERE p.status = 'active' AND NOT EXISTS (
+             WHERE p.status = 'active' {owned} AND NOT EXISTS (
                  SELECT 1 FROM {} c
                  WHERE c.page_id = p.page_id AND c.period_ms = $1
                    AND (c.enqueued_at_ms IS NOT NULL OR c.claimed_at_ms >= $2))
