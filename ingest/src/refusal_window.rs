@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use fbsync_shared::jobs::Reconcile;
@@ -60,10 +60,11 @@ pub async fn keep_alive(path: PathBuf, shutdown: CancellationToken) {
 /// How much before the first refusal the polls read: deliveries that timed out just before it.
 const MARGIN_MS: i64 = 60_000;
 
-/// The refusals since the last accepted delivery.
+/// The refusals since the last accepted delivery. Every accepted delivery asks it whether a
+/// window closes, so that question is one atomic load while none is open.
 pub struct RefusalWindow {
-    /// When the first refusal of the open window came; `None`: no window open.
-    started_ms: Mutex<Option<i64>>,
+    /// When the first refusal of the open window came (ms); 0: no window open.
+    started_ms: AtomicI64,
     /// How long a window must last to be reconciled (INGEST_RECONCILE_AFTER_MS).
     reconcile_after: Duration,
 }
@@ -71,35 +72,44 @@ pub struct RefusalWindow {
 impl RefusalWindow {
     pub fn new(reconcile_after: Duration) -> Self {
         Self {
-            started_ms: Mutex::new(None),
+            started_ms: AtomicI64::new(0),
             reconcile_after,
         }
     }
 
-    /// A delivery was refused at `now`.
+    /// A delivery was refused at `now` (the window opens, unless one is open already).
     pub fn refused(&self, now: i64) {
-        let mut started = self.started_ms.lock().unwrap_or_else(|p| p.into_inner());
-        started.get_or_insert(now);
+        let _ =
+            self.started_ms
+                .compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// A delivery was accepted at `now`: the window it closes, when it lasted long enough to
     /// reconcile (the window is then the caller's to publish, or to [`reopen`](Self::reopen)).
     pub fn accepted(&self, now: i64) -> Option<Reconcile> {
-        let mut started = self.started_ms.lock().unwrap_or_else(|p| p.into_inner());
-        let start = (*started)?;
+        if self.started_ms.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let start = self.started_ms.swap(0, Ordering::AcqRel);
+        if start == 0 {
+            return None;
+        }
         let lasted = u128::try_from(now - start).unwrap_or(0);
-        *started = None;
         (lasted >= self.reconcile_after.as_millis()).then_some(Reconcile {
             since_ms: (start - MARGIN_MS).max(0),
             until_ms: now,
         })
     }
 
-    /// The reconciliation of `window` could not be published: the window stays open.
+    /// The reconciliation of `window` could not be published: the window stays open (from the
+    /// earlier of its start and one opened since).
     pub fn reopen(&self, window: &Reconcile) {
-        let mut started = self.started_ms.lock().unwrap_or_else(|p| p.into_inner());
-        let start = window.since_ms + MARGIN_MS;
-        *started = Some(started.map_or(start, |s| s.min(start)));
+        let start = (window.since_ms + MARGIN_MS).max(1);
+        let _ = self
+            .started_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                Some(if open == 0 { start } else { open.min(start) })
+            });
     }
 }
 
